@@ -1,0 +1,285 @@
+"""The attack base class: an input-space optimizer that takes the model at call time.
+
+`Attack.__call__` owns every side effect so that subclasses only write the optimization loop
+(`Attack.perturb`):
+
+* the model runs in eval mode by default (BatchNorm uses running statistics, dropout is off,
+  spectral-norm vectors are not advanced); the train/eval flag of **every submodule** is restored
+  in ``finally``, so mixed modes (a frozen BatchNorm inside a training model) survive;
+* with ``eval_mode=False`` the model keeps its current modes and all its buffers (BatchNorm running
+  statistics, spectral-norm vectors) are saved before and written back after the attack;
+* the loop runs inside ``torch.nn.utils.parametrize.cached()``, so parametrized weights (spectral
+  normalization) are computed once per attack instead of once per step;
+* gradients are taken with ``torch.autograd.grad`` with respect to the input only: parameters'
+  ``.grad`` is never touched and no ``.backward()`` is called;
+* grad mode is switched on (and inference mode off), so an attack can run inside a validation
+  loop under ``torch.no_grad()`` or ``torch.inference_mode()``;
+* devices and dtypes come from ``x``; the output is detached, with ``x``'s dtype and device.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sn_lightning.attacks.threat import THREAT_MODELS, ThreatModel
+
+__all__ = ["Attack", "LabelMode", "input_gradient", "mean_input_norm"]
+
+LabelMode = Literal["true", "predicted"]
+_LABEL_MODES = ("true", "predicted")
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Gradient of the summed cross-entropy with respect to the input.
+
+    The loss is summed over the batch (the reference's ``mean=False``), so row ``i`` of the result
+    is the gradient of example ``i``'s own loss, not that divided by N (this also keeps fp16/bf16
+    gradients away from underflow).
+
+    Args:
+        model: maps (N, ...) inputs to (N, K) logits.
+        x: inputs, (N, ...); detached.
+        y: integer labels, (N,).
+
+    Returns:
+        ``grad_x sum_i CE(model(x)_i, y_i)``, (N, ...), detached.
+    """
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+@torch.no_grad()
+def mean_input_norm(batches: Iterable[Tensor | tuple[Any, ...] | list[Any]]) -> float:
+    """Mean l2 norm of the inputs: the reference's scale C2 for relative radii (``eps_rel``).
+
+    Args:
+        batches: an iterable of input tensors (N, ...) or of ``(x, y, ...)`` tuples (a DataLoader).
+
+    Returns:
+        ``mean_i ||x_i||_2`` over all examples, in the units of the inputs ([0, 1] pixels).
+    """
+    total, count = 0.0, 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        total += float(torch.linalg.vector_norm(x.flatten(1).double(), dim=1).sum())
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("mean_input_norm got no examples")
+    return total / count
+
+
+@contextmanager
+def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
+    """Eval mode (or buffer snapshot), parametrize cache, grad on; restores everything."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved_buffers: list[tuple[Tensor, Tensor]] = []
+    if not eval_mode:
+        saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        if eval_mode:
+            model.eval()
+        with torch.inference_mode(False), torch.enable_grad(), parametrize.cached():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for buf, saved in saved_buffers:
+                buf.copy_(saved)
+
+
+def _check_positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_scalar(name: str, value: float, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    ok = value > 0.0 if positive else value >= 0.0  # NaN fails both
+    if not ok or value == float("inf"):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+class Attack(abc.ABC):
+    """Base class: ``attack(model, x, y) -> x_adv``.
+
+    Subclasses implement `perturb`; `__call__` handles modes, caching, grad mode, labels and
+    restores the model (see the module docstring). Attacks hold only their configuration, so one
+    instance can be shared between models, devices and processes.
+
+    Args:
+        labels: ``"true"`` attacks the given labels; ``"predicted"`` attacks the model's prediction
+            ``argmax f(x)`` on the clean input (the reference's choice, against label leaking,
+            Kurakin et al. 2017), computed in the attack's mode.
+        eval_mode: run the model in eval mode (default). ``False`` keeps the model's current
+            modes (train-mode BatchNorm then uses batch statistics); buffers are restored after.
+    """
+
+    def __init__(self, *, labels: LabelMode = "true", eval_mode: bool = True) -> None:
+        if labels not in _LABEL_MODES:
+            raise ValueError(f"labels must be one of {list(_LABEL_MODES)}, got {labels!r}")
+        self.labels = labels
+        self.eval_mode = bool(eval_mode)
+
+    # -- relative radii ------------------------------------------------------------------------
+    @property
+    def is_resolved(self) -> bool:
+        """Whether every radius is absolute (True unless a relative radius awaits `resolve_eps`)."""
+        return True
+
+    def resolve_eps(self, mean_input_norm: float) -> Attack:
+        """Turn relative radii into absolute ones; a no-op for attacks without them.
+
+        Args:
+            mean_input_norm: mean l2 norm of the training inputs (C2), see `mean_input_norm`.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        _check_scalar("mean_input_norm", mean_input_norm, positive=True)
+        return self
+
+    # -- the call ------------------------------------------------------------------------------
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Attack ``model`` at ``x``.
+
+        Args:
+            model: maps inputs (N, ...) in [0, 1] to logits (N, K). Pass the unwrapped module (not
+                a DDP wrapper).
+            x: clean inputs, (N, ...), floating point, in [0, 1].
+            y: integer labels, (N,); required when ``labels="true"``, ignored otherwise.
+
+        Returns:
+            ``x_adv``, (N, ...), detached, with the dtype and device of ``x``.
+        """
+        if not self.is_resolved:
+            raise RuntimeError(
+                f"{type(self).__name__} has a relative radius; call "
+                "attack.resolve_eps(mean_input_norm) before attacking (mean l2 norm of the "
+                "training inputs, see sn_lightning.attacks.mean_input_norm)"
+            )
+        if not torch.is_floating_point(x):
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if self.labels == "true":
+            if y is None:
+                raise ValueError('labels="true" needs y; pass labels or use labels="predicted"')
+            if y.shape != x.shape[:1]:
+                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        with _attack_context(model, self.eval_mode):
+            x = x.detach()
+            if x.is_inference():  # batches created under inference_mode cannot enter autograd
+                x = x.clone()
+            with torch.no_grad():
+                if self.labels == "predicted":
+                    y = model(x).argmax(dim=1)
+                else:
+                    assert y is not None
+                    y = y.detach().clone() if y.is_inference() else y.detach()
+            x_adv = self.perturb(model, x, y)
+        return x_adv.detach().to(dtype=x.dtype)
+
+    @abc.abstractmethod
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The optimization loop, called by `__call__` inside the attack context.
+
+        Args:
+            model: the model, already in the attack's mode; use `input_gradient` for gradients.
+            x: clean inputs, (N, ...), detached, in [0, 1].
+            y: labels to attack, (N,) (true or predicted).
+
+        Returns:
+            ``x_adv``, (N, ...).
+        """
+
+    # -- repr ----------------------------------------------------------------------------------
+    def _repr_fields(self) -> dict[str, Any]:
+        return {"labels": self.labels, "eval_mode": self.eval_mode}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}"
+            for k, v in self._repr_fields().items()
+        )
+        return f"{type(self).__name__}({fields})"
+
+
+class _BallAttack(Attack):
+    """Shared configuration of attacks in a norm ball: ``norm``, ``eps`` or ``eps_rel``, ``clip``.
+
+    Note [relative radius]
+        The reference sets l2 radii relative to the data: ``eps = eps_rel * C2``, C2 the mean l2
+        norm of the (preprocessed) training inputs (``eps_rel = 0.05``: "approximately 2.44 for
+        CIFAR10"). An attack built with ``eps_rel`` is unresolved (``eps is None``) until
+        `resolve_eps` is called once with C2 (from the data module, `mean_input_norm`); afterwards
+        ``eps`` is absolute. Calling an unresolved attack raises.
+    """
+
+    def __init__(
+        self,
+        norm: Literal["linf", "l2"],
+        eps: float | None,
+        eps_rel: float | None,
+        *,
+        clip: bool,
+        labels: LabelMode,
+        eval_mode: bool,
+    ) -> None:
+        super().__init__(labels=labels, eval_mode=eval_mode)
+        if norm not in THREAT_MODELS:
+            raise ValueError(f"unknown norm {norm!r}; valid norms: {sorted(THREAT_MODELS)}")
+        if (eps is None) == (eps_rel is None):
+            raise ValueError(
+                f"pass exactly one of eps (absolute, [0, 1] pixel units) and eps_rel (fraction of "
+                f"the mean input l2 norm); got eps={eps!r}, eps_rel={eps_rel!r}"
+            )
+        self.norm = norm
+        self.eps = None if eps is None else _check_scalar("eps", eps)
+        self.eps_rel = None if eps_rel is None else _check_scalar("eps_rel", eps_rel)
+        self.clip = bool(clip)
+
+    @property
+    def is_resolved(self) -> bool:  # noqa: D102
+        return self.eps is not None
+
+    def resolve_eps(self, mean_input_norm: float) -> _BallAttack:
+        """Set ``eps = eps_rel * mean_input_norm`` (see Note [relative radius]); no-op if absolute.
+
+        Args:
+            mean_input_norm: mean l2 norm of the training inputs (C2), > 0.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        c2 = _check_scalar("mean_input_norm", mean_input_norm, positive=True)
+        if self.eps_rel is not None:
+            self.eps = self.eps_rel * c2
+        return self
+
+    def threat_model(self) -> ThreatModel:
+        """The `ThreatModel` for the current (resolved) ``eps``."""
+        if self.eps is None:
+            raise RuntimeError(f"{type(self).__name__}: eps_rel is not resolved yet")
+        return THREAT_MODELS[self.norm](self.eps, clip=self.clip)
+
+    def _repr_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"norm": self.norm, "eps": self.eps}
+        if self.eps_rel is not None:
+            fields["eps_rel"] = self.eps_rel
+        return fields

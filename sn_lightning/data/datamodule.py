@@ -1,0 +1,267 @@
+"""`ImageDataModule`: one LightningDataModule for every supported dataset, selected by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
+from sn_lightning.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W), uint8 (scaled to [0, 1]) or float in [0, 1], and labels (N,)."""
+
+    def __init__(self, x: Tensor, y: Tensor, transform: torch.nn.Module | None = None) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.x[i]
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.y[i]
+
+
+def _augmentation(input_shape: tuple[int, int, int], hflip: bool) -> torch.nn.Module:
+    from torchvision.transforms import v2
+
+    size = input_shape[1:]
+    pad = max(1, size[0] // 8)  # 4 px at 32x32, 3 at 28x28, 1 at 8x8
+    steps: list[torch.nn.Module] = [v2.RandomCrop(size, padding=pad)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image classification data in [0, 1] pixel space (normalization lives in the model).
+
+    Args:
+        dataset: one of digits (scikit-learn's bundled 8x8 digits, no download), mnist, fashion_mnist,
+            cifar10, cifar100, svhn, imagefolder.
+        data_dir: folder with the dataset's files in the standard layout (IDX .gz files for
+            MNIST/Fashion-MNIST; torchvision's layout for CIFAR and SVHN; ``train/``, ``test/`` and
+            optionally ``val/`` class folders for imagefolder). None: the dataset's default
+            (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST, ``./data`` otherwise).
+        download: download missing files into `data_dir` (needs network; torchvision checks checksums).
+        batch_size: training batch size (> 0); the last incomplete batch is dropped.
+        eval_batch_size: batch size for validation/test; None: 2 * batch_size.
+        val_size: validation examples, a count (>= 1) or a fraction in (0, 1); 0: no validation.
+        val_source: take the validation split from the end of a seeded shuffle of the training set
+            ("train") or as the first `val_size` test images ("test", the reference's choice: the
+            test set is then the rest).
+        train_subset: use only the first N examples of the (shuffled) training split; None: all.
+        augment: random crops (and horizontal flips where label-preserving); off by default.
+        image_size: imagefolder only: resize images to this square size.
+        mean: per-channel mean for the model's input normalization; None: the dataset's.
+        std: per-channel std for the model's input normalization; None: the dataset's.
+        num_workers: DataLoader workers.
+        seed: seed of the split and of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        data_dir: str | None = None,
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: float = 0.1,
+        val_source: Literal["train", "test"] = "train",
+        train_subset: int | None = None,
+        augment: bool = False,
+        image_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASET_NAMES:
+            raise ConfigError(f"unknown dataset {dataset!r}; valid choices: {', '.join(DATASET_NAMES)}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+            raise ConfigError(f"val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}")
+        if val_source not in ("train", "test"):
+            raise ConfigError(f"unknown val_source {val_source!r}; valid choices: train, test")
+        if train_subset is not None and train_subset < 1:
+            raise ConfigError(f"train_subset must be a positive integer or null, got {train_subset!r}")
+        # mean/std reach the model's hparams resolved (linked); None here would clash when merged.
+        self.save_hyperparameters(ignore=["mean", "std"])
+        self.dataset, self.download, self.batch_size = dataset, download, batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.val_size, self.val_source, self.train_subset = val_size, val_source, train_subset
+        self.augment, self.num_workers, self.seed = augment, num_workers, seed
+        if dataset == "imagefolder":
+            self._init_imagefolder(data_dir, image_size)
+        else:
+            spec = DATASETS[dataset]
+            self.spec = spec
+            self.num_classes, self.input_shape = spec.num_classes, spec.input_shape
+            default_mean, default_std = spec.mean, spec.std
+            self.data_dir = Path(data_dir or spec.default_dir or ".").expanduser()
+            if not download:
+                check_files(spec, self.data_dir)
+        self.mean = list(mean) if mean is not None else list(default_mean if dataset != "imagefolder" else IMAGENET_MEAN)
+        self.std = list(std) if std is not None else list(default_std if dataset != "imagefolder" else IMAGENET_STD)
+        if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
+            raise ConfigError(f"mean/std need {self.input_shape[0]} values, got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be positive, got {self.std}")
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.train_eval_set: Dataset | None = None
+
+    # -- imagefolder ---------------------------------------------------------------------------
+    def _init_imagefolder(self, data_dir: str | None, image_size: int | None) -> None:
+        if data_dir is None:
+            raise ConfigError("dataset 'imagefolder' needs --data.data_dir (a folder with train/ and test/)")
+        self.data_dir = Path(data_dir).expanduser()
+        for split in ("train", "test"):
+            if not (self.data_dir / split).is_dir():
+                raise ConfigError(f"imagefolder data_dir {self.data_dir} has no {split}/ class folder")
+        classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
+        if not classes:
+            raise ConfigError(f"imagefolder {self.data_dir / 'train'} has no class folders")
+        if image_size is None or image_size < 1:
+            raise ConfigError(f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}")
+        self.num_classes, self.input_shape = len(classes), (3, image_size, image_size)
+        self.spec = None
+
+    def _imagefolder(self, split: str, augment: bool) -> Dataset:
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms import v2
+
+        steps = [v2.PILToTensor(), v2.Resize(self.input_shape[1:], antialias=True)]
+        steps += [v2.ToDtype(torch.float32, scale=True)]
+        if augment:
+            steps.append(_augmentation(self.input_shape, hflip=True))
+        try:
+            return ImageFolder(str(self.data_dir / split), transform=v2.Compose(steps))
+        except (FileNotFoundError, OSError) as err:
+            raise ConfigError(f"cannot read imagefolder {self.data_dir / split}: {err}") from err
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download missing files (rank 0 only, as Lightning calls it)."""
+        if self.download and self.spec is not None and self.spec.download is not None:
+            try:
+                check_files(self.spec, self.data_dir)
+            except ConfigError:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                self.spec.download(self.data_dir)
+
+    def _n_val(self, n: int) -> int:
+        k = round(self.val_size * n) if 0 < self.val_size < 1 else int(self.val_size)
+        if k >= n:
+            raise ConfigError(f"val_size {self.val_size} leaves no {self.val_source} examples (of {n})")
+        return k
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the files and build the splits (seeded, identical on every rank)."""
+        if self.train_set is not None:
+            return
+        if self.spec is None:
+            self._setup_imagefolder()
+            return
+        if self.download:
+            check_files(self.spec, self.data_dir)
+        (x_tr, y_tr), (x_te, y_te) = self.spec.load(self.data_dir)
+        shape = tuple(x_tr.shape[1:])
+        if shape != self.input_shape or tuple(x_te.shape[1:]) != self.input_shape:
+            raise ConfigError(f"corrupt data in {self.data_dir}: images {shape}, expected {self.input_shape}")
+        for y, split in ((y_tr, "train"), (y_te, "test")):
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ConfigError(
+                    f"corrupt data in {self.data_dir}: {split} labels outside 0..{self.num_classes - 1}"
+                )
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(len(y_tr), generator=g)
+        x_tr, y_tr = x_tr[perm], y_tr[perm]
+        x_va = y_va = None
+        if self.val_size:
+            if self.val_source == "train":
+                k = self._n_val(len(y_tr))
+                x_tr, x_va, y_tr, y_va = x_tr[:-k], x_tr[-k:], y_tr[:-k], y_tr[-k:]
+            else:
+                k = self._n_val(len(y_te))
+                x_va, y_va, x_te, y_te = x_te[:k], y_te[:k], x_te[k:], y_te[k:]
+        if self.train_subset is not None:
+            x_tr, y_tr = x_tr[: self.train_subset], y_tr[: self.train_subset]
+        aug = _augmentation(self.input_shape, self.spec.hflip) if self.augment else None
+        self.train_set = TensorImages(x_tr, y_tr, aug)
+        self.train_eval_set = TensorImages(x_tr, y_tr)
+        self.val_set = TensorImages(x_va, y_va) if x_va is not None else None
+        self.test_set = TensorImages(x_te, y_te)
+
+    def _setup_imagefolder(self) -> None:
+        train, train_eval = self._imagefolder("train", self.augment), self._imagefolder("train", False)
+        self.test_set = self._imagefolder("test", False)
+        if (self.data_dir / "val").is_dir():
+            self.val_set = self._imagefolder("val", False)
+            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        else:
+            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            k = self._n_val(len(idx)) if self.val_size else 0
+            if k:
+                self.val_set = Subset(train_eval, idx[-k:])
+                idx = idx[:-k]
+        if self.train_subset is not None:
+            idx = idx[: self.train_subset]
+        self.train_set, self.train_eval_set = Subset(train, idx), Subset(train_eval, idx)
+
+    def _loader(self, dataset: Dataset | None, *, train: bool = False) -> DataLoader:
+        assert dataset is not None, "call setup() first"
+        if train and len(dataset) < self.batch_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} exceeds the {len(dataset)} training examples (drop_last)"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The full training split, unaugmented and in order: for the generalization gap."""
+        return self._loader(self.train_eval_set)
+
+    def mean_input_norm(self, max_examples: int = 10_000) -> float:
+        """Mean l2 norm of the (unaugmented) training inputs in [0, 1] space (PAPERS 1.5's C2)."""
+        self.setup("fit")
+        total, n = 0.0, 0
+        for x, _ in self._loader(self.train_eval_set):
+            total += float(x.flatten(1).norm(dim=1).sum())
+            n += len(x)
+            if n >= max_examples:
+                break
+        return total / max(n, 1)
+

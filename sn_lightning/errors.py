@@ -1,0 +1,22 @@
+"""The one error type for bad user input: the CLI turns it into a one-line message, no traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """Bad user input (a name, a path, a value) found before training starts."""
+
+
+def choices_hint(value: str, choices: Iterable[str], *, limit: int = 12) -> str:
+    """A short 'valid choices' phrase: close matches to `value` first, then the rest, truncated."""
+    import difflib
+
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(value, choices, n=5, cutoff=0.6)
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    shown = ", ".join(choices[:limit])
+    more = f", ... ({len(choices)} in all)" if len(choices) > limit else ""
+    return f"valid choices: {shown}{more}"

@@ -1,0 +1,57 @@
+"""Framework-free evaluation loops: accuracy, loss and margins of a classifier over a data loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
+    """f_y - max_{j != y} f_j per example (N,); > 0 iff correctly classified (ties count as errors)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return true - other
+
+
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Accuracy, mean cross-entropy and margin statistics of `model` in eval mode over `batches`.
+
+    Args:
+        model: maps images (N, C, H, W) in [0, 1] to logits (N, K); its train/eval mode is restored.
+        batches: (x, y) pairs, e.g. a DataLoader.
+        device: where to run; None: the model's parameter device.
+
+    Returns:
+        ``{"acc", "loss", "margin_mean", "margin_median", "n"}`` over all examples.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss, n, margins = 0, 0.0, 0, []
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                logits = model(x).float()
+                correct += int((logits.argmax(dim=1) == y).sum())
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                margins.append(logit_margins(logits, y).cpu())
+                n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate() got no examples")
+    m = torch.cat(margins)
+    return {
+        "acc": correct / n,
+        "loss": loss / n,
+        "margin_mean": float(m.mean()),
+        "margin_median": float(m.median()),
+        "n": n,
+    }

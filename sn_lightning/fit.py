@@ -1,0 +1,117 @@
+"""`python -m sn_lightning.fit --config configs/x.yaml [--a.b=value ...]`: train, evaluate, write results.json.
+
+Every option can be overridden in the ``--a.b=value`` form that ``wandb agent`` produces;
+``--print_config`` prints the resolved config without training; ``--ckpt_path`` resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sn_lightning.data import ImageDataModule
+from sn_lightning.errors import ConfigError
+from sn_lightning.evaluation import evaluate
+from sn_lightning.lit import SNClassifier
+
+RESULTS_FILE = "results.json"
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """Parser errors (unknown key, bad value, malformed YAML) as one line, no usage dump, exit 2."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+        first = " ".join(str(message).split())  # collapse jsonargparse's multi-line explanations
+        sys.stderr.write(f"{self.prog}: error: {first}\n")
+        raise SystemExit(2)
+
+
+class SNLightningCLI(LightningCLI):
+    """LightningCLI with the data module's facts linked into the model and a ``--ckpt_path`` key."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key in ("num_classes", "input_shape", "mean", "std"):
+            parser.link_arguments(
+                "data", f"model.{key}", compute_fn=lambda dm, k=key: getattr(dm, k), apply_on="instantiate"
+            )
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
+
+
+def _key_settings(config: Any) -> dict[str, Any]:
+    """The resolved settings worth keeping next to the numbers (model, data, seed, trainer basics)."""
+    as_dict = config.as_dict()
+    trainer = as_dict.get("trainer", {})
+    return {
+        "seed_everything": as_dict.get("seed_everything"),
+        "model": as_dict.get("model"),
+        "data": as_dict.get("data"),
+        "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "precision", "devices", "accelerator")},
+    }
+
+
+def run(cli: SNLightningCLI) -> dict[str, Any]:
+    """Fit, then evaluate on the full train / val / test splits; write results.json (rank 0)."""
+    start = time.perf_counter()
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
+    train_time = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return {}
+    dm.setup("test")
+    device = model.device
+    results: dict[str, Any] = {"train": evaluate(model, dm.train_eval_dataloader(), device)}
+    if dm.val_set is not None:
+        results["val"] = evaluate(model, dm.val_dataloader(), device)
+    results["test"] = evaluate(model, dm.test_dataloader(), device)
+    results["gap"] = results["train"]["acc"] - results["test"]["acc"]
+    results.update(_final_extras(model))
+    results["settings"] = _key_settings(cli.config)
+    results["train_time_s"] = train_time
+    results["wall_time_s"] = time.perf_counter() - start
+    summary = {f"final/{split}_acc": results[split]["acc"] for split in ("train", "val", "test") if split in results}
+    summary["final/gap"] = results["gap"]
+    for logger in trainer.loggers:
+        logger.log_metrics(summary, step=trainer.global_step)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / RESULTS_FILE
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results["path"] = str(path)
+    sys.stdout.write(
+        f"train acc {results['train']['acc']:.4f}  test acc {results['test']['acc']:.4f}  "
+        f"gap {results['gap']:+.4f}\nresults: {path}\n"
+    )
+    return results
+
+
+def _final_extras(model: SNClassifier) -> dict[str, Any]:
+    """Numbers later features add to results.json (the spectral bound, ...)."""
+    return {}
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point; returns the results dict (empty on ranks other than 0)."""
+    try:
+        cli = SNLightningCLI(
+            SNClassifier,
+            ImageDataModule,
+            run=False,
+            args=args,
+            parser_class=_OneLineErrorParser,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "python -m sn_lightning.fit"},
+            auto_configure_optimizers=False,
+        )
+        return run(cli)
+    except ConfigError as err:
+        sys.stderr.write(f"python -m sn_lightning.fit: error: {err}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from sn_lightning.lit.classifier import SNClassifier as SNClassifier
+
+__all__ = ["SNClassifier"]

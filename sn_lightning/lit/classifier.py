@@ -1,0 +1,173 @@
+"""`SNClassifier`: backbone from a spec string, optional exact spectral normalization, cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from sn_lightning.errors import ConfigError
+from sn_lightning.models import create_backbone
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "step", "none")
+
+
+class SNClassifier(L.LightningModule):
+    """Image classifier with optional spectral normalization of every Conv/Linear layer.
+
+    Keys a sweep touches are flat scalars (``model.beta``, ``model.lr``, ...). ``num_classes``,
+    ``input_shape``, ``mean`` and ``std`` are linked from the data module by the CLI.
+
+    Args:
+        backbone: ``timm:<name>``, ``torchvision:<name>`` or ``sn_lightning:<name>``.
+        num_classes: number of classes (linked from ``data``).
+        input_shape: (C, H, W) of one input (linked from ``data``).
+        mean: per-channel mean of the input normalization, the model's first layer (linked).
+        std: per-channel std of the input normalization (linked).
+        pretrained: load the backbone's pretrained weights (needs network access).
+        backbone_kwargs: extra keyword arguments for the backbone constructor (e.g. ``img_size``).
+        optimizer: sgd (with momentum), adam or adamw.
+        lr: learning rate (> 0).
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: L2 weight decay (decoupled for adamw).
+        lr_schedule: cosine (per step, to 0 at the end of training), step, or none.
+        lr_step_epochs: for ``step``: multiply the lr by ``lr_gamma`` every this many epochs.
+        lr_gamma: for ``step``: the decay factor.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        beta: per-layer spectral-norm bound (> 0); null: no spectral normalization.
+        sn_method: operator (exact norm of the conv operator) or matrix (reshaped-kernel norm).
+        sn_power_iterations: power iterations per training forward.
+        sn_init_iterations: warm-up power iterations at registration.
+        sn_include: fnmatch patterns of layer names to normalize (default all Conv/Linear).
+        sn_exclude: fnmatch patterns of layer names to leave alone.
+        sn_batchnorm: leave BatchNorm alone (reference) or bound its affine scale by beta.
+        sn_detach: detach the power-iteration vectors (PyTorch's choice); false lets gradients
+            flow through them (the reference's choice).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "sn_lightning:digits_cnn",
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 8, 8),
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        pretrained: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        lr_schedule: Literal["cosine", "step", "none"] = "cosine",
+        lr_step_epochs: int = 30,
+        lr_gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+        beta: float | None = None,
+        sn_method: Literal["operator", "matrix"] = "operator",
+        sn_power_iterations: int = 1,
+        sn_init_iterations: int = 20,
+        sn_include: list[str] | None = None,
+        sn_exclude: list[str] | None = None,
+        sn_batchnorm: Literal["leave", "bound"] = "leave",
+        sn_detach: bool = True,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"unknown lr_schedule {lr_schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}"
+            )
+        if not lr > 0:
+            raise ConfigError(f"lr must be positive, got {lr!r}")
+        if weight_decay < 0 or not 0 <= momentum < 1 or not 0 <= label_smoothing < 1:
+            raise ConfigError(
+                f"need weight_decay >= 0, 0 <= momentum < 1, 0 <= label_smoothing < 1; got "
+                f"{weight_decay!r}, {momentum!r}, {label_smoothing!r}"
+            )
+        if lr_step_epochs < 1 or not 0 < lr_gamma <= 1:
+            raise ConfigError(f"need lr_step_epochs >= 1 and 0 < lr_gamma <= 1, got {lr_step_epochs}, {lr_gamma}")
+        if beta is not None and not beta > 0:
+            raise ConfigError(f"beta must be positive or null (no spectral normalization), got {beta!r}")
+        self.save_hyperparameters()
+        c, h, w = input_shape
+        self.model = create_backbone(
+            backbone, num_classes=num_classes, in_chans=c, input_size=(h, w), mean=mean, std=std,
+            pretrained=pretrained, **(backbone_kwargs or {}),
+        )
+        if beta is not None:
+            from sn_lightning.spectral import apply_spectral_norm
+
+            apply_spectral_norm(
+                self.model,
+                beta=beta,
+                input_shape=tuple(input_shape),
+                method=sn_method,
+                include=tuple(sn_include or ("*",)),
+                exclude=tuple(sn_exclude or ()),
+                n_power_iterations=sn_power_iterations,
+                init_iterations=sn_init_iterations,
+                detach_uv=sn_detach,
+                batchnorm=sn_batchnorm,
+            )
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (N, C, H, W) in [0, 1] -> logits (N, num_classes)."""
+        return self.model(x)
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy with the configured label smoothing."""
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{stage}/loss", self.loss(logits, y), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = self.parameters()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
+                weight_decay=hp.weight_decay,
+            )
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "none":
+            return opt
+        if hp.lr_schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.lr_step_epochs, gamma=hp.lr_gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
