@@ -1,0 +1,169 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sn_lightning.data import DATASETS, ImageDataModule
+from sn_lightning.errors import ConfigError
+from tests.data.fixtures import make_cifar, make_idx_dataset, make_image_folder, make_svhn
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _all(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_digits_split_is_fixed_stratified_and_in_unit_range():
+    dm = ImageDataModule("digits", batch_size=32, val_size=0.1)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1293, 144, 360)
+    x, y = _all(dm.test_dataloader())
+    assert x.shape == (360, 1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
+    assert torch.bincount(y, minlength=10).min() >= 35  # stratified: 36 per class (+-1)
+    dm2 = ImageDataModule("digits", batch_size=32, val_size=0.1)
+    dm2.setup("fit")
+    assert torch.equal(_all(dm2.test_dataloader())[0], x)
+    assert torch.equal(_all(dm2.val_dataloader())[0], _all(dm.val_dataloader())[0])
+    assert (dm.num_classes, dm.input_shape) == (10, (1, 8, 8))
+
+
+def test_train_loader_drops_last_and_is_seeded():
+    dm = ImageDataModule("digits", batch_size=100, val_size=0.1, seed=3)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert all(len(b[1]) == 100 for b in batches) and len(batches) == 1293 // 100
+    again = list(dm.train_dataloader())
+    assert torch.equal(batches[0][1], again[0][1])
+    assert len(_all(dm.train_eval_dataloader())[1]) == 1293  # full split for the gap
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_mnist_from_folder_and_val_from_test(tmp_path, compress):
+    arrays = make_idx_dataset(tmp_path / "MNIST" / "raw", compress=compress)  # torchvision's layout
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=8, val_size=10, val_source="test")
+    dm.setup("fit")
+    x_val, _ = _all(dm.val_dataloader())
+    expected = arrays["t10k-images-idx3-ubyte"][:10].astype(np.float32) / 255
+    np.testing.assert_allclose(x_val[:, 0].numpy(), expected, rtol=0, atol=1e-7)
+    assert len(dm.test_set) == 30 and len(dm.train_set) == 60
+
+
+def test_fashion_mnist_default_folder_and_fraction(tmp_path):
+    make_idx_dataset(tmp_path)
+    dm = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), batch_size=8, val_size=0.25)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (45, 15)
+    assert DATASETS["fashion_mnist"].default_dir == str(FMNIST_DIR)
+
+
+@pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist():
+    dm = ImageDataModule("fashion_mnist", batch_size=128, val_size=500, val_source="test")
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (60000, 500, 9500)
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape[1:] == (1, 28, 28) and set(y.tolist()) <= set(range(10))
+    assert 11.0 < dm.mean_input_norm(max_examples=2000) < 13.5
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_datamodule(tmp_path, classes):
+    make_cifar(tmp_path, classes=classes)
+    name = "cifar10" if classes == 10 else "cifar100"
+    dm = ImageDataModule(name, data_dir=str(tmp_path), batch_size=4, val_size=2)
+    dm.setup("fit")
+    n_train = 60 if classes == 10 else 12
+    assert len(dm.train_set) == n_train - 2 and len(dm.test_set) == 12
+    assert dm.num_classes == classes and dm.input_shape == (3, 32, 32) and len(dm.mean) == 3
+
+
+def test_svhn_datamodule(tmp_path):
+    make_svhn(tmp_path)
+    dm = ImageDataModule("svhn", data_dir=str(tmp_path), batch_size=4, val_size=5)
+    dm.setup("fit")
+    x, y = _all(dm.test_dataloader())
+    assert x.shape == (20, 3, 32, 32) and int(y.max()) <= 9
+
+
+def test_imagefolder(tmp_path):
+    make_image_folder(tmp_path)
+    dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=16, batch_size=4, val_size=3)
+    dm.setup("fit")
+    assert dm.num_classes == 3 and dm.input_shape == (3, 16, 16)
+    x, y = _all(dm.test_dataloader())
+    assert x.shape == (18, 3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert len(dm.train_set) == 15 and len(dm.val_set) == 3
+
+
+def test_augmentation_off_by_default_on_when_asked():
+    dm = ImageDataModule("digits", batch_size=16)
+    dm.setup("fit")
+    x0, _ = dm.train_set[0]
+    assert torch.equal(x0, dm.train_eval_set[0][0])
+    aug = ImageDataModule("digits", batch_size=16, augment=True)
+    aug.setup("fit")
+    torch.manual_seed(0)
+    views = torch.stack([aug.train_set[0][0] for _ in range(20)])
+    assert (views - x0).abs().amax() > 0  # random crops move the digit
+    assert views.shape == (20, 1, 8, 8)
+
+
+def test_download_goes_through_torchvision(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            make_cifar(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    dm = ImageDataModule("cifar10", data_dir=str(tmp_path / "new"), download=True, batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert calls and all(c[2] for c in calls)
+    assert len(dm.test_set) == 12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dataset": "cifar"}, "unknown dataset 'cifar'; valid choices: digits"),
+        ({"dataset": "digits", "batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"dataset": "digits", "batch_size": -3}, "got -3"),
+        ({"dataset": "mnist", "data_dir": "/nonexistent/x"}, "/nonexistent/x .* does not exist"),
+        ({"dataset": "digits", "val_size": -1}, "val_size"),
+        ({"dataset": "imagefolder"}, "needs --data.data_dir"),
+        ({"dataset": "digits", "mean": [0.1, 0.2]}, "mean/std need 1 values"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ImageDataModule(**kwargs)
+
+
+def test_missing_file_in_existing_folder(tmp_path):
+    make_idx_dataset(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(ConfigError, match="train-labels-idx1-ubyte"):
+        ImageDataModule("mnist", data_dir=str(tmp_path))
+
+
+def test_corrupt_file_found_at_setup(tmp_path):
+    make_idx_dataset(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"junk")
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=4)
+    with pytest.raises(ConfigError, match="corrupt data file .*train-images"):
+        dm.setup("fit")
+
+
+def test_batch_larger_than_train_set(tmp_path):
+    make_svhn(tmp_path)
+    dm = ImageDataModule("svhn", data_dir=str(tmp_path), batch_size=64, val_size=5)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match="batch_size 64 exceeds the 25"):
+        dm.train_dataloader()

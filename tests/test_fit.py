@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sn_lightning.fit import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def _fit(tmp_path, *extra):
+    return main(["--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}", *extra])
+
+
+def test_quickstart_config_end_to_end(tmp_path):
+    results = _fit(tmp_path, "--trainer.max_epochs=3")
+    path = Path(results["path"])
+    assert path.name == "results.json" and path.parent.parent.parent == tmp_path
+    saved = json.loads(path.read_text())
+    assert saved["test"]["acc"] > 0.85 and saved["train"]["n"] == 1293 and saved["test"]["n"] == 360
+    assert saved["gap"] == pytest.approx(saved["train"]["acc"] - saved["test"]["acc"])
+    assert saved["settings"]["model"]["backbone"] == "sn_lightning:digits_cnn"
+    assert saved["settings"]["trainer"]["max_epochs"] == 3
+    assert saved["wall_time_s"] > 0
+
+
+def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path):
+    results = _fit(
+        tmp_path, "--trainer.max_epochs=1", "--model.lr=0.02", "--model.optimizer=adam",
+        "--data.batch_size=64", "--seed_everything=3",
+    )
+    settings = results["settings"]
+    assert settings["model"]["lr"] == 0.02 and settings["model"]["optimizer"] == "adam"
+    assert settings["data"]["batch_size"] == 64 and settings["seed_everything"] == 3
+
+
+def test_print_config_does_not_train(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, "--model.lr=0.123", "--print_config")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.123" in out and "backbone: sn_lightning:digits_cnn" in out
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_resume_from_checkpoint(tmp_path):
+    first = _fit(tmp_path / "a", "--trainer.max_epochs=1")
+    ckpts = list((tmp_path / "a").rglob("*.ckpt"))
+    assert len(ckpts) == 1
+    second = _fit(tmp_path / "b", "--trainer.max_epochs=2", f"--ckpt_path={ckpts[0]}")
+    log = Path(second["path"]).parent / "metrics.csv"
+    epochs = {line.split(",")[0] for line in log.read_text().splitlines()[1:]}
+    assert first["test"]["n"] == second["test"]["n"]
+    header = log.read_text().splitlines()[0].split(",")
+    epoch_col = header.index("epoch")
+    logged = {row.split(",")[epoch_col] for row in log.read_text().splitlines()[1:] if row.split(",")[epoch_col]}
+    assert logged == {"1"}, epochs  # resumed run trained only the second epoch
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.backbone=timm:resnt18"], "unknown timm backbone 'resnt18'; did you mean resnet18"),
+        (["--data.dataset=cifar"], "unknown dataset 'cifar'; valid choices: digits"),
+        (["--data.dataset=mnist", "--data.data_dir=/nonexistent"], "/nonexistent for dataset 'mnist' does not exist"),
+        (["--model.lr=-0.1"], "lr must be positive, got -0.1"),
+        (["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
+        (["--model.lrr=0.1"], "--model.lrr=0.1"),
+        (["--model.optimizer=rmsprop"], "rmsprop"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, *args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and message in err[0], err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lr: [1\n")
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, "--config", str(bad))
+    assert "error:" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  betaa: 1.0\n")
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, "--config", str(unknown))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "betaa" in err[0]
+
+
+def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):
+    from tests.data.fixtures import make_idx_dataset
+
+    make_idx_dataset(tmp_path / "d")
+    (tmp_path / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sn_lightning.fit", "--config", QUICKSTART, "--data.dataset=mnist",
+         f"--data.data_dir={tmp_path / 'd'}", "--data.batch_size=8", "--model.backbone=mlp1",
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "corrupt data file" in proc.stderr and "t10k-images" in proc.stderr
