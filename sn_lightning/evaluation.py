@@ -17,7 +17,9 @@ def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str | None = None
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Accuracy, mean cross-entropy and margin statistics of `model` in eval mode over `batches`.
 

@@ -35,11 +35,17 @@ class SNLightningCLI(LightningCLI):
     """LightningCLI with the data module's facts linked into the model and a ``--ckpt_path`` key."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link num_classes, input_shape, mean, std from the data module; add --ckpt_path."""
         for key in ("num_classes", "input_shape", "mean", "std"):
             parser.link_arguments(
-                "data", f"model.{key}", compute_fn=lambda dm, k=key: getattr(dm, k), apply_on="instantiate"
+                "data",
+                f"model.{key}",
+                compute_fn=lambda dm, k=key: getattr(dm, k),
+                apply_on="instantiate",
             )
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from"
+        )
 
 
 def _key_settings(config: Any) -> dict[str, Any]:
@@ -50,7 +56,10 @@ def _key_settings(config: Any) -> dict[str, Any]:
         "seed_everything": as_dict.get("seed_everything"),
         "model": as_dict.get("model"),
         "data": as_dict.get("data"),
-        "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "precision", "devices", "accelerator")},
+        "trainer": {
+            k: trainer.get(k)
+            for k in ("max_epochs", "max_steps", "precision", "devices", "accelerator")
+        },
     }
 
 
@@ -73,7 +82,11 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     results["settings"] = _key_settings(cli.config)
     results["train_time_s"] = train_time
     results["wall_time_s"] = time.perf_counter() - start
-    summary = {f"final/{split}_acc": results[split]["acc"] for split in ("train", "val", "test") if split in results}
+    summary = {
+        f"final/{split}_acc": results[split]["acc"]
+        for split in ("train", "val", "test")
+        if split in results
+    }
     summary["final/gap"] = results["gap"]
     for logger in trainer.loggers:
         logger.log_metrics(summary, step=trainer.global_step)

@@ -29,8 +29,12 @@ def test_quickstart_config_end_to_end(tmp_path):
 
 def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path):
     results = _fit(
-        tmp_path, "--trainer.max_epochs=1", "--model.lr=0.02", "--model.optimizer=adam",
-        "--data.batch_size=64", "--seed_everything=3",
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--model.lr=0.02",
+        "--model.optimizer=adam",
+        "--data.batch_size=64",
+        "--seed_everything=3",
     )
     settings = results["settings"]
     assert settings["model"]["lr"] == 0.02 and settings["model"]["optimizer"] == "adam"
@@ -56,16 +60,26 @@ def test_resume_from_checkpoint(tmp_path):
     assert first["test"]["n"] == second["test"]["n"]
     header = log.read_text().splitlines()[0].split(",")
     epoch_col = header.index("epoch")
-    logged = {row.split(",")[epoch_col] for row in log.read_text().splitlines()[1:] if row.split(",")[epoch_col]}
+    logged = {
+        row.split(",")[epoch_col]
+        for row in log.read_text().splitlines()[1:]
+        if row.split(",")[epoch_col]
+    }
     assert logged == {"1"}, epochs  # resumed run trained only the second epoch
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.backbone=timm:resnt18"], "unknown timm backbone 'resnt18'; did you mean resnet18"),
+        (
+            ["--model.backbone=timm:resnt18"],
+            "unknown timm backbone 'resnt18'; did you mean resnet18",
+        ),
         (["--data.dataset=cifar"], "unknown dataset 'cifar'; valid choices: digits"),
-        (["--data.dataset=mnist", "--data.data_dir=/nonexistent"], "/nonexistent for dataset 'mnist' does not exist"),
+        (
+            ["--data.dataset=mnist", "--data.data_dir=/nonexistent"],
+            "/nonexistent for dataset 'mnist' does not exist",
+        ),
         (["--model.lr=-0.1"], "lr must be positive, got -0.1"),
         (["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
         (["--model.lrr=0.1"], "--model.lrr=0.1"),
@@ -101,11 +115,31 @@ def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):
     make_idx_dataset(tmp_path / "d")
     (tmp_path / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
     proc = subprocess.run(
-        [sys.executable, "-m", "sn_lightning.fit", "--config", QUICKSTART, "--data.dataset=mnist",
-         f"--data.data_dir={tmp_path / 'd'}", "--data.batch_size=8", "--model.backbone=mlp1",
-         f"--trainer.default_root_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "sn_lightning.fit",
+            "--config",
+            QUICKSTART,
+            "--data.dataset=mnist",
+            f"--data.data_dir={tmp_path / 'd'}",
+            "--data.batch_size=8",
+            "--model.backbone=mlp1",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "corrupt data file" in proc.stderr and "t10k-images" in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(ROOT / "configs" / config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "backbone:" in capsys.readouterr().out

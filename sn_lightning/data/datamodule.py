@@ -90,16 +90,22 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if dataset not in DATASET_NAMES:
-            raise ConfigError(f"unknown dataset {dataset!r}; valid choices: {', '.join(DATASET_NAMES)}")
+            raise ConfigError(
+                f"unknown dataset {dataset!r}; valid choices: {', '.join(DATASET_NAMES)}"
+            )
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
-            raise ConfigError(f"val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}")
+            raise ConfigError(
+                f"val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}"
+            )
         if val_source not in ("train", "test"):
             raise ConfigError(f"unknown val_source {val_source!r}; valid choices: train, test")
         if train_subset is not None and train_subset < 1:
-            raise ConfigError(f"train_subset must be a positive integer or null, got {train_subset!r}")
+            raise ConfigError(
+                f"train_subset must be a positive integer or null, got {train_subset!r}"
+            )
         # mean/std reach the model's hparams resolved (linked); None here would clash when merged.
         self.save_hyperparameters(ignore=["mean", "std"])
         self.dataset, self.download, self.batch_size = dataset, download, batch_size
@@ -116,10 +122,20 @@ class ImageDataModule(L.LightningDataModule):
             self.data_dir = Path(data_dir or spec.default_dir or ".").expanduser()
             if not download:
                 check_files(spec, self.data_dir)
-        self.mean = list(mean) if mean is not None else list(default_mean if dataset != "imagefolder" else IMAGENET_MEAN)
-        self.std = list(std) if std is not None else list(default_std if dataset != "imagefolder" else IMAGENET_STD)
+        self.mean = (
+            list(mean)
+            if mean is not None
+            else list(default_mean if dataset != "imagefolder" else IMAGENET_MEAN)
+        )
+        self.std = (
+            list(std)
+            if std is not None
+            else list(default_std if dataset != "imagefolder" else IMAGENET_STD)
+        )
         if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
-            raise ConfigError(f"mean/std need {self.input_shape[0]} values, got {self.mean} and {self.std}")
+            raise ConfigError(
+                f"mean/std need {self.input_shape[0]} values, got {self.mean} and {self.std}"
+            )
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {self.std}")
         self.train_set: Dataset | None = None
@@ -130,16 +146,22 @@ class ImageDataModule(L.LightningDataModule):
     # -- imagefolder ---------------------------------------------------------------------------
     def _init_imagefolder(self, data_dir: str | None, image_size: int | None) -> None:
         if data_dir is None:
-            raise ConfigError("dataset 'imagefolder' needs --data.data_dir (a folder with train/ and test/)")
+            raise ConfigError(
+                "dataset 'imagefolder' needs --data.data_dir (a folder with train/ and test/)"
+            )
         self.data_dir = Path(data_dir).expanduser()
         for split in ("train", "test"):
             if not (self.data_dir / split).is_dir():
-                raise ConfigError(f"imagefolder data_dir {self.data_dir} has no {split}/ class folder")
+                raise ConfigError(
+                    f"imagefolder data_dir {self.data_dir} has no {split}/ class folder"
+                )
         classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
         if not classes:
             raise ConfigError(f"imagefolder {self.data_dir / 'train'} has no class folders")
         if image_size is None or image_size < 1:
-            raise ConfigError(f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}")
+            raise ConfigError(
+                f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}"
+            )
         self.num_classes, self.input_shape = len(classes), (3, image_size, image_size)
         self.spec = None
 
@@ -169,7 +191,9 @@ class ImageDataModule(L.LightningDataModule):
     def _n_val(self, n: int) -> int:
         k = round(self.val_size * n) if 0 < self.val_size < 1 else int(self.val_size)
         if k >= n:
-            raise ConfigError(f"val_size {self.val_size} leaves no {self.val_source} examples (of {n})")
+            raise ConfigError(
+                f"val_size {self.val_size} leaves no {self.val_source} examples (of {n})"
+            )
         return k
 
     def setup(self, stage: str | None = None) -> None:
@@ -184,7 +208,9 @@ class ImageDataModule(L.LightningDataModule):
         (x_tr, y_tr), (x_te, y_te) = self.spec.load(self.data_dir)
         shape = tuple(x_tr.shape[1:])
         if shape != self.input_shape or tuple(x_te.shape[1:]) != self.input_shape:
-            raise ConfigError(f"corrupt data in {self.data_dir}: images {shape}, expected {self.input_shape}")
+            raise ConfigError(
+                f"corrupt data in {self.data_dir}: images {shape}, expected {self.input_shape}"
+            )
         for y, split in ((y_tr, "train"), (y_te, "test")):
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
                 raise ConfigError(
@@ -210,13 +236,20 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = TensorImages(x_te, y_te)
 
     def _setup_imagefolder(self) -> None:
-        train, train_eval = self._imagefolder("train", self.augment), self._imagefolder("train", False)
+        train, train_eval = (
+            self._imagefolder("train", self.augment),
+            self._imagefolder("train", False),
+        )
         self.test_set = self._imagefolder("test", False)
         if (self.data_dir / "val").is_dir():
             self.val_set = self._imagefolder("val", False)
-            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            idx = torch.randperm(
+                len(train), generator=torch.Generator().manual_seed(self.seed)
+            ).tolist()
         else:
-            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            idx = torch.randperm(
+                len(train), generator=torch.Generator().manual_seed(self.seed)
+            ).tolist()
             k = self._n_val(len(idx)) if self.val_size else 0
             if k:
                 self.val_set = Subset(train_eval, idx[-k:])
@@ -242,12 +275,15 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches, last incomplete batch dropped."""
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in order; [] when val_size is 0."""
         return self._loader(self.val_set) if self.val_set is not None else []
 
     def test_dataloader(self) -> DataLoader:
+        """Test batches in order."""
         return self._loader(self.test_set)
 
     def train_eval_dataloader(self) -> DataLoader:
@@ -264,4 +300,3 @@ class ImageDataModule(L.LightningDataModule):
             if n >= max_examples:
                 break
         return total / max(n, 1)
-

@@ -40,7 +40,10 @@ def _load_digits(_: Path) -> tuple[Split, Split]:
     x = (digits.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
     y = digits.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr)), (torch.from_numpy(x_te), torch.from_numpy(y_te))
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr)), (
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te),
+    )
 
 
 def _idx_folders(folder: Path, torchvision_name: str) -> list[Path]:
@@ -78,11 +81,15 @@ def _load_cifar10(folder: Path) -> tuple[Split, Split]:
 
 def _load_cifar100(folder: Path) -> tuple[Split, Split]:
     sub = folder / "cifar-100-python"
-    return readers.read_cifar(sub, ["train"], "fine_labels"), readers.read_cifar(sub, ["test"], "fine_labels")
+    return readers.read_cifar(sub, ["train"], "fine_labels"), readers.read_cifar(
+        sub, ["test"], "fine_labels"
+    )
 
 
 def _load_svhn(folder: Path) -> tuple[Split, Split]:
-    return readers.read_svhn(folder / "train_32x32.mat"), readers.read_svhn(folder / "test_32x32.mat")
+    return readers.read_svhn(folder / "train_32x32.mat"), readers.read_svhn(
+        folder / "test_32x32.mat"
+    )
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -90,24 +97,56 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in [
         DatasetSpec("digits", 10, (1, 8, 8), (0.3053,), (0.3760,), None, _load_digits),
         DatasetSpec(
-            "mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "./data", _idx_loader("MNIST"),
+            "mnist",
+            10,
+            (1, 28, 28),
+            (0.1307,),
+            (0.3081,),
+            "./data",
+            _idx_loader("MNIST"),
             _torchvision_download("MNIST"),
         ),
         DatasetSpec(
-            "fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), "/usr/share/datasets/fashion-mnist",
-            _idx_loader("FashionMNIST"), _torchvision_download("FashionMNIST"),
+            "fashion_mnist",
+            10,
+            (1, 28, 28),
+            (0.2860,),
+            (0.3530,),
+            "/usr/share/datasets/fashion-mnist",
+            _idx_loader("FashionMNIST"),
+            _torchvision_download("FashionMNIST"),
         ),
         DatasetSpec(
-            "cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "./data",
-            _load_cifar10, _torchvision_download("CIFAR10"), hflip=True,
+            "cifar10",
+            10,
+            (3, 32, 32),
+            (0.4914, 0.4822, 0.4465),
+            (0.2470, 0.2435, 0.2616),
+            "./data",
+            _load_cifar10,
+            _torchvision_download("CIFAR10"),
+            hflip=True,
         ),
         DatasetSpec(
-            "cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "./data",
-            _load_cifar100, _torchvision_download("CIFAR100"), hflip=True,
+            "cifar100",
+            100,
+            (3, 32, 32),
+            (0.5071, 0.4865, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            "./data",
+            _load_cifar100,
+            _torchvision_download("CIFAR100"),
+            hflip=True,
         ),
         DatasetSpec(
-            "svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "./data",
-            _load_svhn, _torchvision_download("SVHN", split=True),
+            "svhn",
+            10,
+            (3, 32, 32),
+            (0.4377, 0.4438, 0.4728),
+            (0.1980, 0.2010, 0.1970),
+            "./data",
+            _load_svhn,
+            _torchvision_download("SVHN", split=True),
         ),
     ]
 }

@@ -44,7 +44,13 @@ def read_idx(path: Path) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError) as err:
         raise ConfigError(f"corrupt data file {path}: {err}") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPE or not 1 <= raw[3] <= 4:
+    if (
+        len(raw) < 4
+        or raw[0] != 0
+        or raw[1] != 0
+        or raw[2] not in _IDX_DTYPE
+        or not 1 <= raw[3] <= 4
+    ):
         raise ConfigError(f"corrupt data file {path}: not an IDX file (bad magic number)")
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -77,7 +83,7 @@ def read_idx_split(folders: list[Path], split: str) -> Arrays:
 def _unpickle(path: Path) -> dict:
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="latin1")  # noqa: S301 (the dataset's own format)
+            return pickle.load(f, encoding="latin1")
     except Exception as err:
         raise ConfigError(f"corrupt data file {path}: {err}") from err
 

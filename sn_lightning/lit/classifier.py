@@ -80,7 +80,9 @@ class SNClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(
+                f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}"
+            )
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
                 f"unknown lr_schedule {lr_schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}"
@@ -93,14 +95,24 @@ class SNClassifier(L.LightningModule):
                 f"{weight_decay!r}, {momentum!r}, {label_smoothing!r}"
             )
         if lr_step_epochs < 1 or not 0 < lr_gamma <= 1:
-            raise ConfigError(f"need lr_step_epochs >= 1 and 0 < lr_gamma <= 1, got {lr_step_epochs}, {lr_gamma}")
+            raise ConfigError(
+                f"need lr_step_epochs >= 1 and 0 < lr_gamma <= 1, got {lr_step_epochs}, {lr_gamma}"
+            )
         if beta is not None and not beta > 0:
-            raise ConfigError(f"beta must be positive or null (no spectral normalization), got {beta!r}")
+            raise ConfigError(
+                f"beta must be positive or null (no spectral normalization), got {beta!r}"
+            )
         self.save_hyperparameters()
         c, h, w = input_shape
         self.model = create_backbone(
-            backbone, num_classes=num_classes, in_chans=c, input_size=(h, w), mean=mean, std=std,
-            pretrained=pretrained, **(backbone_kwargs or {}),
+            backbone,
+            num_classes=num_classes,
+            in_chans=c,
+            input_size=(h, w),
+            mean=mean,
+            std=std,
+            pretrained=pretrained,
+            **(backbone_kwargs or {}),
         )
         if beta is not None:
             from sn_lightning.spectral import apply_spectral_norm
@@ -130,6 +142,7 @@ class SNClassifier(L.LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy on the batch as the callbacks left it (perturbed under adversarial training)."""
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
@@ -138,7 +151,9 @@ class SNClassifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+    def _eval_step(
+        self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy
+    ) -> None:
         x, y = batch
         logits = self(x)
         metric(logits, y)
@@ -146,17 +161,23 @@ class SNClassifier(L.LightningModule):
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Log val/loss and val/acc."""
         self._eval_step(batch, "val", self.val_acc)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Log test/loss and test/acc."""
         self._eval_step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
+        """The configured optimizer and, unless ``none``, its LR schedule."""
         hp = self.hparams
         params = self.parameters()
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
+                params,
+                lr=hp.lr,
+                momentum=hp.momentum,
+                nesterov=hp.nesterov and hp.momentum > 0,
                 weight_decay=hp.weight_decay,
             )
         elif hp.optimizer == "adam":

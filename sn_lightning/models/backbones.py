@@ -50,7 +50,9 @@ def list_backbones(source: str = "sn_lightning", pattern: str = "*") -> list[str
 
         names = torchvision.models.list_models(module=torchvision.models)
     else:
-        raise ConfigError(f"unknown backbone source {source!r}; valid sources: {', '.join(SOURCES)}")
+        raise ConfigError(
+            f"unknown backbone source {source!r}; valid sources: {', '.join(SOURCES)}"
+        )
     return [f"{source}:{n}" for n in names if fnmatch.fnmatch(n, pattern)]
 
 
@@ -62,8 +64,15 @@ def _adapt_first_conv(net: nn.Module, in_chans: int) -> None:
                 if child.in_channels == in_chans:
                     return
                 new = nn.Conv2d(
-                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups, child.bias is not None, child.padding_mode,
+                    in_chans,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    child.padding_mode,
                 )
                 with torch.no_grad():
                     w = child.weight  # (C_out, C_in, kh, kw)
@@ -71,7 +80,9 @@ def _adapt_first_conv(net: nn.Module, in_chans: int) -> None:
                         new.weight.copy_(w.sum(dim=1, keepdim=True))
                     else:
                         reps = -(-in_chans // w.shape[1])
-                        new.weight.copy_(w.repeat(1, reps, 1, 1)[:, :in_chans] * w.shape[1] / in_chans)
+                        new.weight.copy_(
+                            w.repeat(1, reps, 1, 1)[:, :in_chans] * w.shape[1] / in_chans
+                        )
                     if child.bias is not None:
                         new.bias.copy_(child.bias)
                 setattr(parent, child_name, new)
@@ -80,8 +91,13 @@ def _adapt_first_conv(net: nn.Module, in_chans: int) -> None:
 
 
 def _create_net(
-    source: str, name: str, num_classes: int, in_chans: int, input_size: tuple[int, int],
-    pretrained: bool, kwargs: Mapping[str, Any],
+    source: str,
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    input_size: tuple[int, int],
+    pretrained: bool,
+    kwargs: Mapping[str, Any],
 ) -> nn.Module:
     if source == "sn_lightning":
         builder = small.get_builder(name)
@@ -96,7 +112,9 @@ def _create_net(
         import timm
 
         if not timm.is_model(name):
-            raise ConfigError(f"unknown timm backbone {name!r}; {choices_hint(name, timm.list_models())}")
+            raise ConfigError(
+                f"unknown timm backbone {name!r}; {choices_hint(name, timm.list_models())}"
+            )
         return timm.create_model(
             name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
         )
@@ -104,7 +122,9 @@ def _create_net(
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        raise ConfigError(f"unknown torchvision classification backbone {name!r}; {choices_hint(name, names)}")
+        raise ConfigError(
+            f"unknown torchvision classification backbone {name!r}; {choices_hint(name, names)}"
+        )
     net = torchvision.models.get_model(
         name, weights="DEFAULT" if pretrained else None, num_classes=num_classes, **kwargs
     )
@@ -148,10 +168,15 @@ def create_backbone(
     mean = list(mean) if mean is not None else [0.0] * in_chans
     std = list(std) if std is not None else [1.0] * in_chans
     if len(mean) != in_chans or len(std) != in_chans:
-        raise ConfigError(f"mean/std need {in_chans} values (one per channel), got {mean} and {std}")
+        raise ConfigError(
+            f"mean/std need {in_chans} values (one per channel), got {mean} and {std}"
+        )
     try:
-        net = _create_net(source, net_name, num_classes, in_chans, tuple(input_size), pretrained, kwargs)
+        net = _create_net(
+            source, net_name, num_classes, in_chans, tuple(input_size), pretrained, kwargs
+        )
     except TypeError as err:
-        raise ConfigError(f"backbone {name!r} rejected its arguments {sorted(kwargs)}: {err}") from err
+        raise ConfigError(
+            f"backbone {name!r} rejected its arguments {sorted(kwargs)}: {err}"
+        ) from err
     return nn.Sequential(OrderedDict(normalize=InputNormalize(mean, std), net=net))
-

@@ -28,6 +28,7 @@ class InputNormalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, C, ...) in [0, 1] -> normalized (N, C, ...)."""
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
 
@@ -36,4 +37,5 @@ class InputNormalize(nn.Module):
         return float(1.0 / self.std.min())
 
     def extra_repr(self) -> str:
+        """Mean and std, for print(model)."""
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"

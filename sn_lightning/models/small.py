@@ -45,7 +45,9 @@ def _flat_features(features: nn.Module, in_chans: int, input_size: tuple[int, in
         return int(features(torch.zeros(1, in_chans, *input_size)).numel())
 
 
-def _head(features: nn.Sequential, widths: list[int], flat: int, act: type[nn.Module]) -> nn.Sequential:
+def _head(
+    features: nn.Sequential, widths: list[int], flat: int, act: type[nn.Module]
+) -> nn.Sequential:
     layers: list[nn.Module] = [*features, nn.Flatten()]
     dims = [flat, *widths]
     for i in range(len(dims) - 1):
@@ -73,7 +75,10 @@ def digits_cnn(
 
 @register("mini_alexnet")
 def mini_alexnet(
-    num_classes: int = 10, in_chans: int = 3, input_size: tuple[int, int] = (28, 28), act: str = "relu"
+    num_classes: int = 10,
+    in_chans: int = 3,
+    input_size: tuple[int, int] = (28, 28),
+    act: str = "relu",
 ) -> nn.Sequential:
     """Mini-AlexNet of the reference (PAPERS 1.6): conv5x5x96-pool3/2-LRN-conv5x5x256-pool3/2-LRN-FC384-FC192.
 
@@ -111,14 +116,19 @@ def elu_net(
     return _head(features, [num_classes], flat, nn.ELU)
 
 
-def _mlp(num_classes: int, in_chans: int, input_size: tuple[int, int], hidden: list[int]) -> nn.Sequential:
+def _mlp(
+    num_classes: int, in_chans: int, input_size: tuple[int, int], hidden: list[int]
+) -> nn.Sequential:
     flat = in_chans * input_size[0] * input_size[1]
     return _head(nn.Sequential(), [*hidden, num_classes], flat, nn.ReLU)
 
 
 @register("mlp1")
 def mlp1(
-    num_classes: int = 10, in_chans: int = 1, input_size: tuple[int, int] = (28, 28), width: int = 512
+    num_classes: int = 10,
+    in_chans: int = 1,
+    input_size: tuple[int, int] = (28, 28),
+    width: int = 512,
 ) -> nn.Sequential:
     """MLP with one hidden layer of `width` (reference: 512) and ReLU."""
     return _mlp(num_classes, in_chans, input_size, [width])
@@ -126,14 +136,20 @@ def mlp1(
 
 @register("mlp2")
 def mlp2(
-    num_classes: int = 10, in_chans: int = 1, input_size: tuple[int, int] = (28, 28), width: int = 512
+    num_classes: int = 10,
+    in_chans: int = 1,
+    input_size: tuple[int, int] = (28, 28),
+    width: int = 512,
 ) -> nn.Sequential:
     """MLP with two hidden layers of `width` (reference: 512) and ReLU."""
     return _mlp(num_classes, in_chans, input_size, [width, width])
 
 
 def _convnet(
-    convs: list[tuple[int, int, int, int]], fcs: list[int], num_classes: int, in_chans: int,
+    convs: list[tuple[int, int, int, int]],
+    fcs: list[int],
+    num_classes: int,
+    in_chans: int,
     input_size: tuple[int, int],
 ) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -160,7 +176,14 @@ def c6f2(
     num_classes: int = 10, in_chans: int = 3, input_size: tuple[int, int] = (32, 32)
 ) -> nn.Sequential:
     """6C2F (CIFAR-10 certified training): 6 convs 32-32-64-64-64-64, FC 512-classes."""
-    convs = [(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)]
+    convs = [
+        (32, 3, 1, 1),
+        (32, 4, 2, 1),
+        (64, 3, 1, 1),
+        (64, 4, 2, 1),
+        (64, 3, 1, 1),
+        (64, 4, 2, 1),
+    ]
     return _convnet(convs, [512], num_classes, in_chans, input_size)
 
 
@@ -170,7 +193,13 @@ def c8f2(
 ) -> nn.Sequential:
     """8C2F (Tiny-ImageNet certified training): 8 convs 64-...-256, FC 256-classes."""
     convs = [
-        (64, 3, 1, 1), (64, 3, 1, 0), (64, 4, 2, 0), (128, 3, 1, 1),
-        (128, 3, 1, 1), (128, 4, 2, 0), (256, 3, 1, 1), (256, 4, 2, 0),
+        (64, 3, 1, 1),
+        (64, 3, 1, 0),
+        (64, 4, 2, 0),
+        (128, 3, 1, 1),
+        (128, 3, 1, 1),
+        (128, 4, 2, 0),
+        (256, 3, 1, 1),
+        (256, 4, 2, 0),
     ]
     return _convnet(convs, [256], num_classes, in_chans, input_size)

@@ -23,7 +23,9 @@ def write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> Path:
     return path
 
 
-def make_idx_dataset(folder: Path, n_train: int = 60, n_test: int = 40, *, compress: bool = True, seed: int = 0):
+def make_idx_dataset(
+    folder: Path, n_train: int = 60, n_test: int = 40, *, compress: bool = True, seed: int = 0
+):
     rng = np.random.default_rng(seed)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
@@ -71,7 +73,9 @@ def make_svhn(folder: Path, n_train: int = 30, n_test: int = 20, seed: int = 0):
     return out
 
 
-def make_image_folder(folder: Path, classes=("cat", "dog", "emu"), per_class: int = 6, size: int = 12):
+def make_image_folder(
+    folder: Path, classes=("cat", "dog", "emu"), per_class: int = 6, size: int = 12
+):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -80,4 +84,6 @@ def make_image_folder(folder: Path, classes=("cat", "dog", "emu"), per_class: in
             d = folder / split / c
             d.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )

@@ -12,7 +12,7 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _all(loader):
-    xs, ys = zip(*loader)
+    xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -21,7 +21,7 @@ def test_digits_split_is_fixed_stratified_and_in_unit_range():
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1293, 144, 360)
     x, y = _all(dm.test_dataloader())
-    assert x.shape == (360, 1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
+    assert x.shape == (360, 1, 8, 8) and x.min() >= 0.0 and x.max() <= 1.0
     assert torch.bincount(y, minlength=10).min() >= 35  # stratified: 36 per class (+-1)
     dm2 = ImageDataModule("digits", batch_size=32, val_size=0.1)
     dm2.setup("fit")
@@ -43,7 +43,9 @@ def test_train_loader_drops_last_and_is_seeded():
 @pytest.mark.parametrize("compress", [True, False])
 def test_mnist_from_folder_and_val_from_test(tmp_path, compress):
     arrays = make_idx_dataset(tmp_path / "MNIST" / "raw", compress=compress)  # torchvision's layout
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=8, val_size=10, val_source="test")
+    dm = ImageDataModule(
+        "mnist", data_dir=str(tmp_path), batch_size=8, val_size=10, val_source="test"
+    )
     dm.setup("fit")
     x_val, _ = _all(dm.val_dataloader())
     expected = arrays["t10k-images-idx3-ubyte"][:10].astype(np.float32) / 255
@@ -90,11 +92,13 @@ def test_svhn_datamodule(tmp_path):
 
 def test_imagefolder(tmp_path):
     make_image_folder(tmp_path)
-    dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=16, batch_size=4, val_size=3)
+    dm = ImageDataModule(
+        "imagefolder", data_dir=str(tmp_path), image_size=16, batch_size=4, val_size=3
+    )
     dm.setup("fit")
     assert dm.num_classes == 3 and dm.input_shape == (3, 16, 16)
-    x, y = _all(dm.test_dataloader())
-    assert x.shape == (18, 3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    x, _ = _all(dm.test_dataloader())
+    assert x.shape == (18, 3, 16, 16) and float(x.min()) >= 0 and float(x.max()) <= 1
     assert len(dm.train_set) == 15 and len(dm.val_set) == 3
 
 
@@ -135,7 +139,7 @@ def test_download_goes_through_torchvision(tmp_path, monkeypatch):
         ({"dataset": "cifar"}, "unknown dataset 'cifar'; valid choices: digits"),
         ({"dataset": "digits", "batch_size": 0}, "batch_size must be a positive integer, got 0"),
         ({"dataset": "digits", "batch_size": -3}, "got -3"),
-        ({"dataset": "mnist", "data_dir": "/nonexistent/x"}, "/nonexistent/x .* does not exist"),
+        ({"dataset": "mnist", "data_dir": "/nonexistent/x"}, r"/nonexistent/x .* does not exist"),
         ({"dataset": "digits", "val_size": -1}, "val_size"),
         ({"dataset": "imagefolder"}, "needs --data.data_dir"),
         ({"dataset": "digits", "mean": [0.1, 0.2]}, "mean/std need 1 values"),
@@ -157,7 +161,7 @@ def test_corrupt_file_found_at_setup(tmp_path):
     make_idx_dataset(tmp_path)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"junk")
     dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=4)
-    with pytest.raises(ConfigError, match="corrupt data file .*train-images"):
+    with pytest.raises(ConfigError, match=r"corrupt data file .*train-images"):
         dm.setup("fit")
 
 

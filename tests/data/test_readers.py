@@ -12,7 +12,7 @@ from tests.data.fixtures import make_cifar, make_idx_dataset, make_svhn, write_i
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_roundtrip_values(tmp_path, compress):
     arrays = make_idx_dataset(tmp_path, compress=compress)
-    (x_tr, y_tr), (x_te, y_te) = (readers.read_idx_split([tmp_path], s) for s in ("train", "test"))
+    (x_tr, y_tr), (_, y_te) = (readers.read_idx_split([tmp_path], s) for s in ("train", "test"))
     assert x_tr.shape == (60, 1, 28, 28) and x_tr.dtype == torch.uint8
     np.testing.assert_array_equal(x_tr[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(y_te.numpy(), arrays["t10k-labels-idx1-ubyte"])

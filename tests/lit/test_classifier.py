@@ -10,13 +10,18 @@ from sn_lightning.lit import SNClassifier
 def _trainer(tmp_path, **kw):
     kw = {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1, **kw}
     return L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, **kw,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
     )
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+    ("optimizer", "cls"),
+    [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)],
 )
 @pytest.mark.parametrize("schedule", ["cosine", "step", "none"])
 def test_optimizer_and_schedule(tmp_path, optimizer, cls, schedule):

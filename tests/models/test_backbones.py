@@ -33,7 +33,11 @@ def test_builtin_shapes_and_normalization_first(name):
 def test_reference_architectures():
     elu = create_backbone("elu_net", num_classes=10, in_chans=1, input_size=(28, 28)).net
     convs = [m for m in elu if isinstance(m, nn.Conv2d)]
-    assert [(m.out_channels, m.kernel_size[0], m.stride[0]) for m in convs] == [(64, 8, 2), (128, 6, 2), (128, 5, 1)]
+    assert [(m.out_channels, m.kernel_size[0], m.stride[0]) for m in convs] == [
+        (64, 8, 2),
+        (128, 6, 2),
+        (128, 5, 1),
+    ]
     assert any(isinstance(m, nn.ELU) for m in elu)
     mlp = create_backbone("mlp2", num_classes=10, in_chans=1, input_size=(28, 28)).net
     assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [512, 512, 10]
@@ -44,7 +48,9 @@ def test_reference_architectures():
 
 
 def test_normalization_values():
-    model = create_backbone("mlp1", num_classes=3, in_chans=1, input_size=(2, 2), mean=[0.5], std=[0.25])
+    model = create_backbone(
+        "mlp1", num_classes=3, in_chans=1, input_size=(2, 2), mean=[0.5], std=[0.25]
+    )
     x = torch.rand(1, 1, 2, 2)
     assert torch.allclose(model.normalize(x), (x - 0.5) / 0.25)
     assert model.normalize.lipschitz() == pytest.approx(4.0)
@@ -85,8 +91,14 @@ def test_adapted_conv_on_gray_equals_rgb_conv_on_replicated_gray():
     ("spec", "match"),
     [
         ("timm:resnet1800", "unknown timm backbone 'resnet1800'; did you mean resnet18"),
-        ("torchvision:resnt18", "unknown torchvision classification backbone 'resnt18'; did you mean resnet18"),
-        ("foo:bar", "unknown backbone source 'foo' .* valid sources: timm, torchvision, sn_lightning"),
+        (
+            "torchvision:resnt18",
+            "unknown torchvision classification backbone 'resnt18'; did you mean resnet18",
+        ),
+        (
+            "foo:bar",
+            "unknown backbone source 'foo' .* valid sources: timm, torchvision, sn_lightning",
+        ),
         ("sn_lightning:digit_cnn", "did you mean digits_cnn"),
         ("", "non-empty string"),
     ],

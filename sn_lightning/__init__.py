@@ -1,0 +1,38 @@
+"""sn-lightning: exact spectral normalization, adversarial and certified training for image classifiers.
+
+The framework-free core (models, spectral, attacks, evaluation) is imported eagerly; the Lightning
+shell (``SNClassifier``, ``ImageDataModule``) on first access, so ``import sn_lightning`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sn_lightning.errors import ConfigError as ConfigError
+from sn_lightning.evaluation import evaluate as evaluate
+from sn_lightning.models import InputNormalize as InputNormalize
+from sn_lightning.models import create_backbone as create_backbone
+from sn_lightning.models import list_backbones as list_backbones
+
+__version__ = "0.1.0"
+
+_LAZY = {"SNClassifier": "sn_lightning.lit", "ImageDataModule": "sn_lightning.data"}
+
+__all__ = [
+    "ConfigError",
+    "ImageDataModule",
+    "InputNormalize",
+    "SNClassifier",
+    "__version__",
+    "create_backbone",
+    "evaluate",
+    "list_backbones",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sn_lightning' has no attribute {name!r}")
