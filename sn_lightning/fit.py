@@ -103,8 +103,11 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
 
 
 def _final_extras(model: SNClassifier) -> dict[str, Any]:
-    """Numbers later features add to results.json (the spectral bound, ...)."""
-    return {}
+    """The spectral-norm report (per layer σ, upper bound, β) and the network Lipschitz bound."""
+    from sn_lightning.spectral import spectral_norm_report
+
+    report = spectral_norm_report(model.model, n_iter=100)
+    return {"lipschitz_bound": report.lipschitz_bound, "spectral": report.as_dict()}
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:

@@ -168,6 +168,24 @@ class SNClassifier(L.LightningModule):
         """Log test/loss and test/acc."""
         self._eval_step(batch, "test", self.test_acc)
 
+    def on_train_epoch_end(self) -> None:
+        """Log each normalized layer's current σ estimate and the network bound (``sn/*``)."""
+        if self.hparams.beta is None:
+            return
+        from sn_lightning.spectral import spectral_norms
+
+        for name, sigma in spectral_norms(self.model).items():
+            self.log(f"sn/{name}/sigma", sigma)
+        bound = self.lipschitz_bound()
+        if bound is not None:
+            self.log("sn/lipschitz_bound", bound)
+
+    def lipschitz_bound(self, n_iter: int = 50) -> float | None:
+        """A sound l2 Lipschitz bound of the whole model, or None where none can be computed soundly."""
+        from sn_lightning.spectral import spectral_norm_report
+
+        return spectral_norm_report(self.model, n_iter=n_iter).lipschitz_bound
+
     def configure_optimizers(self) -> Any:
         """The configured optimizer and, unless ``none``, its LR schedule."""
         hp = self.hparams
