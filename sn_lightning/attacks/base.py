@@ -15,6 +15,14 @@
 * grad mode is switched on (and inference mode off), so an attack can run inside a validation
   loop under ``torch.no_grad()`` or ``torch.inference_mode()``;
 * devices and dtypes come from ``x``; the output is detached, with ``x``'s dtype and device.
+
+Note [predicted labels for free]
+    With ``labels="predicted"`` the labels are ``argmax f(x)`` on the clean input. When an attack's
+    first gradient is taken at ``x`` itself (FGM, WRM, PGD without random start), the forward that
+    predicts the labels is kept with its graph and gives that first gradient too: one forward
+    fewer than predicting under ``no_grad`` and then attacking (a third of FGM's cost). The
+    gradient is handed to the subclass through `Attack.gradient` during the call, so an attack
+    instance must not be called from two threads at once.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sn_lightning.attacks.threat import THREAT_MODELS, ThreatModel
+from sn_lightning.errors import ConfigError
 
 __all__ = ["Attack", "LabelMode", "input_gradient", "mean_input_norm"]
 
@@ -82,9 +91,13 @@ def mean_input_norm(batches: Iterable[Tensor | tuple[Any, ...] | list[Any]]) -> 
 def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
     """Eval mode (or buffer snapshot), parametrize cache, grad on; restores everything."""
     modes = [(m, m.training) for m in model.modules()]
-    saved_buffers: list[tuple[Tensor, Tensor]] = []
-    if not eval_mode:
-        saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    saved: list[tuple[nn.Module, str, Tensor]] = []
+    if not eval_mode:  # by (module, name): a module may rebind a buffer instead of writing it
+        saved = [
+            (m, name, b.detach().clone())
+            for m in model.modules()
+            for name, b in m.named_buffers(recurse=False)
+        ]
     try:
         if eval_mode:
             model.eval()
@@ -94,35 +107,40 @@ def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
         for m, training in modes:
             m.training = training
         with torch.no_grad():
-            for buf, saved in saved_buffers:
-                buf.copy_(saved)
+            for m, name, value in saved:
+                current = m._buffers.get(name)
+                if current is not None and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    m._buffers[name] = value
 
 
 def _check_positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 def _check_scalar(name: str, value: float, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     value = float(value)
     ok = value > 0.0 if positive else value >= 0.0  # NaN fails both
     if not ok or value == float("inf"):
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value}")
     return value
 
 
 class Attack(abc.ABC):
     """Base class: ``attack(model, x, y) -> x_adv``.
 
-    Subclasses implement `perturb`; `__call__` handles modes, caching, grad mode, labels and
-    restores the model (see the module docstring). Attacks hold only their configuration, so one
-    instance can be shared between models, devices and processes.
+    Subclasses implement `perturb` (taking gradients through `gradient`); `__call__` handles
+    modes, caching, grad mode, labels and restores the model (see the module docstring). Attacks
+    hold only their configuration, so one instance can be shared between models, devices and
+    processes (not between threads during a call, see Note [predicted labels for free]).
 
     Args:
         labels: ``"true"`` attacks the given labels; ``"predicted"`` attacks the model's prediction
@@ -134,7 +152,7 @@ class Attack(abc.ABC):
 
     def __init__(self, *, labels: LabelMode = "true", eval_mode: bool = True) -> None:
         if labels not in _LABEL_MODES:
-            raise ValueError(f"labels must be one of {list(_LABEL_MODES)}, got {labels!r}")
+            raise ConfigError(f"labels must be one of {list(_LABEL_MODES)}, got {labels!r}")
         self.labels = labels
         self.eval_mode = bool(eval_mode)
 
@@ -186,21 +204,52 @@ class Attack(abc.ABC):
             x = x.detach()
             if x.is_inference():  # batches created under inference_mode cannot enter autograd
                 x = x.clone()
-            with torch.no_grad():
-                if self.labels == "predicted":
+            if self.labels == "predicted" and self._first_gradient_at_input():
+                # Note [predicted labels for free]: the first step needs grad_x at x itself, so
+                # the forward that predicts the labels also serves the first gradient.
+                x_req = x.detach().requires_grad_(True)
+                logits = model(x_req)
+                y = logits.detach().argmax(dim=1)
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                self._grad_at_x = (x, torch.autograd.grad(loss, x_req)[0])
+            elif self.labels == "predicted":
+                with torch.no_grad():
                     y = model(x).argmax(dim=1)
-                else:
-                    assert y is not None
-                    y = y.detach().clone() if y.is_inference() else y.detach()
-            x_adv = self.perturb(model, x, y)
+            else:
+                assert y is not None
+                y = y.detach().clone() if y.is_inference() else y.detach()
+            try:
+                x_adv = self.perturb(model, x, y)
+            finally:
+                self._grad_at_x = None
         return x_adv.detach().to(dtype=x.dtype)
+
+    _grad_at_x: tuple[Tensor, Tensor] | None = None
+
+    def _first_gradient_at_input(self) -> bool:
+        """Whether `perturb` takes its first gradient at ``x`` itself (not at a random start)."""
+        return False
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """`input_gradient`, reusing the one computed with the predicted labels when possible.
+
+        Subclasses call this inside `perturb`. When ``labels="predicted"`` and the subclass
+        declares (``_first_gradient_at_input``) that its first gradient is at the clean input, the
+        gradient computed in `__call__` together with the labels is returned for that input
+        object (identity check, once) instead of a second forward and backward.
+        """
+        cached = self._grad_at_x
+        if cached is not None and cached[0] is x:
+            self._grad_at_x = None
+            return cached[1]
+        return input_gradient(model, x, y)
 
     @abc.abstractmethod
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The optimization loop, called by `__call__` inside the attack context.
 
         Args:
-            model: the model, already in the attack's mode; use `input_gradient` for gradients.
+            model: the model, already in the attack's mode; use `gradient` for gradients.
             x: clean inputs, (N, ...), detached, in [0, 1].
             y: labels to attack, (N,) (true or predicted).
 
@@ -210,12 +259,15 @@ class Attack(abc.ABC):
 
     # -- repr ----------------------------------------------------------------------------------
     def _repr_fields(self) -> dict[str, Any]:
-        return {"labels": self.labels, "eval_mode": self.eval_mode}
+        """The subclass's own constructor arguments, in signature order."""
+        return {}
 
     def __repr__(self) -> str:
+        items = {**self._repr_fields(), "labels": self.labels}
+        if not self.eval_mode:
+            items["eval_mode"] = False
         fields = ", ".join(
-            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}"
-            for k, v in self._repr_fields().items()
+            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in items.items()
         )
         return f"{type(self).__name__}({fields})"
 
@@ -243,9 +295,9 @@ class _BallAttack(Attack):
     ) -> None:
         super().__init__(labels=labels, eval_mode=eval_mode)
         if norm not in THREAT_MODELS:
-            raise ValueError(f"unknown norm {norm!r}; valid norms: {sorted(THREAT_MODELS)}")
+            raise ConfigError(f"unknown norm {norm!r}; valid norms: {sorted(THREAT_MODELS)}")
         if (eps is None) == (eps_rel is None):
-            raise ValueError(
+            raise ConfigError(
                 f"pass exactly one of eps (absolute, [0, 1] pixel units) and eps_rel (fraction of "
                 f"the mean input l2 norm); got eps={eps!r}, eps_rel={eps_rel!r}"
             )
@@ -255,7 +307,7 @@ class _BallAttack(Attack):
         self.clip = bool(clip)
 
     @property
-    def is_resolved(self) -> bool:  # noqa: D102
+    def is_resolved(self) -> bool:
         return self.eps is not None
 
     def resolve_eps(self, mean_input_norm: float) -> _BallAttack:

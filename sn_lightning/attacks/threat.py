@@ -25,15 +25,17 @@ import abc
 import torch
 from torch import Tensor
 
+from sn_lightning.errors import ConfigError
+
 __all__ = ["THREAT_MODELS", "L2Ball", "LinfBall", "ThreatModel", "create_threat_model"]
 
 
 def _validate_eps(eps: float) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
+        raise ConfigError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
     if not eps >= 0.0 or eps == float("inf"):  # `not >=` also rejects NaN
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        raise ConfigError(f"eps must be a finite number >= 0, got {eps}")
     return eps
 
 
@@ -43,7 +45,7 @@ def _per_example_norm(t: Tensor) -> Tensor:
 
 
 def _normalize(t: Tensor) -> Tensor:
-    """t / ||t||_2 per example; all-zero examples stay zero (no division by zero)."""
+    """Divide by the l2 norm per example; all-zero examples stay zero (no division by zero)."""
     return t / _per_example_norm(t).clamp_min(torch.finfo(t.dtype).tiny)
 
 
@@ -153,5 +155,5 @@ def create_threat_model(norm: str, eps: float, *, clip: bool = True) -> ThreatMo
         ValueError: unknown ``norm`` (the message lists the valid ones) or invalid ``eps``.
     """
     if norm not in THREAT_MODELS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {sorted(THREAT_MODELS)}")
+        raise ConfigError(f"unknown norm {norm!r}; valid norms: {sorted(THREAT_MODELS)}")
     return THREAT_MODELS[norm](eps, clip=clip)

@@ -28,7 +28,12 @@ def tiny_cnn(batchnorm: bool = True) -> nn.Sequential:
 def smooth_mlp() -> nn.Sequential:
     """A twice-differentiable MLP (softplus, tanh) for finite-difference checks."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 32), nn.Softplus(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.Softplus(),
+        nn.Linear(32, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
     )
 
 
@@ -39,6 +44,16 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         acc = (model(x).argmax(1) == y).float().mean().item()
     model.train(was_training)
     return acc
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    threads that spin against other processes made these tests up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +90,12 @@ def trained_cnn(digits: tuple[Tensor, ...]) -> nn.Module:
     """A BatchNorm CNN trained on digits (~97% test accuracy), in eval mode; do not mutate."""
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = digits
-    model = _train(tiny_cnn(), x_train, y_train, epochs=12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _single_thread (session fixtures run before it)
+    try:
+        model = _train(tiny_cnn(), x_train, y_train, epochs=12)
+    finally:
+        torch.set_num_threads(threads)
     assert accuracy(model, x_test, y_test) > 0.93
     return model
 

@@ -19,7 +19,7 @@ def x0() -> torch.Tensor:
 
 
 def test_registry_maps_names_to_classes():
-    assert THREAT_MODELS == {"linf": LinfBall, "l2": L2Ball}
+    assert dict(THREAT_MODELS) == {"linf": LinfBall, "l2": L2Ball}
     assert isinstance(create_threat_model("l2", 0.5), L2Ball)
     assert create_threat_model("linf", 0.1, clip=False).clip is False
 

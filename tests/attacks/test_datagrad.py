@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sn_lightning.attacks import FGM, datagrad_fd_loss, datagrad_penalty
+from sn_lightning.errors import ConfigError
+
+from .conftest import smooth_mlp
+
+
+@pytest.fixture
+def smooth(digits):
+    torch.manual_seed(0)
+    model = smooth_mlp().double()
+    x, y = digits[0][:8].double(), digits[1][:8]
+    return model, x, y
+
+
+def _param_grads(model, loss, retain_graph=False):
+    return torch.autograd.grad(loss, list(model.parameters()), retain_graph=retain_graph)
+
+
+def _flat(grads):
+    return torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_exact_penalty_matches_finite_differences_of_the_loss(smooth, norm):
+    model, x, y = smooth
+    loss, penalty = datagrad_penalty(model, x, y, norm)
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-12)
+        # J_i by central differences of example i's own loss, all coordinates in one batch.
+        h, (n, d) = 1e-5, x.flatten(1).shape
+        shifts = h * torch.eye(d, dtype=x.dtype)  # (D, D)
+        points = x.flatten(1)[None] + torch.stack([shifts, -shifts])[:, :, None]  # (2, D, N, D)
+        losses = F.cross_entropy(
+            model(points.reshape(-1, *x.shape[1:])), y.repeat(2 * d), reduction="none"
+        ).view(2, d, n)
+        jac = ((losses[0] - losses[1]) / (2 * h)).T  # (N, D)
+        expected = jac.abs().sum(1).mean() if norm == "l1" else jac.pow(2).sum(1).mean()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_penalty_is_differentiable_and_leaves_grad_alone(smooth, norm):
+    model, x, y = smooth
+    loss, penalty = datagrad_penalty(model, x, y, norm)
+    assert all(p.grad is None for p in model.parameters())
+    grads = _param_grads(model, loss + 0.1 * penalty, retain_graph=True)  # double backprop
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert _flat(_param_grads(model, penalty)).norm() > 0
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_penalty_does_not_depend_on_batch_size(smooth, norm):
+    model, x, y = smooth
+    _, full = datagrad_penalty(model, x, y, norm)
+    halves = [datagrad_penalty(model, x[s], y[s], norm)[1] for s in (slice(0, 4), slice(4, 8))]
+    torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
+
+
+def test_grad_scale_is_undone(smooth):
+    model, x, y = smooth
+    for norm in ("l1", "l2"):
+        plain = datagrad_penalty(model, x, y, norm)[1]
+        scaled = datagrad_penalty(model, x, y, norm, grad_scale=1024.0)[1]
+        torch.testing.assert_close(plain, scaled)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_finite_difference_form_approaches_exact_gradient(smooth, norm):
+    """(grad FD - grad L) / lam -> grad penalty as phi -> 0 (smooth network)."""
+    model, x, y = smooth
+    phi = 1e-4
+    lam = phi / 2
+    loss, penalty = datagrad_penalty(model, x, y, norm)
+    clean = _flat(_param_grads(model, loss, retain_graph=True))
+    exact = _flat(_param_grads(model, penalty))
+    fd = _flat(_param_grads(model, datagrad_fd_loss(model, x, y, lam=lam, phi=phi, norm=norm)))
+    torch.testing.assert_close((fd - clean) / lam, exact, rtol=1e-3, atol=1e-3 * exact.abs().max())
+
+
+def test_l1_finite_difference_update_is_fgsm_training(model, batch):
+    """alpha L(x) + (1 - alpha) L(x + phi sign(g)), alpha = 1 - lam/phi (PAPERS.md section 4)."""
+    x, y = batch
+    model.eval()  # BatchNorm with running stats: both forms see the same function
+    lam, phi = 0.02, 0.05
+    alpha = 1.0 - lam / phi
+    x_adv = FGM("linf", eps=phi, clip=False)(model, x, y)
+    fgsm = alpha * F.cross_entropy(model(x), y) + (1.0 - alpha) * F.cross_entropy(model(x_adv), y)
+    fd = datagrad_fd_loss(model, x, y, lam=lam, phi=phi, norm="l1")
+    torch.testing.assert_close(fd, fgsm, rtol=0, atol=1e-6)
+    g_fgsm = _flat(_param_grads(model, fgsm))
+    g_fd = _flat(_param_grads(model, fd))
+    torch.testing.assert_close(g_fd, g_fgsm, rtol=0, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fd_clip_keeps_box(smooth):
+    model, x, y = smooth
+    loss = datagrad_fd_loss(model, x, y, lam=0.1, phi=0.5, clip=True)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lam": 0.2, "phi": 0.1}, r"lam must be in \[0, phi=0.1\], got 0.2"),
+        ({"lam": 0.0, "phi": 0.0}, "phi must be > 0, got 0.0"),
+        ({"lam": 0.1, "phi": 0.2, "norm": "linf"}, r"norm must be one of \['l1', 'l2'\]"),
+    ],
+)
+def test_bad_arguments_raise(smooth, kwargs, match):
+    model, x, y = smooth
+    with pytest.raises(ConfigError, match=match):
+        datagrad_fd_loss(model, x, y, **kwargs)
+
+
+def test_penalty_bad_norm(smooth):
+    with pytest.raises(ConfigError, match="'l3'"):
+        datagrad_penalty(*smooth, norm="l3")
