@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,16 @@ def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
     return true - other
 
 
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
     device: torch.device | str | None = None,
+    *,
+    attack: Attack | None = None,
+    max_examples: int | None = None,
 ) -> dict[str, float]:
     """Accuracy, mean cross-entropy and margin statistics of `model` in eval mode over `batches`.
 
@@ -27,6 +33,8 @@ def evaluate(
         model: maps images (N, C, H, W) in [0, 1] to logits (N, K); its train/eval mode is restored.
         batches: (x, y) pairs, e.g. a DataLoader.
         device: where to run; None: the model's parameter device.
+        attack: ``attack(model, x, y) -> x_adv``; the numbers are then adversarial (robust).
+        max_examples: stop after about this many examples (whole batches); None: all.
 
     Returns:
         ``{"acc", "loss", "margin_mean", "margin_median", "n"}`` over all examples.
@@ -37,14 +45,18 @@ def evaluate(
     model.eval()
     correct, loss, n, margins = 0, 0.0, 0, []
     try:
-        with torch.no_grad():
-            for x, y in batches:
-                x, y = x.to(device), y.to(device)
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            if attack is not None:
+                x = attack(model, x, y)
+            with torch.no_grad():
                 logits = model(x).float()
-                correct += int((logits.argmax(dim=1) == y).sum())
-                loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                margins.append(logit_margins(logits, y).cpu())
-                n += len(y)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            margins.append(logit_margins(logits, y).cpu())
+            n += len(y)
+            if max_examples is not None and n >= max_examples:
+                break
     finally:
         model.train(was_training)
     if n == 0:

@@ -14,6 +14,13 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from sn_lightning.callbacks import (
+    AdversarialTraining,
+    DataGrad,
+    LayerwiseTraining,
+    RobustEvaluation,
+)
+from sn_lightning.callbacks.robust_eval import attack_name
 from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError
 from sn_lightning.evaluation import evaluate
@@ -26,6 +33,9 @@ class _OneLineErrorParser(LightningArgumentParser):
     """Parser errors (unknown key, bad value, malformed YAML) as one line, no usage dump, exit 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+        """Print one line and exit 2; raise as usual where jsonargparse handles the error itself."""
+        if not getattr(self, "exit_on_error", True):
+            super().error(message, ex)
         first = " ".join(str(message).split())  # collapse jsonargparse's multi-line explanations
         sys.stderr.write(f"{self.prog}: error: {first}\n")
         raise SystemExit(2)
@@ -43,6 +53,10 @@ class SNLightningCLI(LightningCLI):
                 compute_fn=lambda dm, k=key: getattr(dm, k),
                 apply_on="instantiate",
             )
+        parser.add_lightning_class_args(AdversarialTraining, "adversarial")
+        parser.add_lightning_class_args(LayerwiseTraining, "layerwise")
+        parser.add_lightning_class_args(DataGrad, "datagrad")
+        parser.add_lightning_class_args(RobustEvaluation, "robust_eval")
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from"
         )
@@ -60,7 +74,42 @@ def _key_settings(config: Any) -> dict[str, Any]:
             k: trainer.get(k)
             for k in ("max_epochs", "max_steps", "precision", "devices", "accelerator")
         },
+        **{k: as_dict.get(k) for k in ("adversarial", "layerwise", "datagrad", "robust_eval")},
     }
+
+
+def _callback(trainer: Any, kind: type) -> Any:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
+
+
+def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule) -> dict[str, Any]:
+    """Train/val/test accuracy under the training attack and each robust-evaluation attack.
+
+    The adversarial generalization gap (train minus test adversarial accuracy) is the seed paper's
+    headline; the training attack is evaluated as the paper did, with the attack it trained on.
+    """
+    adversarial = _callback(trainer, AdversarialTraining)
+    robust = _callback(trainer, RobustEvaluation)
+    attacks = {}
+    if adversarial is not None and adversarial.attack is not None:
+        attacks[f"train_attack/{attack_name(adversarial.attack)}"] = adversarial.attack
+    if robust is not None:
+        attacks.update(robust.named_attacks())
+    cap = robust.final_max_examples if robust is not None else None
+    loaders = {"train": dm.train_eval_dataloader, "test": dm.test_dataloader}
+    if dm.val_set is not None:
+        loaders["val"] = dm.val_dataloader
+    out: dict[str, Any] = {}
+    for name, attack in attacks.items():
+        entry: dict[str, Any] = {"attack": repr(attack)}
+        for split, loader in loaders.items():
+            with trainer.precision_plugin.forward_context():
+                entry[split] = evaluate(
+                    model, loader(), model.device, attack=attack, max_examples=cap
+                )
+        entry["gap"] = entry["train"]["acc"] - entry["test"]["acc"]
+        out[name] = entry
+    return out
 
 
 def run(cli: SNLightningCLI) -> dict[str, Any]:
@@ -78,6 +127,7 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
         results["val"] = evaluate(model, dm.val_dataloader(), device)
     results["test"] = evaluate(model, dm.test_dataloader(), device)
     results["gap"] = results["train"]["acc"] - results["test"]["acc"]
+    results["adversarial"] = _adversarial_results(trainer, model, dm)
     results.update(_final_extras(model))
     results["settings"] = _key_settings(cli.config)
     results["train_time_s"] = train_time
@@ -88,6 +138,9 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
         if split in results
     }
     summary["final/gap"] = results["gap"]
+    for name, entry in results["adversarial"].items():
+        summary[f"final/{name}/test_acc"] = entry["test"]["acc"]
+        summary[f"final/{name}/gap"] = entry["gap"]
     for logger in trainer.loggers:
         logger.log_metrics(summary, step=trainer.global_step)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -95,10 +148,17 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     path = log_dir / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     results["path"] = str(path)
-    sys.stdout.write(
-        f"train acc {results['train']['acc']:.4f}  test acc {results['test']['acc']:.4f}  "
-        f"gap {results['gap']:+.4f}\nresults: {path}\n"
-    )
+    lines = [
+        f"train acc {results['train']['acc']:.4f}  test acc {results['test']['acc']:.4f}  gap {results['gap']:+.4f}"
+    ]
+    for name, entry in results["adversarial"].items():
+        lines.append(
+            f"{name}: train adv acc {entry['train']['acc']:.4f}  test adv acc {entry['test']['acc']:.4f}  "
+            f"gap {entry['gap']:+.4f}"
+        )
+    if results.get("lipschitz_bound") is not None:
+        lines.append(f"Lipschitz bound (l2, sound): {results['lipschitz_bound']:.4g}")
+    sys.stdout.write("\n".join([*lines, f"results: {path}"]) + "\n")
     return results
 
 

@@ -12,6 +12,7 @@ from sn_lightning.attacks.base import input_gradient as input_gradient
 from sn_lightning.attacks.base import mean_input_norm as mean_input_norm
 
 # Data-gradient regularization (DataGrad)
+from sn_lightning.attacks.datagrad import DataGradTerms as DataGradTerms
 from sn_lightning.attacks.datagrad import datagrad_fd_loss as datagrad_fd_loss
 from sn_lightning.attacks.datagrad import datagrad_penalty as datagrad_penalty
 
@@ -41,6 +42,7 @@ __all__ = [
     "THREAT_MODELS",
     "WRM",
     "Attack",
+    "DataGradTerms",
     "L2Ball",
     "LabelMode",
     "LayerwisePerturbation",

@@ -26,7 +26,7 @@ no double backward (exact form); under fp16 AMP pass the GradScaler's scale as `
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from sn_lightning.errors import ConfigError
 
-__all__ = ["datagrad_fd_loss", "datagrad_penalty"]
+__all__ = ["DataGradTerms", "datagrad_fd_loss", "datagrad_penalty"]
 
 _NORMS = ("l1", "l2")
 
@@ -44,6 +44,19 @@ def _check_norm(norm: str) -> None:
         raise ConfigError(f"norm must be one of {list(_NORMS)}, got {norm!r}")
 
 
+class DataGradTerms(NamedTuple):
+    """What a DataGrad step needs: ``loss`` to backpropagate, the ``penalty`` and the clean logits.
+
+    ``penalty`` is exact (with a graph) for `datagrad_penalty`; for `datagrad_fd_loss` it is the
+    detached finite-difference estimate ``(L(x + phi r) - L(x)) / phi`` of ``mean_i R(J_i)``
+    (up to the factor of r), for logging. ``logits`` (N, K) come from the clean forward.
+    """
+
+    loss: Tensor
+    penalty: Tensor
+    logits: Tensor
+
+
 def datagrad_penalty(
     model: nn.Module,
     x: Tensor,
@@ -51,8 +64,8 @@ def datagrad_penalty(
     norm: Literal["l1", "l2"] = "l1",
     *,
     grad_scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Exact DataGrad by double backprop: the mean loss and the data-gradient penalty.
+) -> DataGradTerms:
+    """Exact DataGrad by double backprop: the mean loss, the data-gradient penalty, the logits.
 
     Train with ``(loss + lam * penalty).backward()``. The model runs once, in its current mode.
 
@@ -66,16 +79,17 @@ def datagrad_penalty(
             ``J`` does not underflow. 1.0 otherwise.
 
     Returns:
-        ``(loss, penalty)``: ``loss = mean_i CE(f(x)_i, y_i)`` and
+        ``(loss, penalty, logits)``: ``loss = mean_i CE(f(x)_i, y_i)`` and
         ``penalty = mean_i R(grad_x CE(f(x)_i, y_i))``, scalars with graphs to the parameters.
     """
     _check_norm(norm)
     x = x.detach().requires_grad_(True)
-    loss_sum = F.cross_entropy(model(x), y, reduction="sum")
+    logits = model(x)
+    loss_sum = F.cross_entropy(logits, y, reduction="sum")
     (grad,) = torch.autograd.grad(loss_sum * grad_scale, x, create_graph=True)
     grad = grad.flatten(1) / grad_scale  # (N, D): row i is J_i (Note [per-example data gradient])
     per_example = grad.abs().sum(dim=1) if norm == "l1" else grad.pow(2).sum(dim=1)  # (N,)
-    return loss_sum / x.shape[0], per_example.mean()
+    return DataGradTerms(loss_sum / x.shape[0], per_example.mean(), logits)
 
 
 def datagrad_fd_loss(
@@ -87,7 +101,7 @@ def datagrad_fd_loss(
     norm: Literal["l1", "l2"] = "l1",
     *,
     clip: bool = False,
-) -> Tensor:
+) -> DataGradTerms:
     """Finite-difference DataGrad: ``(1 - lam/phi) L(x) + (lam/phi) L(x + phi * r)``.
 
     ``r = sign(J)`` (``"l1"``) or ``2 J`` (``"l2"``), ``J = grad_x`` of the summed loss at ``x``,
@@ -105,7 +119,8 @@ def datagrad_fd_loss(
         clip: clamp ``x + phi * r`` to [0, 1] (breaks the finite-difference identity).
 
     Returns:
-        The scalar loss to call ``.backward()`` on.
+        ``(loss, penalty, logits)``: the scalar loss to call ``.backward()`` on, the detached
+        finite-difference penalty estimate and the clean logits.
     """
     _check_norm(norm)
     if not phi > 0.0:
@@ -113,7 +128,8 @@ def datagrad_fd_loss(
     if not 0.0 <= lam <= phi:
         raise ConfigError(f"lam must be in [0, phi={phi}], got {lam}")
     x = x.detach().requires_grad_(True)
-    loss_clean = F.cross_entropy(model(x), y, reduction="sum")
+    logits = model(x)
+    loss_clean = F.cross_entropy(logits, y, reduction="sum")
     (grad,) = torch.autograd.grad(loss_clean, x, retain_graph=True)  # J_i per row, (N, ...)
     direction = grad.sign() if norm == "l1" else 2.0 * grad
     x_fd = x.detach() + phi * direction
@@ -121,4 +137,6 @@ def datagrad_fd_loss(
         x_fd = x_fd.clamp(0.0, 1.0)
     loss_fd = F.cross_entropy(model(x_fd), y)
     w = lam / phi
-    return (1.0 - w) * loss_clean / x.shape[0] + w * loss_fd
+    loss_mean = loss_clean / x.shape[0]
+    penalty = ((loss_fd - loss_mean) / phi).detach()
+    return DataGradTerms((1.0 - w) * loss_mean + w * loss_fd, penalty, logits)

@@ -290,13 +290,9 @@ class ImageDataModule(L.LightningDataModule):
         """The full training split, unaugmented and in order: for the generalization gap."""
         return self._loader(self.train_eval_set)
 
-    def mean_input_norm(self, max_examples: int = 10_000) -> float:
+    def mean_input_norm(self) -> float:
         """Mean l2 norm of the (unaugmented) training inputs in [0, 1] space (PAPERS 1.5's C2)."""
+        from sn_lightning.attacks import mean_input_norm
+
         self.setup("fit")
-        total, n = 0.0, 0
-        for x, _ in self._loader(self.train_eval_set):
-            total += float(x.flatten(1).norm(dim=1).sum())
-            n += len(x)
-            if n >= max_examples:
-                break
-        return total / max(n, 1)
+        return mean_input_norm(self._loader(self.train_eval_set))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -14,6 +15,7 @@ from sn_lightning.errors import ConfigError
 from sn_lightning.models import create_backbone
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+Objective = Callable[["SNClassifier", Tensor, Tensor], tuple[Tensor, Tensor]]  # -> (loss, logits)
 LR_SCHEDULES = ("cosine", "step", "none")
 
 
@@ -130,8 +132,24 @@ class SNClassifier(L.LightningModule):
                 batchnorm=sn_batchnorm,
             )
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+        # Set by training callbacks: a replacement objective (DataGrad, mixed adversarial loss) and
+        # whether the current training batch holds adversarial examples.
+        self.objective: Objective | None = None
+        self._objective_owner: object | None = None
+        self.batch_perturbed = False
+
+    def set_objective(self, objective: Objective, owner: object) -> None:
+        """Let one training callback replace cross-entropy on the batch; a second one is an error."""
+        if self._objective_owner is not None and self._objective_owner is not owner:
+            raise ConfigError(
+                f"{type(owner).__name__} and {type(self._objective_owner).__name__} both change the "
+                "training loss; use one of them"
+            )
+        self.objective, self._objective_owner = objective, owner
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (N, C, H, W) in [0, 1] -> logits (N, num_classes)."""
@@ -144,11 +162,20 @@ class SNClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy on the batch as the callbacks left it (perturbed under adversarial training)."""
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
-        self.train_acc(logits, y)
+        if self.objective is None:
+            logits = self(x)
+            loss = self.loss(logits, y)
+        else:
+            loss, logits = self.objective(self, x, y)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.batch_perturbed:
+            self.train_adv_acc(logits.detach(), y)
+            self.log(
+                "train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True, prog_bar=True
+            )
+        else:
+            self.train_acc(logits.detach(), y)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _eval_step(

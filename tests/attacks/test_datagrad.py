@@ -27,7 +27,7 @@ def _flat(grads):
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_exact_penalty_matches_finite_differences_of_the_loss(smooth, norm):
     model, x, y = smooth
-    loss, penalty = datagrad_penalty(model, x, y, norm)
+    loss, penalty, _ = datagrad_penalty(model, x, y, norm)
     with torch.no_grad():
         assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-12)
         # J_i by central differences of example i's own loss, all coordinates in one batch.
@@ -45,7 +45,7 @@ def test_exact_penalty_matches_finite_differences_of_the_loss(smooth, norm):
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_penalty_is_differentiable_and_leaves_grad_alone(smooth, norm):
     model, x, y = smooth
-    loss, penalty = datagrad_penalty(model, x, y, norm)
+    loss, penalty, _ = datagrad_penalty(model, x, y, norm)
     assert all(p.grad is None for p in model.parameters())
     grads = _param_grads(model, loss + 0.1 * penalty, retain_graph=True)  # double backprop
     assert all(torch.isfinite(g).all() for g in grads)
@@ -55,7 +55,7 @@ def test_penalty_is_differentiable_and_leaves_grad_alone(smooth, norm):
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_penalty_does_not_depend_on_batch_size(smooth, norm):
     model, x, y = smooth
-    _, full = datagrad_penalty(model, x, y, norm)
+    full = datagrad_penalty(model, x, y, norm).penalty
     halves = [datagrad_penalty(model, x[s], y[s], norm)[1] for s in (slice(0, 4), slice(4, 8))]
     torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
 
@@ -74,10 +74,10 @@ def test_finite_difference_form_approaches_exact_gradient(smooth, norm):
     model, x, y = smooth
     phi = 1e-4
     lam = phi / 2
-    loss, penalty = datagrad_penalty(model, x, y, norm)
+    loss, penalty, _ = datagrad_penalty(model, x, y, norm)
     clean = _flat(_param_grads(model, loss, retain_graph=True))
     exact = _flat(_param_grads(model, penalty))
-    fd = _flat(_param_grads(model, datagrad_fd_loss(model, x, y, lam=lam, phi=phi, norm=norm)))
+    fd = _flat(_param_grads(model, datagrad_fd_loss(model, x, y, lam=lam, phi=phi, norm=norm).loss))
     torch.testing.assert_close((fd - clean) / lam, exact, rtol=1e-3, atol=1e-3 * exact.abs().max())
 
 
@@ -89,7 +89,7 @@ def test_l1_finite_difference_update_is_fgsm_training(model, batch):
     alpha = 1.0 - lam / phi
     x_adv = FGM("linf", eps=phi, clip=False)(model, x, y)
     fgsm = alpha * F.cross_entropy(model(x), y) + (1.0 - alpha) * F.cross_entropy(model(x_adv), y)
-    fd = datagrad_fd_loss(model, x, y, lam=lam, phi=phi, norm="l1")
+    fd = datagrad_fd_loss(model, x, y, lam=lam, phi=phi, norm="l1").loss
     torch.testing.assert_close(fd, fgsm, rtol=0, atol=1e-6)
     g_fgsm = _flat(_param_grads(model, fgsm))
     g_fd = _flat(_param_grads(model, fd))
@@ -99,7 +99,7 @@ def test_l1_finite_difference_update_is_fgsm_training(model, batch):
 
 def test_fd_clip_keeps_box(smooth):
     model, x, y = smooth
-    loss = datagrad_fd_loss(model, x, y, lam=0.1, phi=0.5, clip=True)
+    loss = datagrad_fd_loss(model, x, y, lam=0.1, phi=0.5, clip=True).loss
     assert torch.isfinite(loss)
 
 

@@ -1,0 +1,111 @@
+"""`AdversarialTraining`: perturb each training batch with an attack before the training step."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch import Tensor
+
+from sn_lightning.attacks import Attack
+from sn_lightning.errors import ConfigError
+
+
+def resolve_attack(attack: Attack, trainer: L.Trainer) -> Attack:
+    """Turn a relative radius (``eps_rel``/``gamma_rel``) into an absolute one, once, from the data.
+
+    The scale is the mean l2 norm of the full, unaugmented training split (PAPERS 1.5's C2),
+    computed identically on every rank.
+    """
+    if not attack.is_resolved:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "mean_input_norm"):
+            raise ConfigError(
+                f"{attack!r} has a relative radius but the data module cannot give its scale"
+            )
+        attack.resolve_eps(dm.mean_input_norm())
+    return attack
+
+
+class AdversarialTraining(L.Callback):
+    """Replace each training batch by adversarial examples of the current model (in place).
+
+    The attack runs on the unwrapped LightningModule (so not through DDP's wrapper), in eval mode
+    by default, under the trainer's precision context; it never touches parameter gradients,
+    BatchNorm statistics or spectral-norm vectors. ``training_step`` sees the perturbed batch and
+    logs ``train/adv_acc``.
+
+    Args:
+        attack: an `Attack` (FGM, PGD, WRM, ...); null: clean training (this callback does nothing).
+        mix: weight of the clean loss, ``(1 - mix) * CE(x_adv) + mix * CE(x)``; 0 (the reference):
+            adversarial examples only.
+        start_epoch: first epoch with adversarial examples (clean training before it).
+        eps_warmup_epochs: over this many epochs from `start_epoch`, scale the perturbation
+            ``x_adv - x`` linearly from 0 to 1 per step (the scaled point lies in the scaled ball).
+    """
+
+    def __init__(
+        self,
+        attack: Attack | None = None,
+        mix: float = 0.0,
+        start_epoch: int = 0,
+        eps_warmup_epochs: int = 0,
+    ) -> None:
+        if not 0.0 <= mix < 1.0:
+            raise ConfigError(f"adversarial mix must be in [0, 1), got {mix!r}")
+        if start_epoch < 0 or eps_warmup_epochs < 0:
+            raise ConfigError(
+                f"start_epoch and eps_warmup_epochs must be >= 0, got {start_epoch}, {eps_warmup_epochs}"
+            )
+        self.attack, self.mix = attack, mix
+        self.start_epoch, self.eps_warmup_epochs = start_epoch, eps_warmup_epochs
+        self._clean: Tensor | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve a relative radius; claim the training objective when mixing clean loss in."""
+        if self.attack is None:
+            return
+        resolve_attack(self.attack, trainer)
+        if self.mix > 0:
+            pl_module.set_objective(self._mixed_objective, owner=self)
+
+    def _warmup_factor(self, trainer: L.Trainer, batch_idx: int) -> float:
+        if self.eps_warmup_epochs == 0:
+            return 1.0
+        per_epoch = max(1, trainer.num_training_batches)
+        done = (trainer.current_epoch - self.start_epoch) * per_epoch + batch_idx + 1
+        return min(1.0, done / (self.eps_warmup_epochs * per_epoch))
+
+    def active(self, trainer: L.Trainer) -> bool:
+        """Whether this epoch trains on adversarial examples."""
+        return self.attack is not None and trainer.current_epoch >= self.start_epoch
+
+    def on_train_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: tuple[Tensor, Tensor],
+        batch_idx: int,
+    ) -> None:
+        """Replace x by attack(model, x, y), in place, before the training step."""
+        pl_module.batch_perturbed = False
+        if not self.active(trainer):
+            return
+        x, y = batch
+        with trainer.precision_plugin.forward_context():
+            x_adv = self.attack(pl_module, x, y)
+        factor = self._warmup_factor(trainer, batch_idx)
+        if factor < 1.0:
+            x_adv = x + factor * (x_adv - x)
+        if self.mix > 0:
+            self._clean = x.clone()
+        x.copy_(x_adv)
+        pl_module.batch_perturbed = True
+
+    def _mixed_objective(
+        self, module: L.LightningModule, x: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        logits = module(x)
+        loss = module.loss(logits, y)
+        if module.batch_perturbed and self._clean is not None:
+            loss = (1.0 - self.mix) * loss + self.mix * module.loss(module(self._clean), y)
+            self._clean = None
+        return loss, logits

@@ -1,0 +1,60 @@
+"""`DataGrad`: input-gradient regularization of the training loss (Ororbia et al. 2017)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+from torch import Tensor
+
+from sn_lightning.attacks import datagrad_fd_loss, datagrad_penalty
+from sn_lightning.errors import ConfigError
+
+
+class DataGrad(L.Callback):
+    """Train on ``CE + lam * mean_i R(grad_x CE_i)``, ``R = ||.||_1`` or ``||.||_2^2``.
+
+    Args:
+        lam: penalty weight; 0: off (this callback does nothing).
+        norm: l1 or l2 (squared).
+        form: exact (double backprop, one forward, about 2-3x a plain step) or fd (finite
+            difference with step `phi`: 2 forwards, 2 backwards; with l1 exactly FGSM training
+            with clean weight ``1 - lam/phi``; needs ``lam <= phi``).
+        phi: the finite-difference step in [0, 1] pixel units (form fd only).
+
+    Cross-entropy here has no label smoothing. The logged ``train/datagrad_penalty`` is exact for
+    ``exact`` and the finite-difference estimate for ``fd``.
+    """
+
+    def __init__(
+        self,
+        lam: float = 0.0,
+        norm: Literal["l1", "l2"] = "l1",
+        form: Literal["exact", "fd"] = "exact",
+        phi: float = 0.1,
+    ) -> None:
+        if lam < 0:
+            raise ConfigError(f"datagrad lam must be >= 0 (0 = off), got {lam!r}")
+        if form not in ("exact", "fd"):
+            raise ConfigError(f"unknown datagrad form {form!r}; valid choices: exact, fd")
+        if norm not in ("l1", "l2"):
+            raise ConfigError(f"unknown datagrad norm {norm!r}; valid choices: l1, l2")
+        if form == "fd" and not 0 < lam <= phi and lam > 0:
+            raise ConfigError(f"datagrad form fd needs 0 < lam <= phi, got lam={lam}, phi={phi}")
+        self.lam, self.norm, self.form, self.phi = lam, norm, form, phi
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Claim the training objective when on."""
+        if self.lam > 0:
+            pl_module.set_objective(self._objective, owner=self)
+
+    def _objective(self, module: L.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.form == "exact":
+            scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            loss, penalty, logits = datagrad_penalty(module, x, y, self.norm, grad_scale=scale)
+            loss = loss + self.lam * penalty
+        else:
+            loss, penalty, logits = datagrad_fd_loss(module, x, y, self.lam, self.phi, self.norm)
+        module.log("train/datagrad_penalty", penalty.detach(), on_step=False, on_epoch=True)
+        return loss, logits

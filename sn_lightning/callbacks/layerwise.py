@@ -1,0 +1,51 @@
+"""`LayerwiseTraining`: perturb hidden activations with the previous batch's gradients (AAAI 2018)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+
+from sn_lightning.attacks import LayerwisePerturbation
+from sn_lightning.errors import ConfigError
+
+
+class LayerwiseTraining(L.Callback):
+    """Layerwise adversarial training (Sankaranarayanan, Jain, Chellappa, Lim, AAAI 2018).
+
+    The outputs of the chosen hidden layers get ``eps * sign(g)`` (or the per-example
+    l2-normalized gradient), with ``g`` the activation gradients kept from the previous
+    mini-batch's backward pass: exactly one forward and one backward per step. Nothing is
+    perturbed in eval mode (validation, test, eval-mode attacks) or at the first step.
+
+    Args:
+        eps: perturbation size per layer in activation units; 0: off (this callback does nothing).
+        layers: fnmatch patterns of module names under ``model`` (the normalization + backbone
+            ``Sequential``: ``net.layer1``); null: the backbone's stages (ResNet ``layer1..4``,
+            ViT ``blocks.<i>``, else the top-level blocks but the head).
+        mode: sign (the paper) or l2 (per-example normalized gradient).
+    """
+
+    def __init__(
+        self,
+        eps: float = 0.0,
+        layers: list[str] | None = None,
+        mode: Literal["sign", "l2"] = "sign",
+    ) -> None:
+        if eps < 0:
+            raise ConfigError(f"layerwise eps must be >= 0 (0 = off), got {eps!r}")
+        self.eps, self.layers, self.mode = eps, layers, mode
+        self.perturbation: LayerwisePerturbation | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Register the hooks on the backbone (once)."""
+        if self.eps > 0 and self.perturbation is None:
+            self.perturbation = LayerwisePerturbation(
+                pl_module.model, layers=self.layers, eps=self.eps, mode=self.mode
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Remove the hooks."""
+        if self.perturbation is not None:
+            self.perturbation.remove()
+            self.perturbation = None

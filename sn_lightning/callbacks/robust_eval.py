@@ -1,0 +1,113 @@
+"""`RobustEvaluation`: adversarial accuracy on the validation and test sets under a list of attacks."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from sn_lightning.attacks import Attack
+from sn_lightning.callbacks.adversarial import resolve_attack
+from sn_lightning.errors import ConfigError
+
+
+def attack_name(attack: Attack) -> str:
+    """A short, metric-friendly name: ``pgd10_linf_0.1``, ``fgm_l2_1.5``, ``wrm_0.5``."""
+    kind = type(attack).__name__.lower()
+    if hasattr(attack, "steps") and hasattr(attack, "norm"):
+        kind += str(attack.steps)
+    if hasattr(attack, "norm"):
+        eps = attack.eps if attack.eps is not None else f"rel{attack.eps_rel:g}"
+        return (
+            f"{kind}_{attack.norm}_{eps:g}"
+            if isinstance(eps, float)
+            else f"{kind}_{attack.norm}_{eps}"
+        )
+    gamma = getattr(attack, "gamma", None)
+    return f"{kind}_{gamma:g}" if gamma is not None else kind
+
+
+class RobustEvaluation(L.Callback):
+    """Log ``val/robust_acc/<attack>`` (and ``test/...``) for each attack every `every_n_epochs`.
+
+    The final train/test adversarial accuracies, their gap and margins go to results.json (see
+    ``sn_lightning.fit``), over at most `final_max_examples` examples per split.
+
+    Args:
+        attacks: the attacks, e.g. PGD-20 linf at several eps; empty: off.
+        every_n_epochs: evaluate on validation every this many epochs (the test stage always).
+        max_batches: attack at most this many validation/test batches per epoch; null: all.
+        final_max_examples: cap per split for the final adversarial evaluation; null: all.
+    """
+
+    def __init__(
+        self,
+        attacks: list[Attack] | None = None,
+        every_n_epochs: int = 1,
+        max_batches: int | None = None,
+        final_max_examples: int | None = None,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ConfigError(f"robust_eval every_n_epochs must be >= 1, got {every_n_epochs!r}")
+        self.attacks = list(attacks or [])
+        self.every_n_epochs, self.max_batches = every_n_epochs, max_batches
+        self.final_max_examples = final_max_examples
+        names = [attack_name(a) for a in self.attacks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"robust_eval attacks must differ, got {names}")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve relative radii once."""
+        for attack in self.attacks:
+            resolve_attack(attack, trainer)
+
+    def named_attacks(self) -> dict[str, Attack]:
+        """``{attack_name: attack}``."""
+        return {attack_name(a): a for a in self.attacks}
+
+    def _run(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: tuple[Tensor, Tensor],
+        idx: int,
+        stage: str,
+    ) -> None:
+        if not self.attacks or trainer.sanity_checking:
+            return
+        if self.max_batches is not None and idx >= self.max_batches:
+            return
+        x, y = batch
+        for name, attack in self.named_attacks().items():
+            with trainer.precision_plugin.forward_context():
+                x_adv = attack(pl_module, x, y)
+                with torch.no_grad():
+                    acc = (pl_module(x_adv).argmax(dim=1) == y).float().mean()
+            pl_module.log(
+                f"{stage}/robust_acc/{name}", acc, on_epoch=True, batch_size=len(y), sync_dist=True
+            )
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: object,
+        batch: tuple[Tensor, Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Attack the validation batch on evaluation epochs."""
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, pl_module, batch, batch_idx, "val")
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: object,
+        batch: tuple[Tensor, Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Attack the test batch."""
+        self._run(trainer, pl_module, batch, batch_idx, "test")
