@@ -1,0 +1,228 @@
+"""`python -m sn_lightning.evaluate --config X --ckpt_path Y`: PGD-k and AutoAttack on a checkpoint.
+
+Writes ``evaluation.json`` (clean accuracy; accuracy per eps under PGD and under AutoAttack's
+standard version, through the ``pyautoattack`` package) and ``robustness_curve.png`` (accuracy
+against eps) into ``--eval.out`` (default: ``evaluation/`` beside the checkpoint's run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser
+from torch import Tensor, nn
+
+from sn_lightning.attacks import PGD
+from sn_lightning.data import ImageDataModule
+from sn_lightning.errors import ConfigError
+from sn_lightning.evaluation import evaluate
+from sn_lightning.fit import SNLightningCLI, _OneLineErrorParser
+from sn_lightning.lit import SNClassifier
+
+DEFAULT_EPS = {"linf": [2 / 255, 4 / 255, 8 / 255, 16 / 255], "l2": [0.25, 0.5, 1.0, 2.0]}
+
+
+class EvaluateCLI(SNLightningCLI):
+    """The training CLI's config plus ``--eval.*`` keys."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The fit keys (so the same config works) and the evaluation's own."""
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--eval.norm", type=Literal["linf", "l2"], default="linf")
+        parser.add_argument(
+            "--eval.eps", type=list[float] | None, default=None, help="radii in [0, 1] pixel units"
+        )
+        parser.add_argument("--eval.steps", type=int, default=20, help="PGD steps")
+        parser.add_argument("--eval.restarts", type=int, default=1, help="PGD random restarts")
+        parser.add_argument(
+            "--eval.autoattack", type=bool, default=True, help="also run AutoAttack (standard)"
+        )
+        parser.add_argument(
+            "--eval.max_examples", type=int | None, default=1000, help="test examples; null: all"
+        )
+        parser.add_argument("--eval.batch_size", type=int, default=250)
+        parser.add_argument(
+            "--eval.device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ..."
+        )
+        parser.add_argument("--eval.out", type=str | None, default=None, help="output folder")
+
+
+def _test_tensors(dm: ImageDataModule, max_examples: int | None) -> tuple[Tensor, Tensor]:
+    xs, ys, n = [], [], 0
+    for x, y in dm.test_dataloader():
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if max_examples is not None and n >= max_examples:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:max_examples], y[:max_examples]) if max_examples is not None else (x, y)
+
+
+def _batches(x: Tensor, y: Tensor, batch_size: int):
+    for i in range(0, len(y), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def autoattack_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    norm: str,
+    eps: float,
+    device: torch.device,
+    batch_size: int,
+) -> float:
+    """Robust accuracy under AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square)."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(
+        model,
+        norm={"linf": "Linf", "l2": "L2"}[norm],
+        eps=eps,
+        version="standard",
+        device=device,
+        seed=0,
+    )
+    adversary.verbose = False
+    x_adv, _ = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)
+    with torch.no_grad():
+        pred = torch.cat([model(xb).argmax(1).cpu() for xb, _ in _batches(x_adv, y, batch_size)])
+    return float((pred == y).float().mean())
+
+
+def plot_curve(report: dict[str, Any], path: Path) -> None:
+    """Accuracy against eps for each attack (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for attack in ("pgd", "autoattack"):
+        curve = report.get(attack)
+        if curve:
+            eps = [0.0, *[float(e) for e in curve]]
+            acc = [report["clean_acc"], *curve.values()]
+            ax.plot(
+                eps,
+                acc,
+                marker="o",
+                label=f"PGD-{report['pgd_settings']['steps']}" if attack == "pgd" else "AutoAttack",
+            )
+    ax.set_xlabel(f"eps ({report['norm']}, [0, 1] pixel units)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(report.get("backbone", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cli: EvaluateCLI) -> dict[str, Any]:
+    """Load the checkpoint, attack the test set, write the report and the plot."""
+    cfg = cli.config
+    ev = cfg.eval
+    if cfg.ckpt_path is None:
+        raise ConfigError("--ckpt_path is required: the checkpoint to evaluate")
+    ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():
+        raise ConfigError(f"checkpoint {ckpt_path} does not exist")
+    if ev.steps < 1 or ev.restarts < 1 or ev.batch_size < 1:
+        raise ConfigError(
+            f"eval steps, restarts, batch_size must be >= 1, got {ev.steps}, {ev.restarts}, {ev.batch_size}"
+        )
+    eps_list = ev.eps if ev.eps is not None else DEFAULT_EPS[ev.norm]
+    if any(e <= 0 for e in eps_list):
+        raise ConfigError(f"eval eps must all be > 0, got {eps_list}")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if ev.device == "auto" else ev.device
+    )
+    model: SNClassifier = cli.model
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["state_dict"])
+    model.to(device).eval()
+    dm: ImageDataModule = cli.datamodule
+    dm.prepare_data()
+    dm.setup("test")
+    x, y = _test_tensors(dm, ev.max_examples)
+    report: dict[str, Any] = {
+        "checkpoint": str(ckpt_path),
+        "backbone": model.hparams.backbone,
+        "beta": model.hparams.beta,
+        "norm": ev.norm,
+        "n": len(y),
+        "device": str(device),
+        "clean_acc": evaluate(model.model, _batches(x, y, ev.batch_size), device)["acc"],
+        "pgd_settings": {
+            "steps": ev.steps,
+            "restarts": ev.restarts,
+            "step_size": "2.5 * eps / steps",
+            "random_start": True,
+        },
+        "pgd": {},
+    }
+    for eps in eps_list:
+        attack = PGD(
+            ev.norm,
+            eps=eps,
+            steps=ev.steps,
+            step_size=2.5 * eps / ev.steps,
+            random_start=True,
+            restarts=ev.restarts,
+        )
+        report["pgd"][f"{eps:g}"] = evaluate(
+            model.model, _batches(x, y, ev.batch_size), device, attack=attack
+        )["acc"]
+    if ev.autoattack:
+        report["autoattack"] = {
+            f"{eps:g}": autoattack_accuracy(
+                model.model, x, y, norm=ev.norm, eps=eps, device=device, batch_size=ev.batch_size
+            )
+            for eps in eps_list
+        }
+    out = Path(ev.out) if ev.out else ckpt_path.parent.parent / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curve(report, out / "robustness_curve.png")
+    lines = [f"clean acc {report['clean_acc']:.4f} (n={report['n']})"]
+    for eps in report["pgd"]:
+        aa = report.get("autoattack", {}).get(eps)
+        lines.append(
+            f"eps {eps}: PGD-{ev.steps} {report['pgd'][eps]:.4f}"
+            + (f"  AutoAttack {aa:.4f}" if aa is not None else "")
+        )
+    sys.stdout.write("\n".join([*lines, f"report: {out / 'evaluation.json'}"]) + "\n")
+    report["out"] = str(out)
+    return report
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point; returns the report."""
+    try:
+        cli = EvaluateCLI(
+            SNClassifier,
+            ImageDataModule,
+            run=False,
+            args=args,
+            parser_class=_OneLineErrorParser,
+            save_config_callback=None,
+            parser_kwargs={"prog": "python -m sn_lightning.evaluate"},
+            auto_configure_optimizers=False,
+            trainer_defaults={"logger": False, "enable_checkpointing": False},
+        )
+        return run(cli)
+    except ConfigError as err:
+        sys.stderr.write(f"python -m sn_lightning.evaluate: error: {err}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
