@@ -25,6 +25,14 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert saved["settings"]["model"]["backbone"] == "sn_lightning:digits_cnn"
     assert saved["settings"]["trainer"]["max_epochs"] == 3
     assert saved["wall_time_s"] > 0
+    # quickstart: SN (beta 2) + PGD training; PGD-20 robust evaluation; sound network bound
+    adv = saved["adversarial"]
+    assert set(adv) == {"train_attack/pgd5_linf_0.1", "pgd20_linf_0.1"}
+    for entry in adv.values():
+        assert 0 < entry["test"]["acc"] <= saved["test"]["acc"]
+        assert entry["gap"] == pytest.approx(entry["train"]["acc"] - entry["test"]["acc"])
+    assert saved["settings"]["model"]["beta"] == 2.0
+    assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
 
 
 def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path):
@@ -138,8 +146,64 @@ def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_config_parses(config, capsys):
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        None,
+        *sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").glob("*/*.yaml")),
+    ],
+)
+def test_every_config_parses(config, fragment, capsys):
+    extra = ["--config", str(ROOT / "configs" / fragment)] if fragment else []
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(ROOT / "configs" / config), "--print_config"])
+        main(["--config", str(ROOT / "configs" / config), *extra, "--print_config"])
     assert exit_info.value.code == 0
     assert "backbone:" in capsys.readouterr().out
+
+
+SCHEMES = [
+    "attack/fgm_l2.yaml",
+    "attack/pgd_l2.yaml",
+    "attack/pgd_linf.yaml",
+    "attack/wrm.yaml",
+    "regime/layerwise.yaml",
+    "regime/datagrad.yaml",
+]
+
+
+@pytest.mark.parametrize("fragment", SCHEMES)
+def test_each_scheme_fragment_trains_on_digits(tmp_path, fragment):
+    results = _fit(
+        tmp_path,
+        "--config",
+        str(ROOT / "configs" / fragment),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--robust_eval.attacks=[]",
+        "--model.backbone=torchvision:resnet18"
+        if "layerwise" in fragment
+        else "--model.backbone=digits_cnn",
+    )
+    settings = results["settings"]
+    if fragment.startswith("attack/"):
+        (name,) = [k for k in results["adversarial"] if k.startswith("train_attack/")]
+        assert settings["adversarial"]["attack"]["class_path"].split(".")[-1].lower() in name
+    elif "layerwise" in fragment:
+        assert settings["layerwise"]["eps"] == 0.01
+    else:
+        assert settings["datagrad"]["lam"] == 0.01
+    assert 0.0 <= results["test"]["acc"] <= 1.0
+
+
+def test_fragment_values_reach_the_attack_from_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _fit(
+            tmp_path,
+            "--config",
+            str(ROOT / "configs/attack/pgd_linf.yaml"),
+            "--adversarial.attack.eps=0.03",
+            "--adversarial.attack.steps=7",
+            "--print_config",
+        )
+    out = capsys.readouterr().out
+    assert "eps: 0.03" in out and "steps: 7" in out

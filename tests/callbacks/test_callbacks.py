@@ -1,0 +1,279 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sn_lightning.attacks import FGM, PGD
+from sn_lightning.callbacks import (
+    AdversarialTraining,
+    DataGrad,
+    LayerwiseTraining,
+    RobustEvaluation,
+    attack_name,
+)
+from sn_lightning.data import ImageDataModule
+from sn_lightning.errors import ConfigError
+from sn_lightning.evaluation import evaluate
+from sn_lightning.lit import SNClassifier
+
+
+class Snapshot(L.Callback):
+    """Records the batch and every buffer at on_train_batch_start (its place in the list matters)."""
+
+    def __init__(self):
+        self.batches, self.buffers = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch[0].clone())
+        self.buffers.append({k: v.clone() for k, v in pl_module.named_buffers()})
+
+
+class RecordingClassifier(SNClassifier):
+    def training_step(self, batch, batch_idx):
+        self.seen = [*getattr(self, "seen", []), batch[0].clone()]
+        return super().training_step(batch, batch_idx)
+
+
+def _fit(model, callbacks, tmp_path, steps=3, epochs=1, dm=None, **kw):
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=epochs,
+        limit_train_batches=steps,
+        callbacks=callbacks,
+        **kw,
+    )
+    trainer.fit(model, datamodule=dm or ImageDataModule("digits", batch_size=32))
+    return trainer
+
+
+def test_training_step_sees_the_perturbed_batch_within_eps(tmp_path):
+    eps = 0.1
+    before = Snapshot()
+    model = RecordingClassifier(lr=0.05)
+    _fit(
+        model,
+        [before, AdversarialTraining(PGD("linf", eps=eps, steps=3))],
+        tmp_path,
+        limit_val_batches=0,
+    )
+    for clean, seen in zip(before.batches, model.seen, strict=True):
+        delta = seen - clean
+        assert delta.abs().max() <= eps + 1e-6
+        assert delta.abs().max() > eps / 2  # really perturbed
+        assert seen.min() >= 0 and seen.max() <= 1
+
+
+def test_training_batch_equals_an_independent_fgm_step(tmp_path):
+    eps = 0.05
+    before = Snapshot()
+    model = RecordingClassifier(lr=0.0001, optimizer="sgd", momentum=0.0, lr_schedule="none")
+    x0 = ImageDataModule("digits", batch_size=32)
+    x0.setup("fit")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _fit(
+        model,
+        [before, AdversarialTraining(FGM("linf", eps=eps))],
+        tmp_path,
+        steps=1,
+        dm=x0,
+        limit_val_batches=0,
+    )
+    fresh = SNClassifier(lr=0.0001)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    x = before.batches[0].requires_grad_(True)
+    y = next(iter(x0.train_dataloader()))[1]
+    (g,) = torch.autograd.grad(F.cross_entropy(fresh(x), y, reduction="sum"), x)
+    expected = (x + eps * g.sign()).clamp(0, 1)
+    torch.testing.assert_close(model.seen[0], expected.detach(), rtol=0, atol=1e-6)
+
+
+def test_no_attack_is_a_no_op(tmp_path):
+    before = Snapshot()
+    model = RecordingClassifier(lr=0.05)
+    _fit(model, [before, AdversarialTraining(None)], tmp_path, limit_val_batches=0)
+    for clean, seen in zip(before.batches, model.seen, strict=True):
+        assert torch.equal(clean, seen)
+
+
+def test_attack_moves_no_batchnorm_statistic_or_spectral_vector(tmp_path):
+    before, after = Snapshot(), Snapshot()
+    model = SNClassifier(backbone="torchvision:resnet18", beta=2.0, lr=0.01)
+    attack = PGD("linf", eps=0.1, steps=3)
+    _fit(
+        model, [before, AdversarialTraining(attack), after], tmp_path, steps=2, limit_val_batches=0
+    )
+    for b, a in zip(before.buffers, after.buffers, strict=True):
+        names = [k for k in b if "running_" in k or k.endswith("_u") or ".u" in k]
+        assert any("running_mean" in k for k in names)
+        assert any("parametrizations" in k for k in names)
+        for k in b:
+            assert torch.equal(b[k], a[k]), k
+
+
+def test_relative_eps_resolved_from_the_data(tmp_path):
+    attack = PGD("l2", eps_rel=0.05, steps=2)
+    dm = ImageDataModule("digits", batch_size=32)
+    _fit(
+        SNClassifier(), [AdversarialTraining(attack)], tmp_path, steps=1, dm=dm, limit_val_batches=0
+    )
+    assert attack.eps == pytest.approx(0.05 * dm.mean_input_norm())
+    assert attack.eps == pytest.approx(0.05 * 3.864, rel=1e-3)  # digits: mean ||x||_2 = 3.864
+
+
+def test_mixed_objective_is_the_convex_combination():
+    model = SNClassifier()
+    callback = AdversarialTraining(FGM("linf", eps=0.1), mix=0.3)
+    x_clean, x_adv, y = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    callback._clean, model.batch_perturbed = x_clean, True
+    loss, logits = callback._mixed_objective(model, x_adv, y)
+    expected = 0.7 * F.cross_entropy(model(x_adv), y) + 0.3 * F.cross_entropy(model(x_clean), y)
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(logits, model(x_adv))
+
+
+def test_eps_warmup_scales_the_perturbation(tmp_path):
+    before = Snapshot()
+    model = RecordingClassifier(lr=0.05)
+    callback = AdversarialTraining(FGM("linf", eps=0.1), eps_warmup_epochs=1)
+    _fit(model, [before, callback], tmp_path, steps=4, limit_val_batches=0)
+    sizes = [float((s - c).abs().max()) for c, s in zip(before.batches, model.seen, strict=True)]
+    assert sizes == pytest.approx([0.025, 0.05, 0.075, 0.1], abs=1e-5)
+
+
+def test_start_epoch_trains_clean_before(tmp_path):
+    before = Snapshot()
+    model = RecordingClassifier(lr=0.05)
+    _fit(
+        model,
+        [before, AdversarialTraining(FGM("linf", eps=0.1), start_epoch=1)],
+        tmp_path,
+        steps=2,
+        epochs=2,
+        limit_val_batches=0,
+    )
+    perturbed = [not torch.equal(c, s) for c, s in zip(before.batches, model.seen, strict=True)]
+    assert perturbed == [False, False, True, True]
+
+
+class PassCounter(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        self.forwards, self.backwards = 0, 0
+
+        def fwd(module, args, out):
+            if module.training:
+                self.forwards += 1
+
+        def bwd(module, grad_in, grad_out):
+            self.backwards += 1
+
+        pl_module.model.register_forward_hook(fwd)
+        pl_module.model.register_full_backward_hook(bwd)
+
+
+def test_layerwise_one_forward_one_backward_per_step(tmp_path):
+    counter = PassCounter()
+    layerwise = LayerwiseTraining(eps=0.05)
+    model = SNClassifier(backbone="torchvision:resnet18", lr=0.01)
+    _fit(model, [layerwise, counter], tmp_path, steps=4, limit_val_batches=0)
+    assert (counter.forwards, counter.backwards) == (4, 4)
+    assert layerwise.perturbation is None  # hooks removed at teardown
+    assert not any(m._forward_hooks for n, m in model.model.named_modules() if n.endswith("layer1"))
+
+
+def test_layerwise_perturbs_stage_outputs_in_training_only():
+    torch.manual_seed(0)
+    model = SNClassifier(backbone="torchvision:resnet18")
+    layerwise = LayerwiseTraining(eps=0.5)
+    layerwise.setup(None, model, "fit")
+    assert sorted(layerwise.perturbation.layers) == [f"net.layer{i}" for i in range(1, 5)]
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    seen = []
+    model.model.net.layer1.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    F.cross_entropy(model(x), y).backward()  # step 1: unperturbed, keeps the gradients
+    assert seen[0].requires_grad is False
+    model(x)  # step 2: layer1 sends h + 0.5 * sign(g) downstream (train-mode BN: batch statistics)
+    with layerwise.perturbation.paused():
+        model(x)  # the same forward, unperturbed
+    delta = seen[1] - seen[2]
+    size = delta.abs()
+    assert torch.all((size < 1e-5) | ((size - 0.5).abs() < 1e-5))  # 0 or eps, elementwise
+    assert ((size - 0.5).abs() < 1e-5).float().mean() > 0.5
+    model.eval()
+    with torch.no_grad():
+        hooked = model(x)
+        layerwise.teardown(None, model, "fit")
+        assert torch.equal(model(x), hooked)  # eval forwards were never perturbed
+
+
+def test_datagrad_loss_matches_per_example_gradients():
+    torch.manual_seed(0)
+    model = SNClassifier(backbone="mlp1", input_shape=(1, 8, 8))
+    callback = DataGrad(lam=0.1, norm="l1")
+
+    class _Trainer:
+        precision_plugin = object()
+
+    model.log = lambda *a, **k: None
+    model._trainer = None
+    type(model).trainer = property(lambda self: _Trainer())
+    try:
+        x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 10, (5,))
+        loss, logits = callback._objective(model, x, y)
+        penalties = []
+        for i in range(5):
+            xi = x[i : i + 1].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1]), xi)
+            penalties.append(g.abs().sum())
+        expected = F.cross_entropy(model(x), y) + 0.1 * torch.stack(penalties).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        assert logits.shape == (5, 10)
+    finally:
+        del type(model).trainer
+
+
+def test_datagrad_trains_and_conflicts_with_mixed_adversarial(tmp_path):
+    _fit(SNClassifier(lr=0.05), [DataGrad(lam=0.01)], tmp_path, steps=2, limit_val_batches=0)
+    with pytest.raises(ConfigError, match="both change the training loss"):
+        _fit(
+            SNClassifier(),
+            [DataGrad(lam=0.01), AdversarialTraining(FGM(eps=0.1), mix=0.5)],
+            tmp_path,
+            steps=1,
+        )
+
+
+def test_robust_evaluation_logs_the_adversarial_validation_accuracy(tmp_path):
+    attack = PGD("linf", eps=0.1, steps=5)
+    model = SNClassifier(lr=0.05)
+    dm = ImageDataModule("digits", batch_size=32)
+    trainer = _fit(model, [RobustEvaluation([attack])], tmp_path, steps=20, epochs=2, dm=dm)
+    logged = float(trainer.callback_metrics["val/robust_acc/pgd5_linf_0.1"])
+    expected = evaluate(model, dm.val_dataloader(), attack=attack)["acc"]
+    assert logged == pytest.approx(expected, abs=1e-6)
+    assert logged < float(trainer.callback_metrics["val/acc"])
+
+
+def test_attack_names():
+    assert attack_name(PGD("linf", eps=0.1, steps=20)) == "pgd20_linf_0.1"
+    assert attack_name(FGM("l2", eps_rel=0.05)) == "fgm_l2_rel0.05"
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: AdversarialTraining(FGM(eps=0.1), mix=1.0), "mix must be in"),
+        (lambda: LayerwiseTraining(eps=-1.0), "layerwise eps must be >= 0"),
+        (lambda: DataGrad(lam=0.5, form="fd", phi=0.1), "0 < lam <= phi"),
+        (lambda: DataGrad(lam=0.1, form="approx"), "valid choices: exact, fd"),
+        (lambda: RobustEvaluation([PGD(eps=0.1), PGD(eps=0.1)]), "must differ"),
+    ],
+)
+def test_bad_input(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()

@@ -1,0 +1,56 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sn_lightning.evaluate import main as evaluate_main
+from sn_lightning.fit import main as fit_main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    fit_main(
+        [
+            "--config",
+            QUICKSTART,
+            f"--trainer.default_root_dir={root}",
+            "--trainer.max_epochs=4",
+            "--robust_eval.attacks=[]",
+        ]
+    )
+    (ckpt,) = root.rglob("*.ckpt")
+    return ckpt
+
+
+def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
+    report = evaluate_main(
+        [
+            "--config",
+            QUICKSTART,
+            f"--ckpt_path={checkpoint}",
+            "--eval.eps=[0.15,0.3]",
+            "--eval.steps=10",
+            "--eval.max_examples=24",
+            f"--eval.out={tmp_path}",
+        ]
+    )
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved == {k: v for k, v in report.items() if k != "out"}
+    assert saved["n"] == 24 and saved["clean_acc"] > 0.8
+    pgd, aa = saved["pgd"], saved["autoattack"]
+    assert list(pgd) == ["0.15", "0.3"] and list(aa) == ["0.15", "0.3"]
+    assert pgd["0.3"] <= pgd["0.15"] <= saved["clean_acc"]  # larger balls never help
+    for eps in aa:  # AutoAttack is at least as strong as PGD, up to one example
+        assert aa[eps] <= pgd[eps] + 1 / 24 + 1e-9
+    assert (tmp_path / "robustness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--config", QUICKSTART, f"--ckpt_path={tmp_path / 'none.ckpt'}"])
+    assert exit_info.value.code == 2
+    assert "none.ckpt does not exist" in capsys.readouterr().err
