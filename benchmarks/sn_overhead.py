@@ -1,0 +1,151 @@
+"""Training-step overhead of spectral normalization: plain vs operator SN vs PyTorch's built-in.
+
+torchvision ResNet-18 (num_classes=10), 32x32 inputs, one SGD step (forward, backward, update)
+per measurement. The variants run in interleaved rounds (the order rotates every round) so
+that machine load drifts hit all of them alike; the table reports median step times and the
+median of per-round ratios to plain.
+
+Variants: ``plain``; ``operator_sn`` (``apply_spectral_norm``, beta 1: 17 of 21 layers are
+rescaled at init); ``torch_sn`` (``torch.nn.utils.parametrizations.spectral_norm`` on every
+Conv2d/Linear); ``mul_floor`` (a parametrization ``W -> 1.0 * W`` on every Conv2d/Linear: the
+cost of materializing a new weight and its gradient each step, which any parametrization pays).
+
+    python -m benchmarks.sn_overhead --steps 30 --batch-size 128 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from sn_lightning.spectral import apply_spectral_norm
+
+VARIANTS = ("plain", "operator_sn", "torch_sn", "mul_floor")
+
+
+class _Scale(nn.Module):
+    """The cheapest parametrization that returns a new weight: ``W -> c W`` (c = 1)."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 1.0
+
+
+def build(variant: str, base: nn.Module, image_size: int, beta: float) -> nn.Module:
+    """A copy of ``base`` with the variant's normalization on every Conv/Linear."""
+    model = copy.deepcopy(base)
+    if variant == "operator_sn":
+        apply_spectral_norm(model, beta=beta, input_shape=(3, image_size, image_size))
+    elif variant == "torch_sn":
+        for m in list(model.modules()):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                torch.nn.utils.parametrizations.spectral_norm(m)
+    elif variant == "mul_floor":
+        for m in list(model.modules()):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                torch.nn.utils.parametrize.register_parametrization(m, "weight", _Scale())
+    return model
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One SGD training step on a fixed batch."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed rounds (one step per variant)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--beta", type=float, default=1.0, help="operator SN bound")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sn_overhead.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    base = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    steps = {
+        v: make_step(build(v, base, args.image_size, args.beta).to(device), x, y) for v in VARIANTS
+    }
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(args.warmup + args.steps):
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            sync()
+            t0 = time.perf_counter()
+            steps[v]()
+            sync()
+            if r >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+
+    plain = times["plain"]
+    result = {
+        "config": {
+            "model": "torchvision resnet18 (num_classes=10)",
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "beta": args.beta,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "median_step_s": {v: statistics.median(t) for v, t in times.items()},
+        "ratio_of_medians": {
+            v: statistics.median(t) / statistics.median(plain) for v, t in times.items()
+        },
+        "median_round_ratio": {
+            v: statistics.median(a / b for a, b in zip(t, plain, strict=True))
+            for v, t in times.items()
+        },
+        "times_s": times,
+    }
+    print(
+        f"{'variant':<12} {'median step (s)':>16} {'ratio of medians':>17} {'median round ratio':>19}"
+    )
+    for v in VARIANTS:
+        print(
+            f"{v:<12} {result['median_step_s'][v]:>16.4f} {result['ratio_of_medians'][v]:>17.3f} "
+            f"{result['median_round_ratio'][v]:>19.3f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""The bounded spectral norm as a ``torch.nn.utils.parametrize`` parametrization.
+
+``W -> W / max(1, sigma(W) / beta)`` (Farnia, Zhang, Tse, ICLR 2019; PAPERS 1.1-1.2), with sigma the
+operator norm of the layer's linear map at its real input size, estimated by power iteration with
+a persistent vector ``u`` (one input-shaped tensor, saved in the state dict). The math lives in
+:mod:`sn_lightning.spectral.ops`; this module holds the state and the registrars (torch's
+``_SpectralNorm`` pattern).
+
+Note [buffer updates]
+    ``u`` is written only in training mode, outside :func:`freeze_spectral_norm`, under
+    ``no_grad``. Every forward, whatever the mode, computes the weight the same way: iterate
+    ``n_power_iterations`` times from the stored ``u``, then rescale. Eval, frozen and training
+    forwards therefore use the same function of ``(W, u)``; training additionally stores the new
+    ``u``. The reference does the same: attack and evaluation forwards iterate once from the
+    stored vector but never write it back.
+
+Note [float32 under autocast]
+    Power iteration runs with autocast disabled, in ``promote_types(weight.dtype, float32)``:
+    bf16/fp16 iterates lose the top singular value to rounding. ``u`` is created in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
+
+from sn_lightning.spectral.ops import (
+    SUPPORTED_LAYERS,
+    LinearOp,
+    OperatorSpec,
+    _float_dtype,
+    _power_iteration,
+    linear_operator,
+)
+
+__all__ = [
+    "METHODS",
+    "BoundedBatchNormScale",
+    "BoundedSpectralNorm",
+    "bounded_spectral_norm",
+    "freeze_spectral_norm",
+    "remove_bounded_spectral_norm",
+]
+
+METHODS: tuple[str, ...] = ("operator", "matrix")
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a number > 0 (math.inf: no bound), got {beta!r}")
+    return float(beta)
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _BoundedRescale(torch.autograd.Function):
+    """``W -> W * min(1, beta / sigma(W))`` with ``sigma(W) = <A_W u, v>``, u and v constants.
+
+    Same values and gradients as autograd through ``W / clamp(<A_W u, v> / beta, min=1)`` with a
+    fused backward, ``grad = s g - [sigma > beta] s <g, W> / sigma * dsigma/dW`` with
+    ``s = min(1, beta / sigma)``: no differentiable sigma convolution in the forward, and on CPU
+    the second term is accumulated by one GEMM (``scaled_sigma_grad``) instead of materialized.
+    The step is memory-bound on the weight, so this halves the weight-sized passes
+    (benchmarks/sn_overhead.py).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        weight: Tensor,
+        sigma: Tensor,
+        beta: float,
+        u: Tensor,
+        v: Tensor,
+        grad_fn: Callable[[Tensor, float, float, Tensor, Tensor], Tensor],
+        sigma_value: float | None,
+    ) -> Tensor:
+        ctx.beta, ctx.grad_fn, ctx.sigma_value = beta, grad_fn, sigma_value
+        if sigma_value is not None:  # CPU: the caller already has sigma as a number
+            scale = min(1.0, beta / sigma_value)
+            ctx.save_for_backward(weight, u, v)
+            return weight * scale
+        scale_t = torch.clamp(beta / sigma, max=1.0)
+        ctx.save_for_backward(weight, u, v, sigma, scale_t)
+        return weight * scale_t.to(weight.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        none = (None,) * 6
+        if ctx.sigma_value is not None and g.dtype == ctx.saved_tensors[1].dtype:
+            weight, u, v = ctx.saved_tensors
+            sigma = ctx.sigma_value
+            s = min(1.0, ctx.beta / sigma)
+            if sigma <= ctx.beta:
+                return g * s, *none
+            dot = float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
+            return ctx.grad_fn(g, s, -s * dot / sigma, u, v), *none
+        if ctx.sigma_value is not None:
+            weight, u, v = ctx.saved_tensors
+            sigma = torch.tensor(ctx.sigma_value, dtype=u.dtype, device=u.device)
+            scale = torch.clamp(ctx.beta / sigma, max=1.0)
+        else:
+            weight, u, v, sigma, scale = ctx.saved_tensors
+        dot = torch.vdot(g.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
+        # Accelerators: [sigma > beta] as a factor, not a branch (no host sync).
+        active = (sigma > ctx.beta).to(sigma.dtype)
+        G = ctx.grad_fn(torch.zeros_like(g, dtype=u.dtype), 0.0, 1.0, u, v)  # dsigma/dW
+        grad = g * scale.to(g.dtype)
+        grad.sub_(G.mul_(active * scale * dot / sigma))
+        return grad, *none
+
+
+class BoundedSpectralNorm(nn.Module):
+    """Parametrization ``W -> W / max(1, sigma / beta)``; sigma the layer's operator norm.
+
+    It only shrinks (PAPERS 1.1): a layer whose estimate is at most ``beta`` keeps its weight
+    (the same tensor, no copy). sigma comes from power iteration on the exact operator
+    (``method="operator"``, Farnia et al. 2019 Algorithm 1) or on the reshaped kernel
+    ``W.reshape(C_out, -1)`` (``method="matrix"``, the norm of
+    ``torch.nn.utils.parametrizations.spectral_norm``, which underestimates the operator norm by
+    up to the kernel size on large maps and overestimates it on tiny ones; see Note [operator
+    norm depends on input size] in ``ops``).
+
+    State: buffer ``u``, shape ``(1, *input_shape)`` (operator; ``(1, in_features)`` for Linear)
+    or ``(1, columns of the reshaped kernel)`` (matrix), unit norm, saved in the state dict.
+    See Note [buffer updates] and Note [float32 under autocast].
+
+    Gradients: with ``detach_uv=True`` (PyTorch/Miyato) u and v are constants and the gradient
+    flows through ``sigma = <A_W u, v>`` into W. With ``detach_uv=False`` it also flows through
+    the ``n_power_iterations`` iterates of this forward, as in the reference TensorFlow code.
+
+    Args:
+        layer: the Linear / Conv / ConvTranspose module whose weight is parametrized.
+        input_shape: one input's shape without batch dim, ``(C, *spatial)``; required for
+            convolutions with ``method="operator"``, recorded for reports otherwise.
+        beta: the bound, > 0; ``math.inf`` estimates sigma but never rescales.
+        method: ``"operator"`` or ``"matrix"``.
+        n_power_iterations: rounds per forward (paper: 1).
+        init_iterations: warm-up rounds at construction (PAPERS 1.4: 20 reach ~98%).
+        detach_uv: stop gradients through u and v.
+        min_norm: guard for divisions by a norm.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        input_shape: Sequence[int] | None = None,
+        *,
+        beta: float = 1.0,
+        method: Literal["operator", "matrix"] = "operator",
+        n_power_iterations: int = 1,
+        init_iterations: int = 20,
+        detach_uv: bool = True,
+        min_norm: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+        if not isinstance(layer, SUPPORTED_LAYERS):
+            names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+            raise ValueError(f"unsupported layer type {type(layer).__name__}; supported: {names}")
+        self.beta = _check_beta(beta)
+        self.method = method
+        self.n_power_iterations = _check_int("n_power_iterations", n_power_iterations, 1)
+        self.init_iterations = _check_int("init_iterations", init_iterations, 0)
+        self.detach_uv = bool(detach_uv)
+        self.min_norm = float(min_norm)
+        self.frozen = False  # set by freeze_spectral_norm
+        self.layer_type = type(layer).__name__
+        self.input_shape = None if input_shape is None else tuple(int(i) for i in input_shape)
+        weight = layer.weight.detach()
+        # ConvTranspose weights are (C_in, C_out/g, ...): rows are output channels after a
+        # transpose, as in torch's spectral_norm (dim=1).
+        self.matrix_dim = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+        if method == "operator":
+            self.spec = OperatorSpec.from_layer(layer, input_shape)
+            u_shape = self.spec.u_shape
+        else:
+            self.spec = OperatorSpec("linear", (weight.numel() // weight.shape[self.matrix_dim],))
+            u_shape = self.spec.u_shape
+        u = torch.randn(u_shape, device=weight.device, dtype=_float_dtype(weight.dtype))
+        self.register_buffer("u", u / u.norm().clamp_min(self.min_norm))
+        if self.init_iterations:
+            with torch.no_grad(), _no_autocast(weight.device.type):
+                W = weight.to(_float_dtype(weight.dtype))
+                u, _, _ = _power_iteration(
+                    *self._operator(W), self.u.to(W.dtype), self.init_iterations, self.min_norm
+                )
+            self.u.copy_(u)
+
+    def _scaled_sigma_grad(
+        self, W: Tensor, g: Tensor, a: float, b: float, u: Tensor, v: Tensor
+    ) -> Tensor:
+        """``a * g + b * dsigma/dW`` for ``sigma = <A_W u, v>`` with u, v fixed (shape of W)."""
+        if self.method == "operator":
+            return self.spec.scaled_sigma_grad(W, g, a, b, u, v)
+        if not self.matrix_dim:  # reshaped kernel (rows, cols): one addmm
+            out = g * a
+            out.view(W.shape[0], -1).addmm_(v.mT, u, alpha=b)
+            return out
+        G = (v.mT @ u).reshape(W.shape[1], W.shape[0], *W.shape[2:]).transpose(0, 1)
+        return torch.add(g * a, G, alpha=b)
+
+    def _operator(self, W: Tensor) -> tuple[LinearOp, LinearOp]:
+        if self.method == "matrix":
+            return linear_operator(
+                W.transpose(0, 1).flatten(1) if self.matrix_dim else W.flatten(1)
+            )
+        return self.spec.operator(W)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """Return ``weight / max(1, sigma / beta)``; updates ``u`` only in unfrozen training."""
+        update = self.training and not self.frozen
+        dtype = _float_dtype(weight.dtype)
+        with _no_autocast(weight.device.type):
+            W = weight.to(dtype)
+            if not self.detach_uv:
+                # Iterate with gradients (reference behaviour). Clone: u must not be saved for
+                # backward and then overwritten in place.
+                u, _, sigma = _power_iteration(
+                    *self._operator(W),
+                    self.u.clone().to(dtype),
+                    self.n_power_iterations,
+                    self.min_norm,
+                )
+                if update:
+                    self.u.copy_(u.detach())
+                return weight / torch.clamp(sigma / self.beta, min=1.0).to(weight.dtype)
+            with torch.no_grad():
+                u, v, sigma = _power_iteration(
+                    *self._operator(W.detach()),
+                    self.u.to(dtype),
+                    self.n_power_iterations,
+                    self.min_norm,
+                )
+            if update:
+                self.u.copy_(u)
+            if math.isinf(self.beta):
+                return weight
+            # On CPU the branch is free and skips the copy when the layer is already within
+            # beta; on accelerators a host sync per layer costs more than the multiply.
+            sigma_value = float(sigma) if weight.device.type == "cpu" else None
+            if sigma_value is not None and sigma_value <= self.beta:
+                return weight
+            if torch.is_grad_enabled() and weight.requires_grad:
+                grad_fn = partial(self._scaled_sigma_grad, W.detach())
+                return _BoundedRescale.apply(weight, sigma, self.beta, u, v, grad_fn, sigma_value)
+            return weight * torch.clamp(self.beta / sigma, max=1.0).to(weight.dtype)
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        """Identity: assigning ``layer.weight = W`` stores W as the unnormalized weight."""
+        return weight
+
+    @torch.no_grad()
+    def sigma(self, weight: Tensor, n_iter: int | None = None) -> Tensor:
+        """Estimate sigma of ``weight`` (the unnormalized one) from a copy of ``u``; no side effects.
+
+        Args:
+            weight: the original weight (``layer.parametrizations.weight.original``).
+            n_iter: rounds from the stored u; None: ``n_power_iterations`` (what a forward uses).
+
+        Returns:
+            A 0-dim float tensor, a lower bound on the norm (method's norm).
+        """
+        n = self.n_power_iterations if n_iter is None else n_iter
+        dtype = _float_dtype(weight.dtype)
+        with _no_autocast(weight.device.type):
+            W = weight.detach().to(dtype)
+            _, _, sigma = _power_iteration(*self._operator(W), self.u.to(dtype), n, self.min_norm)
+        return sigma
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(model)``."""
+        shape = self.input_shape if self.input_shape is not None else self.spec.input_shape
+        return (
+            f"beta={self.beta}, method={self.method!r}, input_shape={shape}, "
+            f"n_power_iterations={self.n_power_iterations}, detach_uv={self.detach_uv}"
+        )
+
+
+class BoundedBatchNormScale(nn.Module):
+    """Parametrization of a BatchNorm's ``weight`` (gamma) bounding its eval-mode Lipschitz constant.
+
+    The eval-mode BatchNorm ``x -> gamma * (x - mean) / sqrt(var + eps) + b`` is a diagonal
+    affine map with l2 Lipschitz constant ``s = max_i |gamma_i| / sqrt(running_var_i + eps)``.
+    The same rule as the spectral norm applies: ``gamma -> gamma / max(1, s / beta)`` (one factor
+    for the whole layer; the bias is untouched). Only eval-mode BN is bounded: training mode
+    normalizes by batch statistics.
+
+    ``running_var`` is a non-persistent copy of the BatchNorm's buffer, refreshed by a forward
+    pre-hook on the BatchNorm (:func:`_sync_running_var`) before every forward and by
+    :func:`sync_batchnorm_bounds` before export; the state dict is unchanged.
+
+    Args:
+        bn: a ``BatchNorm1d/2d/3d`` with ``affine=True`` and ``track_running_stats=True``.
+        beta: the bound, > 0.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, beta: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"expected a BatchNorm layer, got {type(bn).__name__}")
+        if not bn.affine or bn.running_var is None:
+            raise ValueError(
+                f"{type(bn).__name__} needs affine=True and track_running_stats=True to be bounded"
+            )
+        self.beta = _check_beta(beta)
+        self.eps = float(bn.eps)
+        self.register_buffer("running_var", bn.running_var.detach().clone(), persistent=False)
+
+    def scale(self, gamma: Tensor) -> Tensor:
+        """``s = max_i |gamma_i| / sqrt(running_var_i + eps)`` (a 0-dim tensor)."""
+        return (gamma.abs() / torch.sqrt(self.running_var.to(gamma.dtype) + self.eps)).max()
+
+    def forward(self, gamma: Tensor) -> Tensor:
+        """Return ``gamma / max(1, s / beta)``."""
+        return gamma / torch.clamp(self.scale(gamma) / self.beta, min=1.0)
+
+    def right_inverse(self, gamma: Tensor) -> Tensor:
+        """Identity."""
+        return gamma
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(model)``."""
+        return f"beta={self.beta}, eps={self.eps}"
+
+
+def _sync_running_var(bn: nn.Module, args: Any) -> None:
+    """Forward pre-hook: copy the BatchNorm's running_var into its BoundedBatchNormScale."""
+    if parametrize.is_parametrized(bn, "weight"):
+        for p in bn.parametrizations.weight:
+            if isinstance(p, BoundedBatchNormScale):
+                p.running_var.copy_(bn.running_var)
+
+
+def sync_batchnorm_bounds(model: nn.Module) -> None:
+    """Refresh every BoundedBatchNormScale's running_var (done before export and reports)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                _sync_running_var(m, ())
+
+
+def _class_name(module: nn.Module) -> str:
+    """``Conv2d`` for a ``ParametrizedConv2d`` (parametrize injects a subclass)."""
+    cls = type(module)
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+
+
+def _find(module: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if isinstance(p, kind):
+            return p
+    return None
+
+
+def bounded_spectral_norm(module: nn.Module, name: str = "weight", **kwargs: Any) -> nn.Module:
+    """Register :class:`BoundedSpectralNorm` on ``module.<name>``; returns the module.
+
+    Args:
+        module: Linear, Conv1d/2d/3d or ConvTranspose1d/2d/3d.
+        name: the parametrized tensor; only ``"weight"`` defines the layer's operator.
+        **kwargs: :class:`BoundedSpectralNorm` arguments (``input_shape``, ``beta``, ``method``,
+            ``n_power_iterations``, ``init_iterations``, ``detach_uv``).
+
+    Raises:
+        ValueError: unsupported layer, a name other than "weight", bad arguments, or a layer that
+            already has a bounded spectral norm.
+    """
+    if name != "weight":
+        raise ValueError(f"only 'weight' defines the layer operator, got name={name!r}")
+    if _find(module, name, BoundedSpectralNorm) is not None:
+        raise ValueError(f"{_class_name(module)}.{name} already has a BoundedSpectralNorm")
+    if isinstance(module, SUPPORTED_LAYERS) and parametrize.is_parametrized(module, name):
+        # Our operator assumes ``weight`` is what the layer convolves with; another
+        # parametrization underneath would make sigma wrong.
+        raise ValueError(
+            f"{_class_name(module)}.{name} is already parametrized "
+            f"({[type(p).__name__ for p in module.parametrizations[name]]}); remove it first"
+        )
+    parametrize.register_parametrization(module, name, BoundedSpectralNorm(module, **kwargs))
+    return module
+
+
+def remove_bounded_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Bake the normalized weight into ``module.<name>`` and remove the parametrization.
+
+    The baked weight is the one an eval-mode forward uses; the parameter keeps its identity
+    (``leave_parametrized=True``), so optimizers holding it stay valid.
+
+    Raises:
+        ValueError: no BoundedSpectralNorm on ``module.<name>``.
+    """
+    p = _find(module, name, BoundedSpectralNorm)
+    if p is None:
+        raise ValueError(f"{_class_name(module)}.{name} has no BoundedSpectralNorm to remove")
+    _remove(module, name)
+    return module
+
+
+def _remove(module: nn.Module, name: str) -> None:
+    """Remove all parametrizations of ``module.<name>``, baking the eval-mode value in."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                _sync_running_var(module, ())
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def freeze_spectral_norm(model: nn.Module) -> Iterator[nn.Module]:
+    """Stop ``u`` updates in every BoundedSpectralNorm of ``model`` (e.g. attack forwards).
+
+    Forwards inside still rescale the weight from the stored ``u`` (Note [buffer updates]).
+    The previous states are restored on exit, also when an exception is raised.
+
+    Example:
+        >>> with freeze_spectral_norm(model):
+        ...     x_adv = attack(model, x, y)  # train-mode forwards leave u untouched
+    """
+    norms = [m for m in model.modules() if isinstance(m, BoundedSpectralNorm)]
+    previous = [m.frozen for m in norms]
+    for m in norms:
+        m.frozen = True
+    try:
+        yield model
+    finally:
+        for m, frozen in zip(norms, previous, strict=True):
+            m.frozen = frozen

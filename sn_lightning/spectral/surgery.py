@@ -1,0 +1,316 @@
+"""Model surgery: bounded spectral normalization on every Conv/Linear of any backbone.
+
+``apply_spectral_norm`` records each layer's input shape with one dry forward, then registers
+:class:`~sn_lightning.spectral.parametrization.BoundedSpectralNorm` on the selected layers.
+Export goes the other way: :func:`plain_state_dict` (non-destructive) or
+:func:`remove_spectral_norm` (in place) give a state dict that loads, ``strict=True``, into the
+unmodified backbone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sn_lightning.spectral.ops import SUPPORTED_LAYERS
+from sn_lightning.spectral.parametrization import (
+    METHODS,
+    BoundedBatchNormScale,
+    BoundedSpectralNorm,
+    _check_beta,
+    _find,
+    _remove,
+    _sync_running_var,
+    bounded_spectral_norm,
+    sync_batchnorm_bounds,
+)
+
+__all__ = [
+    "BATCHNORM_POLICIES",
+    "apply_spectral_norm",
+    "normalized_layers",
+    "plain_state_dict",
+    "remove_spectral_norm",
+    "spectral_norms",
+]
+
+BATCHNORM_POLICIES: tuple[str, ...] = ("leave", "bound")
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _beta_for(name: str, beta: float | Mapping[str, float]) -> float | None:
+    """The bound for layer ``name``: the float, or the first matching pattern (None: no match)."""
+    if not isinstance(beta, Mapping):
+        return beta
+    for pattern, value in beta.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """True for subclasses (e.g. timm's StdConv2d, Conv2dSame) that change what the layer computes."""
+    for base in SUPPORTED_LAYERS + _BATCHNORMS:
+        if isinstance(module, base):
+            return type(module).forward is not base.forward
+    return False
+
+
+def _record_input_shapes(
+    model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int]
+) -> dict[str, tuple[int, ...]]:
+    """One eval-mode, no-grad forward of a batch of 1; returns each layer's input shape (no batch)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            shape = tuple(args[0].shape[1:])
+            if name in shapes and shapes[name] != shape:
+                raise ValueError(
+                    f"layer {name!r} is called with several input shapes ({shapes[name]} and "
+                    f"{shape}); one power-iteration vector needs one shape: exclude it"
+                )
+            shapes[name] = shape
+
+        return record
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return shapes
+
+
+def apply_spectral_norm(
+    model: nn.Module,
+    *,
+    beta: float | Mapping[str, float] = 1.0,
+    input_shape: Sequence[int],
+    method: Literal["operator", "matrix"] = "operator",
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    n_power_iterations: int = 1,
+    init_iterations: int = 20,
+    detach_uv: bool = True,
+    batchnorm: Literal["leave", "bound"] = "leave",
+) -> nn.Module:
+    """Bound every selected Conv/Linear layer's operator norm by beta, in place.
+
+    Each selected layer gets ``W -> W / max(1, sigma / beta)`` (Farnia et al. 2019) with sigma
+    the norm of its operator at the resolution it sees inside ``model``, recorded by one
+    eval-mode, no-grad forward of ``zeros(1, *input_shape)`` (modes are restored afterwards).
+
+    Selected layers: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` whose name
+    matches a pattern of ``include``, none of ``exclude``, and (when ``beta`` is a mapping) a key
+    of ``beta``. Names are ``model.named_modules()`` names (``net.layer1.0.conv1``); patterns use
+    ``fnmatch``. Subclasses that override ``forward`` (timm's ``StdConv2d``, ``Conv2dSame``) are
+    skipped with a warning: their operator is not the plain layer's. Convolutions never called in
+    the dry forward are skipped with a warning; Linear layers need no shape and are always kept.
+    Raw weight parameters used functionally (``nn.MultiheadAttention.in_proj_weight``, timm's
+    ``pos_embed``) are not layers and are left alone.
+
+    Args:
+        model: any ``nn.Module`` taking a ``(1, *input_shape)`` tensor.
+        beta: one bound for all layers, or ``{pattern: bound}``; the first matching pattern
+            wins and layers that match none are left alone. All bounds > 0 (``math.inf``: no
+            rescaling, sigma is still tracked).
+        input_shape: ``(C, H, W)`` of one model input, no batch dim.
+        method: ``"operator"`` (exact operator norm) or ``"matrix"`` (reshaped kernel, like
+            ``torch.nn.utils.parametrizations.spectral_norm``, with the beta clamp).
+        include: ``fnmatch`` patterns of layer names to normalize.
+        exclude: patterns of layer names to leave alone (wins over ``include``).
+        n_power_iterations: power-iteration rounds per training forward.
+        init_iterations: warm-up rounds at registration.
+        detach_uv: stop gradients through u, v (PyTorch) or not (reference code).
+        batchnorm: ``"leave"`` (the reference: BN untouched) or ``"bound"``: every selected
+            BatchNorm1d/2d/3d (same name filters and beta) gets
+            ``gamma -> gamma / max(1, s / beta)`` with ``s = max_i |gamma_i| /
+            sqrt(running_var_i + eps)``, its eval-mode Lipschitz constant
+            (:class:`BoundedBatchNormScale`).
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        ValueError: unknown method or batchnorm policy, a bound <= 0, a layer called with two
+            input shapes, already-normalized layers, or no layer selected.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    if batchnorm not in BATCHNORM_POLICIES:
+        raise ValueError(f"unknown batchnorm policy {batchnorm!r}; valid: {BATCHNORM_POLICIES}")
+    if isinstance(beta, Mapping):
+        for pattern, value in beta.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"beta mapping keys must be name patterns, got {pattern!r}")
+            _check_beta(value)
+    else:
+        _check_beta(beta)
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise ValueError(
+            f"include/exclude must be sequences of patterns, got {include!r}, {exclude!r}"
+        )
+
+    layers: dict[str, nn.Module] = {}
+    norms: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if not _match(name, include) or _match(name, exclude) or _beta_for(name, beta) is None:
+            continue
+        if isinstance(m, SUPPORTED_LAYERS):
+            if _overrides_forward(m):
+                warnings.warn(
+                    f"skipping {name!r} ({type(m).__name__}): its forward differs from "
+                    f"{type(m).__mro__[1].__name__}'s, so its operator is unknown",
+                    stacklevel=2,
+                )
+                continue
+            if _find(m, "weight", BoundedSpectralNorm) is not None:
+                raise ValueError(f"layer {name!r} already has a bounded spectral norm")
+            layers[name] = m
+        elif batchnorm == "bound" and isinstance(m, _BATCHNORMS):
+            if not m.affine or m.running_var is None or _overrides_forward(m):
+                warnings.warn(
+                    f"skipping {name!r} ({type(m).__name__}): bounding a BatchNorm needs "
+                    "affine=True, running stats and the plain BatchNorm forward",
+                    stacklevel=2,
+                )
+                continue
+            norms[name] = m
+    if not layers and not norms:
+        raise ValueError(
+            f"no Linear/Conv/ConvTranspose layer matched include={tuple(include)}, "
+            f"exclude={tuple(exclude)}, beta patterns="
+            f"{tuple(beta) if isinstance(beta, Mapping) else 'all'}"
+        )
+
+    convs = {n: m for n, m in layers.items() if not isinstance(m, nn.Linear)}
+    shapes = _record_input_shapes(model, convs, input_shape) if convs else {}
+    for name, m in layers.items():
+        shape = shapes.get(name)
+        if shape is None and name in convs:
+            warnings.warn(f"skipping {name!r}: not called in the dry forward", stacklevel=2)
+            continue
+        if isinstance(m, nn.Linear):
+            shape = (m.in_features,)
+        b = _beta_for(name, beta)
+        assert b is not None
+        bounded_spectral_norm(
+            m,
+            input_shape=shape,
+            beta=b,
+            method=method,
+            n_power_iterations=n_power_iterations,
+            init_iterations=init_iterations,
+            detach_uv=detach_uv,
+        )
+    for name, m in norms.items():
+        b = _beta_for(name, beta)
+        assert b is not None
+        parametrize.register_parametrization(m, "weight", BoundedBatchNormScale(m, b))
+        m.register_forward_pre_hook(_sync_running_var)
+    return model
+
+
+def normalized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """``{name: (layer, parametrization)}`` for every BoundedSpectralNorm / BoundedBatchNormScale."""
+    out: dict[str, tuple[nn.Module, nn.Module]] = {}
+    for name, m in model.named_modules():
+        p = _find(m, "weight", BoundedSpectralNorm) or _find(m, "weight", BoundedBatchNormScale)
+        if p is not None:
+            out[name] = (m, p)
+    return out
+
+
+def remove_spectral_norm(model: nn.Module) -> nn.Module:
+    """Bake the normalized weights in and remove all bounds, in place; returns ``model``.
+
+    Afterwards ``model.state_dict()`` loads (``strict=True``) into the unmodified backbone and
+    reproduces the normalized model's eval-mode outputs. Parameters keep their identity.
+    """
+    for m, p in normalized_layers(model).values():
+        _remove(m, "weight")
+        if isinstance(p, BoundedBatchNormScale):
+            for key in [k for k, h in m._forward_pre_hooks.items() if h is _sync_running_var]:
+                del m._forward_pre_hooks[key]
+    return model
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the unmodified backbone, with normalized weights; ``model`` is untouched.
+
+    Every parametrized tensor appears under its plain key (``conv.weight``) with the value an
+    eval-mode forward uses; the parametrization entries (``original``, ``u``) are dropped. Load
+    it into a freshly created backbone with ``strict=True`` (STYLE 3.6 (8)).
+    """
+    sync_batchnorm_bounds(model)
+    state = model.state_dict()
+    plain: dict[str, Tensor] = OrderedDict()
+    values: dict[str, Tensor] = {}
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if parametrize.is_parametrized(m):
+                    prefix = f"{name}." if name else ""
+                    for tensor_name in m.parametrizations:
+                        values[f"{prefix}parametrizations.{tensor_name}."] = (
+                            getattr(m, tensor_name).detach().clone()
+                        )
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    for key, value in state.items():
+        for pre, baked in values.items():
+            if key.startswith(pre):
+                if key == pre + "original":
+                    # "a.parametrizations.weight." -> "a.weight"
+                    plain[pre.replace("parametrizations.", "")[:-1]] = baked
+                break
+        else:
+            plain[key] = value
+    return plain
+
+
+def spectral_norms(model: nn.Module, *, normalized: bool = False) -> dict[str, float]:
+    """Current sigma estimate per normalized layer, cheap enough to log every epoch.
+
+    For a BoundedSpectralNorm: sigma of the *unnormalized* weight from the stored ``u`` and
+    ``n_power_iterations`` rounds (what the next forward would use; no state is changed). With
+    ``normalized=True``: ``min(sigma, beta)``, the estimate for the weight in use. For a bounded
+    BatchNorm: its exact eval-mode scale ``max |gamma| / sqrt(var + eps)`` (before or after the
+    bound). These are lower estimates; use ``spectral_norm_report`` for upper bounds.
+    """
+    sync_batchnorm_bounds(model)
+    out: dict[str, float] = {}
+    for name, (m, p) in normalized_layers(model).items():
+        original = m.parametrizations.weight.original
+        if isinstance(p, BoundedSpectralNorm):
+            sigma = float(p.sigma(original))
+        else:
+            assert isinstance(p, BoundedBatchNormScale)
+            with torch.no_grad():
+                sigma = float(p.scale(original))
+        out[name] = min(sigma, p.beta) if normalized else sigma
+    return out

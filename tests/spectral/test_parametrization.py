@@ -1,0 +1,316 @@
+"""BoundedSpectralNorm: the rule, its state, its gradients, and register/remove round trips."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sn_lightning.spectral import (
+    BoundedSpectralNorm,
+    bounded_spectral_norm,
+    freeze_spectral_norm,
+    operator_norm,
+    remove_bounded_spectral_norm,
+)
+from sn_lightning.spectral.ops import _power_iteration
+
+
+def _sn(layer, shape, **kw):
+    return bounded_spectral_norm(layer, input_shape=shape, **kw)
+
+
+def _state(layer):
+    return layer.parametrizations.weight[0].u.clone()
+
+
+def test_rule_only_shrinks():
+    torch.manual_seed(0)
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=100.0)
+    # far below beta: the very same tensor comes back (no copy, no rescale)
+    assert layer.weight is layer.parametrizations.weight.original
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.1)
+    p = layer.parametrizations.weight[0]
+    W = layer.parametrizations.weight.original
+    layer.eval()
+    sigma = float(p.sigma(W))
+    assert sigma > 0.1
+    torch.testing.assert_close(layer.weight, W / (sigma / 0.1))
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
+        (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 5, 5)),
+        (lambda: nn.Conv1d(3, 5, 5, padding=2, padding_mode="circular"), (3, 8)),
+        (lambda: nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1), (4, 3, 3)),
+        (lambda: nn.Linear(8, 5), None),
+    ],
+    ids=["strided", "depthwise", "conv1d-circular", "transpose", "linear"],
+)
+def test_training_forwards_bound_the_true_norm(layer, shape):
+    torch.manual_seed(1)
+    layer = layer()
+    nn.init.normal_(layer.weight)
+    beta = 0.7
+    _sn(layer, shape, beta=beta, init_iterations=5)
+    layer.train()
+    x = torch.randn(2, *(shape or (8,)))
+    for _ in range(200):
+        layer(x)
+    truth = operator_norm(layer, shape, n_iter=1000)  # of the weight in use
+    assert truth <= beta * (1 + 1e-2)
+    assert truth >= beta * (1 - 1e-2)  # it was above beta: shrunk to beta, not below
+
+
+def test_eval_forward_changes_no_buffer_and_is_deterministic():
+    torch.manual_seed(2)
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.5)
+    x = torch.randn(2, 3, 6, 6)
+    layer.eval()
+    u0 = _state(layer)
+    y1, y2 = layer(x), layer(x)
+    assert torch.equal(_state(layer), u0)
+    assert torch.equal(y1, y2)
+    # a training forward uses the same function of (W, u) and then stores the new u
+    layer.train()
+    y3 = layer(x)
+    assert torch.equal(y3, y1)
+    assert not torch.equal(_state(layer), u0)
+
+
+def test_freeze_stops_updates_in_train_mode_and_restores_on_exception():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    _sn(model[0], (3, 6, 6))
+    _sn(model[2], (4, 6, 6))
+    model.train()
+    x = torch.randn(2, 3, 6, 6)
+    before = [_state(model[0]), _state(model[2])]
+    with freeze_spectral_norm(model):
+        model(x)
+        model(x).sum().backward()
+    assert torch.equal(_state(model[0]), before[0])
+    assert torch.equal(_state(model[2]), before[1])
+    with pytest.raises(RuntimeError, match="boom"), freeze_spectral_norm(model):
+        raise RuntimeError("boom")
+    assert not model[0].parametrizations.weight[0].frozen
+    model(x)
+    assert not torch.equal(_state(model[0]), before[0])
+
+
+def test_u_is_in_the_state_dict_with_the_input_shape():
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 9, 7))
+    sd = layer.state_dict()
+    assert sd["parametrizations.weight.0.u"].shape == (1, 3, 9, 7)
+    assert sd["parametrizations.weight.0.u"].dtype == torch.float32
+    assert float(sd["parametrizations.weight.0.u"].norm()) == pytest.approx(1.0, rel=1e-5)
+    lin = _sn(nn.Linear(6, 2), None)
+    assert lin.state_dict()["parametrizations.weight.0.u"].shape == (1, 6)
+
+
+def test_amp_keeps_power_iteration_in_float32():
+    torch.manual_seed(4)
+    layer = _sn(nn.Conv2d(3, 8, 3, padding=1), (3, 6, 6), beta=0.3)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert layer.parametrizations.weight[0].u.dtype == torch.float32
+    ref(x)  # the same iteration without autocast
+    torch.testing.assert_close(_state(layer), _state(ref), rtol=0, atol=0)
+    layer.eval()
+    ref.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        W_amp = layer.weight
+    assert W_amp.dtype == torch.float32
+    torch.testing.assert_close(W_amp, ref.weight, rtol=0, atol=0)
+
+
+def _reference_weight(layer, u0):
+    """W / max(1, <A u, v>/beta) with u, v from one iteration from u0, by plain autograd."""
+    p = layer.parametrizations.weight[0]
+    W = layer.parametrizations.weight.original
+    with torch.no_grad():
+        u, v, _ = _power_iteration(*p._operator(W.detach()), u0, 1)
+    op, _ = p._operator(W)
+    sigma = torch.sum(op(u) * v)
+    return W / torch.clamp(sigma / p.beta, min=1.0)
+
+
+@pytest.mark.parametrize("method", ["operator", "matrix"])
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
+        (lambda: nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"), (4, 6, 6)),
+        (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), (8, 5, 4)),
+        (lambda: nn.Conv2d(128, 64, 3, padding=1), (128, 2, 2)),  # im2col + GEMM path
+        (lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2), (4, 9)),
+        (lambda: nn.Conv3d(2, 3, 3, padding=1), (2, 3, 3, 3)),
+        (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (4, 5, 5)),
+        (lambda: nn.Linear(5, 7), None),
+    ],
+    ids=["strided", "reflect", "grouped", "gemm", "conv1d", "conv3d", "transpose", "linear"],
+)
+def test_fused_gradient_equals_autograd(layer, shape, method):
+    torch.manual_seed(5)
+    layer = layer()
+    _sn(layer, shape, beta=0.1, method=method)
+    u0 = _state(layer)
+    ref = _reference_weight(layer, u0)
+    W_sn = layer.weight  # training forward: one iteration from u0
+    torch.testing.assert_close(W_sn, ref)
+    g = torch.randn_like(W_sn)
+    (grad,) = torch.autograd.grad((W_sn * g).sum(), layer.parametrizations.weight.original)
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), layer.parametrizations.weight.original)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_detach_uv_false_lets_gradients_flow_through_the_iteration():
+    torch.manual_seed(6)
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 5, 5), beta=0.1, detach_uv=False)
+    p = layer.parametrizations.weight[0]
+    W = layer.parametrizations.weight.original
+    u0 = _state(layer)
+    g = torch.randn_like(W)
+    (grad,) = torch.autograd.grad((layer.weight * g).sum(), W)
+    # reference: autograd through the whole iteration from u0
+    _, _, sigma = _power_iteration(*p._operator(W), u0, 1)
+    (grad_ref,) = torch.autograd.grad((W / (sigma / 0.1) * g).sum(), W)
+    torch.testing.assert_close(grad, grad_ref)
+    assert not torch.equal(_state(layer), u0)
+    assert not p.u.requires_grad
+    # and it differs from the detached gradient
+    detached = copy.deepcopy(layer)
+    detached.parametrizations.weight[0].detach_uv = True
+    detached.parametrizations.weight[0].u.copy_(u0)
+    Wd = detached.parametrizations.weight.original
+    (grad_detached,) = torch.autograd.grad((detached.weight * g).sum(), Wd)
+    assert not torch.allclose(grad, grad_detached)
+    # two forwards before one backward (clean + adversarial pass) must work
+    loss = layer(torch.randn(1, 3, 5, 5)).sum() + layer(torch.randn(1, 3, 5, 5)).sum()
+    loss.backward()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matrix_method_is_torch_reshaped_kernel_norm(transposed):
+    torch.manual_seed(7)
+    cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+    layer = cls(4, 6, 3, stride=2, padding=1)
+    nn.init.normal_(layer.weight)
+    _sn(layer, (4, 5, 5), beta=0.5, method="matrix", init_iterations=500)
+    W_sn = layer.weight.detach()
+    M = W_sn.transpose(0, 1) if transposed else W_sn
+    assert float(torch.linalg.matrix_norm(M.flatten(1), ord=2)) == pytest.approx(0.5, rel=1e-4)
+    # torch's built-in sigma (same dim convention) on the original weight
+    ref = cls(4, 6, 3, stride=2, padding=1)
+    ref.weight.data.copy_(layer.parametrizations.weight.original.detach())
+    torch.nn.utils.parametrizations.spectral_norm(ref, n_power_iterations=500)
+    torch_sigma = float((ref.parametrizations.weight.original / ref.weight).detach().flatten()[0])
+    p = layer.parametrizations.weight[0]
+    assert float(p.sigma(layer.parametrizations.weight.original, 500)) == pytest.approx(
+        torch_sigma, rel=1e-4
+    )
+    # the operator norm of the matrix-normalized layer exceeds beta (PAPERS 1.4)
+    assert operator_norm(layer, (4, 5, 5), n_iter=300) > 0.5
+
+
+def test_deepcopy_and_state_dict_round_trip():
+    torch.manual_seed(8)
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.5)
+    x = torch.randn(2, 3, 6, 6)
+    layer.train()
+    layer(x)
+    clone = copy.deepcopy(layer)
+    assert clone.parametrizations.weight[0].u is not layer.parametrizations.weight[0].u
+    layer.eval()
+    clone.eval()
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    # save / load into a freshly built and parametrized layer
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(123)
+    fresh = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.5).eval()
+    fresh.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_remove_bakes_the_eval_weight_and_restores_the_class():
+    torch.manual_seed(9)
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.2)
+    original = layer.parametrizations.weight.original
+    x = torch.randn(2, 3, 6, 6)
+    layer.train()
+    expected = layer.eval()(x)
+    layer.train()
+    remove_bounded_spectral_norm(layer)
+    assert type(layer) is nn.Conv2d
+    assert not parametrize.is_parametrized(layer)
+    assert layer.weight is original  # the parameter keeps its identity
+    assert layer.training
+    torch.testing.assert_close(layer(x), expected)
+    with pytest.raises(ValueError, match="has no BoundedSpectralNorm"):
+        remove_bounded_spectral_norm(layer)
+
+
+def test_dtype_and_device_moves_keep_working():
+    torch.manual_seed(10)
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.5)
+    layer.double()
+    assert layer.parametrizations.weight[0].u.dtype == torch.float64
+    y = layer(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    layer.float().to("cpu")
+    assert layer(torch.randn(1, 3, 6, 6)).dtype == torch.float32
+
+
+def test_sigma_has_no_side_effects():
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6))
+    u0 = _state(layer)
+    p = layer.parametrizations.weight[0]
+    s1 = p.sigma(layer.parametrizations.weight.original)
+    s50 = p.sigma(layer.parametrizations.weight.original, 50)
+    assert torch.equal(_state(layer), u0)
+    assert float(s1) <= float(s50) * (1 + 1e-6)
+
+
+def test_infinite_beta_never_rescales():
+    layer = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=math.inf)
+    assert layer.weight is layer.parametrizations.weight.original
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "fro"}, r"unknown method 'fro'; valid: \('operator', 'matrix'\)"),
+        ({"beta": 0.0}, "beta must be a number > 0"),
+        ({"beta": -1.0}, "beta must be a number > 0"),
+        ({"n_power_iterations": 0}, "n_power_iterations must be an int >= 1, got 0"),
+        ({"init_iterations": -1}, "init_iterations must be an int >= 0"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _sn(nn.Conv2d(3, 4, 3), (3, 6, 6), **kwargs)
+
+
+def test_bad_layers_and_names_raise():
+    with pytest.raises(ValueError, match="unsupported layer type BatchNorm2d; supported: Linear"):
+        bounded_spectral_norm(nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match="only 'weight'"):
+        bounded_spectral_norm(nn.Linear(3, 3), name="bias")
+    layer = _sn(nn.Linear(3, 3), None)
+    with pytest.raises(ValueError, match="already has a BoundedSpectralNorm"):
+        bounded_spectral_norm(layer)
+    with pytest.raises(ValueError, match="needs input_shape"):
+        bounded_spectral_norm(nn.Conv2d(3, 3, 3))
+    assert isinstance(layer.parametrizations.weight[0], BoundedSpectralNorm)

@@ -1,0 +1,323 @@
+"""apply_spectral_norm on real timm / torchvision backbones; export and round trips."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from sn_lightning.models.normalize import InputNormalize
+from sn_lightning.spectral import (
+    BoundedBatchNormScale,
+    BoundedSpectralNorm,
+    apply_spectral_norm,
+    freeze_spectral_norm,
+    normalized_layers,
+    operator_norm,
+    plain_state_dict,
+    remove_spectral_norm,
+    spectral_norms,
+)
+
+SHAPE = (3, 32, 32)
+
+
+def wrap(net: nn.Module) -> nn.Sequential:
+    """The lead's backbone layout: Sequential(normalize=InputNormalize, net=backbone)."""
+    return nn.Sequential(
+        OrderedDict(normalize=InputNormalize([0.5, 0.4, 0.3], [0.25, 0.2, 0.3]), net=net)
+    )
+
+
+class TinyConvNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+BACKBONES = {
+    "tiny": lambda: TinyConvNet(),
+    "timm:resnet18": lambda: timm.create_model("resnet18", num_classes=10, pretrained=False),
+    "torchvision:resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "torchvision:mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "timm:convnext_atto": lambda: timm.create_model(
+        "convnext_atto", num_classes=10, pretrained=False
+    ),
+    "timm:vit_tiny": lambda: timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=32
+    ),
+    "timm:regnetx_002": lambda: timm.create_model("regnetx_002", num_classes=10, pretrained=False),
+}
+SLOW_BACKBONES = {
+    "torchvision:densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "timm:efficientnet_b0": lambda: timm.create_model(
+        "efficientnet_b0", num_classes=10, pretrained=False
+    ),
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return wrap({**BACKBONES, **SLOW_BACKBONES}[name]())
+
+
+def _u(model):
+    return {n: p.u.clone() for n, (_, p) in normalized_layers(model).items() if hasattr(p, "u")}
+
+
+def _check_backbone(name: str, forwards: int = 25) -> None:
+    beta = 0.8
+    model = build(name)
+    # Random init has tiny spectral gaps (slow power iteration): a longer warm-up than the default.
+    apply_spectral_norm(
+        model, beta=beta, input_shape=SHAPE, n_power_iterations=5, init_iterations=100
+    )
+    layers = normalized_layers(model)
+    n_layers = sum(
+        isinstance(m, (nn.Conv2d, nn.Linear))
+        and type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
+        for m in build(name).modules()
+    )
+    assert len(layers) == n_layers  # every plain Conv/Linear
+    x = torch.rand(2, *SHAPE)
+
+    # eval forwards change no buffer
+    model.eval()
+    u0 = _u(model)
+    with torch.no_grad():
+        y_eval = model(x)
+    assert all(torch.equal(u0[k], v) for k, v in _u(model).items())
+    # frozen training forwards change no buffer either
+    model.train()
+    with freeze_spectral_norm(model), torch.no_grad():
+        model(x)
+    assert all(torch.equal(u0[k], v) for k, v in _u(model).items())
+
+    # training forwards: every layer's true norm ends up <= beta (1 + 1e-2)
+    with torch.no_grad():
+        for _ in range(forwards):
+            model(x)
+    for lname, (layer, p) in layers.items():
+        shape = p.spec.input_shape if isinstance(layer, nn.Linear) else p.input_shape
+        truth = operator_norm(layer, shape, n_iter=300)
+        assert truth <= beta * (1 + 1e-2), (lname, truth)
+
+    # export: plain weights load strictly into the unmodified backbone and reproduce outputs
+    model.eval()
+    with torch.no_grad():
+        y_eval = model(x)
+    fresh = build(name, seed=1).eval()
+    fresh.load_state_dict(plain_state_dict(model), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y_eval, rtol=1e-5, atol=1e-5)
+    assert normalized_layers(model)  # plain_state_dict left the model normalized
+
+    # state dict round trip into a freshly built and normalized model
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = apply_spectral_norm(
+        build(name, seed=2), beta=beta, input_shape=SHAPE, n_power_iterations=5, init_iterations=0
+    ).eval()
+    other.load_state_dict(torch.load(buffer), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), y_eval, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_backbone_layers_are_bounded_and_export(name):
+    _check_backbone(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_BACKBONES))
+def test_slow_backbones(name):
+    _check_backbone(name, forwards=80)
+
+
+def test_recorded_shapes_are_the_real_resolutions():
+    model = apply_spectral_norm(build("torchvision:resnet18"), beta=1.0, input_shape=SHAPE)
+    layers = normalized_layers(model)
+    assert layers["net.conv1"][1].input_shape == (3, 32, 32)
+    assert layers["net.layer1.0.conv1"][1].input_shape == (64, 8, 8)
+    assert layers["net.layer4.1.conv2"][1].input_shape == (512, 1, 1)
+    assert layers["net.layer4.1.conv2"][1].u.shape == (1, 512, 1, 1)
+    assert layers["net.fc"][1].u.shape == (1, 512)
+    assert model.training  # the dry forward restored the mode
+
+
+def test_deepcopy_and_remove_spectral_norm():
+    torch.manual_seed(0)
+    model = apply_spectral_norm(build("tiny"), beta=0.5, input_shape=SHAPE)
+    x = torch.rand(3, *SHAPE)
+    clone = copy.deepcopy(model)
+    model.eval()
+    clone.eval()
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+    clone.train()
+    clone(x)  # updates only the clone
+    assert not all(
+        torch.equal(a, b) for a, b in zip(_u(clone).values(), _u(model).values(), strict=True)
+    )
+    expected = model(x)
+    params = {id(p) for p in model.parameters()}
+    remove_spectral_norm(model)
+    assert not normalized_layers(model)
+    assert type(model.net.conv1) is nn.Conv2d
+    assert {id(p) for p in model.parameters()} == params
+    torch.testing.assert_close(model(x), expected)
+    fresh = build("tiny", seed=3).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), expected)
+
+
+def test_per_layer_beta_mapping_first_match_wins():
+    model = apply_spectral_norm(
+        build("torchvision:resnet18"),
+        beta={"net.layer1.*": 0.5, "net.layer*": 2.0, "net.fc": math.inf},
+        input_shape=SHAPE,
+    )
+    betas = {n: p.beta for n, (_, p) in normalized_layers(model).items()}
+    assert betas["net.layer1.0.conv1"] == 0.5
+    assert betas["net.layer2.0.downsample.0"] == 2.0
+    assert betas["net.fc"] == math.inf
+    assert "net.conv1" not in betas  # matches no pattern: left alone
+    assert not hasattr(model.net.conv1, "parametrizations")
+
+
+def test_include_exclude_and_method():
+    model = apply_spectral_norm(
+        build("torchvision:resnet18"),
+        beta=1.0,
+        input_shape=SHAPE,
+        include=("net.layer3.*", "net.fc"),
+        exclude=("*downsample*",),
+        method="matrix",
+    )
+    names = set(normalized_layers(model))
+    assert names == {"net.layer3.0.conv1", "net.layer3.0.conv2", "net.layer3.1.conv1",
+                     "net.layer3.1.conv2", "net.fc"}  # fmt: skip
+    assert {p.method for _, p in normalized_layers(model).values()} == {"matrix"}
+    assert normalized_layers(model)["net.layer3.0.conv1"][1].input_shape == (128, 4, 4)
+
+
+def test_batchnorm_bound():
+    torch.manual_seed(0)
+    model = build("tiny")
+    model.train()
+    with torch.no_grad():  # move the running stats away from 1
+        for _ in range(5):
+            model(torch.rand(8, *SHAPE) * 0.1)
+    model.net.bn1.weight.data.uniform_(2.0, 3.0)
+    apply_spectral_norm(model, beta=0.9, input_shape=SHAPE, batchnorm="bound")
+    bn = model.net.bn1
+    assert isinstance(bn.parametrizations.weight[0], BoundedBatchNormScale)
+    model.eval()
+    x = torch.rand(2, *SHAPE)
+    y = model(x)
+    scale = float((bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).max().detach())
+    assert scale == pytest.approx(0.9, rel=1e-5)
+    assert spectral_norms(model, normalized=True)["net.bn1"] == pytest.approx(0.9, rel=1e-5)
+    assert spectral_norms(model)["net.bn1"] > 0.9
+    # training updates the running stats; the bound follows them
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, *SHAPE))
+    model.eval()
+    model(x)
+    scale = float((bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).max().detach())
+    assert scale <= 0.9 * (1 + 1e-5)
+    # export
+    fresh = build("tiny", seed=4).eval()
+    fresh.load_state_dict(plain_state_dict(model), strict=True)
+    torch.testing.assert_close(fresh(x), model(x))
+    remove_spectral_norm(model)
+    assert not bn._forward_pre_hooks
+    assert type(bn) is nn.BatchNorm2d
+    del y
+
+
+def test_spectral_norms_are_cheap_estimates_without_side_effects():
+    model = apply_spectral_norm(build("tiny"), beta=0.5, input_shape=SHAPE, init_iterations=100)
+    u0 = _u(model)
+    sigmas = spectral_norms(model)
+    assert set(sigmas) == {"net.conv1", "net.conv2", "net.fc"}
+    assert all(isinstance(v, float) for v in sigmas.values())
+    for name, (layer, p) in normalized_layers(model).items():
+        converged = float(p.sigma(layer.parametrizations.weight.original, 500))
+        assert 0.97 * converged <= sigmas[name] <= converged * (1 + 1e-5)
+    normalized = spectral_norms(model, normalized=True)
+    assert all(normalized[k] == min(sigmas[k], 0.5) for k in sigmas)
+    assert all(torch.equal(u0[k], v) for k, v in _u(model).items())
+
+
+def test_model_to_dtype_keeps_working():
+    model = apply_spectral_norm(build("tiny"), beta=0.5, input_shape=SHAPE)
+    model.double()
+    y = model(torch.rand(2, *SHAPE, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    assert all(p.u.dtype == torch.float64 for _, p in normalized_layers(model).values())
+
+
+def test_overridden_forward_is_skipped_with_a_warning():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(ScaledConv(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, *SHAPE))
+    with pytest.warns(UserWarning, match="skipping '0' \\(ScaledConv\\)"):
+        apply_spectral_norm(model, beta=1.0, input_shape=SHAPE)
+    assert set(normalized_layers(model)) == {"2"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "power"}, r"unknown method 'power'; valid: \('operator', 'matrix'\)"),
+        ({"beta": 0}, "beta must be a number > 0"),
+        ({"beta": -2.0}, "beta must be a number > 0"),
+        ({"beta": {"*": 0.0}}, "beta must be a number > 0"),
+        ({"batchnorm": "fold"}, r"unknown batchnorm policy 'fold'; valid: \('leave', 'bound'\)"),
+        ({"include": ("nothing*",)}, "no Linear/Conv/ConvTranspose layer matched"),
+        ({"include": "net.*"}, "include/exclude must be sequences"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    kwargs = {"beta": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        apply_spectral_norm(build("tiny"), input_shape=SHAPE, **kwargs)
+
+
+def test_twice_raises_and_shared_layers_with_two_shapes_raise():
+    model = apply_spectral_norm(build("tiny"), beta=1.0, input_shape=SHAPE)
+    with pytest.raises(ValueError, match="already has a bounded spectral norm"):
+        apply_spectral_norm(model, beta=1.0, input_shape=SHAPE)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x)[..., ::2, ::2])
+
+    with pytest.raises(ValueError, match="several input shapes"):
+        apply_spectral_norm(Twice(), beta=1.0, input_shape=SHAPE)
+    assert isinstance(BoundedSpectralNorm, type)
