@@ -13,6 +13,13 @@ from sn_lightning.evaluation import evaluate as evaluate
 from sn_lightning.models import InputNormalize as InputNormalize
 from sn_lightning.models import create_backbone as create_backbone
 from sn_lightning.models import list_backbones as list_backbones
+from sn_lightning.spectral import apply_spectral_norm as apply_spectral_norm
+from sn_lightning.spectral import freeze_spectral_norm as freeze_spectral_norm
+from sn_lightning.spectral import operator_norm as operator_norm
+from sn_lightning.spectral import plain_state_dict as plain_state_dict
+from sn_lightning.spectral import remove_spectral_norm as remove_spectral_norm
+from sn_lightning.spectral import spectral_norm_report as spectral_norm_report
+from sn_lightning.spectral import spectral_norms as spectral_norms
 
 __version__ = "0.1.0"
 
@@ -24,9 +31,16 @@ __all__ = [
     "InputNormalize",
     "SNClassifier",
     "__version__",
+    "apply_spectral_norm",
     "create_backbone",
     "evaluate",
+    "freeze_spectral_norm",
     "list_backbones",
+    "operator_norm",
+    "plain_state_dict",
+    "remove_spectral_norm",
+    "spectral_norm_report",
+    "spectral_norms",
 ]
 
 

@@ -166,7 +166,9 @@ def _final_extras(model: SNClassifier) -> dict[str, Any]:
     """The spectral-norm report (per layer σ, upper bound, β) and the network Lipschitz bound."""
     from sn_lightning.spectral import spectral_norm_report
 
-    report = spectral_norm_report(model.model, n_iter=100)
+    report = spectral_norm_report(
+        model.model, n_iter=100, input_shape=tuple(model.hparams.input_shape)
+    )
     return {"lipschitz_bound": report.lipschitz_bound, "spectral": report.as_dict()}
 
 

@@ -82,3 +82,59 @@ def test_checkpoint_roundtrip(tmp_path):
 def test_bad_input(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SNClassifier(**kwargs)
+
+
+def test_beta_bounds_every_layer_and_logs_sigma(tmp_path):
+    from sn_lightning.spectral import normalized_layers, operator_norm
+
+    model = SNClassifier(beta=1.0, lr=0.05, sn_init_iterations=100)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=10)
+    trainer.fit(model, datamodule=ImageDataModule("digits", batch_size=32))
+    layers = normalized_layers(model.model)
+    assert len(layers) == 4  # 2 convs + 2 linears of digits_cnn
+    metrics = trainer.callback_metrics
+    for name in layers:
+        assert f"sn/{name}/sigma" in metrics
+    assert float(metrics["sn/lipschitz_bound"]) > 0
+    shapes = {"net.0": (1, 8, 8), "net.2": (32, 8, 8)}
+    for name, (layer, _) in layers.items():
+        true = operator_norm(layer, shapes.get(name), n_iter=500)  # the normalized weight
+        assert true <= 1.0 * (1 + 1e-2), (name, true)
+
+
+def test_no_beta_means_no_parametrization():
+    from torch.nn.utils import parametrize
+
+    model = SNClassifier(beta=None)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_checkpoint_and_export_with_spectral_norm(tmp_path):
+    from sn_lightning.models import create_backbone
+    from sn_lightning.spectral import plain_state_dict
+
+    model = SNClassifier(beta=1.5, lr=0.05)
+    trainer = _trainer(tmp_path, enable_checkpointing=True, max_epochs=1, limit_train_batches=5)
+    trainer.fit(model, datamodule=ImageDataModule("digits", batch_size=32))
+    path = tmp_path / "sn.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = SNClassifier.load_from_checkpoint(path)
+    x = torch.rand(6, 1, 8, 8)
+    model.eval()
+    loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+    u_keys = [k for k in model.state_dict() if "parametrizations" in k and "original" not in k]
+    assert u_keys
+    for k in u_keys:
+        assert torch.equal(model.state_dict()[k], loaded.state_dict()[k])
+    plain = create_backbone(
+        "sn_lightning:digits_cnn",
+        num_classes=10,
+        in_chans=1,
+        input_size=(8, 8),
+        mean=model.hparams.mean,
+        std=model.hparams.std,
+    )
+    plain.load_state_dict(plain_state_dict(model.model), strict=True)
+    plain.eval()
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
