@@ -277,3 +277,31 @@ def test_attack_names():
 def test_bad_input(make, match):
     with pytest.raises(ConfigError, match=match):
         make()
+
+
+class AutocastProbe(L.Callback):
+    """Records the autocast state seen by the model's forward during the attack."""
+
+    def __init__(self):
+        self.states = []
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.model.register_forward_hook(
+            lambda m, a, out: self.states.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        )
+
+
+def test_attack_runs_under_the_trainer_precision_context(tmp_path):
+    eps = 0.1
+    before, probe = Snapshot(), AutocastProbe()
+    model = RecordingClassifier(lr=0.05, beta=2.0)
+    callbacks = [before, probe, AdversarialTraining(PGD("linf", eps=eps, steps=2))]
+    _fit(model, callbacks, tmp_path, steps=2, limit_val_batches=0, precision="bf16-mixed")
+    # every forward (attack steps and the training step) ran in bf16 autocast
+    assert probe.states and all(on and dtype == torch.bfloat16 for on, dtype in probe.states)
+    for clean, seen in zip(before.batches, model.seen, strict=True):
+        assert seen.dtype == torch.float32
+        assert (seen - clean).abs().max() <= eps + 1e-6
+        assert (seen - clean).abs().max() > eps / 2
+    for layer in [m for m in model.modules() if hasattr(m, "u")]:
+        assert layer.u.dtype == torch.float32  # power iteration stays in float32 under AMP

@@ -66,6 +66,8 @@ BACKBONES = {
 }
 SLOW_BACKBONES = {
     "torchvision:densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "torchvision:vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=10),
+    "torchvision:wide_resnet50_2": lambda: torchvision.models.wide_resnet50_2(num_classes=10),
     "timm:efficientnet_b0": lambda: timm.create_model(
         "efficientnet_b0", num_classes=10, pretrained=False
     ),
