@@ -128,6 +128,8 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     results["test"] = evaluate(model, dm.test_dataloader(), device)
     results["gap"] = results["train"]["acc"] - results["test"]["acc"]
     results["adversarial"] = _adversarial_results(trainer, model, dm)
+    if model.hparams.certify_eps:
+        results["certified"] = _certified_results(model, dm)
     results.update(_final_extras(model))
     results["settings"] = _key_settings(cli.config)
     results["train_time_s"] = train_time
@@ -156,10 +158,45 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
             f"{name}: train adv acc {entry['train']['acc']:.4f}  test adv acc {entry['test']['acc']:.4f}  "
             f"gap {entry['gap']:+.4f}"
         )
+    for eps, entry in results.get("certified", {}).get("eps", {}).items():
+        lines.append(
+            f"certified (l2, eps {eps}): train {entry['train']:.4f}  test {entry['test']:.4f}"
+        )
     if results.get("lipschitz_bound") is not None:
         lines.append(f"Lipschitz bound (l2, sound): {results['lipschitz_bound']:.4g}")
     sys.stdout.write("\n".join([*lines, f"results: {path}"]) + "\n")
     return results
+
+
+def _certified_results(model: SNClassifier, dm: ImageDataModule) -> dict[str, Any]:
+    """Certified accuracy (l2, pairwise LipLT rule) per eps on train/val/test, and the bounds."""
+    import torch
+
+    from sn_lightning.lipschitz import certified_radius, liplt_bound, naive_bound
+
+    shape = tuple(model.hparams.input_shape)
+    L = model.certified_lipschitz().to(model.device)
+    with torch.no_grad():
+        out: dict[str, Any] = {
+            "rule": "pairwise LipLT, sound (converged iterations + guaranteed upper bounds)",
+            "lipschitz_naive": naive_bound(model.model, shape),
+            "lipschitz_liplt": float(liplt_bound(model.model, shape, certify=True)),
+            "eps": {f"{e:g}": {} for e in model.hparams.certify_eps},
+        }
+    loaders = {"train": dm.train_eval_dataloader, "test": dm.test_dataloader}
+    if dm.val_set is not None:
+        loaders["val"] = dm.val_dataloader
+    model.eval()
+    for split, loader in loaders.items():
+        radii = []
+        with torch.no_grad():
+            for x, y in loader():
+                x, y = x.to(model.device), y.to(model.device)
+                radii.append(certified_radius(model(x).float(), y, L).cpu())
+        r = torch.cat(radii)
+        for e in model.hparams.certify_eps:
+            out["eps"][f"{e:g}"][split] = float((r > e).float().mean())
+    return out
 
 
 def _final_extras(model: SNClassifier) -> dict[str, Any]:

@@ -62,6 +62,7 @@ __all__ = [
     "certified_accuracy",
     "certified_radius",
     "crm_loss",
+    "crm_penalty",
     "liplt_bound",
     "naive_bound",
     "parse_model",
@@ -632,14 +633,39 @@ def certified_accuracy(logits: Tensor, y: Tensor, L_pairwise: Tensor, eps: float
     return float(ok.float().mean()) if ok.numel() else 0.0
 
 
+def crm_penalty(logits: Tensor, y: Tensor, L_pairwise: Tensor, R0: float, t: float) -> Tensor:
+    """The robust term of the CRM loss (PAPERS 2.2), without the weight lambda.
+
+    ``(1/B) * sum_{i: y_hat_i = y_i, R_i < R0} (1/t) log sum_{j != y_i} exp(-t r_ij)`` with
+    ``y_hat = argmax f``, ``r_ij = (f_i,y_hat - f_ij) / L[y_hat, j]`` and ``R_i = min_j r_ij``
+    (the mask is not differentiated; the terms are, in the logits and in ``L_pairwise``).
+    ``(1/t) logsumexp(-t r)`` upper-bounds ``-min_j r_j`` within ``log(C - 1) / t``.
+
+    Args:
+        logits: ``(B, C)``.
+        y: ``(B,)`` int labels.
+        L_pairwise: ``(C, C)`` pairwise Lipschitz bounds (training path: with gradients).
+        R0: only points with radius below R0 are penalized.
+        t: temperature of the soft-min.
+
+    Returns:
+        A 0-dim tensor (0 when no point qualifies).
+    """
+    B = logits.shape[0]
+    y_hat = logits.argmax(dim=1)
+    r = _radii(logits, y_hat, L_pairwise)  # (B, C), +inf at y_hat
+    R = r.amin(dim=1)
+    mask = (y_hat == y) & (R.detach() < R0)
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    soft = torch.logsumexp(-t * r[mask], dim=1) / t  # exp(-inf) = 0 drops j = y_hat
+    return soft.sum() / B
+
+
 def crm_loss(
     logits: Tensor, y: Tensor, L_pairwise: Tensor, lam: float, R0: float, t: float
 ) -> Tensor:
-    """Certified-radius-maximization loss, softmax variant (PAPERS 2.2).
-
-    ``CE(f, y) + lam * (1/B) * sum_{i: y_hat_i = y_i, R_i < R0} (1/t) log sum_{j != y_i} exp(-t r_ij)``
-    with ``y_hat = argmax f``, ``r_ij = (f_i,y_hat - f_ij) / L[y_hat, j]`` and ``R_i = min_j r_ij``
-    (the mask is not differentiated; the terms are, in the logits and in ``L_pairwise``).
+    """Certified-radius-maximization loss, softmax variant: ``CE + lam * crm_penalty`` (PAPERS 2.2).
 
     Args:
         logits: ``(B, C)``.
@@ -652,13 +678,4 @@ def crm_loss(
     Returns:
         A 0-dim tensor.
     """
-    ce = F.cross_entropy(logits, y)
-    B = logits.shape[0]
-    y_hat = logits.argmax(dim=1)
-    r = _radii(logits, y_hat, L_pairwise)  # (B, C), +inf at y_hat
-    R = r.amin(dim=1)
-    mask = (y_hat == y) & (R.detach() < R0)
-    if not bool(mask.any()):
-        return ce
-    soft = torch.logsumexp(-t * r[mask], dim=1) / t  # exp(-inf) = 0 drops j = y_hat
-    return ce + lam * soft.sum() / B
+    return F.cross_entropy(logits, y) + lam * crm_penalty(logits, y, L_pairwise, R0, t)

@@ -51,6 +51,15 @@ class SNClassifier(L.LightningModule):
         sn_batchnorm: leave BatchNorm alone (reference) or bound its affine scale by beta.
         sn_detach: detach the power-iteration vectors (PyTorch's choice); false lets gradients
             flow through them (the reference's choice).
+        crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
+            feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
+        crm_r0: only points whose certified radius is below this are penalized (R0).
+        crm_t: temperature of the soft-min over classes.
+        crm_start_epoch: first epoch with the CRM term (the reference: 10).
+        lip_n_iter: power iterations per training step for the differentiable LipLT bound.
+        certify_eps: l2 radii (pixel units) at which certified accuracy is logged each validation
+            epoch (``val/certified_acc/<eps>``) and reported in results.json, with the sound
+            (converged + guaranteed upper bound) pairwise LipLT bound; null: off.
     """
 
     def __init__(
@@ -79,6 +88,12 @@ class SNClassifier(L.LightningModule):
         sn_exclude: list[str] | None = None,
         sn_batchnorm: Literal["leave", "bound"] = "leave",
         sn_detach: bool = True,
+        crm_lambda: float = 0.0,
+        crm_r0: float = 0.2,
+        crm_t: float = 5.0,
+        crm_start_epoch: int = 0,
+        lip_n_iter: int = 5,
+        certify_eps: list[float] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -104,6 +119,13 @@ class SNClassifier(L.LightningModule):
             raise ConfigError(
                 f"beta must be positive or null (no spectral normalization), got {beta!r}"
             )
+        if crm_lambda < 0 or crm_r0 <= 0 or crm_t <= 0 or crm_start_epoch < 0 or lip_n_iter < 1:
+            raise ConfigError(
+                f"need crm_lambda >= 0, crm_r0 > 0, crm_t > 0, crm_start_epoch >= 0, lip_n_iter >= 1; "
+                f"got {crm_lambda}, {crm_r0}, {crm_t}, {crm_start_epoch}, {lip_n_iter}"
+            )
+        if certify_eps is not None and any(e <= 0 for e in certify_eps):
+            raise ConfigError(f"certify_eps must all be > 0, got {certify_eps}")
         self.save_hyperparameters()
         c, h, w = input_shape
         self.model = create_backbone(
@@ -131,6 +153,17 @@ class SNClassifier(L.LightningModule):
                 detach_uv=sn_detach,
                 batchnorm=sn_batchnorm,
             )
+        if crm_lambda > 0 or certify_eps:
+            from sn_lightning.lipschitz import parse_model
+
+            try:  # fail before training when LipLT cannot bound this backbone
+                parse_model(self.model, tuple(input_shape))
+            except ValueError as err:
+                raise ConfigError(
+                    f"CRM / certification needs a LipLT-compatible backbone: {err}"
+                ) from err
+        self._lip_state: dict[str, Any] = {}
+        self._certified_L: Tensor | None = None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -167,6 +200,20 @@ class SNClassifier(L.LightningModule):
             loss = self.loss(logits, y)
         else:
             loss, logits = self.objective(self, x, y)
+        hp = self.hparams
+        if hp.crm_lambda > 0 and self.current_epoch >= hp.crm_start_epoch:
+            from sn_lightning.lipschitz import crm_penalty, liplt_bound
+
+            L = liplt_bound(
+                self.model,
+                tuple(hp.input_shape),
+                pairwise=True,
+                n_iter=hp.lip_n_iter,
+                state=self._lip_state,
+            )
+            penalty = crm_penalty(logits, y, L, hp.crm_r0, hp.crm_t)
+            loss = loss + hp.crm_lambda * penalty
+            self.log("train/crm_penalty", penalty.detach(), on_step=False, on_epoch=True)
         self.log("train/loss", loss, prog_bar=True)
         if self.batch_perturbed:
             self.train_adv_acc(logits.detach(), y)
@@ -187,9 +234,31 @@ class SNClassifier(L.LightningModule):
         self.log(f"{stage}/loss", self.loss(logits, y), sync_dist=True)
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
+    def certified_lipschitz(self) -> Tensor:
+        """The sound pairwise LipLT bound (C, C) of the current weights (converged + upper bounds)."""
+        from sn_lightning.lipschitz import liplt_bound
+
+        with torch.no_grad():
+            return liplt_bound(
+                self.model, tuple(self.hparams.input_shape), pairwise=True, certify=True
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        """Compute the sound pairwise bound once per validation epoch when certifying."""
+        if self.hparams.certify_eps and not self.trainer.sanity_checking:
+            self._certified_L = self.certified_lipschitz().to(self.device)
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Log val/loss and val/acc."""
+        """Log val/loss, val/acc and, when certifying, val/certified_acc/<eps>."""
         self._eval_step(batch, "val", self.val_acc)
+        if self._certified_L is not None and not self.trainer.sanity_checking:
+            from sn_lightning.lipschitz import certified_radius
+
+            x, y = batch
+            radius = certified_radius(self(x).float(), y, self._certified_L)
+            for eps in self.hparams.certify_eps:
+                acc = (radius > eps).float().mean()
+                self.log(f"val/certified_acc/{eps:g}", acc, batch_size=len(y), sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Log test/loss and test/acc."""

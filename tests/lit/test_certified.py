@@ -1,0 +1,75 @@
+import lightning as L
+import pytest
+import torch
+
+from sn_lightning.attacks import PGD
+from sn_lightning.data import ImageDataModule
+from sn_lightning.errors import ConfigError
+from sn_lightning.lipschitz import certified_radius
+from sn_lightning.lit import SNClassifier
+
+
+@pytest.fixture(scope="module")
+def crm_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SNClassifier(
+        backbone="mlp2",
+        backbone_kwargs={"width": 64},
+        input_shape=(1, 8, 8),
+        mean=[0.3053],
+        std=[0.376],
+        optimizer="adam",
+        lr=0.003,
+        crm_lambda=2.0,
+        crm_r0=0.5,
+        crm_start_epoch=1,
+        certify_eps=[0.1, 0.3],
+    )
+    dm = ImageDataModule("digits", batch_size=64)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path_factory.mktemp("crm"),
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    return model, dm, trainer
+
+
+def test_crm_trains_and_logs_certified_accuracy(crm_model):
+    _, _, trainer = crm_model
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/acc"]) > 0.8
+    low, high = float(metrics["val/certified_acc/0.1"]), float(metrics["val/certified_acc/0.3"])
+    assert 0 < high <= low <= float(metrics["val/acc"])  # larger radius, fewer certified points
+    assert float(metrics["train/crm_penalty"]) != 0.0
+
+
+def test_certified_points_resist_pgd_at_their_radius(crm_model):
+    model, dm, _ = crm_model
+    model.eval()
+    L_pair = model.certified_lipschitz()
+    x, y = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        radius = certified_radius(model(x), y, L_pair)
+    eps = 0.3
+    certified = radius > eps
+    assert certified.sum() > 10
+    attack = PGD(
+        "l2", eps=eps, steps=50, step_size=eps / 10, random_start=True, restarts=3, clip=False
+    )
+    x_adv = attack(model, x[certified], y[certified])
+    with torch.no_grad():
+        assert torch.equal(model(x_adv).argmax(1), y[certified])
+    # the check is not vacuous: some correctly classified points are not certified at eps
+    assert (radius > 0).float().mean() > certified.float().mean()
+
+
+def test_crm_needs_a_liplt_backbone():
+    with pytest.raises(ConfigError, match="LipLT-compatible backbone"):
+        SNClassifier(backbone="torchvision:resnet18", crm_lambda=1.0)
+    with pytest.raises(ConfigError, match="certify_eps must all be > 0"):
+        SNClassifier(certify_eps=[0.0])
