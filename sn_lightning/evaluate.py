@@ -8,6 +8,7 @@ against eps) into ``--eval.out`` (default: ``evaluation/`` beside the checkpoint
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -96,6 +97,46 @@ def autoattack_accuracy(
     return float((pred == y).float().mean())
 
 
+def certified_report(
+    model: SNClassifier,
+    x: Tensor,
+    y: Tensor,
+    *,
+    norm: str,
+    eps_list: list[float],
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Certified accuracy per eps from the sound pairwise LipLT bound, or why there is none.
+
+    Certificates are l2; an linf radius eps is certified through the l2 ball of radius
+    ``eps * sqrt(d)`` that contains it (sound, conservative).
+    """
+    from sn_lightning.lipschitz import certified_radius, liplt_bound
+
+    shape = tuple(model.hparams.input_shape)
+    try:
+        with torch.no_grad():
+            L = liplt_bound(model.model, shape, pairwise=True, certify=True).to(device)
+    except ValueError as err:
+        return {"reason": f"no sound certificate for this backbone: {err}"}
+    scale = math.sqrt(math.prod(shape)) if norm == "linf" else 1.0
+    radii = []
+    with torch.no_grad():
+        for xb, yb in _batches(x, y, batch_size):
+            radii.append(
+                certified_radius(model.model(xb.to(device)).float(), yb.to(device), L).cpu()
+            )
+    radius = torch.cat(radii)
+    rule = "pairwise LipLT, sound"
+    if norm == "linf":
+        rule += "; linf eps certified through the l2 ball of radius eps * sqrt(d)"
+    return {
+        "rule": rule,
+        "acc": {f"{eps:g}": float((radius > eps * scale).float().mean()) for eps in eps_list},
+    }
+
+
 def plot_curve(report: dict[str, Any], path: Path) -> None:
     """Accuracy against eps for each attack (PNG)."""
     import matplotlib
@@ -104,17 +145,16 @@ def plot_curve(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for attack in ("pgd", "autoattack"):
-        curve = report.get(attack)
+    curves = {
+        f"PGD-{report['pgd_settings']['steps']}": report.get("pgd"),
+        "AutoAttack": report.get("autoattack"),
+        "certified (LipLT)": report.get("certified", {}).get("acc"),
+    }
+    for label, curve in curves.items():
         if curve:
             eps = [0.0, *[float(e) for e in curve]]
             acc = [report["clean_acc"], *curve.values()]
-            ax.plot(
-                eps,
-                acc,
-                marker="o",
-                label=f"PGD-{report['pgd_settings']['steps']}" if attack == "pgd" else "AutoAttack",
-            )
+            ax.plot(eps, acc, marker="o", label=label)
     ax.set_xlabel(f"eps ({report['norm']}, [0, 1] pixel units)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -181,6 +221,9 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
         report["pgd"][f"{eps:g}"] = evaluate(
             model.model, _batches(x, y, ev.batch_size), device, attack=attack
         )["acc"]
+    report["certified"] = certified_report(
+        model, x, y, norm=ev.norm, eps_list=eps_list, device=device, batch_size=ev.batch_size
+    )
     if ev.autoattack:
         report["autoattack"] = {
             f"{eps:g}": autoattack_accuracy(

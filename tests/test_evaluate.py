@@ -47,6 +47,32 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
     for eps in aa:  # AutoAttack is at least as strong as PGD, up to one example
         assert aa[eps] <= pgd[eps] + 1 / 24 + 1e-9
     assert (tmp_path / "robustness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the quickstart CNN has max pooling: no sound certificate, and the report says why
+    assert "no sound certificate" in saved["certified"]["reason"]
+
+
+def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path):
+    config = str(ROOT / "configs" / "digits_crm.yaml")
+    fit_main(
+        ["--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2"]
+    )
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    report = evaluate_main(
+        [
+            "--config",
+            config,
+            f"--ckpt_path={ckpt}",
+            "--eval.norm=l2",
+            "--eval.eps=[0.1,0.5]",
+            "--eval.autoattack=false",
+            "--eval.max_examples=100",
+            f"--eval.out={tmp_path / 'ev'}",
+        ]
+    )
+    cert, pgd = report["certified"]["acc"], report["pgd"]
+    for eps in ("0.1", "0.5"):
+        assert cert[eps] <= pgd[eps] + 1e-9  # a certified point is never broken by an attack
+    assert cert["0.5"] <= cert["0.1"] and cert["0.1"] > 0.5
 
 
 def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
