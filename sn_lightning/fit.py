@@ -118,6 +118,8 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
     train_time = time.perf_counter() - start
+    # trainer.log_dir broadcasts under DDP: every rank must ask, before the others return.
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     if not trainer.is_global_zero:
         return {}
     dm.setup("test")
@@ -145,7 +147,6 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
         summary[f"final/{name}/gap"] = entry["gap"]
     for logger in trainer.loggers:
         logger.log_metrics(summary, step=trainer.global_step)
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")

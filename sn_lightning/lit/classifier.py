@@ -271,10 +271,10 @@ class SNClassifier(L.LightningModule):
         from sn_lightning.spectral import spectral_norms
 
         for name, sigma in spectral_norms(self.model).items():
-            self.log(f"sn/{name}/sigma", sigma)
+            self.log(f"sn/{name}/sigma", sigma, sync_dist=True)
         bound = self.lipschitz_bound()
         if bound is not None:
-            self.log("sn/lipschitz_bound", bound)
+            self.log("sn/lipschitz_bound", bound, sync_dist=True)
 
     def lipschitz_bound(self) -> float | None:
         """A sound l2 Lipschitz bound of the eval-mode model, or None where none is sound."""
