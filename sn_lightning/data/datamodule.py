@@ -114,6 +114,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment, self.num_workers, self.seed = augment, num_workers, seed
         if dataset == "imagefolder":
             self._init_imagefolder(data_dir, image_size)
+            default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
         else:
             spec = DATASETS[dataset]
             self.spec = spec
@@ -122,16 +123,8 @@ class ImageDataModule(L.LightningDataModule):
             self.data_dir = Path(data_dir or spec.default_dir or ".").expanduser()
             if not download:
                 check_files(spec, self.data_dir)
-        self.mean = (
-            list(mean)
-            if mean is not None
-            else list(default_mean if dataset != "imagefolder" else IMAGENET_MEAN)
-        )
-        self.std = (
-            list(std)
-            if std is not None
-            else list(default_std if dataset != "imagefolder" else IMAGENET_STD)
-        )
+        self.mean = list(mean if mean is not None else default_mean)
+        self.std = list(std if std is not None else default_std)
         if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
             raise ConfigError(
                 f"mean/std need {self.input_shape[0]} values, got {self.mean} and {self.std}"
@@ -241,15 +234,12 @@ class ImageDataModule(L.LightningDataModule):
             self._imagefolder("train", False),
         )
         self.test_set = self._imagefolder("test", False)
+        idx = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(self.seed)
+        ).tolist()
         if (self.data_dir / "val").is_dir():
             self.val_set = self._imagefolder("val", False)
-            idx = torch.randperm(
-                len(train), generator=torch.Generator().manual_seed(self.seed)
-            ).tolist()
         else:
-            idx = torch.randperm(
-                len(train), generator=torch.Generator().manual_seed(self.seed)
-            ).tolist()
             k = self._n_val(len(idx)) if self.val_size else 0
             if k:
                 self.val_set = Subset(train_eval, idx[-k:])
