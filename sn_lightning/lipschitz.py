@@ -75,6 +75,16 @@ DENSE_BUDGET = 1 << 25
 # Above this many classes the pairwise bound uses ||c^T W_K|| * Lip(phi_K) * m_{K-1}.
 PAIRWISE_MAX_CLASSES = 101
 _IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+# Average pooling is linear with a nonnegative matrix A: its norm is bounded soundly by
+# sqrt(||A||_1 ||A||_inf), the largest column and row sums, read off A^T 1 and A 1 (Note [pooling]).
+_AVG_POOLS = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -103,14 +113,15 @@ def activation_slopes(module: nn.Module) -> tuple[float, float] | None:
 _SUPPORTED_TEXT = (
     "nn.Sequential (nested ones are flattened) of InputNormalize, "
     + ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-    + ", Flatten, Dropout/Identity (identity in eval), and elementwise activations "
-    "ReLU, ReLU6, Hardtanh, LeakyReLU, ELU, Tanh, Sigmoid, Softplus between linear layers"
+    + ", AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d, Flatten, Dropout/Identity (identity in eval), "
+    "and elementwise activations ReLU, ReLU6, Hardtanh, LeakyReLU, ELU, Tanh, Sigmoid, Softplus "
+    "between linear layers"
 )
 
 
 @dataclass
 class _Piece:
-    """One linear piece of a stage: 'scale' (InputNormalize), 'reshape' (Flatten) or 'layer'."""
+    """One linear piece of a stage: 'scale', 'reshape', 'pool' (average pooling) or 'layer'."""
 
     kind: str
     in_shape: tuple[int, ...]
@@ -169,7 +180,8 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
 def _unsupported(m: nn.Module) -> ValueError:
     return ValueError(
         f"unsupported module {type(m).__name__} for a Lipschitz bound ({m!r}); supported: "
-        f"{_SUPPORTED_TEXT}. Residual blocks, normalization, pooling and attention are not bounded."
+        f"{_SUPPORTED_TEXT}. Residual blocks, normalization, max pooling (not elementwise, "
+        "use average pooling) and attention are not bounded."
     )
 
 
@@ -194,7 +206,7 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> LipLTNet:
         raise _unsupported(model)
     leaves = list(_leaves(model))
     for m in leaves:
-        ok = isinstance(m, (InputNormalize, nn.Flatten, *SUPPORTED_LAYERS, *_IDENTITY))
+        ok = isinstance(m, (InputNormalize, nn.Flatten, *_AVG_POOLS, *SUPPORTED_LAYERS, *_IDENTITY))
         if not ok and activation_slopes(m) is None:
             raise _unsupported(m)
         base = next((t for t in SUPPORTED_LAYERS if isinstance(m, t)), None)
@@ -243,6 +255,8 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> LipLTNet:
             pieces.append(_Piece("scale", s_in, s_out, m))
         elif isinstance(m, nn.Flatten):
             pieces.append(_Piece("reshape", s_in, s_out, m))
+        elif isinstance(m, _AVG_POOLS):
+            pieces.append(_Piece("pool", s_in, s_out, m))
         else:
             pieces.append(_Piece("layer", s_in, s_out, m, OperatorSpec.from_layer(m, s_in)))
     if not pieces:
@@ -288,6 +302,9 @@ def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[Lin
             return x * inv.to(x.dtype)
 
         return scale, scale
+    if p.kind == "pool":
+        assert p.module is not None
+        return _pool_ops(p.module, p.in_shape)
     assert p.module is not None
     assert p.spec is not None
     W = _weight(p.module, grad=grad)
@@ -298,10 +315,43 @@ def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[Lin
     return p.spec.operator(W)
 
 
+def _pool_ops(pool: nn.Module, in_shape: tuple[int, ...]) -> tuple[LinearOp, LinearOp]:
+    """Average pooling and its exact adjoint (the vector-Jacobian product of the linear map)."""
+
+    def adjoint(y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x = torch.zeros(
+                y.shape[0], *in_shape, dtype=y.dtype, device=y.device, requires_grad=True
+            )
+            (g,) = torch.autograd.grad(pool(x), x, y, create_graph=y.requires_grad)
+        return g
+
+    return pool, adjoint
+
+
+def _pool_upper_bound(pool: nn.Module, in_shape: tuple[int, ...]) -> float:
+    """Note [pooling]: ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` for average pooling A >= 0.
+
+    The largest row sum is ``max(A 1)`` and the largest column sum ``max(A^T 1)``, both exact
+    for a nonnegative matrix (float64, times 1 + 1e-9 for rounding). Equal to the norm for
+    non-overlapping windows (k = s: ``1 / sqrt(k^d)``) and global pooling (``1 / sqrt(HW)``).
+    """
+    op, adjoint = _pool_ops(pool, in_shape)
+    with torch.no_grad():
+        ones_in = torch.ones(1, *in_shape, dtype=torch.float64)
+        rows = float(op(ones_in).max())
+    out_shape = tuple(op(ones_in).shape[1:])
+    cols = float(adjoint(torch.ones(1, *out_shape, dtype=torch.float64)).max())
+    return math.sqrt(rows * cols) * (1 + 1e-9)
+
+
 def _piece_upper_bound(p: _Piece) -> float:
     """A sound upper bound on one piece's operator norm."""
     if p.kind == "reshape":
         return 1.0
+    if p.kind == "pool":
+        assert p.module is not None
+        return _pool_upper_bound(p.module, p.in_shape)
     if p.kind == "scale":
         assert isinstance(p.module, InputNormalize)
         return p.module.lipschitz()

@@ -71,7 +71,23 @@ def _sigmoid() -> tuple[nn.Sequential, tuple[int, ...]]:
     )
 
 
-NETS = {"mlp": _mlp, "conv": _conv, "sigmoid": _sigmoid}
+def _pooled() -> tuple[nn.Sequential, tuple[int, ...]]:
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ELU(),
+            nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        ),
+        (2, 8, 8),
+    )
+
+
+NETS = {"mlp": _mlp, "conv": _conv, "sigmoid": _sigmoid, "pooled": _pooled}
 
 
 def _jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +236,42 @@ def test_pairwise_fallback_many_classes_sound():
         J = _jacobian(model, torch.randn(4)).double()
         D = (J[:, None] - J[None]).norm(dim=-1)
         assert torch.all(D <= L * (1 + 1e-6) + 1e-12)
+
+
+def _dense_matrix(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    basis = torch.eye(math.prod(shape), dtype=torch.float64).reshape(-1, *shape)
+    return module(basis).reshape(basis.shape[0], -1).T
+
+
+@pytest.mark.parametrize(
+    ("pool", "shape", "exact"),
+    [
+        (nn.AvgPool2d(2), (3, 6, 6), True),  # non-overlapping: the bound is the norm, 1/2
+        (nn.AdaptiveAvgPool2d(1), (2, 5, 5), True),  # global: 1/5
+        (nn.AvgPool2d(3, stride=1, padding=1), (1, 5, 5), False),
+        (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (2, 7, 7), False),
+        (nn.AdaptiveAvgPool2d((2, 3)), (1, 5, 7), False),
+        (nn.AvgPool1d(4, stride=3), (2, 11), False),
+    ],
+)
+def test_average_pooling_bound_is_sound_against_the_dense_matrix(pool, shape, exact):
+    from sn_lightning.lipschitz import _pool_upper_bound
+
+    norm = float(torch.linalg.matrix_norm(_dense_matrix(pool, shape), ord=2))
+    bound = _pool_upper_bound(pool, shape)
+    assert bound >= norm * (1 - 1e-12)
+    if exact:
+        assert bound == pytest.approx(norm, rel=1e-8)
+    else:
+        assert bound <= 2.5 * norm  # Hoelder's bound is not loose by more than the overlap
+    # inside a model: the whole pipeline (dense product path) agrees with the dense matrix
+    model = nn.Sequential(pool, nn.Flatten())
+    lin = nn.Linear(math.prod(pool(torch.zeros(1, *shape)).shape[1:]), 3)
+    net = nn.Sequential(*model, lin).double()
+    J = lin.weight.detach().double() @ _dense_matrix(pool, shape)
+    assert float(liplt_bound(net, shape, certify=True)) == pytest.approx(
+        float(torch.linalg.matrix_norm(J, ord=2)), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,124 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sn_lightning import apply_spectral_norm, create_backbone
+from sn_lightning.attacks import PGD
+from sn_lightning.attacks.fold import FoldedConv, folded_view
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding actually changes weights."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return model.eval()
+
+
+def _out_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (g,) = torch.autograd.grad(out.logsumexp(dim=1).sum(), x)
+    return out.detach(), g
+
+
+def _folds(view: nn.Module) -> list[FoldedConv]:
+    return [m for m in view.modules() if isinstance(m, FoldedConv)]
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return _randomize_bn(torchvision.models.resnet18(num_classes=10))
+
+
+def test_folded_resnet_matches_outputs_and_input_gradients(resnet):
+    x = torch.rand(3, 3, 32, 32)
+    view = folded_view(resnet)
+    assert view is not resnet
+    assert len(_folds(view)) == 20  # every conv of ResNet-18 (incl. downsample) feeds a BatchNorm
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in view.modules())
+    out0, g0 = _out_and_grad(resnet, x)
+    out1, g1 = _out_and_grad(view, x)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+
+
+def test_folded_view_of_spectral_normalized_backbone_uses_normalized_weights():
+    torch.manual_seed(0)
+    model = create_backbone("torchvision:resnet18", num_classes=10, in_chans=3, input_size=(32, 32))
+    apply_spectral_norm(model, beta=0.5, input_shape=(3, 32, 32))  # beta < sigma: rescaled
+    _randomize_bn(model)
+    x = torch.rand(2, 3, 32, 32)
+    with parametrize.cached():
+        view = folded_view(model)
+        out1, g1 = _out_and_grad(view, x)
+        out0, g0 = _out_and_grad(model, x)
+    assert len(_folds(view)) == 20
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+
+
+def test_view_is_refreshed_on_every_call_and_has_no_parameter_gradients(resnet):
+    x = torch.rand(2, 3, 32, 32)
+    view = folded_view(resnet)
+    assert all(not f.weight.requires_grad for f in _folds(view))
+    with torch.no_grad():
+        resnet.conv1.weight.mul_(2.0)
+        resnet.bn1.running_var.mul_(3.0)
+    again = folded_view(resnet)
+    assert again is view  # the trace is cached; only the folded constants change
+    torch.testing.assert_close(again(x), resnet(x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_batchnorm_is_not_folded(resnet):
+    resnet.train()
+    assert folded_view(resnet) is resnet
+
+
+def test_hooked_layers_are_left_alone(resnet):
+    calls = []
+    resnet.layer1[0].conv1.register_forward_hook(lambda m, i, o: calls.append(1))
+    view = folded_view(resnet)
+    assert len(_folds(view)) == 19
+    view(torch.rand(1, 3, 32, 32))
+    assert calls == [1]  # the hook still runs
+
+
+def test_untraceable_model_is_returned_unchanged():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = x * 2
+            return self.bn(self.conv(x)).flatten(1)
+
+    model = Branchy().eval()
+    assert folded_view(model) is model
+
+
+def test_pgd_on_the_folded_view_is_the_same_attack(resnet):
+    """Same adversarial examples up to sign flips of near-zero gradient entries."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    y = resnet(x).argmax(dim=1)
+    attack = PGD("linf", eps=8 / 255, steps=5)
+    with parametrize.cached():
+        adv_plain = attack(resnet, x, y)
+        adv_fold = attack(folded_view(resnet), x, y)
+    same = (adv_plain - adv_fold).abs() < 1e-6
+    assert same.float().mean() > 0.99
+    torch.testing.assert_close(
+        resnet(adv_fold).argmax(1).float().mean(), resnet(adv_plain).argmax(1).float().mean()
+    )
