@@ -419,7 +419,12 @@ def report(budget: Budget, out: Path) -> dict[str, Any]:
         md.append("")
     seconds = sum(r.get("seconds", 0.0) for r in records)
     md.append(f"{len(records)} runs, {seconds / 60:.0f} min of training and evaluation in all.")
-    summary = {"budget": budget.__dict__, "tables": tables, "runs": len(records), "seconds": seconds}
+    summary = {
+        "budget": budget.__dict__,
+        "tables": tables,
+        "runs": len(records),
+        "seconds": seconds,
+    }
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"reproduce_{budget.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -432,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--groups", help=f"comma-separated subset of {', '.join(GROUPS)}")
-    parser.add_argument("--out", type=Path, help="run directories (default runs/reproduce/<budget>)")
+    parser.add_argument(
+        "--out", type=Path, help="run directories (default runs/reproduce/<budget>)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the fit commands and stop")
     parser.add_argument("--report-only", action="store_true", help="tables/plots from saved runs")
     ns = parser.parse_args(argv)
