@@ -18,8 +18,8 @@ attack/regime fragment and ``--model.beta``, executed in this process through th
 The beta of the "SN" column is the one with the best validation accuracy (adversarial under the training
 attack for adversarial schemes, clean for ERM; PGM-adversarial for the regimes table), as in the paper.
 
-    python -m benchmarks.reproduce --budget small            # ELU-Net, 2,000 training images, ~1 h on 2 cores
-    python -m benchmarks.reproduce --budget full             # all 60,000 (minus none), 30 epochs, + mini-AlexNet
+    python -m benchmarks.reproduce --budget small            # ELU-Net, 1,000 training images, ~45 min on 2 cores
+    python -m benchmarks.reproduce --budget full             # all 60,000 images, 30 epochs, + mini-AlexNet (GPU)
     python -m benchmarks.reproduce --budget small --groups l2 --dry-run   # print the commands only
     python -m benchmarks.reproduce --budget small --report-only           # tables and plots from saved runs
 
@@ -61,7 +61,7 @@ class Budget:
 
 
 BUDGETS = {
-    "small": Budget("small", 2000, 6, 1000, ("l2", "regimes", "crm", "linf"), 5000, 15, 3),
+    "small": Budget("small", 1000, 5, 500, ("l2", "regimes", "crm", "linf"), 2000, 8, 2),
     "full": Budget("full", None, 30, None, GROUPS, None, 60, 10),
 }
 
