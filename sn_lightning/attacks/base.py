@@ -12,6 +12,9 @@
   normalization) are computed once per attack instead of once per step;
 * gradients are taken with ``torch.autograd.grad`` with respect to the input only: parameters'
   ``.grad`` is never touched and no ``.backward()`` is called;
+* in eval mode, every Conv → BatchNorm pair is folded into one convolution for the duration of
+  the call (:func:`~sn_lightning.attacks.fold.folded_view`: the same function, fewer kernels per
+  step; ``fold_batchnorm = False`` on an instance turns it off);
 * grad mode is switched on (and inference mode off), so an attack can run inside a validation
   loop under ``torch.no_grad()`` or ``torch.inference_mode()``;
 * devices and dtypes come from ``x``; the output is detached, with ``x``'s dtype and device.
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from sn_lightning.attacks.fold import folded_view
 from sn_lightning.attacks.threat import THREAT_MODELS, ThreatModel
 from sn_lightning.errors import ConfigError
 
@@ -148,7 +152,13 @@ class Attack(abc.ABC):
             Kurakin et al. 2017), computed in the attack's mode.
         eval_mode: run the model in eval mode (default). ``False`` keeps the model's current
             modes (train-mode BatchNorm then uses batch statistics); buffers are restored after.
+
+    Attributes:
+        fold_batchnorm: in eval mode, attack a view of the model with Conv → BatchNorm pairs
+            folded (same function; default True).
     """
+
+    fold_batchnorm: bool = True
 
     def __init__(self, *, labels: LabelMode = "true", eval_mode: bool = True) -> None:
         if labels not in _LABEL_MODES:
@@ -201,6 +211,8 @@ class Attack(abc.ABC):
             if y.shape != x.shape[:1]:
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
         with _attack_context(model, self.eval_mode):
+            if self.eval_mode and self.fold_batchnorm:
+                model = folded_view(model)
             x = x.detach()
             if x.is_inference():  # batches created under inference_mode cannot enter autograd
                 x = x.clone()

@@ -8,8 +8,9 @@ forward and backward passes. The weights are read through the layers' parametriz
 norm included) when the view is refreshed, inside the attack's ``parametrize.cached()`` context.
 
 The folded view is a ``torch.fx`` trace of the model with each foldable pair replaced; models that
-``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow), and layers that carry
-forward hooks (which the view would bypass), are left as they are.
+``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow), and models with a forward
+hook on any module (the view would bypass hooks of folded layers and of modules traced through),
+are attacked as they are.
 """
 
 from __future__ import annotations
@@ -135,9 +136,12 @@ def folded_view(model: nn.Module) -> nn.Module:
 
     Returns:
         A ``torch.fx.GraphModule`` sharing `model`'s other submodules, or `model` when it has
-        nothing to fold, cannot be traced, or has a BatchNorm in training mode.
+        nothing to fold, cannot be traced, has a hook, or has a BatchNorm in training mode.
     """
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+    if any(
+        _hooked(m) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
+        for m in model.modules()
+    ):
         return model
     sig = _signature(model)
     hit = _CACHE.get(model)

@@ -29,10 +29,11 @@ def test_l2_equals_normalized_gradient_step(model, batch):
     g = _reference_grad(model, x, y)
     step = 0.5 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     x_adv = FGM("l2", eps=0.5, clip=False)(model, x, y)
-    torch.testing.assert_close(x_adv, x + step, rtol=0, atol=1e-6)
+    # atol 1e-5: the attack runs on the Conv-BN-folded view (same function, float32 rounding)
+    torch.testing.assert_close(x_adv, x + step, rtol=0, atol=1e-5)
     torch.testing.assert_close(x_adv.sub(x).flatten(1).norm(dim=1), torch.full((64,), 0.5))
     torch.testing.assert_close(
-        FGM("l2", eps=0.5)(model, x, y), (x + step).clamp(0, 1), rtol=0, atol=1e-6
+        FGM("l2", eps=0.5)(model, x, y), (x + step).clamp(0, 1), rtol=0, atol=1e-5
     )
 
 

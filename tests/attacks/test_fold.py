@@ -84,13 +84,14 @@ def test_training_mode_batchnorm_is_not_folded(resnet):
     assert folded_view(resnet) is resnet
 
 
-def test_hooked_layers_are_left_alone(resnet):
-    calls = []
-    resnet.layer1[0].conv1.register_forward_hook(lambda m, i, o: calls.append(1))
-    view = folded_view(resnet)
-    assert len(_folds(view)) == 19
-    view(torch.rand(1, 3, 32, 32))
-    assert calls == [1]  # the hook still runs
+@pytest.mark.parametrize("where", ["root", "block", "conv"])
+def test_models_with_hooks_are_attacked_as_they_are(resnet, where):
+    """A view would bypass hooks (of folded layers and of modules traced through)."""
+    module = {"root": resnet, "block": resnet.layer1[0], "conv": resnet.layer1[0].conv1}[where]
+    handle = module.register_forward_hook(lambda m, i, o: None)
+    assert folded_view(resnet) is resnet
+    handle.remove()
+    assert folded_view(resnet) is not resnet
 
 
 def test_untraceable_model_is_returned_unchanged():

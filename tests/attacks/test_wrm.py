@@ -30,7 +30,8 @@ def test_matches_reference_loop(model, batch, gamma, steps):
     model.eval()
     expected = _reference_wrm(model, x, y, gamma, steps)
     x_adv = WRM(gamma=gamma, steps=steps, clip=False)(model, x, y)
-    torch.testing.assert_close(x_adv, expected, rtol=1e-6, atol=1e-6)
+    # 1e-5: the attack runs on the Conv-BN-folded view (same function, float32 rounding)
+    torch.testing.assert_close(x_adv, expected, rtol=1e-5, atol=1e-5)
     assert (x_adv - x).abs().max() > 1e-3
 
 
