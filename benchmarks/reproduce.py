@@ -23,8 +23,9 @@ attack for adversarial schemes, clean for ERM; PGM-adversarial for the regimes t
     python -m benchmarks.reproduce --budget small --groups l2 --dry-run   # print the commands only
     python -m benchmarks.reproduce --budget small --report-only           # tables and plots from saved runs
 
-Runs already finished (``record.json`` in their directory) are skipped, so an interrupted reproduction
-resumes. Writes ``benchmarks/results/reproduce_<budget>.{json,md}`` and ``docs/reproduce_<budget>_*.png``.
+Each finished run leaves a compact record in ``benchmarks/results/reproduce_<budget>/`` (committed with
+the tables); runs with a record are skipped, so an interrupted reproduction resumes, also on another
+machine. Writes ``benchmarks/results/reproduce_<budget>.{json,md}`` and ``docs/reproduce_<budget>_*.png``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Budget:
     train_subset: int | None  # None: all 60,000 training images
     epochs: int
     eval_max: int | None  # cap per split for adversarial evaluation (clean accuracy is always full)
+    betas: tuple[float | None, ...]  # None: no spectral normalization
     groups: tuple[str, ...]
     crm_train_subset: int | None
     crm_epochs: int
@@ -61,8 +63,10 @@ class Budget:
 
 
 BUDGETS = {
-    "small": Budget("small", 1000, 5, 500, ("l2", "regimes", "crm", "linf"), 2000, 8, 2),
-    "full": Budget("full", None, 30, None, GROUPS, None, 60, 10),
+    "small": Budget(
+        "small", 1000, 5, 500, (1.0, 1.6, 4.0, None), ("l2", "regimes", "crm", "linf"), 2000, 8, 2
+    ),
+    "full": Budget("full", None, 30, None, BETAS, GROUPS, None, 60, 10),
 }
 
 
@@ -106,6 +110,8 @@ def plan(budget: Budget, groups: Sequence[str]) -> list[Run]:
     """The runs of `groups` under `budget`, deduplicated (ERM runs serve several tables)."""
     common = [
         f"--trainer.max_epochs={budget.epochs}",
+        f"--trainer.check_val_every_n_epoch={budget.epochs}",  # the final evaluation covers val
+        "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.enable_checkpointing=false",
@@ -123,7 +129,7 @@ def plan(budget: Budget, groups: Sequence[str]) -> list[Run]:
             continue
         model = "alexnet" if group == "alexnet" else "elunet"
         for scheme in SCHEMES[group]:
-            for beta in BETAS:
+            for beta in budget.betas:
                 name = f"{model}/{scheme}/{_beta_tag(beta)}"
                 args = [f"--config={BASE}", *common, *_scheme_args(scheme, budget)]
                 if model == "alexnet":
@@ -180,7 +186,7 @@ def _crm_runs(budget: Budget) -> list[Run]:
 # ----------------------------------------------------------------------------------------- running
 
 
-def execute(run: Run, out: Path) -> dict[str, Any]:
+def execute(run: Run, out: Path, records: Path) -> dict[str, Any]:
     """Train and evaluate one run in this process (the fit CLI), return and save its record."""
     import torch
 
@@ -206,7 +212,10 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
         record["naive_certified"] = _naive_certified(cli.model, cli.datamodule)
     record["seconds"] = time.perf_counter() - start
     record["torch_threads"] = torch.get_num_threads()
-    (run_dir / "record.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    record["results"].pop("spectral", None)  # per-layer report: in the run's results.json
+    path = records / f"{run.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return record
 
 
@@ -235,9 +244,14 @@ def _naive_certified(model: Any, dm: Any) -> dict[str, Any]:
     return out
 
 
-def load_records(out: Path) -> list[dict[str, Any]]:
-    """Every finished run's record under `out`."""
-    return [json.loads(p.read_text()) for p in sorted(out.rglob("record.json"))]
+def records_dir(budget: Budget) -> Path:
+    """Where the budget's run records live (committed next to the tables)."""
+    return ROOT / "benchmarks" / "results" / f"reproduce_{budget.name}"
+
+
+def load_records(records: Path) -> list[dict[str, Any]]:
+    """Every finished run's record under `records`."""
+    return [json.loads(p.read_text()) for p in sorted(records.rglob("*.json"))]
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -310,7 +324,9 @@ def _fmt_rows(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_rows(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+def plot_rows(
+    rows: list[dict[str, Any]], title: str, path: Path, betas: tuple[float | None, ...] = BETAS
+) -> None:
     """Test accuracy and gap against beta (no SN drawn at the right end), one line per scheme."""
     import matplotlib
 
@@ -318,8 +334,8 @@ def plot_rows(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ticks = [_beta_tag(b) for b in BETAS]
-    labels = [("∞ (no SN)" if b is None else f"{b:g}") for b in BETAS]
+    ticks = [_beta_tag(b) for b in betas]
+    labels = [("∞ (no SN)" if b is None else f"{b:g}") for b in betas]
     for r in rows:
         xs = [i for i, t in enumerate(ticks) if t in r["curve"]]
         pts = [r["curve"][ticks[i]] for i in xs]
@@ -358,9 +374,14 @@ def crm_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def report(budget: Budget, out: Path) -> dict[str, Any]:
-    """Tables (markdown + JSON) and plots from the saved records."""
-    records = load_records(out)
+def report(budget: Budget, records_path: Path | None = None) -> dict[str, Any]:
+    """Tables (markdown + JSON) and plots from the saved records (of the budget's betas)."""
+    allowed = {_beta_tag(b) for b in budget.betas}
+    records = [
+        r
+        for r in load_records(records_path or records_dir(budget))
+        if _beta_tag(r.get("beta")) in allowed  # CRM runs have no beta: "nosn"
+    ]
     adv = dict.fromkeys(("fgm_l2", "pgm_l2", "wrm", "fgm_linf", "pgm_linf"), "train_attack")
     tables: dict[str, Any] = {}
     md = [
@@ -396,7 +417,7 @@ def report(budget: Budget, out: Path) -> dict[str, Any]:
             continue
         tables[key] = rows
         png = ROOT / "docs" / f"reproduce_{budget.name}_{key}.png"
-        plot_rows(rows, f"Fashion-MNIST {title} ({budget.name} budget)", png)
+        plot_rows(rows, f"Fashion-MNIST {title} ({budget.name} budget)", png, budget.betas)
         md += [f"### {title}", "", *_fmt_rows(rows), "", f"![{title}]({png.relative_to(ROOT)})", ""]
     certified = crm_rows(records)
     if certified:
@@ -454,13 +475,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in runs:
             print(shlex.join([sys.executable, "-m", "sn_lightning.fit", *r.args]))
         return
+    records = records_dir(budget)
     if not ns.report_only:
-        todo = [r for r in runs if not (out / r.name / "record.json").exists()]
+        todo = [r for r in runs if not (records / f"{r.name}.json").exists()]
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
         for i, r in enumerate(todo, 1):
-            rec = execute(r, out)
+            rec = execute(r, out, records)
             print(f"[{i}/{len(todo)}] {r.name}: {rec['seconds']:.0f} s", flush=True)
-    summary = report(budget, out)
+    summary = report(budget, records)
     print((ROOT / "benchmarks" / "results" / f"reproduce_{budget.name}.md").read_text())
     print(f"{summary['runs']} runs in the report")
 

@@ -16,18 +16,20 @@ def test_plan_covers_the_grid_once_and_expresses_no_sn_by_omission():
     runs = R.plan(R.BUDGETS["small"], ["l2", "regimes", "linf"])
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
-    # ERM is shared by the three tables: 4 + 2 + 2 schemes x 6 betas
-    assert len(runs) == (4 + 2 + 2) * len(R.BETAS)
+    # ERM is shared by the three tables: 4 + 2 + 2 schemes x the budget's betas
+    assert len(runs) == (4 + 2 + 2) * len(R.BUDGETS["small"].betas)
+    assert len(R.plan(R.BUDGETS["full"], ["l2"])) == 4 * len(R.BETAS)
     nosn = next(r for r in runs if r.name == "elunet/pgm_l2/nosn")
     assert not any(a.startswith("--model.beta") for a in nosn.args)
     sn = next(r for r in runs if r.name == "elunet/pgm_l2/b1.6")
+    assert "--trainer.num_sanity_val_steps=0" in sn.args
     assert "--model.beta=1.6" in sn.args
     assert "--data.train_subset=1000" in sn.args
 
 
 def test_planned_arguments_reach_the_model(tmp_path):
     """The exact argv of a planned run parses in the fit CLI with the intended values."""
-    run = next(r for r in R.plan(R.BUDGETS["small"], ["linf"]) if r.name == "elunet/pgm_linf/b2")
+    run = next(r for r in R.plan(R.BUDGETS["small"], ["linf"]) if r.name == "elunet/pgm_linf/b4")
     proc = subprocess.run(
         [sys.executable, "-m", "sn_lightning.fit", *run.args, "--print_config"],
         cwd=ROOT,
@@ -40,7 +42,7 @@ def test_planned_arguments_reach_the_model(tmp_path):
     import yaml
 
     cfg = yaml.safe_load(proc.stdout)
-    assert cfg["model"]["beta"] == 2.0
+    assert cfg["model"]["beta"] == 4.0
     assert cfg["model"]["backbone"] == "sn_lightning:elu_net"
     attack = cfg["adversarial"]["attack"]
     assert attack["class_path"] == "sn_lightning.attacks.PGD"
@@ -84,13 +86,13 @@ def test_report_writes_tables_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "runs"
     for i, beta in enumerate((None, 1.0, 2.0)):
         rec = _record("fgm_l2", beta, 0.9 - 0.1 * i, 0.5 + 0.05 * i, 0.5 + 0.04 * i)
-        d = out / f"elunet/fgm_l2/{R._beta_tag(beta)}"
-        d.mkdir(parents=True)
-        (d / "record.json").write_text(json.dumps(rec))
+        d = out / "elunet/fgm_l2"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{R._beta_tag(beta)}.json").write_text(json.dumps(rec))
     summary = R.report(R.BUDGETS["small"], out)
     (row,) = summary["tables"]["elunet_l2"]
-    assert row["best_beta"] == 2.0
+    assert row["best_beta"] == 1.0  # beta 2.0 is not on the small budget's grid: ignored
     md = (tmp_path / "benchmarks/results/reproduce_small.md").read_text()
-    assert "| fgm_l2 | training attack | 0.500 → 0.580 |" in md
+    assert "| fgm_l2 | training attack | 0.500 → 0.540 |" in md
     png = tmp_path / "docs/reproduce_small_elunet_l2.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
