@@ -1,5 +1,7 @@
 """Callbacks that DDP subprocesses import by class path (tests only)."""
 
+import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -7,11 +9,54 @@ import torch
 
 
 class DumpState(L.Callback):
-    """Save each rank's full state dict (parameters, SN vectors, BN statistics) after training."""
+    """Save each rank's full state after training.
+
+    ``rank<r>.pt``: the state dict (parameters, SN vectors, BN statistics) plus the CRM LipLT
+    power-iteration vectors (kept outside the state dict); ``extras_rank<r>.json``: the shapes of
+    the layerwise perturbations held for the next step.
+    """
 
     def __init__(self, out: str) -> None:
         self.out = out
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        lip_u = getattr(pl_module, "_lip_state", {}).get("u", {})
+        state.update({f"_lip_state.u.{s}": u.detach().cpu().clone() for s, u in lip_u.items()})
         torch.save(state, Path(self.out) / f"rank{trainer.global_rank}.pt")
+        layerwise = next(
+            (cb for cb in trainer.callbacks if type(cb).__name__ == "LayerwiseTraining"), None
+        )
+        deltas = (
+            {}
+            if layerwise is None or layerwise.perturbation is None
+            else layerwise.perturbation.deltas
+        )
+        extras = {"layerwise_deltas": {name: list(d.shape) for name, d in deltas.items()}}
+        (Path(self.out) / f"extras_rank{trainer.global_rank}.json").write_text(json.dumps(extras))
+
+
+class DumpMetrics(L.Callback):
+    """Save each rank's ``trainer.callback_metrics`` once per epoch, all of it reduced and logged.
+
+    A snapshot is taken at the start of every epoch after the first (the previous epoch's train
+    epoch-level metrics, its validation and ``sn/*`` are then final) and at the end of training.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.snapshots: list[dict[str, float]] = []
+
+    def _snapshot(self, trainer: L.Trainer) -> None:
+        self.snapshots.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self._snapshot(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._snapshot(trainer)
+        text = json.dumps(
+            [{k: (v if math.isfinite(v) else str(v)) for k, v in s.items()} for s in self.snapshots]
+        )
+        (Path(self.out) / f"metrics_rank{trainer.global_rank}.json").write_text(text)

@@ -56,5 +56,7 @@ class DataGrad(L.Callback):
             loss = loss + self.lam * penalty
         else:
             loss, penalty, logits = datagrad_fd_loss(module, x, y, self.lam, self.phi, self.norm)
-        module.log("train/datagrad_penalty", penalty.detach(), on_step=False, on_epoch=True)
+        module.log(  # Note [synchronised metrics] (lit/classifier.py)
+            "train/datagrad_penalty", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True
+        )
         return loss, logits

@@ -213,8 +213,14 @@ class SNClassifier(L.LightningModule):
             )
             penalty = crm_penalty(logits, y, L, hp.crm_r0, hp.crm_t)
             loss = loss + hp.crm_lambda * penalty
-            self.log("train/crm_penalty", penalty.detach(), on_step=False, on_epoch=True)
-        self.log("train/loss", loss, prog_bar=True)
+            self.log(
+                "train/crm_penalty", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True
+            )
+        # Note [synchronised metrics]
+        #   Under DDP every logged value is the same on all ranks: a scalar computed per rank is
+        #   logged with sync_dist=True (batch-size-weighted mean over ranks), an accuracy through
+        #   a torchmetrics metric (counts summed over ranks). tests/test_ddp.py checks it.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         if self.batch_perturbed:
             self.train_adv_acc(logits.detach(), y)
             self.log(
@@ -265,7 +271,12 @@ class SNClassifier(L.LightningModule):
         self._eval_step(batch, "test", self.test_acc)
 
     def on_train_epoch_end(self) -> None:
-        """Log each normalized layer's σ (current estimate) and the sound network bound (``sn/*``)."""
+        """Sync the DDP ranks' state; log each layer's σ and the sound network bound (``sn/*``).
+
+        σ is each normalized layer's current estimate; the state is rank 0's buffers and LipLT
+        vectors (Note [DDP state]).
+        """
+        self._broadcast_state()
         if self.hparams.beta is None:
             return
         from sn_lightning.spectral import spectral_norms
@@ -275,6 +286,28 @@ class SNClassifier(L.LightningModule):
         bound = self.lipschitz_bound()
         if bound is not None:
             self.log("sn/lipschitz_bound", bound, sync_dist=True)
+
+    def _broadcast_state(self) -> None:
+        """Copy rank 0's buffers and LipLT power-iteration vectors to every rank (Note [DDP state]).
+
+        Note [DDP state]
+            DDP all-reduces gradients, so parameters stay identical, and broadcasts rank 0's
+            buffers at the start of every forward of the *wrapped* module. Spectral-norm ``u``
+            vectors are advanced from the (identical) weights alone, but BatchNorm running
+            statistics are updated from each rank's own batch in the training forward, so after
+            the epoch's last step they differ until the next wrapped forward (validation, if any,
+            or the next epoch). The LipLT vectors of CRM are plain tensors, never broadcast by
+            DDP. Broadcasting all of them once per epoch makes the ranks' states identical at
+            every epoch end (checkpoints, the end of training), whether or not validation ran.
+        """
+        import torch.distributed as dist
+
+        if self._trainer is None or self.trainer.world_size < 2 or not dist.is_initialized():
+            return
+        tensors = [*self.buffers(), *self._lip_state.get("u", {}).values()]
+        with torch.no_grad():
+            for tensor in tensors:  # same modules, same order, same shapes on every rank
+                dist.broadcast(tensor, src=0)
 
     def lipschitz_bound(self) -> float | None:
         """A sound l2 Lipschitz bound of the eval-mode model, or None where none is sound."""

@@ -700,7 +700,9 @@ class OperatorSpec:
             return torch.add(g * a, self.sigma_grad(weight, u, v), alpha=b)
         V = v.reshape(grp, c_out // grp, n_pos)
         U = cols.reshape(grp, -1, n_pos).mT  # (g, L, C/g*K)
-        out = g * a
+        # Double backward (exact DataGrad) hands in a permuted weight gradient, (in, out) strides:
+        # `g * a` keeps that layout and `view` needs the contiguous one.
+        out = (g * a).contiguous()
         out.view(grp, c_out // grp, -1).baddbmm_(V, U, alpha=b)
         return out
 

@@ -120,3 +120,36 @@ def test_bad_arguments_raise(smooth, kwargs, match):
 def test_penalty_bad_norm(smooth):
     with pytest.raises(ConfigError, match="'l3'"):
         datagrad_penalty(*smooth, norm="l3")
+
+
+def test_exact_penalty_backpropagates_through_spectral_norm_convs():
+    """Double backward hands SN conv layers permuted weight gradients ((in, out) strides); the
+    bounded (sigma > beta) backward must treat them as the contiguous tensors they equal."""
+    from torch import nn
+
+    from sn_lightning.spectral import apply_spectral_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+    apply_spectral_norm(net, beta=0.1, input_shape=(1, 8, 8))  # every sigma > beta
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    loss, penalty, _ = datagrad_penalty(net, x, y, "l1")
+    (loss + 0.1 * penalty).backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    sn = net[2].parametrizations.weight[0]
+    W = net[2].parametrizations.weight.original.detach()
+    g = torch.randn(W.shape[1], W.shape[0], *W.shape[2:]).transpose(0, 1)  # permuted layout
+    assert not g.is_contiguous()
+    u, v = torch.randn(sn.spec.u_shape), sn.spec.operator(W)[0](torch.randn(sn.spec.u_shape))
+    torch.testing.assert_close(
+        sn.spec.scaled_sigma_grad(W, g, 0.5, -0.3, u, v),
+        sn.spec.scaled_sigma_grad(W, g.contiguous(), 0.5, -0.3, u, v),
+    )
