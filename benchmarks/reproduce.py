@@ -421,7 +421,7 @@ def report(budget: Budget, records_path: Path | None = None) -> dict[str, Any]:
     ]
     for key, model, schemes, metric_of, title in specs:
         rows = table_rows(records, model, schemes, metric_of)
-        if not rows:
+        if all(r["scheme"] == "erm" for r in rows):  # nothing but the shared baseline yet
             continue
         tables[key] = rows
         png = ROOT / "docs" / f"reproduce_{budget.name}_{key}.png"

@@ -1,18 +1,39 @@
 """`python -m sn_lightning.fit --config configs/x.yaml [--a.b=value ...]`: train, evaluate, write results.json.
 
-Every option can be overridden in the ``--a.b=value`` form that ``wandb agent`` produces;
-``--print_config`` prints the resolved config without training; ``--ckpt_path`` resumes.
+Every option can be overridden in the ``--a.b=value`` form that ``wandb agent`` produces (or by a
+later ``--config`` layer, such as the agent's ``${args_json_file}``); ``--print_config`` prints the
+resolved config without training; ``--ckpt_path`` resumes.
+
+W&B: with ``--trainer.logger=lightning.pytorch.loggers.WandbLogger`` each run gets its own directory
+``<save_dir>/<project>/<run id>/`` (config.yaml, results.json, checkpoints), ``save_dir`` defaulting
+to ``trainer.default_root_dir``; the run id is ``WANDB_RUN_ID`` (set by ``wandb agent``) or a new
+one shared with every DDP rank; when W&B cannot be reached (no API key, no network) the run goes on
+offline with a one-line warning; results.json also goes to the W&B run summary (``results/...``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import logging
+import netrc
+import os
+import secrets
+import socket
+import string
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from sn_lightning.callbacks import (
     AdversarialTraining,
@@ -27,6 +48,8 @@ from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
 
 RESULTS_FILE = "results.json"
+_OFFLINE_MODES = ("offline", "dryrun", "disabled")
+_log = logging.getLogger(__name__)
 
 
 class _OneLineErrorParser(LightningArgumentParser):
@@ -60,6 +83,237 @@ class SNLightningCLI(LightningCLI):
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from"
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Give each configured WandbLogger a run id, a save_dir and, if W&B is unreachable, offline."""
+        root_dir = self.config.get("trainer.default_root_dir")
+        for init_args in _wandb_logger_init_args(self.config):
+            _prepare_wandb_logger(init_args, root_dir)
+
+
+# -- W&B ----------------------------------------------------------------------------------------
+# Note [one W&B run per process tree]
+# `wandb agent` passes the run id in WANDB_RUN_ID; DDP ranks re-run this argv with the launching
+# process's environment. The id is fixed in the config before instantiation (and exported, so DDP
+# ranks read the same one); only rank 0 starts the W&B run (WandbLogger's rank_zero_experiment) and
+# only rank 0 writes to its summary. `main` restores WANDB_RUN_ID / WANDB_MODE when it returns.
+
+
+def _is_wandb_logger(class_path: object) -> bool:
+    """Whether a logger ``class_path`` names WandbLogger or a subclass of it."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+
+def _wandb_logger_init_args(config: Namespace) -> list[Namespace]:
+    """The ``init_args`` of every WandbLogger in ``trainer.logger`` (a logger or a list of them)."""
+    logger = config.get("trainer.logger")
+    items = logger if isinstance(logger, list) else [logger]
+    return [
+        item.init_args
+        for item in items
+        if isinstance(item, Namespace) and _is_wandb_logger(item.get("class_path"))
+    ]
+
+
+def _new_run_id() -> str:
+    """An 8-character id in W&B's alphabet (what ``wandb.util.generate_id`` makes)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _offline_requested(init_args: Namespace) -> bool:
+    mode = init_args.get("mode") or ("offline" if init_args.get("offline") else None)
+    mode = mode or os.environ.get("WANDB_MODE", "")
+    disabled = os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1")
+    return disabled or str(mode).lower() in _OFFLINE_MODES
+
+
+def _wandb_base_url() -> str:
+    url = os.environ.get("WANDB_BASE_URL")
+    if url:
+        return url
+    import wandb
+
+    return str(wandb.Settings().base_url)
+
+
+def _has_wandb_credentials(host: str) -> bool:
+    """An API key in the environment, an identity token file, or a netrc entry for ``host``."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return path.is_file() and netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why a W&B run could not start online (no credentials, server not reachable), or None.
+
+    The reachability check is one TCP connection to the W&B host; behind an HTTP(S) proxy it is
+    skipped (a failure of ``wandb.init`` itself still falls back to offline, see `run`).
+    """
+    url = _wandb_base_url()
+    parsed = urlparse(url)
+    host = parsed.hostname or url
+    if not _has_wandb_credentials(host):
+        return f"no W&B API key for {host} (set WANDB_API_KEY or run `wandb login`)"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "ALL_PROXY")):
+        return None
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"cannot reach {url} ({type(err).__name__}: {err})"
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    """One line on stderr (rank 0), through logging so that it can be silenced."""
+    _log.warning("python -m sn_lightning.fit: warning: %s", message)
+
+
+def _prepare_wandb_logger(init_args: Namespace, root_dir: str | None) -> None:
+    """Fix the run id and save_dir in the config; switch to offline when W&B is unreachable."""
+    run_id = os.environ.get("WANDB_RUN_ID") or init_args.get("id") or init_args.get("version")
+    run_id = str(run_id or _new_run_id())
+    init_args.id, init_args.version = run_id, None
+    os.environ["WANDB_RUN_ID"] = run_id  # Note [one W&B run per process tree]
+    if init_args.get("save_dir") in (None, ".") and init_args.get("dir") is None:
+        init_args.save_dir = str(root_dir or ".")
+    if _offline_requested(init_args):
+        return
+    reason = wandb_unreachable_reason()
+    if reason is None:
+        return
+    # Explicit: wandb ignores environment changes once it is set up in this process.
+    init_args.offline, init_args.mode = True, "offline"
+    if init_args.get("log_model"):
+        init_args.log_model = False  # Lightning refuses log_model with offline
+    os.environ["WANDB_MODE"] = "offline"
+    _warn(
+        f"W&B unreachable: {reason}; this run goes on offline in {init_args.save_dir}/wandb "
+        "(upload later with `wandb sync`)"
+    )
+
+
+def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _start_wandb(trainer: Trainer) -> None:
+    """Start each W&B run now (rank 0); if ``wandb.init`` fails, go on offline with a warning."""
+    loggers = _wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    for logger in loggers:
+        try:
+            logger.experiment  # noqa: B018  (starts the run; a no-op dummy on ranks other than 0)
+        except wandb.errors.Error as err:
+            first = " ".join(str(err).split())[:300]
+            _warn(f"W&B run could not start ({type(err).__name__}: {first}); going on offline")
+            os.environ["WANDB_MODE"] = "offline"
+            wandb.teardown()  # a fresh wandb session reads WANDB_MODE again
+            logger.experiment  # noqa: B018
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _log_results_to_wandb(trainer: Trainer, results: dict[str, Any], path: Path) -> None:
+    """Put results.json into each W&B run: summary ``results/...`` and the file itself (rank 0)."""
+    if not trainer.is_global_zero:
+        return
+    skip = ("settings", "metrics", "path")
+    summary = _flatten({k: v for k, v in results.items() if k not in skip}, "results")
+    for logger in _wandb_loggers(trainer):
+        experiment = logger.experiment
+        experiment.summary.update(summary)
+        experiment.save(str(path), base_path=str(path.parent), policy="now")
+
+
+def _finish_wandb(trainer: Trainer, exit_code: int) -> None:
+    """Close this process's W&B runs so that a next run in the same process starts a new one."""
+    if not trainer.is_global_zero:
+        return
+    for logger in _wandb_loggers(trainer):
+        logger.experiment.finish(exit_code=exit_code)  # started by `_start_wandb`
+
+
+@contextlib.contextmanager
+def _restored_environ(*names: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run's own directory, the same on every rank (call it on all of them).
+
+    CSV/TensorBoard loggers: their ``log_dir`` (``.../version_N``); WandbLogger:
+    ``<save_dir>/<project>/<run id>`` (where its checkpoints go); no logger: ``default_root_dir``.
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, WandbLogger):
+        path = str(Path(logger.save_dir or ".") / str(logger.name) / str(logger.version))
+        return Path(trainer.strategy.broadcast(path))
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _keep_nulls_kwarg() -> dict[str, bool]:
+    """``parser.save`` keyword that keeps null entries (renamed in jsonargparse 4.49)."""
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("jsonargparse").split(".")[:2])
+    return {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
+
+
+_KEEP_NULLS = _keep_nulls_kwarg()
+
+
+class RunDirSaveConfig(SaveConfigCallback):
+    """Save config.yaml into `run_dir` (one per run, also under W&B), overwriting a previous copy."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """Write the config once, on rank 0, into the run's directory."""
+        if self.already_saved:
+            return
+        directory = run_dir(trainer)  # collective: every rank
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.parser.save(
+                self.config,
+                str(directory / self.config_filename),
+                overwrite=True,
+                multifile=self.multifile,
+                **_KEEP_NULLS,
+            )
+        self.already_saved = True
 
 
 def _key_settings(config: Any) -> dict[str, Any]:
@@ -113,15 +367,32 @@ def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule)
 
 
 def run(cli: SNLightningCLI) -> dict[str, Any]:
-    """Fit, then evaluate on the full train / val / test splits; write results.json (rank 0)."""
+    """Fit, then evaluate on the full train / val / test splits; write results.json (rank 0).
+
+    results.json goes into `run_dir`; with W&B also into the run (summary ``results/...``), and
+    the W&B run is finished when this returns.
+    """
+    trainer = cli.trainer
+    _start_wandb(trainer)
+    try:
+        results = _fit_and_evaluate(cli)
+    except BaseException:
+        _finish_wandb(trainer, exit_code=1)
+        raise
+    _finish_wandb(trainer, exit_code=0)
+    return results
+
+
+def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
     start = time.perf_counter()
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
     train_time = time.perf_counter() - start
-    # trainer.log_dir broadcasts under DDP: every rank must ask, before the others return.
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    # run_dir broadcasts under DDP: every rank must ask, before the others return.
+    log_dir = run_dir(trainer)
     if not trainer.is_global_zero:
         return {}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     dm.setup("test")
     device = model.device
     results: dict[str, Any] = {"train": evaluate(model, dm.train_eval_dataloader(), device)}
@@ -147,9 +418,12 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
         summary[f"final/{name}/gap"] = entry["gap"]
     for logger in trainer.loggers:
         logger.log_metrics(summary, step=trainer.global_step)
+    # The last logged value of every metric (what a W&B sweep reads from the run summary).
+    results["metrics"] = {**logged, **summary}
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _log_results_to_wandb(trainer, results, path)
     results["path"] = str(path)
     lines = [
         f"train acc {results['train']['acc']:.4f}  test acc {results['test']['acc']:.4f}  gap {results['gap']:+.4f}"
@@ -213,17 +487,19 @@ def _final_extras(model: SNClassifier) -> dict[str, Any]:
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the results dict (empty on ranks other than 0)."""
     try:
-        cli = SNLightningCLI(
-            SNClassifier,
-            ImageDataModule,
-            run=False,
-            args=args,
-            parser_class=_OneLineErrorParser,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "python -m sn_lightning.fit"},
-            auto_configure_optimizers=False,
-        )
-        return run(cli)
+        with _restored_environ("WANDB_RUN_ID", "WANDB_MODE"):
+            cli = SNLightningCLI(
+                SNClassifier,
+                ImageDataModule,
+                run=False,
+                args=args,
+                parser_class=_OneLineErrorParser,
+                save_config_callback=RunDirSaveConfig,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": "python -m sn_lightning.fit"},
+                auto_configure_optimizers=False,
+            )
+            return run(cli)
     except ConfigError as err:
         sys.stderr.write(f"python -m sn_lightning.fit: error: {err}\n")
         raise SystemExit(2) from None

@@ -1,0 +1,968 @@
+"""`python -m sn_lightning.sweep`: check W&B sweep YAMLs offline; run a sweep without a W&B server.
+
+    python -m sn_lightning.sweep validate sweeps/x.yaml [more.yaml ...]
+    python -m sn_lightning.sweep run sweeps/x.yaml [--count N] [--out DIR] [--wandb-mode offline]
+                                 [--dry-run] [-- --trainer.max_epochs=1 ...]
+
+``validate`` checks the schema with the W&B sweeps engine (the ``sweeps`` package), then renders
+runs into the exact argv ``wandb agent`` would start and parses each with the fit CLI's own
+parser (no training): every parameter must be a config key of the command's base config(s) and
+every value must parse; the metric must be one the run logs. One line per problem, exit 2.
+
+``run`` proposes runs with the same engine (grid, random, or bayes fed with the finished runs'
+metric), starts each exactly as ``wandb agent`` would (wandb's own command-building functions),
+each in ``<out>/<run id>/`` with ``WANDB_MODE=offline`` by default, then writes
+``<out>/runs.csv`` (one row per run) and ``<out>/metric_vs_<param>.png`` for each swept parameter.
+Arguments after ``--`` are appended to every run's command (later options win). Hyperband early
+termination is applied only by the W&B server: locally every run goes to completion. Running it
+again with the same ``--out`` resumes: earlier rows of runs.csv count as finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import difflib
+import fnmatch
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import secrets
+import shlex
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROG = "python -m sn_lightning.sweep"
+FIT_MODULE = "sn_lightning.fit"
+RUNS_CSV = "runs.csv"
+PARAM_FIELDS = (
+    "value",
+    "values",
+    "distribution",
+    "min",
+    "max",
+    "mu",
+    "sigma",
+    "q",
+    "probabilities",
+    "parameters",
+)
+_BOUNDED = ("uniform", "int_uniform", "q_uniform", "log_uniform_values", "q_log_uniform_values")
+_MAX_CHECKED_RUNS = 1000  # grid points parsed by `validate` (each parse takes milliseconds)
+_RANDOM_CHECKS = 5  # proposals parsed by `validate` for random / bayes sweeps
+
+
+class SweepError(Exception):
+    """A problem with a sweep file or a local run; each line of the message is one problem."""
+
+
+# -- the sweeps engine --------------------------------------------------------------------------
+def _sweeps() -> Any:
+    """The W&B sweeps engine, or a one-line error saying how to install it."""
+    try:
+        with warnings.catch_warnings():  # its pydantic models use v1 config names
+            warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
+            return importlib.import_module("sweeps")
+    except ImportError:
+        raise SweepError(
+            'the W&B sweeps engine (package `sweeps`) is missing: pip install "sn-lightning[sweeps]"'
+        ) from None
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read a sweep YAML into a dict.
+
+    Raises:
+        SweepError: the file is missing, is not YAML, or is not a mapping.
+    """
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise SweepError(f"{path}: cannot read: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise SweepError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(cfg, dict):
+        raise SweepError(f"{path}: a sweep config must be a mapping, got {type(cfg).__name__}")
+    return cfg
+
+
+def _param_field_errors(cfg: Mapping[str, Any], prefix: str = "parameters") -> list[str]:
+    """Unknown fields in parameter specs (the engine's own message does not name them)."""
+    params = cfg.get("parameters")
+    if not isinstance(params, Mapping):
+        return []
+    errors = []
+    for name, spec in params.items():
+        where = f"{prefix}.{name}"
+        if not isinstance(spec, Mapping):
+            errors.append(f"{where}: must be a mapping with one of value, values, min/max")
+            continue
+        unknown = sorted(set(spec) - set(PARAM_FIELDS))
+        if unknown:
+            errors.append(
+                f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(PARAM_FIELDS)}"
+            )
+        if isinstance(spec.get("parameters"), Mapping):
+            errors.extend(_param_field_errors(spec, where + ".parameters"))
+    return errors
+
+
+def schema_errors(cfg: Mapping[str, Any]) -> list[str]:
+    """Schema violations from the W&B sweeps engine (plus unknown parameter fields), one per line."""
+    sweeps = _sweeps()
+    errors = _param_field_errors(cfg)
+    if errors:
+        return errors
+    where: dict[str, str] = {}
+    # The engine returns bare messages; its jsonschema validator also knows where each one is.
+    with contextlib.suppress(ImportError, AttributeError):
+        from sweeps.config.schema import validator
+
+        where = {e.message: ".".join(map(str, e.absolute_path)) for e in validator.iter_errors(cfg)}
+    try:
+        messages = sweeps.schema_violations_from_proposed_config(dict(cfg))
+    except ValueError as err:
+        return [str(err)]
+    return [f"{where[m]}: {m}" if where.get(m) else m for m in messages]
+
+
+def sweep_config(cfg: Mapping[str, Any]) -> Any:
+    """The engine's `SweepConfig` (schema-checked, defaults filled in)."""
+    errors = schema_errors(cfg)
+    if errors:
+        raise SweepError("\n".join(errors))
+    return _sweeps().SweepConfig(dict(cfg))
+
+
+def propose(config: Any, runs: Sequence[Any], n: int = 1) -> list[dict[str, Any]]:
+    """Up to ``n`` new parameter assignments from the engine (fewer when a grid runs out)."""
+    proposed = _sweeps().next_runs(config, list(runs), n=n)
+    return [
+        {k: _plain(v["value"]) for k, v in run.config.items()}
+        for run in proposed
+        if run is not None
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python values, as they reach the agent from the W&B server (through JSON)."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else o))
+
+
+# -- the command `wandb agent` starts -------------------------------------------------------------
+def agent_command(
+    cfg: Mapping[str, Any],
+    params: Mapping[str, Any],
+    *,
+    run_id: str,
+    sweep_id: str,
+    wandb_dir: str | Path,
+) -> list[str]:
+    """The argv ``wandb agent`` starts for one run (``wandb.wandb_agent.Agent._command_run``).
+
+    The template comes from wandb's ``create_sweep_command`` (``${envvar:X}`` expanded) and the
+    argument forms (``${args}``, ``${args_json}``, ...) from its ``create_sweep_command_args``;
+    the macro substitution below is the agent's own loop. ``${args_json_file}`` is written, as by
+    the agent, to ``<wandb_dir>/wandb/sweep-<sweep_id>/config-<run_id>.json``.
+
+    Args:
+        cfg: the sweep config (``command``, ``program``).
+        params: parameter name -> value for this run.
+        run_id: the run's id.
+        sweep_id: the sweep's id (names the JSON file's folder).
+        wandb_dir: the agent's ``WANDB_DIR``.
+
+    Returns:
+        The command line, ``${env}`` being ``/usr/bin/env`` and ``${interpreter}`` ``python``.
+    """
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    template = sweep_utils.create_sweep_command(copy.deepcopy(cfg.get("command")) or None)
+    command = {"args": {k: {"value": v} for k, v in params.items()}, "program": cfg.get("program")}
+    sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args(command)
+    json_file = Path(wandb_dir) / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.json"
+    if "${args_json_file}" in template:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(sweep_vars["args_json"][0])
+    sweep_vars["interpreter"] = ["python"]
+    sweep_vars["program"] = [command["program"]]
+    sweep_vars["args_json_file"] = [str(json_file)]
+    if platform.system() != "Windows":
+        sweep_vars["env"] = ["/usr/bin/env"]
+    argv: list[str] = []
+    for chunk in template:
+        chunk = str(chunk)
+        if chunk.startswith("${") and chunk.endswith("}"):
+            argv += [str(c) for c in sweep_vars.get(chunk[2:-1]) or []]
+        else:
+            argv.append(chunk)
+    return argv
+
+
+def fit_args(argv: Sequence[str]) -> list[str]:
+    """The arguments after ``-m sn_lightning.fit`` (or ``sn_lightning/fit.py``) in ``argv``.
+
+    Raises:
+        SweepError: the command does not run the fit entry point.
+    """
+    for i, token in enumerate(argv):
+        runs_module = token == FIT_MODULE and i > 0 and argv[i - 1] == "-m"
+        if runs_module or token.endswith(("sn_lightning/fit.py", "sn-lightning-fit")):
+            return list(argv[i + 1 :])
+    raise SweepError(
+        f"command must run `python -m {FIT_MODULE}`, got: {shlex.join(argv) or '(empty)'}"
+    )
+
+
+def _command_errors(cfg: Mapping[str, Any]) -> list[str]:
+    """Problems with the command template that no parse would explain well."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    template = [str(c) for c in (cfg.get("command") or sweep_utils.DEFAULT_SWEEP_COMMAND)]
+    program = str(cfg.get("program") or "")
+    try:
+        fit_args([program if c == "${program}" else c for c in template])
+    except SweepError as err:
+        return [f"command: {err}"]
+    macros = [c for c in template if c.startswith("${args")]
+    errors = []
+    if not macros:
+        errors.append(
+            "command: no ${args} or ${args_json_file}: the swept values would not reach the run"
+        )
+    if "${args_no_hyphens}" in template:
+        errors.append(
+            "command: ${args_no_hyphens} renders name=value, which the fit CLI rejects; "
+            "use `--config ${args_json_file}` (or ${args})"
+        )
+    if "${program}" in template and not cfg.get("program"):
+        errors.append("program: missing, and the command uses ${program}")
+    if "${args}" in template:
+        nulls = [name for name, spec in _params(cfg).items() if None in _declared_values(spec)]
+        if nulls:
+            errors.append(
+                f"parameters.{nulls[0]}: null renders as `--{nulls[0]}=None` under ${{args}}, which "
+                "does not parse; put `--config ${args_json_file}` in the command instead"
+            )
+    return errors
+
+
+# -- parsing runs with the fit CLI ----------------------------------------------------------------
+def _params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    params = cfg.get("parameters")
+    return dict(params) if isinstance(params, Mapping) else {}
+
+
+def _declared_values(spec: Mapping[str, Any]) -> list[Any]:
+    if "value" in spec:
+        return [spec["value"]]
+    return list(spec.get("values") or [])
+
+
+def _base_display(cfg: Mapping[str, Any]) -> str:
+    """``python -m sn_lightning.fit --config base.yaml ...``: the command without its macros."""
+    template = [str(c) for c in cfg.get("command") or []]
+    try:
+        tokens = fit_args(template)
+    except SweepError:
+        return f"python -m {FIT_MODULE}"
+    kept = [
+        t
+        for i, t in enumerate(tokens)
+        if not t.startswith("${") and not (i + 1 < len(tokens) and tokens[i + 1].startswith("${"))
+    ]
+    return shlex.join(["python", "-m", FIT_MODULE, *kept])
+
+
+def _candidate_values(name: str, spec: Mapping[str, Any]) -> list[Any]:
+    """Values of one parameter worth parsing: all listed ones, else bounds and engine samples."""
+    if "value" in spec or "values" in spec:
+        return _declared_values(spec)
+    sweeps = _sweeps()
+    config = sweeps.SweepConfig({"method": "random", "parameters": {name: dict(spec)}})
+    samples = propose(config, [], n=3)
+    filled = config["parameters"][name]
+    bounds = (
+        [filled["min"], filled["max"]]
+        if filled.get("distribution") in _BOUNDED and "min" in filled
+        else []
+    )
+    return [*bounds, *(s[name] for s in samples)]
+
+
+def _one_line(message: object, limit: int = 500) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class _KeyIndex:
+    """The config keys of the base command, for 'unknown key' messages with suggestions."""
+
+    leaves: set[str]
+    children: dict[str, set[str]]
+
+    @classmethod
+    def from_config(cls, config: Any) -> _KeyIndex:
+        """Index the flattened keys (long and ``init_args``-less short forms) of a parsed config."""
+        leaves: set[str] = set()
+        for key in vars(config.as_flat()):
+            leaves.add(key)
+            leaves.add(key.replace(".init_args.", "."))
+        children: dict[str, set[str]] = {}
+        for key in leaves:
+            parts = key.split(".")
+            for depth in range(len(parts)):
+                children.setdefault(".".join(parts[:depth]), set()).add(parts[depth])
+        return cls(leaves, children)
+
+    def knows(self, key: str) -> bool:
+        """A leaf key or a section (``model``, ``adversarial.attack``)."""
+        return key in self.leaves or key in self.children
+
+    def explain(self, key: str) -> str:
+        """``did you mean ...? keys under 'section': ...``."""
+        close = difflib.get_close_matches(key, sorted(self.leaves), n=3, cutoff=0.85)
+        parts = key.split(".")
+        section = next(
+            ".".join(parts[:d])
+            for d in range(len(parts) - 1, -1, -1)
+            if ".".join(parts[:d]) in self.children
+        )
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        names = ", ".join(sorted(self.children[section]))
+        return f"{hint}keys under {section or 'the top level'!r}: {names}"
+
+
+class _FitParser:
+    """The fit CLI's parser for one base command, parsing candidate runs without training."""
+
+    def __init__(self, base_args: list[str]) -> None:
+        from sn_lightning.data import ImageDataModule
+        from sn_lightning.fit import SNLightningCLI, _OneLineErrorParser
+        from sn_lightning.lit import SNClassifier
+
+        class _ParseOnlyCLI(SNLightningCLI):
+            def before_instantiate_classes(self) -> None:
+                """No W&B preparation: nothing will run."""
+
+            def instantiate_classes(self) -> None:
+                """Parse only: no trainer, model or data."""
+
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+        level = seed_log.level
+        seed_log.setLevel(logging.WARNING)  # no "Seed set to 0": nothing will run
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                cli = _ParseOnlyCLI(
+                    SNClassifier,
+                    ImageDataModule,
+                    run=False,
+                    args=base_args,
+                    parser_class=_OneLineErrorParser,
+                    parser_kwargs={"prog": f"python -m {FIT_MODULE}", "exit_on_error": False},
+                    auto_configure_optimizers=False,
+                )
+        finally:
+            seed_log.setLevel(level)
+        self.parser, self.keys = cli.parser, _KeyIndex.from_config(cli.config)
+
+    def parse(self, args: list[str]) -> Any:
+        """The parsed config namespace (raises jsonargparse's ArgumentError)."""
+        return self.parser.parse_args(args)
+
+
+def _instantiate(spec: Any) -> Any:
+    """An object from a ``class_path``/``init_args`` namespace (used for attack names)."""
+    module, _, name = spec.class_path.rpartition(".")
+    init_args = spec.get("init_args")
+    kwargs = dict(vars(init_args)) if init_args is not None else {}
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+def logged_metric_names(config: Any) -> list[str]:
+    """Names (fnmatch patterns) of the metrics a run with this parsed config logs.
+
+    Relative-radius attacks (``eps_rel``) get their absolute radius from the data at setup, so
+    their names are only known up to that number (``val/robust_acc/pgd15_l2_*``).
+    """
+    from sn_lightning.callbacks.robust_eval import attack_name
+
+    names = ["epoch", "train/loss", "train/acc", "val/loss", "val/acc", "final/*"]
+    if config.get("adversarial.attack") is not None:
+        names.append("train/adv_acc")
+    for spec in config.get("robust_eval.attacks") or []:
+        attack = _instantiate(spec)
+        name = attack_name(attack) if attack.is_resolved else f"{type(attack).__name__.lower()}*"
+        names.append(f"val/robust_acc/{name}")
+    names += [f"val/certified_acc/{eps:g}" for eps in config.get("model.certify_eps") or []]
+    if (config.get("model.crm_lambda") or 0) > 0:
+        names.append("train/crm_penalty")
+    if config.get("model.beta") is not None:
+        names.append("sn/*")
+    return names
+
+
+def _reason(error: Exception) -> str:
+    """The useful part of a jsonargparse message: the valid choices or the expected types."""
+    text = _one_line(error, limit=100_000)
+    choices = re.findall(r"Expected a typing\.Literal\[([^\]]*)\]", text)
+    if choices:
+        return f"valid choices: {choices[-1]}"
+    inner = text[text.rfind('Parser key "') :] if 'Parser key "' in text else text
+    types = re.search(r"Subtypes: \[([^\]]*)\]", inner)
+    if types:
+        names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", types.group(1))
+        names = ["null" if n == "NoneType" else n for n in names]
+        return f"expected {' or '.join(names)}"
+    return _one_line(inner.split(" Given value type:")[0])
+
+
+def _parse_error(
+    error: Exception, assignment: Mapping[str, Any], keys: _KeyIndex, base: str
+) -> str:
+    """One line naming the bad key (with suggestions) or the bad value (with the parser's reason)."""
+    if len(assignment) == 1:
+        ((key, value),) = assignment.items()
+        if not keys.knows(key):
+            return f"parameters.{key}: unknown config key of `{base}`; {keys.explain(key)}"
+        return f"parameters.{key}: value {value!r} does not parse: {_reason(error)}"
+    return f"run {dict(assignment)!r} does not parse: {_reason(error)}"
+
+
+def _check_run(
+    parser: _FitParser,
+    args: list[str],
+    assignment: Mapping[str, Any],
+    base: str,
+    metric: str | None,
+) -> str | None:
+    """Parse one rendered run; an error line, or None when it parses and logs the metric."""
+    from jsonargparse import ArgumentError
+
+    from sn_lightning.errors import ConfigError
+
+    try:
+        config = parser.parse(args)
+        logged = logged_metric_names(config) if metric else []
+    except (ArgumentError, SystemExit) as err:
+        return _parse_error(err, assignment, parser.keys, base)
+    except (ConfigError, ValueError, TypeError) as err:
+        return f"run {dict(assignment)!r}: {_one_line(err)}"
+    if metric and not any(fnmatch.fnmatchcase(metric, pattern) for pattern in logged):
+        return (
+            f"metric.name: {metric!r} is not logged by run {dict(assignment)!r}; it logs: "
+            f"{', '.join(logged)}"
+        )
+    return None
+
+
+def _runs_to_check(config: Any) -> list[dict[str, Any]]:
+    """Every grid point (up to a cap), or a few random proposals for random / bayes."""
+    if config["method"] == "grid":
+        return propose(config, [], n=_MAX_CHECKED_RUNS)
+    sample = _sweeps().SweepConfig({**dict(config), "method": "random"})
+    return propose(sample, [], n=_RANDOM_CHECKS)
+
+
+def validate_sweep(path: str | Path) -> list[str]:
+    """Every problem with one sweep YAML, one line each (empty: valid).
+
+    Schema (the W&B sweeps engine), the command, then each parameter value alone and each
+    proposed run, rendered as ``wandb agent`` renders them and parsed by the fit CLI's parser.
+    """
+    try:
+        cfg = load_sweep(path)
+    except SweepError as err:
+        return [str(err)]
+    errors = schema_errors(cfg)
+    if errors:
+        return [f"{path}: {e}" for e in errors]
+    errors = _command_errors(cfg)
+    if errors:
+        return [f"{path}: {e}" for e in errors]
+    config = sweep_config(cfg)
+    metric = (cfg.get("metric") or {}).get("name")
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def render(params: Mapping[str, Any], run_id: str) -> list[str]:
+            argv = agent_command(cfg, params, run_id=run_id, sweep_id="validate", wandb_dir=tmp)
+            return fit_args(argv)
+
+        try:
+            base_args = render({}, "base")
+        except SweepError as err:
+            return [f"{path}: {err}"]
+        base = _base_display(cfg)
+        try:
+            parser = _FitParser(base_args)
+        except Exception as err:
+            return [f"{path}: command: `{base}` does not parse: {_one_line(err)}"]
+        lines = []
+        for name, spec in _params(cfg).items():
+            for i, value in enumerate(_candidate_values(name, spec)):
+                line = _check_run(parser, render({name: value}, f"p{i}"), {name: value}, base, None)
+                if line:
+                    lines.append(line)
+                    break  # one line per parameter
+        if lines:
+            return [f"{path}: {line}" for line in lines]
+        for i, params in enumerate(_runs_to_check(config)):
+            line = _check_run(parser, render(params, f"r{i}"), params, base, metric)
+            if line:
+                return [f"{path}: {line}"]
+    return []
+
+
+def describe(cfg: Mapping[str, Any]) -> str:
+    """``grid, 24 runs, maximize val/robust_acc/...`` for the validation summary line."""
+    method = cfg.get("method")
+    if method == "grid":
+        size = len(propose(sweep_config(cfg), [], n=_MAX_CHECKED_RUNS))
+        runs = f"{size} runs" if size < _MAX_CHECKED_RUNS else f">= {size} runs"
+    else:
+        runs = f"run_cap {cfg['run_cap']}" if "run_cap" in cfg else "unbounded"
+    metric = cfg.get("metric") or {}
+    target = (
+        f"{metric.get('goal', 'minimize')} {metric['name']}" if "name" in metric else "no metric"
+    )
+    extra = ", hyperband" if (cfg.get("early_terminate") or {}).get("type") == "hyperband" else ""
+    return f"{method}, {runs}, {target}{extra}"
+
+
+# -- the local runner -------------------------------------------------------------------------------
+@dataclass
+class LocalRun:
+    """One run of a local sweep: what was started and what came back."""
+
+    run_id: str
+    params: dict[str, Any]
+    command: list[str] = field(default_factory=list)
+    status: str = "pending"  # finished | failed | dry-run
+    returncode: int | None = None
+    seconds: float = 0.0
+    metric: float | None = None
+    results_path: str | None = None
+    key_results: dict[str, Any] = field(default_factory=dict)
+
+    def sweep_run(self, metric_name: str | None) -> Any:
+        """This run as the engine's `SweepRun` (its metric fed back to bayes)."""
+        sweeps = _sweeps()
+        state = {"finished": "finished", "failed": "failed"}.get(self.status, "running")
+        summary = {metric_name: self.metric} if metric_name and self.metric is not None else {}
+        return sweeps.SweepRun(
+            name=self.run_id,
+            state=sweeps.RunState(state),
+            config={k: {"value": v} for k, v in self.params.items()},
+            summary_metrics=summary,
+        )
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            yield from _flatten(value, name)
+        else:
+            yield name, value
+
+
+def metric_value(results: Mapping[str, Any], name: str) -> float | None:
+    """The metric's last logged value (``results["metrics"]``), else a results.json path (a/b/c)."""
+    value = (results.get("metrics") or {}).get(name)
+    if value is None:
+        value = dict(_flatten({k: v for k, v in results.items() if k != "metrics"})).get(name)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def key_results(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of runs.csv besides the parameters and the metric."""
+    out: dict[str, Any] = {}
+    for split in ("train", "val", "test"):
+        if isinstance(results.get(split), Mapping):
+            out[f"{split}_acc"] = results[split].get("acc")
+    for key in ("gap", "lipschitz_bound", "train_time_s"):
+        if key in results:
+            out[key] = results[key]
+    for name, entry in (results.get("adversarial") or {}).items():
+        out[f"{name}/test_acc"] = entry.get("test", {}).get("acc")
+        out[f"{name}/gap"] = entry.get("gap")
+    for eps, entry in ((results.get("certified") or {}).get("eps") or {}).items():
+        out[f"certified/{eps}/test"] = entry.get("test")
+    return out
+
+
+def _execute(argv: list[str], env: Mapping[str, str], log: Path) -> int:
+    """Start one run (output to ``log``) and wait for it; its exit code."""
+    with log.open("w") as out:
+        return subprocess.run(
+            argv, env=dict(env), stdout=out, stderr=subprocess.STDOUT, check=False
+        ).returncode
+
+
+def _run_env(run_id: str, out: Path, wandb_mode: str, cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The agent's environment for one run, offline unless asked otherwise."""
+    env = dict(os.environ)
+    env["WANDB_RUN_ID"] = run_id
+    env["WANDB_DIR"] = str(out)
+    if wandb_mode != "online":
+        env["WANDB_MODE"] = wandb_mode
+    if cfg.get("project") and "WANDB_PROJECT" not in env:
+        env["WANDB_PROJECT"] = str(cfg["project"])
+    # `python` (the agent's ${interpreter}) is this interpreter: its folder goes first on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _write_sweep_params(path: Path, params: Mapping[str, Any]) -> None:
+    """The agent's ``config-<run>.yaml`` (``WANDB_SWEEP_PARAM_PATH``): run.config gets the values."""
+    from wandb.sdk.lib import config_util
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config_util.save_config_file_from_dict(str(path), {k: {"value": v} for k, v in params.items()})
+
+
+def _finish(run: LocalRun, out: Path, metric: str | None) -> None:
+    found = (out / run.run_id).rglob("results.json")  # not the copy inside the W&B run folder
+    results_files = sorted(
+        (p for p in found if "wandb" not in p.relative_to(out).parts),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if run.returncode != 0 or not results_files:
+        run.status = "failed"
+        return
+    run.status = "finished"
+    run.results_path = str(results_files[-1])
+    results = json.loads(results_files[-1].read_text())
+    run.key_results = key_results(results)
+    run.metric = metric_value(results, metric) if metric else None
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return "null"
+    return value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def write_csv(
+    runs: Sequence[LocalRun], path: Path, param_names: Sequence[str], metric: str
+) -> None:
+    """One row per run: id, status, parameters, the metric, key results, the command."""
+    extra: list[str] = []
+    for run in runs:
+        extra += [k for k in run.key_results if k not in extra]
+    header = ["run_id", "status", "returncode", "seconds", *param_names, metric, *extra]
+    header += ["results", "params_json", "command"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        for run in runs:
+            row = {
+                "run_id": run.run_id,
+                "status": run.status,
+                "returncode": run.returncode,
+                "seconds": round(run.seconds, 2),
+                **{name: _cell(run.params.get(name)) for name in param_names},
+                metric: run.metric if run.metric is not None else "",
+                **{k: "" if v is None else v for k, v in run.key_results.items()},
+                "results": run.results_path or "",
+                "params_json": json.dumps(run.params),
+                "command": shlex.join(run.command),
+            }
+            writer.writerow(row)
+
+
+def read_csv(path: Path, metric: str) -> list[LocalRun]:
+    """Runs of an earlier invocation (for resuming), from its runs.csv."""
+    if not path.is_file():
+        return []
+    runs = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            value = row.get(metric) or ""
+            results = Path(row.get("results") or "")
+            known = key_results(json.loads(results.read_text())) if results.is_file() else {}
+            runs.append(
+                LocalRun(
+                    run_id=row["run_id"],
+                    params=json.loads(row["params_json"]),
+                    command=shlex.split(row.get("command") or ""),
+                    status=row["status"],
+                    returncode=int(row["returncode"]) if row.get("returncode") else None,
+                    seconds=float(row.get("seconds") or 0.0),
+                    metric=float(value) if value else None,
+                    results_path=row.get("results") or None,
+                    key_results=known,
+                )
+            )
+    return runs
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, json.dumps(value))
+
+
+def _label(param: str, value: Any) -> str:
+    if value is None:
+        return "no SN (inf)" if param.endswith("beta") else "null"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plot_metric(
+    runs: Sequence[LocalRun],
+    param: str,
+    metric: str,
+    path: Path,
+    group_by: str | None = None,
+    connect: bool = True,
+) -> None:
+    """The metric against one parameter (one line per value of ``group_by``); PNG via Agg.
+
+    Non-numeric values (``null`` beta: no SN) sit at the right end of a categorical axis;
+    ``connect=False`` draws points only (random / bayes samples).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.metric is not None and param in r.params]
+    values = sorted({json.dumps(r.params[param]) for r in done})
+    xs = sorted((json.loads(v) for v in values), key=_sort_key)
+    categorical = any(_sort_key(x)[0] for x in xs)
+    position = {json.dumps(x): (i if categorical else x) for i, x in enumerate(xs)}
+    groups: dict[str, list[LocalRun]] = {}
+    for run in done:
+        groups.setdefault(json.dumps(run.params.get(group_by)) if group_by else "", []).append(run)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted(groups, key=lambda k: _sort_key(json.loads(k)) if k else (0, 0)):
+        members = sorted(groups[key], key=lambda r: _sort_key(r.params[param]))
+        x = [position[json.dumps(r.params[param])] for r in members]
+        y = [r.metric for r in members]
+        label = _label(group_by, json.loads(key)) if group_by else None
+        ax.plot(x, y, marker="o", linestyle="-" if connect else "none", label=label)
+    if categorical:
+        ax.set_xticks(range(len(xs)), [_label(param, x) for x in xs])
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} ({len(done)} runs)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    if group_by and groups:
+        ax.legend(fontsize="small", title=group_by, title_fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _swept(cfg: Mapping[str, Any]) -> list[str]:
+    """Parameters that vary: a list of values or a distribution."""
+    return [name for name, spec in _params(cfg).items() if "value" not in spec]
+
+
+def plot_all(
+    runs: Sequence[LocalRun], cfg: Mapping[str, Any], metric: str, out: Path
+) -> list[Path]:
+    """``metric_vs_<param>.png`` for each swept parameter, grouped by another swept one."""
+    swept = _swept(cfg)
+    paths = []
+    for param in swept:
+        others = [p for p in swept if p != param]
+        distinct = {p: len({json.dumps(r.params.get(p)) for r in runs}) for p in others}
+        group = min((p for p in others if 1 < distinct[p] <= 8), key=distinct.get, default=None)
+        path = out / f"metric_vs_{param}.png"
+        plot_metric(runs, param, metric, path, group_by=group, connect=cfg["method"] == "grid")
+        paths.append(path)
+    return paths
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run_sweep(
+    path: str | Path,
+    *,
+    count: int | None = None,
+    out: str | Path | None = None,
+    fit_overrides: Sequence[str] = (),
+    wandb_mode: str = "offline",
+    dry_run: bool = False,
+) -> list[LocalRun]:
+    """Run a sweep locally; see the module docstring.
+
+    Args:
+        path: the sweep YAML.
+        count: new runs to start (default: the rest of a grid; required for random / bayes).
+        out: folder for runs, runs.csv and plots (default ``runs/sweeps/<yaml name>``).
+        fit_overrides: extra fit options appended to every run's command.
+        wandb_mode: ``offline`` (default), ``online`` (the environment decides) or ``disabled``.
+        dry_run: print the commands, start nothing.
+
+    Returns:
+        Every run in ``out`` (earlier invocations' first), in order.
+    """
+    errors = validate_sweep(path)
+    if errors:
+        raise SweepError("\n".join(errors))
+    cfg = load_sweep(path)
+    config = sweep_config(cfg)
+    if cfg["method"] == "custom":
+        raise SweepError(f"{path}: method custom needs a W&B scheduler; use grid, random or bayes")
+    if count is None and cfg["method"] != "grid":
+        raise SweepError(f"{path}: --count is required for method {cfg['method']}")
+    out = Path(out or Path("runs") / "sweeps" / Path(path).stem).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    metric = (cfg.get("metric") or {}).get("name") or "val/acc"
+    sweep_id = f"local-{Path(path).stem}"
+    runs = read_csv(out / RUNS_CSV, metric)
+    if runs:
+        _say(f"resuming: {len(runs)} earlier runs in {out / RUNS_CSV}")
+    if cfg.get("early_terminate"):
+        _say(
+            "note: early_terminate (hyperband) is applied by the W&B server only; local runs finish"
+        )
+    limit = count if count is not None else math.inf
+    if "run_cap" in cfg:
+        limit = min(limit, cfg["run_cap"] - len(runs))
+    started = 0
+    while started < limit:
+        proposal = propose(config, [r.sweep_run(metric) for r in runs])
+        if not proposal:
+            _say("the grid is complete")
+            break
+        run = LocalRun(run_id=_new_run_id(), params=proposal[0])
+        run_dir = out / run.run_id
+        run.command = agent_command(
+            cfg, run.params, run_id=run.run_id, sweep_id=sweep_id, wandb_dir=out
+        )
+        run.command += [f"--trainer.default_root_dir={run_dir}", *fit_overrides]
+        started += 1
+        runs.append(run)
+        if dry_run:
+            run.status = "dry-run"
+            _say(shlex.join(run.command))
+            continue
+        _start(run, cfg, out, sweep_id, wandb_mode, metric)
+        shown = " ".join(f"{k}={_label(k, v)}" for k, v in run.params.items() if k in _swept(cfg))
+        value = "n/a" if run.metric is None else f"{run.metric:.4f}"
+        _say(
+            f"[{started}] {run.run_id} {run.status} ({run.seconds:.0f} s): {shown} -> {metric} = {value}"
+        )
+        write_csv(runs, out / RUNS_CSV, list(_params(cfg)), metric)
+    if not dry_run and runs:
+        plots = plot_all(runs, cfg, metric, out)
+        _say(f"runs: {out / RUNS_CSV}; plots: {', '.join(p.name for p in plots) or 'none'}")
+    return runs
+
+
+def _start(
+    run: LocalRun, cfg: Mapping[str, Any], out: Path, sweep_id: str, wandb_mode: str, metric: str
+) -> None:
+    run_dir = out / run.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = _run_env(run.run_id, out, wandb_mode, cfg)
+    params_file = out / "wandb" / f"sweep-{sweep_id}" / f"config-{run.run_id}.yaml"
+    _write_sweep_params(params_file, run.params)
+    env["WANDB_SWEEP_PARAM_PATH"] = str(params_file)
+    start = time.perf_counter()
+    run.returncode = _execute(run.command, env, run_dir / "output.log")
+    run.seconds = time.perf_counter() - start
+    _finish(run, out, metric)
+
+
+# -- command line -------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("validate", help="check sweep YAMLs offline (schema, keys, values)")
+    check.add_argument("sweeps", nargs="+", help="sweep YAML files")
+    local = sub.add_parser(
+        "run",
+        help="run a sweep locally, as `wandb agent` would",
+        epilog="Options after `--` are appended to every run's command, e.g. "
+        "`-- --trainer.max_epochs=1 --trainer.accelerator=gpu`.",
+    )
+    local.add_argument("sweep", help="the sweep YAML")
+    local.add_argument("--count", type=int, default=None, help="new runs (default: the whole grid)")
+    local.add_argument("--out", default=None, help="output folder (default runs/sweeps/<name>)")
+    local.add_argument(
+        "--wandb-mode",
+        choices=("offline", "online", "disabled"),
+        default="offline",
+        help="WANDB_MODE of the runs; online: leave it to the environment",
+    )
+    local.add_argument("--dry-run", action="store_true", help="print the commands only")
+    return parser
+
+
+def _validate_all(paths: Iterable[str]) -> int:
+    failed = False
+    for path in paths:
+        errors = validate_sweep(path)
+        for line in errors:
+            sys.stderr.write(f"{PROG}: error: {line}\n")
+        if not errors:
+            _say(f"{path}: ok ({describe(load_sweep(path))})")
+        failed = failed or bool(errors)
+    return 2 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; the exit code (0 ok, 1 a run failed, 2 a bad sweep or usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fit_overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, fit_overrides = argv[:cut], argv[cut + 1 :]
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate_all(args.sweeps)
+        if args.count is not None and args.count < 1:
+            raise SweepError(f"--count must be >= 1, got {args.count}")
+        runs = run_sweep(
+            args.sweep,
+            count=args.count,
+            out=args.out,
+            fit_overrides=fit_overrides,
+            wandb_mode=args.wandb_mode,
+            dry_run=args.dry_run,
+        )
+    except SweepError as err:
+        for line in str(err).splitlines():
+            sys.stderr.write(f"{PROG}: error: {line}\n")
+        return 2
+    return 1 if any(r.status == "failed" for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

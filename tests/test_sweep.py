@@ -1,0 +1,517 @@
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wandb
+import yaml
+
+pytest.importorskip("sweeps", reason='the sweeps extra: pip install "sn-lightning[sweeps]"')
+
+from sn_lightning import sweep
+from sn_lightning.fit import main as fit_main
+from tests.wandb_helpers import offline_run, wandb_run_config, wandb_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+DIGITS = ROOT / "sweeps" / "digits_beta_eps_grid.yaml"
+BAYES = ROOT / "sweeps" / "cifar10_pgd_beta_bayes.yaml"
+BETAS = {1.0, 1.3, 1.6, 2.0, 4.0, None}
+# A few steps per run: with them the digits sweep takes seconds per run.
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--robust_eval.final_max_examples=32",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.chdir(ROOT)  # the sweeps' commands name configs/ relative to the repository
+
+
+def _names(paths):
+    return [p.name for p in paths]
+
+
+def _proposal(path, pick_null_beta=True):
+    """A run the engine proposes; one with beta null (no SN) where the sweep has it."""
+    cfg = sweep.load_sweep(path)
+    proposals = sweep.propose(sweep.sweep_config(cfg), [], n=100)
+    nulls = [p for p in proposals if "model.beta" in p and p["model.beta"] is None]
+    return cfg, (nulls[0] if nulls and pick_null_beta else proposals[0])
+
+
+def _lookup(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _contains(actual, expected):
+    """``expected`` appears in ``actual`` (dicts: a subset; floats: approximately)."""
+    if isinstance(expected, dict):
+        return all(k in actual and _contains(actual[k], v) for k, v in expected.items())
+    if isinstance(expected, list):
+        return len(actual) == len(expected) and all(map(_contains, actual, expected))
+    if isinstance(expected, float):
+        return actual == pytest.approx(expected)
+    return actual == expected
+
+
+# -- the sweep files ------------------------------------------------------------------------------
+def test_the_sweep_set_covers_the_issue():
+    cfgs = {p.name: sweep.load_sweep(p) for p in SWEEPS}
+    grids = {n: c for n, c in cfgs.items() if n.startswith(("fgm_", "pgd_", "wrm_"))}
+    assert len(grids) == 3
+    for name, cfg in grids.items():
+        assert cfg["method"] == "grid"
+        assert set(cfg["parameters"]["model.beta"]["values"]) == BETAS, name
+        radius = [k for k in cfg["parameters"] if k.startswith("adversarial.attack.init_args.")]
+        assert len(radius) == 1 and len(cfg["parameters"][radius[0]]["values"]) >= 3, name
+    assert "gamma_rel" in next(
+        k for k in grids["wrm_beta_gamma_grid.yaml"]["parameters"] if "gamma" in k
+    )
+    bayes = cfgs["cifar10_pgd_beta_bayes.yaml"]
+    assert bayes["method"] == "bayes" and bayes["early_terminate"]["type"] == "hyperband"
+    crm = cfgs["cifar10_crm_grid.yaml"]["parameters"]
+    assert {"model.crm_lambda", "model.crm_r0"} <= set(crm)
+    digits = cfgs["digits_beta_eps_grid.yaml"]
+    assert "configs/quickstart.yaml" in digits["command"]
+    assert digits["parameters"]["trainer.max_epochs"]["value"] <= 3
+    for name, cfg in cfgs.items():
+        assert cfg["metric"]["goal"] == "maximize", name
+        assert cfg["metric"]["name"].startswith(("val/robust_acc/", "val/certified_acc/")), name
+        assert cfg["command"][2:4] == ["-m", "sn_lightning.fit"], name
+        assert cfg["command"][-2:] == ["--config", "${args_json_file}"], name
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=_names(SWEEPS))
+def test_every_sweep_validates(path):
+    assert sweep.validate_sweep(path) == []
+
+
+def test_validate_command_line(capsys):
+    assert sweep.main(["validate", *map(str, SWEEPS)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(SWEEPS) and all(": ok (" in line for line in out)
+    digits = next(line for line in out if "digits_beta_eps_grid" in line)
+    assert "grid, 6 runs, maximize val/robust_acc/pgd20_linf_0.1" in digits
+    fgm = next(line for line in out if "fgm_beta_eps_grid" in line)
+    assert "grid, 24 runs" in fgm
+
+
+# -- the command `wandb agent` starts ---------------------------------------------------------------
+def _wandb_agent_argv(monkeypatch, cfg, params, run_id, wandb_dir):
+    """What wandb's own Agent._command_run starts (its process creation intercepted)."""
+    from wandb import wandb_agent
+
+    started = {}
+
+    class _Captured:
+        def __init__(self, command=None, env=None, **kwargs):
+            started["command"], started["env"] = command, env
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", _Captured)
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    for name in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # the agent sets them; undone after
+        monkeypatch.setenv(name, "unset")
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="abc123")
+    agent._sweep_command = copy.deepcopy(cfg["command"])  # as read from the sweep's config
+    args = {k: {"value": v} for k, v in params.items()}
+    agent._command_run({"type": "run", "run_id": run_id, "program": cfg["program"], "args": args})
+    return started
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=_names(SWEEPS))
+def test_agent_command_is_what_wandb_agent_starts(monkeypatch, tmp_path, path):
+    cfg, params = _proposal(path)
+    started = _wandb_agent_argv(monkeypatch, cfg, params, "run0001", tmp_path)
+    json_file = tmp_path / "wandb" / "sweep-abc123" / "config-run0001.json"
+    written_by_agent = json.loads(json_file.read_text())
+    json_file.unlink()
+    ours = sweep.agent_command(cfg, params, run_id="run0001", sweep_id="abc123", wandb_dir=tmp_path)
+    assert ours == started["command"]
+    assert json.loads(json_file.read_text()) == written_by_agent == params
+    assert ours[:4] == ["/usr/bin/env", "python", "-m", "sn_lightning.fit"]
+    assert ours[-2:] == ["--config", str(json_file)]
+
+
+def test_args_macro_renders_like_the_agent(monkeypatch, tmp_path):
+    cfg = sweep.load_sweep(DIGITS)
+    cfg["command"] = [*cfg["command"][:-2], "${args}"]
+    params = {"model.beta": 1.5, "adversarial.attack.init_args.eps": 0.1, "model.sn_detach": False}
+    started = _wandb_agent_argv(monkeypatch, cfg, params, "run0002", tmp_path)
+    ours = sweep.agent_command(cfg, params, run_id="run0002", sweep_id="abc123", wandb_dir=tmp_path)
+    assert ours == started["command"]
+    assert ours[-3:] == [
+        "--model.beta=1.5",
+        "--adversarial.attack.init_args.eps=0.1",
+        "--model.sn_detach=False",
+    ]
+
+
+def _print_config(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit_main([*args, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=_names(SWEEPS))
+def test_a_proposed_run_reaches_the_model(tmp_path, capsys, path):
+    cfg, params = _proposal(path)
+    argv = sweep.agent_command(cfg, params, run_id="run0003", sweep_id="s", wandb_dir=tmp_path)
+    printed = _print_config(sweep.fit_args(argv), capsys)
+    for key, value in params.items():
+        assert _contains(_lookup(printed, key), value), (key, value, _lookup(printed, key))
+    if any(v is None for v in cfg["parameters"].get("model.beta", {}).get("values", [0])):
+        assert params["model.beta"] is None and printed["model"]["beta"] is None  # no SN
+    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+
+
+def test_each_beta_of_a_grid_reaches_the_model(tmp_path, capsys):
+    path = ROOT / "sweeps" / "pgd_beta_eps_grid.yaml"
+    cfg = sweep.load_sweep(path)
+    proposals = sweep.propose(sweep.sweep_config(cfg), [], n=100)
+    assert len(proposals) == 24
+    seen = set()
+    for i, params in enumerate(
+        p for p in proposals if p["adversarial.attack.init_args.eps_rel"] == 0.05
+    ):
+        argv = sweep.agent_command(cfg, params, run_id=f"r{i}", sweep_id="s", wandb_dir=tmp_path)
+        printed = _print_config(sweep.fit_args(argv), capsys)
+        seen.add(printed["model"]["beta"])
+        assert printed["adversarial"]["attack"]["init_args"]["eps_rel"] == 0.05
+        assert printed["adversarial"]["attack"]["class_path"] == "sn_lightning.attacks.PGD"
+    assert seen == BETAS
+
+
+def test_the_exact_agent_command_in_a_real_process(tmp_path):
+    cfg, params = _proposal(DIGITS)
+    argv = sweep.agent_command(cfg, params, run_id="run0004", sweep_id="s", wandb_dir=tmp_path)
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
+    proc = subprocess.run(
+        [*argv, "--print_config"], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["model"]["beta"] is None and params["model.beta"] is None
+    eps = printed["adversarial"]["attack"]["init_args"]["eps"]
+    assert eps == params["adversarial.attack.init_args.eps"]
+    assert printed["trainer"]["max_epochs"] == 3 and printed["robust_eval"]["every_n_epochs"] == 1
+
+
+# -- bad sweeps: one line each, exit 2 ----------------------------------------------------------------
+def _digits_variant(edit):
+    cfg = sweep.load_sweep(DIGITS)
+    edit(cfg)
+    return cfg
+
+
+def _rename(cfg, old, new):
+    cfg["parameters"][new] = cfg["parameters"].pop(old)
+
+
+BAD = {
+    "unknown_key": (
+        lambda c: _rename(c, "model.beta", "model.betaa"),
+        [
+            "parameters.model.betaa: unknown config key",
+            "did you mean model.beta?",
+            "keys under 'model'",
+        ],
+    ),
+    "unknown_attack_key": (
+        lambda c: _rename(
+            c, "adversarial.attack.init_args.eps", "adversarial.attack.init_args.epss"
+        ),
+        ["adversarial.attack.init_args.epss: unknown config key", "eps_rel", "steps"],
+    ),
+    "bad_value": (
+        lambda c: c["parameters"]["adversarial.attack.init_args.eps"].update(values=[0.05, "abc"]),
+        [
+            "parameters.adversarial.attack.init_args.eps: value 'abc' does not parse: expected float or null"
+        ],
+    ),
+    "bad_choice": (
+        lambda c: c["parameters"].update({"model.optimizer": {"values": ["adam", "rmsprop"]}}),
+        ["parameters.model.optimizer: value 'rmsprop'", "valid choices: 'sgd', 'adam', 'adamw'"],
+    ),
+    "bad_method": (
+        lambda c: c.update(method="grdi"),
+        ["method: 'grdi' is not one of ['bayes', 'random', 'grid', 'custom']"],
+    ),
+    "bad_field": (
+        lambda c: c["parameters"].update({"model.beta": {"valuess": [1.0]}}),
+        ["parameters.model.beta: unknown field(s) valuess; valid: value, values"],
+    ),
+    "metric_not_logged": (
+        lambda c: c["metric"].update(name="val/robust_acc/pgd20_linf_0.2"),
+        [
+            "metric.name: 'val/robust_acc/pgd20_linf_0.2' is not logged",
+            "val/robust_acc/pgd20_linf_0.1",
+        ],
+    ),
+    "null_under_args": (
+        lambda c: c.update(command=[*c["command"][:-2], "${args}"]),
+        ["parameters.model.beta: null renders as `--model.beta=None`", "${args_json_file}"],
+    ),
+    "not_the_fit_cli": (
+        lambda c: c.update(command=["${env}", "${interpreter}", "train.py", "${args}"]),
+        ["command must run `python -m sn_lightning.fit`"],
+    ),
+    "base_config_missing": (
+        lambda c: c.update(command=[t.replace("quickstart", "quickstrat") for t in c["command"]]),
+        ["command: `python -m sn_lightning.fit --config configs/quickstrat.yaml", "does not parse"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_sweep_is_one_line(tmp_path, capsys, case):
+    edit, messages = BAD[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(_digits_variant(edit)))
+    assert sweep.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"python -m sn_lightning.sweep: error: {path}: ")
+    for message in messages:
+        assert message in err[0], (message, err[0])
+
+
+def test_a_file_that_is_not_a_sweep(tmp_path, capsys):
+    path = tmp_path / "x.yaml"
+    path.write_text("- just\n- a list\n")
+    assert sweep.main(["validate", str(path), str(DIGITS)]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.err.strip()
+        == f"python -m sn_lightning.sweep: error: {path}: a sweep config must be a mapping, got list"
+    )
+    assert "digits_beta_eps_grid.yaml: ok" in captured.out  # the others are still checked
+
+
+def test_without_the_sweeps_package(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sweeps", None)  # import sweeps -> ImportError
+    assert sweep.main(["validate", str(DIGITS)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith('pip install "sn-lightning[sweeps]"')
+
+
+# -- the local runner, with a stand-in for the training process ------------------------------------
+def _fake_metric(params):
+    beta = params.get("model.beta")
+    return 0.5 if beta is None else round(1.0 / (1.0 + abs(beta - 2.0)), 6)
+
+
+class _FakeFit:
+    """Stands in for the training process: reads the agent's JSON, writes results.json."""
+
+    def __init__(self, metric, returncode=0):
+        self.metric, self.returncode, self.calls = metric, returncode, []
+
+    def __call__(self, argv, env, log):
+        self.calls.append((list(argv), dict(env)))
+        args = sweep.fit_args(argv)
+        json_file = [a for a in args if a.endswith(".json")][-1]
+        params = json.loads(Path(json_file).read_text())
+        root = Path(
+            next(a for a in reversed(args) if a.startswith("--trainer.default_root_dir=")).split(
+                "=", 1
+            )[1]
+        )
+        run_dir = root / "sn-lightning" / env["WANDB_RUN_ID"]
+        run_dir.mkdir(parents=True)
+        value = _fake_metric(params)
+        results = {"metrics": {self.metric: value}, "test": {"acc": value / 2}, "gap": 0.01}
+        (run_dir / "results.json").write_text(json.dumps(results))
+        log.write_text("fake\n")
+        return self.returncode
+
+
+def test_grid_runs_write_csv_and_plots_and_resume(monkeypatch, tmp_path, capsys):
+    cfg = sweep.load_sweep(DIGITS)
+    metric = cfg["metric"]["name"]
+    fake = _FakeFit(metric)
+    monkeypatch.setattr(sweep, "_execute", fake)
+    out = tmp_path / "out"
+    assert (
+        sweep.main(
+            ["run", str(DIGITS), "--count", "4", "--out", str(out), "--", "--trainer.max_epochs=1"]
+        )
+        == 0
+    )
+    assert len(fake.calls) == 4
+    for argv, env in fake.calls:
+        run_id = env["WANDB_RUN_ID"]
+        assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str(out)
+        assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+        assert argv[-2:] == [f"--trainer.default_root_dir={out / run_id}", "--trainer.max_epochs=1"]
+        swept = yaml.safe_load(Path(env["WANDB_SWEEP_PARAM_PATH"]).read_text())
+        swept = {k: v["value"] for k, v in swept.items() if k != "wandb_version"}
+        assert json.loads(Path(argv[-3]).read_text()) == swept
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [r["status"] for r in rows] == ["finished"] * 4
+    expected = sweep.propose(sweep.sweep_config(cfg), [], n=4)
+    for row, params in zip(rows, expected, strict=True):
+        assert json.loads(row["params_json"]) == params
+        assert row["model.beta"] == (
+            "null" if params["model.beta"] is None else str(params["model.beta"])
+        )
+        assert float(row[metric]) == pytest.approx(_fake_metric(params))
+        assert float(row["test_acc"]) == pytest.approx(_fake_metric(params) / 2)
+    for name in ("metric_vs_model.beta.png", "metric_vs_adversarial.attack.init_args.eps.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second invocation resumes: the grid's last 2 points, then it is complete
+    assert sweep.main(["run", str(DIGITS), "--out", str(out)]) == 0
+    assert len(fake.calls) == 6
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    all_points = sweep.propose(sweep.sweep_config(cfg), [], n=100)
+    assert sorted(r["params_json"] for r in rows) == sorted(json.dumps(p) for p in all_points)
+    assert "resuming: 4 earlier runs" in capsys.readouterr().out
+    assert sweep.main(["run", str(DIGITS), "--out", str(out)]) == 0
+    assert len(fake.calls) == 6 and "the grid is complete" in capsys.readouterr().out
+
+
+def test_bayes_gets_the_finished_runs_metrics(monkeypatch, tmp_path, capsys):
+    cfg = sweep.load_sweep(BAYES)
+    metric = cfg["metric"]["name"]
+    monkeypatch.setattr(sweep, "_execute", _FakeFit(metric))
+    seen = []
+    engine = sweep._sweeps()
+    real_next_runs = engine.next_runs
+
+    def spy(config, runs, *args, **kwargs):
+        if config["method"] == "bayes":
+            seen.append([(r.state, dict(r.summary_metrics), r.config) for r in runs])
+        return real_next_runs(config, runs, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "next_runs", spy)
+    runs = sweep.run_sweep(BAYES, count=3, out=tmp_path / "bayes")
+    assert [len(s) for s in seen] == [0, 1, 2]
+    for i, run in enumerate(runs[:2]):
+        state, summary, config = seen[2][i]
+        assert state == "finished" and config == {k: {"value": v} for k, v in run.params.items()}
+        assert summary == {metric: pytest.approx(_fake_metric(run.params))}
+    assert all(0.8 <= r.params["model.beta"] <= 8.0 for r in runs)
+    assert "hyperband) is applied by the W&B server only" in capsys.readouterr().out
+
+
+def test_count_is_required_for_bayes_and_failed_runs_exit_1(monkeypatch, tmp_path, capsys):
+    assert sweep.main(["run", str(BAYES), "--out", str(tmp_path)]) == 2
+    assert "--count is required for method bayes" in capsys.readouterr().err
+    monkeypatch.setattr(sweep, "_execute", _FakeFit("x", returncode=1))
+    assert sweep.main(["run", str(DIGITS), "--count", "1", "--out", str(tmp_path / "f")]) == 1
+    rows = list(csv.DictReader((tmp_path / "f" / "runs.csv").open()))
+    assert [r["status"] for r in rows] == ["failed"]
+
+
+def test_dry_run_prints_the_agent_commands(tmp_path, capsys):
+    runs = sweep.run_sweep(DIGITS, count=2, out=tmp_path, dry_run=True, fit_overrides=["--x=1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [r.status for r in runs] == ["dry-run"] * 2 and not (tmp_path / "runs.csv").exists()
+    for run, line in zip(runs, lines, strict=True):
+        assert line.startswith(
+            "/usr/bin/env python -m sn_lightning.fit --config configs/quickstart.yaml"
+        )
+        assert line.endswith(f"--trainer.default_root_dir={tmp_path / run.run_id} --x=1")
+
+
+# -- the digits sweep end to end ---------------------------------------------------------------------
+def _check_digits_runs(out, runs, n):
+    cfg = sweep.load_sweep(DIGITS)
+    metric = cfg["metric"]["name"]
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == len(runs) == n
+    expected = sweep.propose(sweep.sweep_config(cfg), [], n=n)
+    for row, run, params in zip(rows, runs, expected, strict=True):
+        assert row["status"] == "finished" and run.params == params
+        results_file = Path(row["results"])
+        assert results_file.parent == out / run.run_id / "sn-lightning" / run.run_id
+        assert (results_file.parent / "config.yaml").is_file()
+        results = json.loads(results_file.read_text())
+        assert results["settings"]["model"]["beta"] == params["model.beta"]
+        attack = results["settings"]["adversarial"]["attack"]["init_args"]
+        assert attack["eps"] == params["adversarial.attack.init_args.eps"]
+        value = results["metrics"][metric]
+        assert 0.0 <= value <= 1.0 and float(row[metric]) == pytest.approx(value)
+        assert float(row["test_acc"]) == pytest.approx(results["test"]["acc"])
+        # the offline W&B run: the swept values in its config, the metric and results in its summary
+        wandb_file = offline_run(out / run.run_id, run.run_id)
+        assert {k: wandb_run_config(wandb_file)[k] for k in params} == params
+        summary = wandb_summary(wandb_file)
+        assert summary[metric] == pytest.approx(value)
+        assert summary["results/test/acc"] == pytest.approx(results["test"]["acc"])
+    for name in ("metric_vs_model.beta.png", "metric_vs_adversarial.attack.init_args.eps.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_sweep_end_to_end_in_process(monkeypatch, tmp_path):
+    """The runner with each run's exact fit arguments and environment, in this process (fast)."""
+
+    def in_process(argv, env, log):
+        assert argv[:4] == ["/usr/bin/env", "python", "-m", "sn_lightning.fit"]
+        with monkeypatch.context() as m:
+            for name in (
+                "WANDB_RUN_ID",
+                "WANDB_MODE",
+                "WANDB_DIR",
+                "WANDB_SWEEP_PARAM_PATH",
+                "WANDB_PROJECT",
+            ):
+                m.setenv(name, env[name])
+            try:
+                fit_main(sweep.fit_args(argv))
+            except SystemExit as err:
+                return int(err.code or 0)
+            finally:
+                wandb.teardown()  # as wandb's in-process agent does: the next run reads its env
+        return 0
+
+    monkeypatch.setattr(sweep, "_execute", in_process)
+    out = tmp_path / "digits"
+    runs = sweep.run_sweep(DIGITS, count=2, out=out, fit_overrides=TINY)
+    _check_digits_runs(out, runs, 2)
+    assert [r.params["model.beta"] for r in runs] == [1.0, 2.0]
+
+
+@pytest.mark.slow
+def test_digits_sweep_end_to_end_real_processes(tmp_path):
+    out = tmp_path / "digits"
+    code = sweep.main(["run", str(DIGITS), "--count", "3", "--out", str(out), "--", *TINY])
+    assert code == 0
+    runs = sweep.read_csv(out / "runs.csv", sweep.load_sweep(DIGITS)["metric"]["name"])
+    _check_digits_runs(out, runs, 3)
+    assert [r.params["model.beta"] for r in runs] == [1.0, 2.0, None]  # None: no SN
+
+
+def test_random_search_proposes_from_the_distributions(tmp_path, capsys):
+    cfg = sweep.load_sweep(BAYES)
+    cfg["method"] = "random"
+    cfg.pop("early_terminate")
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert sweep.validate_sweep(path) == []
+    runs = sweep.run_sweep(path, count=3, out=tmp_path / "out", dry_run=True)
+    assert len({r.params["model.beta"] for r in runs}) == 3
+    for run in runs:
+        assert 0.8 <= run.params["model.beta"] <= 8.0 and 0.003 <= run.params["model.lr"] <= 0.03
+        assert type(run.params["model.beta"]) is float  # plain values, as from the W&B server
+        (json_file,) = [a for a in run.command if a.endswith(".json")]
+        on_disk = json.loads(Path(json_file).read_text())
+        assert on_disk == run.params
