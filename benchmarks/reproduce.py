@@ -230,25 +230,14 @@ def _naive_certified(model: Any, dm: Any) -> dict[str, Any]:
     """Certified accuracy (l2) with the naive bound: Lip(f_p - f_q) <= sqrt(2) * prod of layer bounds."""
     import torch
 
-    from sn_lightning.lipschitz import certified_radius, naive_bound
+    from sn_lightning.fit import certified_accuracy_by_split
+    from sn_lightning.lipschitz import naive_bound
 
-    shape = tuple(model.hparams.input_shape)
-    lip = naive_bound(model.model, shape)  # sound: guaranteed per-layer upper bounds
+    lip = naive_bound(model.model, tuple(model.hparams.input_shape))  # sound per-layer bounds
     c = model.hparams.num_classes
     pairwise = torch.full((c, c), math.sqrt(2.0) * lip, device=model.device)
-    out: dict[str, Any] = {"lipschitz_naive": lip, "eps": {}}
-    model.eval()
-    loaders = {"train": dm.train_eval_dataloader, "test": dm.test_dataloader}
-    for split, loader in loaders.items():
-        radii = []
-        with torch.no_grad():
-            for x, y in loader():
-                x, y = x.to(model.device), y.to(model.device)
-                radii.append(certified_radius(model(x).float(), y, pairwise).cpu())
-        r = torch.cat(radii)
-        for e in CERTIFY_EPS:
-            out["eps"].setdefault(f"{e:g}", {})[split] = float((r > e).float().mean())
-    return out
+    eps = certified_accuracy_by_split(model, dm, pairwise, CERTIFY_EPS)
+    return {"lipschitz_naive": lip, "eps": eps}
 
 
 def records_dir(budget: Budget) -> Path:
