@@ -366,6 +366,20 @@ def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule)
     return out
 
 
+def _check_strategy(trainer: Trainer, model: SNClassifier) -> None:
+    """Spawned DDP pickles the model; parametrized (spectral-norm) modules cannot be pickled."""
+    from torch.nn.utils import parametrize
+
+    method = getattr(trainer.strategy, "_start_method", None)
+    if method in ("spawn", "forkserver") and any(
+        parametrize.is_parametrized(m) for m in model.modules()
+    ):
+        raise ConfigError(
+            f"strategy ddp_{method} pickles the model, and spectral-norm (parametrized) layers "
+            "cannot be pickled; use --trainer.strategy=ddp"
+        )
+
+
 def run(cli: SNLightningCLI) -> dict[str, Any]:
     """Fit, then evaluate on the full train / val / test splits; write results.json (rank 0).
 
@@ -373,6 +387,7 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     the W&B run is finished when this returns.
     """
     trainer = cli.trainer
+    _check_strategy(trainer, cli.model)
     _start_wandb(trainer)
     try:
         results = _fit_and_evaluate(cli)

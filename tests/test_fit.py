@@ -92,6 +92,10 @@ def test_resume_from_checkpoint(tmp_path):
         (["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
         (["--model.lrr=0.1"], "--model.lrr=0.1"),
         (["--model.optimizer=rmsprop"], "rmsprop"),
+        (
+            ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"],
+            "use --trainer.strategy=ddp",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
