@@ -338,11 +338,9 @@ def _pool_upper_bound(pool: nn.Module, in_shape: tuple[int, ...]) -> float:
     """
     op, adjoint = _pool_ops(pool, in_shape)
     with torch.no_grad():
-        ones_in = torch.ones(1, *in_shape, dtype=torch.float64)
-        rows = float(op(ones_in).max())
-    out_shape = tuple(op(ones_in).shape[1:])
-    cols = float(adjoint(torch.ones(1, *out_shape, dtype=torch.float64)).max())
-    return math.sqrt(rows * cols) * (1 + 1e-9)
+        row_sums = op(torch.ones(1, *in_shape, dtype=torch.float64))
+    col_sums = adjoint(torch.ones_like(row_sums))
+    return math.sqrt(float(row_sums.max()) * float(col_sums.max())) * (1 + 1e-9)
 
 
 def _piece_upper_bound(p: _Piece) -> float:
