@@ -226,6 +226,36 @@ def execute(run: Run, out: Path, records: Path) -> dict[str, Any]:
     return record
 
 
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_all(todo: Sequence[Run], out: Path, records: Path, jobs: int = 1) -> None:
+    """Execute `todo`: in this process (``jobs=1``) or in ``jobs`` spawned worker processes."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(todo) <= 1:
+        for i, r in enumerate(todo, 1):
+            rec = execute(r, out, records)
+            print(f"[{i}/{len(todo)}] {r.name}: {rec['seconds']:.0f} s", flush=True)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialized in a fork
+    with ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(execute, r, out, records): r for r in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            rec = fut.result()
+            print(f"[{i}/{len(todo)}] {futures[fut].name}: {rec['seconds']:.0f} s", flush=True)
+
+
 def _naive_certified(model: Any, dm: Any) -> dict[str, Any]:
     """Certified accuracy (l2) with the naive bound: Lip(f_p - f_q) <= sqrt(2) * prod of layer bounds."""
     import torch
@@ -460,6 +490,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--out", type=Path, help="run directories (default runs/reproduce/<budget>)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the fit commands and stop")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (a GPU is shared; CPU threads are split)",
+    )
     parser.add_argument("--report-only", action="store_true", help="tables/plots from saved runs")
     ns = parser.parse_args(argv)
     budget = BUDGETS[ns.budget]
@@ -477,9 +513,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not ns.report_only:
         todo = [r for r in runs if not (records / f"{r.name}.json").exists()]
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
-        for i, r in enumerate(todo, 1):
-            rec = execute(r, out, records)
-            print(f"[{i}/{len(todo)}] {r.name}: {rec['seconds']:.0f} s", flush=True)
+        run_all(todo, out, records, ns.jobs)
     summary = report(budget, records)
     print((ROOT / "benchmarks" / "results" / f"reproduce_{budget.name}.md").read_text())
     print(f"{summary['runs']} runs in the report")

@@ -17,7 +17,7 @@ transformation ``phi_i = a_i I + b_i psi_i`` with ``a_i = (alpha_i + beta_i)/2``
 
     m_0 = n(0->0)
     m_i = A(1..i) n(0->i) + sum_{j=1..i} b_{i-j+1} A(i-j+2..i) n(i-j+1 -> i) m_{i-j}
-    Lip(f) <= m_K,      A(s..e) = prod_{k=s..e} a_k (empty product 1),
+    Lip(f) <= m_K,      A(s..e) = prod_{k=s..e} |a_k| (empty product 1),
     n(s->e) = ||W_e ... W_s||_2.
 
 Note [which path is sound]
@@ -32,6 +32,38 @@ Note [which path is sound]
     rows ``||c^T W_K ... W_s||`` are exact in both paths (the dense rows are built by the adjoint
     chain), computed in float64 when certifying. :func:`naive_bound` with ``certify=True`` is
     sound for the same reason.
+
+Note [max pooling]
+    Max pooling is neither linear nor elementwise, so it is not a LipLT piece: the model is cut
+    at every ``MaxPool*``/``AdaptiveMaxPool*`` into segments ``g_0, P_1, g_1, ..., P_M, g_M``
+    (:func:`parse_model`), and ``Lip(f) <= Lip(g_M) L(P_M) ... L(P_1) Lip(g_0)`` (Lipschitz
+    constants of a composition multiply).
+
+    Pool: ``|max_{w} x - max_{w} x'| <= max_{i in w} |x_i - x'_i|``, so
+    ``||P x - P x'||^2 <= sum_windows sum_{i in w} (x_i - x'_i)^2 <= c ||x - x'||^2`` with ``c``
+    the largest number of windows that contain one input position (:func:`max_pool_overlap`,
+    counted exactly on the real input shape, dilation and ceil_mode included; padding is -inf,
+    constant and never above a window's real entries, so padded cells count for nothing).
+    ``L(P) = sqrt(c)``, rounded up; it is attained (one large input entry), and 1 for
+    non-overlapping windows.
+
+    Segment: ``[phi_lead] W_0 phi_1 W_1 ... W_K [phi_trail]``. The chain ``W_0 .. W_K`` is a
+    LipLT net (its own recursion, ``m_K``; 1 when it has no linear layer). An activation right
+    after a pool (or at the model's start) is ``phi_lead``, one right before a pool is
+    ``phi_trail``; each is elementwise with slopes in ``[alpha, beta]``, hence
+    ``max(|alpha|, |beta|)``-Lipschitz in l2, and multiplies the segment bound:
+    ``Lip(g) <= Lip(phi_trail) m_K Lip(phi_lead)``. This loses nothing against the recursion:
+    LipLT with an identity stage prepended for ``phi_lead`` gives exactly ``(|a| + b) m_K``, and
+    ``|a| + b = max(|alpha|, |beta|)``; a trailing activation has no next linear layer to share
+    a product norm with. What is lost is only the product norms across a pool.
+
+    Pairwise: ``f_p - f_q = c^T g_M(P_M(h))`` with ``h`` everything before the last pool, so
+    ``L_pq = (pairwise LipLT of the last chain) * Lip(phi_lead of g_M) * Lip(h)``, the last
+    factor being the product of the earlier segments' global bounds and the pools' constants.
+    The certified path stays sound: every factor is a guaranteed upper bound. The training path
+    stays differentiable (pool constants are constants); the power-iteration vectors of all
+    segments live in one flat ``state["u"]`` keyed by the stage's global index (segment offset
+    plus index inside the segment), unique and stable across calls.
 """
 
 from __future__ import annotations
@@ -57,6 +89,8 @@ from sn_lightning.spectral.ops import (
 __all__ = [
     "DENSE_BUDGET",
     "LipLTNet",
+    "MaxPoolCut",
+    "SegmentedNet",
     "Stage",
     "activation_slopes",
     "certified_accuracy",
@@ -64,6 +98,7 @@ __all__ = [
     "crm_loss",
     "crm_penalty",
     "liplt_bound",
+    "max_pool_overlap",
     "naive_bound",
     "parse_model",
 ]
@@ -113,10 +148,16 @@ def activation_slopes(module: nn.Module) -> tuple[float, float] | None:
 _SUPPORTED_TEXT = (
     "nn.Sequential (nested ones are flattened) of InputNormalize, "
     + ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-    + ", AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d, Flatten, Dropout/Identity (identity in eval), "
-    "and elementwise activations ReLU, ReLU6, Hardtanh, LeakyReLU, ELU, Tanh, Sigmoid, Softplus "
-    "between linear layers"
+    + ", AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d, MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, "
+    "Flatten, Dropout/Identity (identity in eval), and elementwise activations ReLU, ReLU6, "
+    "Hardtanh, LeakyReLU, ELU, Tanh, Sigmoid, Softplus (between linear layers, or next to a "
+    "max pool)"
 )
+
+
+def _slope_lipschitz(slope: tuple[float, float] | None) -> float:
+    """``max(|alpha|, |beta|)``: the l2 Lipschitz constant of an elementwise activation (1: none)."""
+    return 1.0 if slope is None else max(abs(slope[0]), abs(slope[1]))
 
 
 @dataclass
@@ -147,16 +188,28 @@ class Stage:
 
 @dataclass
 class LipLTNet:
-    """A model in the LipLT form: stages W_0..W_K and the slopes of phi_1..phi_K.
+    """One pool-free segment in the LipLT form: stages W_0..W_K, the slopes of phi_1..phi_K.
+
+    Note [max pooling]: ``lead`` and ``trail`` are activations at the segment's ends (after the
+    previous max pool / model start, before the next max pool); each multiplies the chain's bound
+    by ``max(|alpha|, |beta|)``. A segment may have no stage (a pool right after a pool, or an
+    activation between two pools); its chain is the identity.
 
     Attributes:
-        stages: ``K + 1`` linear stages.
+        stages: ``K + 1`` linear stages (possibly none).
         slopes: ``K`` slope ranges ``(alpha_i, beta_i)``; ``slopes[i - 1]`` is phi_i, applied
             between stage ``i - 1`` and stage ``i``.
+        lead: slope range of an activation before stage 0, or None.
+        trail: slope range of an activation after the last stage, or None.
+        offset: the global index of ``stages[0]`` over all segments (keys of the persistent
+            power-iteration vectors).
     """
 
     stages: list[Stage]
     slopes: list[tuple[float, float]] = field(default_factory=list)
+    lead: tuple[float, float] | None = None
+    trail: tuple[float, float] | None = None
+    offset: int = 0
 
     @property
     def a(self) -> list[float]:
@@ -167,6 +220,112 @@ class LipLTNet:
     def b(self) -> list[float]:
         """``b_i = (beta_i - alpha_i) / 2`` per activation."""
         return [(hi - lo) / 2 for lo, hi in self.slopes]
+
+    @property
+    def factor(self) -> float:
+        """``Lip(phi_lead) * Lip(phi_trail)`` (1 for an absent one)."""
+        return _slope_lipschitz(self.lead) * _slope_lipschitz(self.trail)
+
+
+@dataclass
+class MaxPoolCut:
+    """A max pool between two segments (Note [max pooling]).
+
+    Attributes:
+        module: the ``MaxPool*`` / ``AdaptiveMaxPool*`` module.
+        in_shape: one input's shape (no batch dim).
+        out_shape: one output's shape (no batch dim).
+        overlap: the largest number of windows that contain one input position.
+    """
+
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    overlap: int
+
+    @property
+    def lipschitz(self) -> float:
+        """``sqrt(overlap)`` rounded up to the next float unless exact (a sound l2 constant)."""
+        r = math.sqrt(self.overlap)
+        return r if math.isqrt(self.overlap) ** 2 == self.overlap else math.nextafter(r, math.inf)
+
+
+@dataclass
+class SegmentedNet:
+    """A model cut at its max pools: ``segments[0], pools[0], segments[1], ..., segments[-1]``.
+
+    Attributes:
+        segments: ``M + 1`` pool-free :class:`LipLTNet` segments; the last ends with a linear
+            layer (the logits).
+        pools: the ``M`` max pools, ``pools[i]`` between ``segments[i]`` and ``segments[i + 1]``.
+    """
+
+    segments: list[LipLTNet]
+    pools: list[MaxPoolCut] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """All linear stages in order (the global index is :attr:`LipLTNet.offset` + local)."""
+        return [st for seg in self.segments for st in seg.stages]
+
+
+_MAX_POOLS = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+_ADAPTIVE_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _ntuple(v: Any, d: int) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+
+
+def max_pool_overlap(pool: nn.Module, in_shape: Sequence[int]) -> int:
+    """The largest number of pooling windows of a max pool that contain one input position.
+
+    A window is the Cartesian product of per-dimension windows (torch computes kernel, stride,
+    padding, dilation, ceil_mode and the adaptive start/end rule per dimension), so the count
+    at a position is the product of its per-dimension counts, and the maximum is the product of
+    the per-dimension maxima. Each per-dimension count is read off the real 1d pooling function
+    applied to the ``n`` one-hot vectors of that dimension's length ``n``: output ``j`` is 1
+    exactly when window ``j`` holds the position (the other entries are 0, padding is -inf).
+    ``sqrt`` of the result is the pool's l2 Lipschitz constant (Note [max pooling]).
+
+    Args:
+        pool: a ``MaxPool1d/2d/3d`` or ``AdaptiveMaxPool1d/2d/3d``.
+        in_shape: one input's shape, no batch dim; the last 1/2/3 entries are spatial.
+
+    Returns:
+        The count (1 for non-overlapping windows, e.g. ``kernel_size == stride``).
+    """
+    d = next((v for t, v in _MAX_POOLS.items() if isinstance(pool, t)), None)
+    if d is None:
+        raise _unsupported(pool)
+    if len(in_shape) < d:
+        raise ValueError(f"{type(pool).__name__} needs {d} spatial dims, got input {in_shape}")
+    spatial = [int(n) for n in in_shape[len(in_shape) - d :]]
+    total = 1
+    for i, n in enumerate(spatial):
+        eye = torch.eye(n, dtype=torch.float32)[:, None, :]  # (n positions, 1 channel, n)
+        with torch.no_grad():
+            if isinstance(pool, _ADAPTIVE_MAX_POOLS):
+                o = _ntuple(pool.output_size, d)[i]
+                y = F.adaptive_max_pool1d(eye, n if o is None else int(o))
+            else:
+                y = F.max_pool1d(
+                    eye,
+                    _ntuple(pool.kernel_size, d)[i],
+                    _ntuple(pool.stride, d)[i],
+                    _ntuple(pool.padding, d)[i],
+                    _ntuple(pool.dilation, d)[i],
+                    ceil_mode=bool(pool.ceil_mode),
+                )
+        total *= int((y > 0.5).sum(dim=(1, 2)).max())
+    return total
 
 
 def _leaves(module: nn.Module) -> Iterator[nn.Module]:
@@ -180,36 +339,42 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
 def _unsupported(m: nn.Module) -> ValueError:
     return ValueError(
         f"unsupported module {type(m).__name__} for a Lipschitz bound ({m!r}); supported: "
-        f"{_SUPPORTED_TEXT}. Residual blocks, normalization, max pooling (not elementwise, "
-        "use average pooling) and attention are not bounded."
+        f"{_SUPPORTED_TEXT}. Residual blocks, normalization, other pooling (fractional, LP, "
+        "with return_indices) and attention are not bounded."
     )
 
 
-def parse_model(model: nn.Module, input_shape: Sequence[int]) -> LipLTNet:
-    """Parse a feed-forward ``nn.Sequential`` into the LipLT form.
+def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
+    """Parse a feed-forward ``nn.Sequential`` into LipLT segments cut at the max pools.
 
     One eval-mode, no-grad forward of ``zeros(1, *input_shape)`` records each module's input
-    shape (modes are restored).
+    shape (modes are restored). Each segment (Note [max pooling]) is
+    ``[phi_lead] W_0 phi_1 ... W_K [phi_trail]``: linear pieces (InputNormalize's scaling,
+    Flatten, average pooling, Conv/Linear) are composed into stages, an activation between two
+    stages is a LipLT activation, one at a segment's start or end is its ``lead``/``trail``.
 
     Args:
         model: ``nn.Sequential`` (nested Sequentials flattened) of supported modules.
         input_shape: one input's shape, no batch dim (e.g. ``(1, 28, 28)``).
 
     Returns:
-        The :class:`LipLTNet` (module references, shapes and slopes; weights are read later).
+        The :class:`SegmentedNet` (module references, shapes, slopes and pool overlaps; weights
+        are read later). A model without max pools is one segment.
 
     Raises:
         ValueError: a module that is not supported, two activations without a linear layer
-            between them, or a model ending in an activation.
+            between them, or a model not ending in a linear layer.
     """
     if not isinstance(model, nn.Sequential):
         raise _unsupported(model)
     leaves = list(_leaves(model))
     for m in leaves:
-        ok = isinstance(m, (InputNormalize, nn.Flatten, *_AVG_POOLS, *SUPPORTED_LAYERS, *_IDENTITY))
-        if not ok and activation_slopes(m) is None:
+        ok = isinstance(
+            m, (InputNormalize, nn.Flatten, *_AVG_POOLS, *_MAX_POOLS, *SUPPORTED_LAYERS, *_IDENTITY)
+        )
+        if (not ok and activation_slopes(m) is None) or getattr(m, "return_indices", False):
             raise _unsupported(m)
-        base = next((t for t in SUPPORTED_LAYERS if isinstance(m, t)), None)
+        base = next((t for t in (*SUPPORTED_LAYERS, *_MAX_POOLS) if isinstance(m, t)), None)
         if base is not None and type(m).forward is not base.forward:
             raise ValueError(
                 f"{type(m).__name__} overrides forward; its operator is not the plain layer's"
@@ -233,25 +398,49 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> LipLTNet:
     finally:
         for m, mode in modes:
             m.training = mode
+    segments: list[LipLTNet] = []
+    pools: list[MaxPoolCut] = []
     stages: list[Stage] = []
     slopes: list[tuple[float, float]] = []
     pieces: list[_Piece] = []
-    in_shape = shapes[0]
+    lead: tuple[float, float] | None = None
+    pending: tuple[float, float] | None = None  # activation after a stage, no piece since
+    offset = 0
+
+    def close_stage() -> None:
+        nonlocal pieces
+        stages.append(Stage(pieces, pieces[0].in_shape, pieces[-1].out_shape))
+        pieces = []
+
     for i, m in enumerate(leaves):
         s_in, s_out = shapes[i], shapes[i + 1]
         if isinstance(m, _IDENTITY):
             continue
         slope = activation_slopes(m)
         if slope is not None:
-            if not pieces:
+            if pieces:
+                close_stage()
+                pending = slope
+            elif pending is None and lead is None and not stages:
+                lead = slope  # right after a max pool or at the model's start
+            else:
                 raise ValueError(
-                    f"activation {type(m).__name__} at position {i} is not preceded by a linear "
-                    "layer; LipLT needs linear -> activation -> linear ... -> linear"
+                    f"activation {type(m).__name__} at position {i} follows another activation "
+                    "without a linear layer between them"
                 )
-            stages.append(Stage(pieces, in_shape, s_in))
-            slopes.append(slope)
-            pieces, in_shape = [], s_out
-        elif isinstance(m, InputNormalize):
+            continue
+        if isinstance(m, tuple(_MAX_POOLS)):
+            if pieces:
+                close_stage()
+            segments.append(LipLTNet(stages, slopes, lead, pending, offset))
+            pools.append(MaxPoolCut(m, s_in, s_out, max_pool_overlap(m, s_in)))
+            offset += len(stages)
+            stages, slopes, lead, pending = [], [], None, None
+            continue
+        if pending is not None:
+            slopes.append(pending)
+            pending = None
+        if isinstance(m, InputNormalize):
             pieces.append(_Piece("scale", s_in, s_out, m))
         elif isinstance(m, nn.Flatten):
             pieces.append(_Piece("reshape", s_in, s_out, m))
@@ -260,9 +449,12 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> LipLTNet:
         else:
             pieces.append(_Piece("layer", s_in, s_out, m, OperatorSpec.from_layer(m, s_in)))
     if not pieces:
-        raise ValueError("the model must end with a linear layer (logits), not an activation")
-    stages.append(Stage(pieces, in_shape, shapes[-1]))
-    return LipLTNet(stages, slopes)
+        raise ValueError(
+            "the model must end with a linear layer (logits), not an activation or a max pool"
+        )
+    close_stage()
+    segments.append(LipLTNet(stages, slopes, lead, None, offset))
+    return SegmentedNet(segments, pools)
 
 
 # --------------------------------------------------------------------------- operators
@@ -373,7 +565,8 @@ def _stage_ops(stage: Stage, *, grad: bool, dtype: torch.dtype | None) -> tuple[
     return op, adjoint
 
 
-def _ref_tensor(net: LipLTNet) -> Tensor:
+def _ref_tensor(net: SegmentedNet) -> Tensor:
+    """The first parameter or buffer of the model's linear pieces (device and dtype), or a 0."""
     for st in net.stages:
         for p in st.pieces:
             if p.module is not None:
@@ -388,7 +581,10 @@ def _ref_tensor(net: LipLTNet) -> Tensor:
 def naive_bound(
     model: nn.Module, input_shape: Sequence[int], *, certify: bool = True, n_iter: int = 100
 ) -> float:
-    """Naive bound: product of the layers' operator norms times the activations' maximal slopes.
+    """Naive bound: product of the layers' norms, activations' and max pools' constants.
+
+    Activations contribute ``max(|alpha|, |beta|)``, max pools ``sqrt(overlap)`` (Note [max
+    pooling]).
 
     Args:
         model: see :func:`parse_model`.
@@ -411,8 +607,12 @@ def naive_bound(
             else:
                 assert p.module is not None
                 total *= operator_norm(p.module, p.in_shape, n_iter=n_iter)
-    for _, hi in net.slopes:
-        total *= max(abs(hi), 0.0)
+    for seg in net.segments:
+        for slope in seg.slopes:
+            total *= _slope_lipschitz(slope)
+        total *= seg.factor
+    for pool in net.pools:
+        total *= pool.lipschitz
     return total
 
 
@@ -427,11 +627,12 @@ def _power_products(
     state: dict[str, Any],
     ref: Tensor,
 ) -> dict[tuple[int, int], Tensor]:
-    """Power-iteration estimates of n(s->e) for 0 <= s <= e <= last, batched per start s.
+    """Power-iteration estimates of n(s->e) for 0 <= s <= e <= last of one segment, batched per s.
 
     For a start s, the vectors u_{s,e} (e = s..last) are one batch: forward through W_s, W_{s+1},
     ... peeling off row e after W_e; backward through the adjoints, prepending the normalized
-    row of each end. Vectors persist in ``state["u"]`` (detached between calls).
+    row of each end. Vectors persist in ``state["u"]`` (detached between calls) under the global
+    stage index ``net.offset + s``, so the segments of a model cut at max pools never collide.
     """
     store: dict[int, Tensor] = state.setdefault("u", {})
     norm = torch.linalg.vector_norm
@@ -439,9 +640,10 @@ def _power_products(
     for s in range(last + 1):
         n_e = last - s + 1
         shape = (n_e, *net.stages[s].in_shape)
-        U = store.get(s)
+        key = net.offset + s
+        U = store.get(key)
         if U is None or tuple(U.shape) != shape or U.device != ref.device:
-            gen = torch.Generator(device=ref.device).manual_seed(1000 + s)
+            gen = torch.Generator(device=ref.device).manual_seed(1000 + key)
             U = torch.randn(shape, generator=gen, device=ref.device, dtype=torch.float32)
         U = U.to(ref.dtype if ref.dtype.is_floating_point else torch.float32)
 
@@ -468,14 +670,14 @@ def _power_products(
                     g = torch.cat([vs[k - 1 - s], g])
             sigma = rownorm(g)
             U = g / bshape(sigma, g)
-        store[s] = U.detach()
+        store[key] = U.detach()
         for e in range(s, last + 1):
             out[(s, e)] = sigma[e - s]
     return out
 
 
 def _dense_norm(
-    ops: list[tuple[LinearOp, LinearOp]], net: LipLTNet, s: int, e: int
+    ops: list[tuple[LinearOp, LinearOp]], net: LipLTNet, s: int, e: int, device: torch.device
 ) -> float | None:
     """Exact ||W_e ... W_s|| (float64 ops) from the dense product, or None if too large."""
     n_in = math.prod(net.stages[s].in_shape)
@@ -485,7 +687,7 @@ def _dense_norm(
     n = min(n_in, n_out)
     if n > DENSE_MAX_DIM or n * max([n_in, *widths]) > DENSE_BUDGET:
         return None
-    basis = torch.eye(n, dtype=torch.float64, device=_ref_tensor(net).device)
+    basis = torch.eye(n, dtype=torch.float64, device=device)
     with torch.no_grad():
         if n_in <= n_out:
             h = basis.reshape(n, *net.stages[s].in_shape)
@@ -508,7 +710,7 @@ def _dense_norm(
 
 
 def _sound_products(
-    net: LipLTNet, ops: list[tuple[LinearOp, LinearOp]], last: int
+    net: LipLTNet, ops: list[tuple[LinearOp, LinearOp]], last: int, device: torch.device
 ) -> dict[tuple[int, int], Tensor]:
     """Guaranteed upper bounds of n(s->e): min(exact dense norm, product of layer bounds).
 
@@ -519,7 +721,7 @@ def _sound_products(
     for s in range(last + 1):
         for e in range(s, last + 1):
             bound = math.prod(ub[s : e + 1])
-            dense = _dense_norm(ops, net, s, e)
+            dense = _dense_norm(ops, net, s, e, device)
             if dense is not None:
                 bound = min(bound, dense)
             out[(s, e)] = torch.tensor(bound, dtype=torch.float64)
@@ -529,11 +731,16 @@ def _sound_products(
 # --------------------------------------------------------------------------- LipLT
 
 
-def _recursion(net: LipLTNet, n: dict[tuple[int, int], Tensor], last: int) -> list[Tensor]:
-    """m_0..m_last of the LipLT recursion (module docstring), per-layer a_i, b_i."""
-    a, b = net.a, net.b
+def _abs_a(net: LipLTNet) -> list[float]:
+    """``|a_i|``: ``a_i W y`` has norm ``|a_i| ||W y||`` (a_i < 0 for LeakyReLU(s < -1))."""
+    return [abs(x) for x in net.a]
 
-    def A(lo: int, hi: int) -> float:  # prod_{k=lo..hi} a_k, activation k is slopes[k - 1]
+
+def _recursion(net: LipLTNet, n: dict[tuple[int, int], Tensor], last: int) -> list[Tensor]:
+    """m_0..m_last of the LipLT recursion (module docstring), per-layer |a_i|, b_i."""
+    a, b = _abs_a(net), net.b
+
+    def A(lo: int, hi: int) -> float:  # prod_{k=lo..hi} |a_k|, activation k is slopes[k - 1]
         return math.prod(a[k - 1] for k in range(lo, hi + 1))
 
     m = [n[(0, 0)]]
@@ -554,6 +761,26 @@ def _pair_rows(num_classes: int, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return p, q, c
 
 
+def _chain_m(
+    seg: LipLTNet,
+    ops: list[tuple[LinearOp, LinearOp]],
+    last: int,
+    *,
+    certify: bool,
+    n_iter: int,
+    state: dict[str, Any],
+    ref: Tensor,
+) -> list[Tensor]:
+    """m_0..m_last of one segment's chain (sound upper bounds or power-iteration estimates)."""
+    if last < 0:
+        return []
+    if certify:
+        n = _sound_products(seg, ops, last, ref.device)
+    else:
+        n = _power_products(seg, ops, last, n_iter, state, ref)
+    return _recursion(seg, n, last)
+
+
 def liplt_bound(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -565,17 +792,25 @@ def liplt_bound(
 ) -> Tensor:
     """LipLT bound on the l2 Lipschitz constant (PAPERS 2.3), globally or per pair of logits.
 
+    A model with max pools is cut into segments (Note [max pooling]): the bound is the product
+    of the segments' LipLT bounds (each times ``max(|alpha|, |beta|)`` of an activation at its
+    start or end) and the pools' ``sqrt(overlap)``; pairwise, only the last segment's chain is
+    pairwise and the rest enters as that product.
+
     Args:
         model: see :func:`parse_model`; its output has shape ``(N, C)`` when ``pairwise``.
         input_shape: one input's shape, no batch dim.
         pairwise: False: a scalar bound on Lip(f). True: a ``(C, C)`` matrix ``L`` with
             ``L[p, q] >= Lip(f_p - f_q)``, symmetric, zero diagonal. For ``C <= 101`` the rows
-            ``||(e_p - e_q)^T W_K ... W_s||`` are exact (adjoint chain on the C(C-1)/2 rows):
+            ``||(e_p - e_q)^T W_K ... W_s||`` of the last chain are exact (adjoint chain on the
+            C(C-1)/2 rows):
             ``L_pq = A(1..K) ||c W_K..W_0|| + sum_j b_{K-j+1} A(K-j+2..K) ||c W_K..W_{K-j+1}|| m_{K-j}``;
-            above, ``||c W_K|| * beta_K * m_{K-1}``.
+            above, ``||c W_K|| * Lip(phi_K) * m_{K-1}``; both times the factor of everything
+            before the last chain (1 without max pools and a leading activation).
         n_iter: power-iteration rounds per call (training path; reference: 10 MNIST, 5 CIFAR).
         state: a dict holding the persistent power-iteration vectors (mutated in place; pass the
-            same dict every step). None: fresh vectors each call.
+            same dict every step): ``state["u"]`` maps a stage's global index to its batch of
+            vectors. None: fresh vectors each call.
         certify: False: training path, differentiable in the weights through the unrolled
             iterations, a lower estimate (NOT sound). True: guaranteed upper bound (Note [which
             path is sound]), float64, no gradient.
@@ -592,28 +827,33 @@ def liplt_bound(
         net = parse_model(model, input_shape)
         state["net"] = (key, net)
         state.pop("u", None)
-    K = len(net.stages) - 1
     ref = _ref_tensor(net)
-    last = K - 1 if pairwise else K
+    kw: dict[str, Any] = {"certify": certify, "n_iter": n_iter, "state": state, "ref": ref}
     # Weights are read once per call (a parametrized layer in training mode updates once).
-    ops = [
-        _stage_ops(st, grad=not certify, dtype=torch.float64 if certify else None)
-        for st in net.stages
+    dtype = torch.float64 if certify else None
+    seg_ops = [
+        [_stage_ops(st, grad=not certify, dtype=dtype) for st in seg.stages] for seg in net.segments
     ]
-    if certify:
-        n = _sound_products(net, ops, last) if last >= 0 else {}
-    else:
-        n = _power_products(net, ops, last, n_iter, state, ref) if last >= 0 else {}
-    m = _recursion(net, n, last) if last >= 0 else []
+    # Lip of everything before the last segment's chain: earlier segments, pools, phi_lead.
+    scale: Tensor | float = 1.0
+    for seg, pool, ops in zip(net.segments[:-1], net.pools, seg_ops, strict=False):
+        m_seg = _chain_m(seg, ops, len(seg.stages) - 1, **kw)
+        if m_seg:
+            scale = scale * m_seg[-1]
+        scale = scale * (seg.factor * pool.lipschitz)
+    chain, ops = net.segments[-1], seg_ops[-1]
+    scale = scale * chain.factor
+    K = len(chain.stages) - 1
+    m = _chain_m(chain, ops, K - 1 if pairwise else K, **kw)
     if not pairwise:
-        return m[K]
-    out_shape = net.stages[K].out_shape
+        return m[K] * scale
+    out_shape = chain.stages[K].out_shape
     if len(out_shape) != 1:
         raise ValueError(f"pairwise bounds need logits of shape (N, C), got (N, *{out_shape})")
     C = out_shape[0]
     dt = torch.float64 if certify else (ref.dtype if ref.dtype.is_floating_point else torch.float32)
     p, q, c = _pair_rows(C, ref.to(dt))
-    a, b = net.a, net.b
+    a, b = _abs_a(chain), chain.b
 
     def A(lo: int, hi: int) -> float:
         return math.prod(a[k - 1] for k in range(lo, hi + 1))
@@ -625,8 +865,8 @@ def liplt_bound(
             G = rows @ rows.T
             d = torch.diagonal(G)
             D = (d[:, None] + d[None, :] - 2 * G).clamp_min(0).sqrt()
-            L = D * net.slopes[K - 1][1] * m[K - 1]
-            L = L * (1 - torch.eye(C, dtype=L.dtype, device=L.device))
+            L = D * _slope_lipschitz(chain.slopes[K - 1]) * m[K - 1]
+            L = L * (1 - torch.eye(C, dtype=L.dtype, device=L.device)) * scale
             return L.to(torch.float64) * (1 + 1e-9) if certify else L
         g = c
         row_norms: dict[int, Tensor] = {}
@@ -636,6 +876,7 @@ def liplt_bound(
         vals = A(1, K) * row_norms[0]
         for j in range(1, K + 1):
             vals = vals + b[K - j] * A(K - j + 2, K) * row_norms[K - j + 1] * m[K - j]
+        vals = vals * scale
         if certify:
             vals = vals * (1 + 1e-9)
         L = vals.new_zeros(C, C)

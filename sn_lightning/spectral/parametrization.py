@@ -16,7 +16,9 @@ Note [buffer updates]
 
 Note [float32 under autocast]
     Power iteration runs with autocast disabled, in ``promote_types(weight.dtype, float32)``:
-    bf16/fp16 iterates lose the top singular value to rounding. ``u`` is created in float32.
+    bf16/fp16 iterates lose the top singular value to rounding. ``u`` is created in float32. On
+    CUDA the iteration also turns off cuDNN's TF32 convolutions (on by default in PyTorch; ~1e-3
+    relative error): the iterates are single-image convolutions, so exact float32 costs nothing.
 """
 
 from __future__ import annotations
@@ -65,10 +67,37 @@ def _check_int(name: str, value: int, minimum: int) -> int:
     return value
 
 
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32_off() -> Iterator[None]:
+    """Run cuDNN convolutions in IEEE float32 (PyTorch lets them use TF32 by default, ~1e-3 error)."""
+    try:
+        on = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the new fp32_precision API is in use: leave the user's choice
+        on = False
+    if not on:
+        yield
+        return
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Power-iteration arithmetic: autocast off, and on CUDA no TF32 convolutions."""
+    if device_type != "cuda":
+        return _autocast_off(device_type)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_autocast_off(device_type))
+    stack.enter_context(_tf32_off())
+    return stack
 
 
 class _BoundedRescale(torch.autograd.Function):

@@ -1,0 +1,159 @@
+"""CUDA behaviour: spectral normalization under bf16 autocast, attacks, LipLT and a GPU fit run.
+
+Marked ``gpu``: deselected by default (``pytest -m gpu`` on a machine with CUDA). Each test
+compares the GPU result with an independent CPU/float64 computation.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sn_lightning.attacks import PGD
+from sn_lightning.lipschitz import liplt_bound, naive_bound
+from sn_lightning.models import create_backbone
+from sn_lightning.spectral import apply_spectral_norm
+from sn_lightning.spectral.ops import dense_operator_norm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _normalized_layers(model: nn.Module):
+    for name, m in model.named_modules():
+        p = getattr(m, "parametrizations", None)
+        if p is not None and "weight" in p:
+            yield name, m, p.weight[0]
+
+
+def test_sn_under_bf16_autocast_keeps_float32_state_and_bounds_true_norms():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    apply_spectral_norm(model, beta=1.0, input_shape=(3, 16, 16))
+    model = model.cuda().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(32, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), device="cuda")
+    for _ in range(30):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(20):  # training forwards without steps: u catches up with the weights
+            model(x)
+    model.eval()  # eval: reading a weight does not advance u
+    checked = 0
+    for name, layer, p in _normalized_layers(model):
+        assert p.u.dtype == torch.float32 and p.u.is_cuda, name
+        # the true operator norm of the normalized weight, dense SVD in float64 on the CPU
+        W = layer.weight.detach().double().cpu()
+        if isinstance(layer, nn.Linear):
+            true = torch.linalg.matrix_norm(W, ord=2).item()
+        else:
+            plain = nn.Conv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups,
+                bias=False,
+            ).double()
+            plain.weight.data.copy_(W)
+            true = float(dense_operator_norm(plain, p.input_shape))
+        assert true <= 1.0 * (1 + 1e-2), (name, true)
+        checked += 1
+    assert checked == 21  # 20 convolutions + fc
+
+
+def test_eval_forward_on_gpu_changes_no_buffer():
+    model = torchvision.models.resnet18(num_classes=10)
+    apply_spectral_norm(model, beta=1.5, input_shape=(3, 32, 32))
+    model = model.cuda().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randn(8, 3, 32, 32, device="cuda"))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pgd_on_gpu_matches_the_same_attack_on_cpu():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    attack = PGD("linf", eps=8 / 255, steps=5, random_start=False)
+    cpu = attack(model, x, y)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # IEEE float32 as on CPU
+        gpu = attack(model.cuda(), x.cuda(), y.cuda()).cpu()
+    # sign steps: a coordinate may flip where the gradient is ~0; nearly all must agree
+    agree = (cpu - gpu).abs().le(1e-4).float().mean().item()
+    assert agree > 0.95
+    assert (gpu - x).abs().max() <= 8 / 255 + 1e-6
+    model = model.cpu()
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy
+        adv_cpu, adv_gpu = loss(model(cpu), y), loss(model(gpu), y)
+        assert adv_gpu > loss(model(x), y)
+        assert float(adv_gpu) == pytest.approx(float(adv_cpu), rel=0.02)
+
+
+def test_power_iteration_on_gpu_ignores_tf32_and_autocast():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    apply_spectral_norm(conv, beta=math.inf, input_shape=(64, 8, 8))
+    p = conv.parametrizations.weight[0]
+    W = conv.parametrizations.weight.original
+    cpu = float(p.sigma(W.detach().double(), n_iter=50))
+    conv = conv.cuda()
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu = float(p.sigma(conv.parametrizations.weight.original, n_iter=50))
+    assert torch.backends.cudnn.allow_tf32  # restored
+    assert gpu == pytest.approx(cpu, rel=1e-5)
+
+
+def test_liplt_and_naive_bounds_on_gpu_equal_cpu():
+    torch.manual_seed(0)
+    model = create_backbone(
+        "sn_lightning:c4f3", num_classes=10, in_chans=1, input_size=(28, 28)
+    ).eval()
+    shape = (1, 28, 28)
+    cpu = liplt_bound(model, shape, pairwise=True, certify=True)
+    naive_cpu = naive_bound(model, shape)
+    model = model.cuda()
+    gpu = liplt_bound(model, shape, pairwise=True, certify=True).cpu()
+    naive_gpu = naive_bound(model, shape)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-6)
+    assert float(naive_gpu) == pytest.approx(float(naive_cpu), rel=1e-3)
+
+
+def test_fit_on_gpu_with_bf16_sn_and_pgd(tmp_path):
+    from sn_lightning.fit import main
+
+    results = main(
+        [
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.accelerator=gpu",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_epochs=3",
+            "--trainer.logger=false",
+        ]
+    )
+    saved = json.loads(Path(results["path"]).read_text())
+    assert saved["test"]["acc"] > 0.85
+    assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
+    for entry in saved["adversarial"].values():
+        assert 0 < entry["test"]["acc"] <= saved["test"]["acc"]
