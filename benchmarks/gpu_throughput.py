@@ -47,12 +47,17 @@ class Variant:
     precision: str  # fp32 | tf32 | bf16
     channels_last: bool
     sn: bool
+    compiled: bool = False  # torch.compile(model): fused kernels, fewer launches
 
     @property
     def name(self) -> str:
-        return "+".join(
-            [self.precision, *(["cl"] if self.channels_last else []), *(["sn"] if self.sn else [])]
-        )
+        flags = [("cl", self.channels_last), ("sn", self.sn), ("compile", self.compiled)]
+        return "+".join([self.precision, *(f for f, on in flags if on)])
+
+    @property
+    def eager(self) -> Variant:
+        """The same variant without compilation (whose FLOP count it shares)."""
+        return Variant(self.precision, self.channels_last, self.sn)
 
 
 VARIANTS = tuple(
@@ -108,6 +113,8 @@ def make_step(
     if v.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if v.compiled:
+        model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     attack = PGD("linf", eps=8 / 255, steps=10)
 
@@ -149,21 +156,24 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.total
 
 
-def run_batch(batch_size: int, rounds: int, peaks: dict[str, float]) -> list[dict]:
+def run_batch(
+    batch_size: int, rounds: int, peaks: dict[str, float], variants: tuple[Variant, ...]
+) -> list[dict]:
     """Time every variant at one batch size; rows with images/s and fraction of peak."""
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10)
     x = torch.rand(batch_size, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (batch_size,), device="cuda")
-    steps = {v: make_step(base, v, x, y)[0] for v in VARIANTS}
+    steps = {v: make_step(base, v, x, y)[0] for v in variants}
     flops = {}
     for v, step in steps.items():
-        for _ in range(3):  # warm-up: cuDNN autotuning, the folded attack view
+        for _ in range(3):  # warm-up: cuDNN autotuning, the folded attack view, compilation
             step()
-        flops[v] = count_flops(step)
+        if not v.compiled:
+            flops[v] = count_flops(step)
     torch.cuda.synchronize()
-    times: dict[Variant, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
+    times: dict[Variant, list[float]] = {v: [] for v in variants}
+    order = list(variants)
     for r in range(rounds):
         for v in order[r % len(order) :] + order[: r % len(order)]:
             torch.cuda.synchronize()
@@ -171,18 +181,18 @@ def run_batch(batch_size: int, rounds: int, peaks: dict[str, float]) -> list[dic
             steps[v]()
             torch.cuda.synchronize()
             times[v].append(time.perf_counter() - start)
-    plain = statistics.median(times[VARIANTS[0]])
+    plain = statistics.median(times[variants[0]])
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         sec = statistics.median(times[v])
-        rate = flops[v] / sec
+        rate = flops[v.eager] / sec
         rows.append(
             {
                 "variant": v.name,
                 "batch_size": batch_size,
                 "median_step_s": sec,
                 "images_per_s": batch_size / sec,
-                "gflop_per_step": flops[v] / 1e9,
+                "gflop_per_step": flops[v.eager] / 1e9,
                 "tflop_per_s": rate / 1e12,
                 "fraction_of_peak": rate / peaks[v.precision],
                 "x_fp32": sec / plain,
@@ -195,15 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--compile", action="store_true", help="also bf16+cl(+sn) under torch.compile(model)"
+    )
     parser.add_argument("--out", default="benchmarks/results/gpu_throughput.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (torch.cuda.is_available() is False)")
     torch.backends.cudnn.benchmark = True
     peaks = {k: matmul_peak(k) for k in ("fp32", "tf32", "bf16")}
+    variants = VARIANTS
+    if args.compile:
+        variants += tuple(Variant("bf16", True, sn, compiled=True) for sn in (False, True))
     rows = []
     for b in (int(s) for s in args.batch_sizes.split(",")):
-        rows += run_batch(b, args.rounds, peaks)
+        rows += run_batch(b, args.rounds, peaks, variants)
     report = {
         "benchmark": "gpu_throughput",
         "task": "PGD-10 (linf 8/255) adversarial training step, torchvision resnet18, 32x32",
@@ -217,12 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(report["gpu"], "torch", report["torch"], "| measured matmul peak TFLOP/s:", end=" ")
     print(", ".join(f"{k} {p / 1e12:.0f}" for k, p in peaks.items()))
     print(
-        f"{'variant':<14}{'batch':>6}{'step ms':>9}{'img/s':>9}{'GFLOP':>8}{'TFLOP/s':>9}"
+        f"{'variant':<22}{'batch':>6}{'step ms':>9}{'img/s':>9}{'GFLOP':>8}{'TFLOP/s':>9}"
         f"{'% peak':>8}{'x fp32':>8}"
     )
     for r in rows:
         print(
-            f"{r['variant']:<14}{r['batch_size']:>6}{r['median_step_s'] * 1e3:>9.1f}"
+            f"{r['variant']:<22}{r['batch_size']:>6}{r['median_step_s'] * 1e3:>9.1f}"
             f"{r['images_per_s']:>9.0f}{r['gflop_per_step']:>8.1f}{r['tflop_per_s']:>9.1f}"
             f"{100 * r['fraction_of_peak']:>8.1f}{r['x_fp32']:>8.2f}"
         )

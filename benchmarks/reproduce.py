@@ -13,13 +13,15 @@ attack/regime fragment and ``--model.beta``, executed in this process through th
             evaluated clean and under the l2 PGM attack above.
 - ``crm``:  certified training (4C3F): CE vs CE + CRM, certified l2 accuracy with the naive product
             bound vs the sound pairwise LipLT bound.
-- ``alexnet``: the ``l2`` group with mini-AlexNet (full budget only: about 15x ELU-Net's FLOPs).
+- ``alexnet``: the ``l2`` group with mini-AlexNet (about 15x ELU-Net's FLOPs: not among the small
+            budget's default groups; ``--groups alexnet --jobs 8`` on a GPU, about 6 min on an H100).
 
 The beta of the "SN" column is the one with the best validation accuracy (adversarial under the training
 attack for adversarial schemes, clean for ERM; PGM-adversarial for the regimes table), as in the paper.
 
     python -m benchmarks.reproduce --budget small            # ELU-Net, 1,000 training images, ~45 min on 2 cores
     python -m benchmarks.reproduce --budget full             # all 60,000 images, 30 epochs, + mini-AlexNet (GPU)
+    python -m benchmarks.reproduce --budget small --groups alexnet --jobs 8   # 8 runs at a time (GPU)
     python -m benchmarks.reproduce --budget small --groups l2 --dry-run   # print the commands only
     python -m benchmarks.reproduce --budget small --report-only           # tables and plots from saved runs
 
@@ -219,6 +221,7 @@ def execute(run: Run, out: Path, records: Path) -> dict[str, Any]:
         record["naive_certified"] = _naive_certified(cli.model, cli.datamodule)
     record["seconds"] = time.perf_counter() - start
     record["torch_threads"] = torch.get_num_threads()
+    record["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record["results"].pop("spectral", None)  # per-layer report: in the run's results.json
     path = records / f"{run.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -467,7 +470,13 @@ def report(budget: Budget, records_path: Path | None = None) -> dict[str, Any]:
             )
         md.append("")
     seconds = sum(r.get("seconds", 0.0) for r in records)
-    md.append(f"{len(records)} runs, {seconds / 60:.0f} min of training and evaluation in all.")
+    by_device: dict[str, list[float]] = {}
+    for r in records:
+        by_device.setdefault(r.get("device", "cpu"), []).append(r.get("seconds", 0.0))
+    where = "; ".join(
+        f"{len(t)} on {d}, {sum(t) / 60:.0f} min of run time" for d, t in sorted(by_device.items())
+    )
+    md.append(f"{len(records)} runs ({where}; runs may overlap in time with `--jobs`).")
     summary = {
         "budget": budget.__dict__,
         "tables": tables,

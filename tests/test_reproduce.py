@@ -96,3 +96,36 @@ def test_report_writes_tables_and_plots(tmp_path, monkeypatch):
     assert "| fgm_l2 | training attack | 0.500 → 0.540 |" in md
     png = tmp_path / "docs/reproduce_small_elunet_l2.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_all_rejects_a_bad_job_count(tmp_path):
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        R.run_all([], tmp_path, tmp_path, jobs=0)
+
+
+@pytest.mark.slow
+def test_run_all_in_two_worker_processes_writes_every_record(tmp_path):
+    quick = [
+        f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
+        "--trainer.max_epochs=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false",
+        "--robust_eval.final_max_examples=64",
+    ]
+    runs = [
+        R.Run("digits/erm/b2", (*quick,), {"model": "digits", "scheme": "pgd", "beta": 2.0}),
+        R.Run("digits/erm/nosn", (*quick, "--model.beta=null"), {"model": "digits", "beta": None}),
+    ]
+    records = tmp_path / "records"
+    R.run_all(runs, tmp_path / "runs", records, jobs=2)
+    saved = {
+        p.relative_to(records).as_posix(): json.loads(p.read_text())
+        for p in records.rglob("*.json")
+    }
+    assert set(saved) == {"digits/erm/b2.json", "digits/erm/nosn.json"}
+    for rec in saved.values():
+        assert rec["device"] == "cpu" and rec["torch_threads"] >= 1
+        assert 0.5 < rec["results"]["test"]["acc"] <= 1.0
+    assert saved["digits/erm/b2.json"]["results"]["settings"]["model"]["beta"] == 2.0
+    assert saved["digits/erm/nosn.json"]["results"]["settings"]["model"]["beta"] is None
