@@ -670,14 +670,17 @@ class OperatorSpec:
         return grad
 
     def scaled_sigma_grad(
-        self, weight: Tensor, g: Tensor, a: float, b: float, u: Tensor, v: Tensor
+        self, weight: Tensor, g: Tensor, a: float | Tensor, b: float | Tensor, u: Tensor, v: Tensor
     ) -> Tensor:
         """``a * g + b * d<A_W u, v>/dW`` without materializing the second term where possible.
 
         Linear: one ``addmm``. Conv1d/2d: ``baddbmm`` of ``v`` with the unfolded (im2col) ``u``,
         which reads and writes each weight-sized tensor once; the fused backward of the
-        parametrization is built on it. Other layers: :meth:`sigma_grad`.
+        parametrization is built on it. Other layers: :meth:`sigma_grad`. ``a`` and ``b`` may be
+        0-dim tensors (no host sync on accelerators): ``b`` then scales ``v``, not the weight.
         """
+        if isinstance(b, Tensor):
+            v, b = v * b, 1.0  # d<A u, b v>/dW = b d<A u, v>/dW: scale the small factor
         # `g * a` then an in-place GEMM: addmm/baddbmm with beta copy the input first (slower).
         if self.kind == "linear":
             return (g * a).addmm_(v.mT, u, alpha=b)

@@ -100,6 +100,15 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return stack
 
 
+def _host_sigma(sigma: Tensor) -> float | None:
+    """Return sigma as a Python float on CPU, None on accelerators.
+
+    On CPU the value is free and lets the rescale skip layers already within beta; on an
+    accelerator reading it is a host sync per layer, which costs more than the multiply.
+    """
+    return float(sigma) if sigma.device.type == "cpu" else None
+
+
 class _BoundedRescale(torch.autograd.Function):
     """``W -> W * min(1, beta / sigma(W))`` with ``sigma(W) = <A_W u, v>``, u and v constants.
 
@@ -150,12 +159,12 @@ class _BoundedRescale(torch.autograd.Function):
         else:
             weight, u, v, sigma, scale = ctx.saved_tensors
         dot = torch.vdot(g.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
-        # Accelerators: [sigma > beta] as a factor, not a branch (no host sync).
-        active = (sigma > ctx.beta).to(sigma.dtype)
-        G = ctx.grad_fn(torch.zeros_like(g, dtype=u.dtype), 0.0, 1.0, u, v)  # dsigma/dW
-        grad = g * scale.to(g.dtype)
-        grad.sub_(G.mul_(active * scale * dot / sigma))
-        return grad, *none
+        # Accelerators: [sigma > beta] as a factor, not a branch (no host sync); the 0-dim
+        # coefficients scale the small u/v factors, never a weight-sized temporary.
+        coef = torch.where(sigma > ctx.beta, -scale * dot / sigma, torch.zeros_like(sigma))
+        if g.dtype != u.dtype:
+            g = g.to(u.dtype)
+        return ctx.grad_fn(g, scale, coef, u, v).to(weight.dtype), *none
 
 
 class BoundedSpectralNorm(nn.Module):
@@ -237,11 +246,16 @@ class BoundedSpectralNorm(nn.Module):
             self.u.copy_(u)
 
     def _scaled_sigma_grad(
-        self, W: Tensor, g: Tensor, a: float, b: float, u: Tensor, v: Tensor
+        self, W: Tensor, g: Tensor, a: float | Tensor, b: float | Tensor, u: Tensor, v: Tensor
     ) -> Tensor:
-        """``a * g + b * dsigma/dW`` for ``sigma = <A_W u, v>`` with u, v fixed (shape of W)."""
+        """``a * g + b * dsigma/dW`` for ``sigma = <A_W u, v>`` with u, v fixed (shape of W).
+
+        ``a`` and ``b`` are numbers (CPU) or 0-dim tensors (accelerators, no host sync).
+        """
         if self.method == "operator":
             return self.spec.scaled_sigma_grad(W, g, a, b, u, v)
+        if isinstance(b, Tensor):
+            v, b = v * b, 1.0  # scale the small factor
         if not self.matrix_dim:  # reshaped kernel (rows, cols): one addmm
             out = g * a
             out.view(W.shape[0], -1).addmm_(v.mT, u, alpha=b)
@@ -285,9 +299,7 @@ class BoundedSpectralNorm(nn.Module):
                 self.u.copy_(u)
             if math.isinf(self.beta):
                 return weight
-            # On CPU the branch is free and skips the copy when the layer is already within
-            # beta; on accelerators a host sync per layer costs more than the multiply.
-            sigma_value = float(sigma) if weight.device.type == "cpu" else None
+            sigma_value = _host_sigma(sigma)
             if sigma_value is not None and sigma_value <= self.beta:
                 return weight
             if torch.is_grad_enabled() and weight.requires_grad:

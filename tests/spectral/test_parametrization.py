@@ -16,6 +16,7 @@ from sn_lightning.spectral import (
     bounded_spectral_norm,
     freeze_spectral_norm,
     operator_norm,
+    parametrization,
     remove_bounded_spectral_norm,
 )
 from sn_lightning.spectral.ops import _power_iteration
@@ -160,10 +161,15 @@ def _reference_weight(layer, u0):
     ],
     ids=["strided", "reflect", "grouped", "gemm", "conv1d", "conv3d", "transpose", "linear"],
 )
-def test_fused_gradient_equals_autograd(layer, shape, method):
+@pytest.mark.parametrize("beta", [0.1, 100.0], ids=["clamped", "within"])
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+def test_fused_gradient_equals_autograd(layer, shape, method, beta, path, monkeypatch):
+    """Both backward paths: CPU (sigma as a number) and accelerator (0-dim tensors, no sync)."""
+    if path == "accelerator":
+        monkeypatch.setattr(parametrization, "_host_sigma", lambda sigma: None)
     torch.manual_seed(5)
     layer = layer()
-    _sn(layer, shape, beta=0.1, method=method)
+    _sn(layer, shape, beta=beta, method=method)
     u0 = _state(layer)
     ref = _reference_weight(layer, u0)
     W_sn = layer.weight  # training forward: one iteration from u0
