@@ -47,8 +47,35 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
     for eps in aa:  # AutoAttack is at least as strong as PGD, up to one example
         assert aa[eps] <= pgd[eps] + 1 / 24 + 1e-9
     assert (tmp_path / "robustness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the quickstart CNN has max pooling: no sound certificate, and the report says why
-    assert "no sound certificate" in saved["certified"]["reason"]
+    # the quickstart CNN (conv, ReLU, max pooling, linear) has a sound pairwise LipLT certificate;
+    # linf radii go through the l2 ball of radius eps * sqrt(d), and a certified point is never
+    # broken by the attack
+    cert = saved["certified"]
+    assert cert["rule"].startswith("pairwise LipLT, sound; linf eps certified through the l2 ball")
+    assert list(cert["acc"]) == ["0.15", "0.3"]
+    for eps, acc in cert["acc"].items():
+        assert 0.0 <= acc <= pgd[eps] + 1e-9
+
+
+def test_certified_report_says_why_there_is_no_certificate():
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from sn_lightning.evaluate import certified_report
+
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)
+    ).eval()
+    model = SimpleNamespace(hparams=SimpleNamespace(input_shape=(1, 8, 8)), model=net)
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    report = certified_report(
+        model, x, y, norm="l2", eps_list=[0.1], device=torch.device("cpu"), batch_size=4
+    )
+    assert set(report) == {"reason"}
+    assert report["reason"].startswith("no sound certificate for this backbone: unsupported module")
+    assert "BatchNorm2d" in report["reason"]
 
 
 def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path):

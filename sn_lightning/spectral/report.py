@@ -325,20 +325,6 @@ def _schur_bound(pool: Callable[[Tensor], Tensor], spatial: Sequence[int]) -> fl
     return math.sqrt(float(col.max()) * float(row.max()))
 
 
-def _adaptive_multiplicity(spatial: Sequence[int], out: Sequence[int | None]) -> int:
-    """Max number of adaptive-pool windows covering one pixel (torch's start/end rule)."""
-    mult = 1
-    for n, o in zip(spatial, out, strict=True):
-        o = n if o is None else o
-        counts = [0] * n
-        for i in range(o):
-            start, end = (i * n) // o, -((-(i + 1) * n) // o)
-            for j in range(start, end):
-                counts[j] += 1
-        mult *= max(counts)
-    return mult
-
-
 def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     """Sound l2 Lipschitz constant of a pooling layer (input ``spatial`` size if known).
 
@@ -349,6 +335,8 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     ``c <= prod ceil(k / (s / gcd(d, s)))`` (for each tap at most one window start), and plain
     average pools give ``sqrt(c / prod k)``.
     """
+    from sn_lightning.lipschitz import max_pool_overlap  # here: lipschitz imports spectral
+
     nd = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
     if isinstance(
         m,
@@ -367,16 +355,14 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
         if spatial is None:
             raise _Unsupported(f"{type(m).__name__}({m.output_size}) needs input_shape")
         if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            return math.sqrt(_adaptive_multiplicity(spatial, out))
+            return math.sqrt(max_pool_overlap(m, spatial))
         return _schur_bound(m, spatial)
     k = _tuple(m.kernel_size, nd)
     s = _tuple(m.stride if m.stride is not None else m.kernel_size, nd)
     if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        if spatial is not None:
+            return math.sqrt(max_pool_overlap(m, spatial))
         d = _tuple(m.dilation, nd)
-        if spatial is not None and all(di == 1 for di in d):
-            return math.sqrt(
-                _window_multiplicity(k, s, _tuple(m.padding, nd), m.ceil_mode, spatial)
-            )
         c = math.prod(
             math.ceil(ki / (si // math.gcd(di, si))) for ki, si, di in zip(k, s, d, strict=True)
         )
@@ -389,25 +375,6 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     raise _Unsupported(
         f"{type(m).__name__} with ceil_mode/count_include_pad=False needs input_shape"
     )
-
-
-def _window_multiplicity(
-    k: Sequence[int], s: Sequence[int], p: Sequence[int], ceil_mode: bool, spatial: Sequence[int]
-) -> float:
-    """Max number of pooling windows covering one pixel: column sums of the window-sum map.
-
-    Sum pooling is average pooling (count_include_pad) times prod(k); windows that ceil_mode
-    clips get a smaller divisor, which only overcounts (still an upper bound).
-    """
-    nd = len(k)
-    x = torch.zeros((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
-        y = _AVG[nd](x, tuple(k), tuple(s), tuple(p), ceil_mode, True) * math.prod(k)
-        (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    return float(col.max())
-
-
-_AVG: dict[int, Callable[..., Tensor]] = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _tuple(x: Any, n: int) -> tuple[int, ...]:
