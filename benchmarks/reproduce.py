@@ -66,7 +66,7 @@ class Budget:
 
 BUDGETS = {
     "small": Budget(
-        "small", 1000, 5, 500, (1.0, 1.6, 4.0, None), ("l2", "regimes", "crm", "linf"), 2000, 8, 2
+        "small", 1000, 5, 500, BETAS, ("l2", "regimes", "crm", "linf"), 2000, 8, 2
     ),
     "full": Budget("full", None, 30, None, BETAS, GROUPS, None, 60, 10),
 }
