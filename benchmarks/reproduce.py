@@ -65,9 +65,7 @@ class Budget:
 
 
 BUDGETS = {
-    "small": Budget(
-        "small", 1000, 5, 500, BETAS, ("l2", "regimes", "crm", "linf"), 2000, 8, 2
-    ),
+    "small": Budget("small", 1000, 5, 500, BETAS, ("l2", "regimes", "crm", "linf"), 2000, 8, 2),
     "full": Budget("full", None, 30, None, BETAS, GROUPS, None, 60, 10),
 }
 
