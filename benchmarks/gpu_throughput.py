@@ -14,7 +14,7 @@ rate of that precision on this GPU.
 
     python -m benchmarks.gpu_throughput --batch-sizes 128,512 --rounds 20
 
-Writes JSON (``--out``, default benchmarks/results/gpu_throughput.json) and prints a table.
+Writes JSON (``--out``, default benchmarks/results/gpu/gpu_throughput.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -68,20 +68,22 @@ VARIANTS = tuple(
 
 
 @contextlib.contextmanager
-def precision(kind: str) -> Iterator[None]:
-    """TF32 switches and bf16 autocast for one variant; restores the global switches."""
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for cuDNN convolutions and CUDA matmuls on or off; restores the global switches."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    tf32 = kind in ("tf32", "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    auto = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if kind == "bf16" else contextlib.nullcontext()
-    )
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
     try:
-        with auto:
-            yield
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(kind: str) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast for the forward passes of the ``bf16`` variants."""
+    if kind == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def matmul_peak(kind: str, n: int = 8192, reps: int = 10) -> float:
@@ -90,7 +92,7 @@ def matmul_peak(kind: str, n: int = 8192, reps: int = 10) -> float:
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     times = []
-    with precision("tf32" if kind == "tf32" else "fp32"):
+    with tf32(kind == "tf32"):
         for i in range(reps + 3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -119,12 +121,14 @@ def make_step(
     attack = PGD("linf", eps=8 / 255, steps=10)
 
     def step() -> None:
-        with precision(v.precision):
-            x_adv = attack(model, x, y)
-            loss = F.cross_entropy(model(x_adv), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        # TF32 switches cover the whole step (the backward too); autocast only the forwards
+        with tf32(v.precision != "fp32"):
+            with autocast(v.precision):
+                x_adv = attack(model, x, y)
+                loss = F.cross_entropy(model(x_adv), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     return step, model
 
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--compile", action="store_true", help="also bf16+cl(+sn) under torch.compile(model)"
     )
-    parser.add_argument("--out", default="benchmarks/results/gpu_throughput.json")
+    parser.add_argument("--out", default="benchmarks/results/gpu/gpu_throughput.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -14,12 +14,13 @@ attack/regime fragment and ``--model.beta``, executed in this process through th
 - ``crm``:  certified training (4C3F): CE vs CE + CRM, certified l2 accuracy with the naive product
             bound vs the sound pairwise LipLT bound.
 - ``alexnet``: the ``l2`` group with mini-AlexNet (about 15x ELU-Net's FLOPs: not among the small
-            budget's default groups; ``--groups alexnet --jobs 8`` on a GPU, about 6 min on an H100).
+            budget's default groups; ``--groups alexnet --jobs 8`` on a GPU: 16 runs took about
+            6 min on an H100; on 2 CPU cores a PGM or WRM run takes about 30 min).
 
 The beta of the "SN" column is the one with the best validation accuracy (adversarial under the training
 attack for adversarial schemes, clean for ERM; PGM-adversarial for the regimes table), as in the paper.
 
-    python -m benchmarks.reproduce --budget small            # ELU-Net, 1,000 training images, ~45 min on 2 cores
+    python -m benchmarks.reproduce --budget small            # ELU-Net, 1,000 training images, ~90 min on 2 cores
     python -m benchmarks.reproduce --budget full             # all 60,000 images, 30 epochs, + mini-AlexNet (GPU)
     python -m benchmarks.reproduce --budget small --groups alexnet --jobs 8   # 8 runs at a time (GPU)
     python -m benchmarks.reproduce --budget small --groups l2 --dry-run   # print the commands only
@@ -219,7 +220,8 @@ def execute(run: Run, out: Path, records: Path) -> dict[str, Any]:
         record["naive_certified"] = _naive_certified(cli.model, cli.datamodule)
     record["seconds"] = time.perf_counter() - start
     record["torch_threads"] = torch.get_num_threads()
-    record["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = cli.trainer.strategy.root_device  # where the run trained, not what the host has
+    record["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     record["results"].pop("spectral", None)  # per-layer report: in the run's results.json
     path = records / f"{run.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,9 +254,18 @@ def run_all(todo: Sequence[Run], out: Path, records: Path, jobs: int = 1) -> Non
         jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
     ) as pool:
         futures = {pool.submit(execute, r, out, records): r for r in todo}
+        failed = []
         for i, fut in enumerate(as_completed(futures), 1):
-            rec = fut.result()
-            print(f"[{i}/{len(todo)}] {futures[fut].name}: {rec['seconds']:.0f} s", flush=True)
+            name = futures[fut].name
+            try:
+                rec = fut.result()
+            except (Exception, SystemExit) as err:  # CLI errors exit; keep the others going
+                failed.append(name)
+                print(f"[{i}/{len(todo)}] {name}: FAILED: {type(err).__name__}: {err}", flush=True)
+                continue
+            print(f"[{i}/{len(todo)}] {name}: {rec['seconds']:.0f} s", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}")
 
 
 def _naive_certified(model: Any, dm: Any) -> dict[str, Any]:

@@ -98,6 +98,7 @@ __all__ = [
     "crm_loss",
     "crm_penalty",
     "liplt_bound",
+    "max_pool_lipschitz",
     "max_pool_overlap",
     "naive_bound",
     "parse_model",
@@ -145,6 +146,16 @@ def activation_slopes(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Softplus,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Sigmoid,
+)
 _SUPPORTED_TEXT = (
     "nn.Sequential (nested ones are flattened) of InputNormalize, "
     + ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
@@ -246,8 +257,7 @@ class MaxPoolCut:
     @property
     def lipschitz(self) -> float:
         """``sqrt(overlap)`` rounded up to the next float unless exact (a sound l2 constant)."""
-        r = math.sqrt(self.overlap)
-        return r if math.isqrt(self.overlap) ** 2 == self.overlap else math.nextafter(r, math.inf)
+        return _sqrt_up(self.overlap)
 
 
 @dataclass
@@ -280,8 +290,33 @@ _MAX_POOLS = {
 _ADAPTIVE_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
+# Every class parse_model accepts, for the "overrides forward" check.
+_KNOWN = frozenset(
+    (
+        *SUPPORTED_LAYERS,
+        *_MAX_POOLS,
+        *_AVG_POOLS,
+        *_IDENTITY,
+        *_ACTIVATIONS,
+        InputNormalize,
+        nn.Flatten,
+    )
+)
+
+
 def _ntuple(v: Any, d: int) -> tuple[Any, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+
+
+def _sqrt_up(n: int) -> float:
+    """``sqrt(n)`` rounded up to the next float unless exact: never below the true root."""
+    r = math.sqrt(n)
+    return r if math.isqrt(n) ** 2 == n else math.nextafter(r, math.inf)
+
+
+def max_pool_lipschitz(pool: nn.Module, in_shape: Sequence[int]) -> float:
+    """Sound l2 Lipschitz constant of a max pool on inputs of ``in_shape``: ``sqrt(overlap)``."""
+    return _sqrt_up(max_pool_overlap(pool, in_shape))
 
 
 def max_pool_overlap(pool: nn.Module, in_shape: Sequence[int]) -> int:
@@ -338,7 +373,8 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
 
 def _unsupported(m: nn.Module) -> ValueError:
     return ValueError(
-        f"unsupported module {type(m).__name__} for a Lipschitz bound ({m!r}); supported: "
+        f"unsupported module {type(m).__name__} for a Lipschitz bound "
+        f"({repr(m).splitlines()[0]}); supported: "
         f"{_SUPPORTED_TEXT}. Residual blocks, normalization, other pooling (fractional, LP, "
         "with return_indices) and attention are not bounded."
     )
@@ -374,10 +410,13 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
         )
         if (not ok and activation_slopes(m) is None) or getattr(m, "return_indices", False):
             raise _unsupported(m)
-        base = next((t for t in (*SUPPORTED_LAYERS, *_MAX_POOLS) if isinstance(m, t)), None)
+        # A subclass that overrides forward is not the function its base class is bounded as
+        # (e.g. a ReLU subclass returning 10 * relu(x)).
+        base = next((t for t in type(m).__mro__ if t in _KNOWN), None)
         if base is not None and type(m).forward is not base.forward:
             raise ValueError(
-                f"{type(m).__name__} overrides forward; its operator is not the plain layer's"
+                f"{type(m).__name__} overrides forward; its operator is not the plain "
+                f"{base.__name__}'s"
             )
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -846,7 +885,8 @@ def liplt_bound(
     K = len(chain.stages) - 1
     m = _chain_m(chain, ops, K - 1 if pairwise else K, **kw)
     if not pairwise:
-        return m[K] * scale
+        # certify: products rounded to nearest may land an ulp low; the margin keeps it an upper bound
+        return m[K] * scale * (1 + 1e-9) if certify else m[K] * scale
     out_shape = chain.stages[K].out_shape
     if len(out_shape) != 1:
         raise ValueError(f"pairwise bounds need logits of shape (N, C), got (N, *{out_shape})")

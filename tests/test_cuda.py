@@ -123,12 +123,14 @@ def test_power_iteration_on_gpu_ignores_tf32_and_autocast():
     assert gpu == pytest.approx(cpu, rel=1e-5)
 
 
-def test_liplt_and_naive_bounds_on_gpu_equal_cpu():
+@pytest.mark.parametrize(
+    ("name", "shape"), [("c4f3", (1, 28, 28)), ("digits_cnn", (1, 8, 8))]
+)  # digits_cnn has max pooling (LipLT segments)
+def test_liplt_and_naive_bounds_on_gpu_equal_cpu(name, shape):
     torch.manual_seed(0)
     model = create_backbone(
-        "sn_lightning:c4f3", num_classes=10, in_chans=1, input_size=(28, 28)
+        f"sn_lightning:{name}", num_classes=10, in_chans=1, input_size=shape[1:]
     ).eval()
-    shape = (1, 28, 28)
     cpu = liplt_bound(model, shape, pairwise=True, certify=True)
     naive_cpu = naive_bound(model, shape)
     model = model.cuda()

@@ -32,7 +32,7 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
             "--config",
             QUICKSTART,
             f"--ckpt_path={checkpoint}",
-            "--eval.eps=[0.15,0.3]",
+            "--eval.eps=[0.005,0.15,0.3]",
             "--eval.steps=10",
             "--eval.max_examples=24",
             f"--eval.out={tmp_path}",
@@ -42,8 +42,10 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
     assert saved == {k: v for k, v in report.items() if k != "out"}
     assert saved["n"] == 24 and saved["clean_acc"] > 0.8
     pgd, aa = saved["pgd"], saved["autoattack"]
-    assert list(pgd) == ["0.15", "0.3"] and list(aa) == ["0.15", "0.3"]
-    assert pgd["0.3"] <= pgd["0.15"] <= saved["clean_acc"]  # larger balls never help
+    assert list(pgd) == ["0.005", "0.15", "0.3"] and list(aa) == list(pgd)
+    assert (
+        pgd["0.3"] <= pgd["0.15"] <= pgd["0.005"] <= saved["clean_acc"]
+    )  # larger balls never help
     for eps in aa:  # AutoAttack is at least as strong as PGD, up to one example
         assert aa[eps] <= pgd[eps] + 1 / 24 + 1e-9
     assert (tmp_path / "robustness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -52,9 +54,10 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
     # broken by the attack
     cert = saved["certified"]
     assert cert["rule"].startswith("pairwise LipLT, sound; linf eps certified through the l2 ball")
-    assert list(cert["acc"]) == ["0.15", "0.3"]
+    assert list(cert["acc"]) == ["0.005", "0.15", "0.3"]
+    assert cert["acc"]["0.005"] > 0.5  # a small ball certifies most points
     for eps, acc in cert["acc"].items():
-        assert 0.0 <= acc <= pgd[eps] + 1e-9
+        assert 0.0 <= acc <= aa[eps] + 1e-9 and acc <= pgd[eps] + 1e-9
 
 
 def test_certified_report_says_why_there_is_no_certificate():

@@ -108,6 +108,7 @@ def test_run_all_in_two_worker_processes_writes_every_record(tmp_path):
     quick = [
         f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
         "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false",
@@ -117,8 +118,11 @@ def test_run_all_in_two_worker_processes_writes_every_record(tmp_path):
         R.Run("digits/erm/b2", (*quick,), {"model": "digits", "scheme": "pgd", "beta": 2.0}),
         R.Run("digits/erm/nosn", (*quick, "--model.beta=null"), {"model": "digits", "beta": None}),
     ]
+    bad = R.Run("digits/erm/bad", (*quick, "--model.beta=-1"), {"model": "digits", "beta": -1})
     records = tmp_path / "records"
-    R.run_all(runs, tmp_path / "runs", records, jobs=2)
+    # a failing run (a CLI error in its worker) does not stop the others; it is named at the end
+    with pytest.raises(RuntimeError, match=r"1 of 3 runs failed: digits/erm/bad"):
+        R.run_all([bad, *runs], tmp_path / "runs", records, jobs=2)
     saved = {
         p.relative_to(records).as_posix(): json.loads(p.read_text())
         for p in records.rglob("*.json")

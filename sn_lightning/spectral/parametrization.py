@@ -73,21 +73,32 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+_TF32_FLAGS = (torch.backends.cudnn, torch.backends.cuda.matmul)
+
+
+def _flag_on(backend: Any) -> bool:
+    try:
+        return bool(backend.allow_tf32)
+    except RuntimeError:  # the new fp32_precision API is in use: leave the user's choice
+        return False
+
+
 @contextlib.contextmanager
 def _tf32_off() -> Iterator[None]:
-    """Run cuDNN convolutions in IEEE float32 (PyTorch lets them use TF32 by default, ~1e-3 error)."""
-    try:
-        on = torch.backends.cudnn.allow_tf32
-    except RuntimeError:  # the new fp32_precision API is in use: leave the user's choice
-        on = False
-    if not on:
-        yield
-        return
-    torch.backends.cudnn.allow_tf32 = False
+    """Run cuDNN convolutions and CUDA matmuls in IEEE float32 (TF32: ~1e-3 relative error).
+
+    PyTorch lets convolutions use TF32 by default, and ``set_float32_matmul_precision("high")``
+    (Lightning's advice on Ampere and later) does the same for matmuls. The flags are process
+    globals, switched only while a power iteration runs and restored after it.
+    """
+    on = [b for b in _TF32_FLAGS if _flag_on(b)]
+    for b in on:
+        b.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = True
+        for b in on:
+            b.allow_tf32 = True
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:

@@ -335,7 +335,7 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     ``c <= prod ceil(k / (s / gcd(d, s)))`` (for each tap at most one window start), and plain
     average pools give ``sqrt(c / prod k)``.
     """
-    from sn_lightning.lipschitz import max_pool_overlap  # here: lipschitz imports spectral
+    from sn_lightning.lipschitz import max_pool_lipschitz  # here: lipschitz imports spectral
 
     nd = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
     if isinstance(
@@ -355,13 +355,13 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
         if spatial is None:
             raise _Unsupported(f"{type(m).__name__}({m.output_size}) needs input_shape")
         if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            return math.sqrt(max_pool_overlap(m, spatial))
+            return max_pool_lipschitz(m, spatial)
         return _schur_bound(m, spatial)
     k = _tuple(m.kernel_size, nd)
     s = _tuple(m.stride if m.stride is not None else m.kernel_size, nd)
     if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         if spatial is not None:
-            return math.sqrt(max_pool_overlap(m, spatial))
+            return max_pool_lipschitz(m, spatial)
         d = _tuple(m.dilation, nd)
         c = math.prod(
             math.ceil(ki / (si // math.gcd(di, si))) for ki, si, di in zip(k, s, d, strict=True)

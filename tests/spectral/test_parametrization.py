@@ -320,3 +320,27 @@ def test_bad_layers_and_names_raise():
     with pytest.raises(ValueError, match="needs input_shape"):
         bounded_spectral_norm(nn.Conv2d(3, 3, 3))
     assert isinstance(layer.parametrizations.weight[0], BoundedSpectralNorm)
+
+
+def test_tf32_off_switches_both_flags_and_restores_them():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        cudnn.allow_tf32, matmul.allow_tf32 = True, True
+        seen = []
+
+        def fail() -> None:
+            with parametrization._tf32_off():
+                seen.append((cudnn.allow_tf32, matmul.allow_tf32))
+                raise KeyError  # restored on the way out of an exception too
+
+        with pytest.raises(KeyError):
+            fail()
+        assert seen == [(False, False)]
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+        cudnn.allow_tf32, matmul.allow_tf32 = True, False  # a flag that is off stays off
+        with parametrization._tf32_off():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.allow_tf32 and not matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
