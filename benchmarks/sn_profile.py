@@ -17,23 +17,16 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.sn_overhead import make_step
 from sn_lightning.spectral import apply_spectral_norm
 
 
 def op_times(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
     """``{op: (self CPU ms per step, calls per step)}`` over ``steps`` profiled SGD steps."""
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
+    step = make_step(model, x, y)  # the step benchmarks.sn_overhead times
     for _ in range(3):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
