@@ -14,7 +14,7 @@ pytest.importorskip("sweeps", reason='the sweeps extra: pip install "sn-lightnin
 
 from sn_lightning import sweep
 from sn_lightning.fit import main as fit_main
-from tests.wandb_helpers import offline_run, wandb_run_config, wandb_summary
+from tests.wandb_helpers import isolate_wandb, offline_run, wandb_run_config, wandb_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -32,10 +32,7 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    isolate_wandb(monkeypatch, tmp_path)
     monkeypatch.chdir(ROOT)  # the sweeps' commands name configs/ relative to the repository
 
 

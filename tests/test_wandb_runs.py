@@ -14,7 +14,7 @@ import yaml
 from jsonargparse import Namespace
 
 from sn_lightning import fit
-from tests.wandb_helpers import offline_run, wandb_summary
+from tests.wandb_helpers import isolate_wandb, offline_run, wandb_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -31,12 +31,8 @@ TINY = [
 @pytest.fixture(autouse=True)
 def _fresh_wandb(monkeypatch, tmp_path):
     """A fresh wandb session per test (it reads the environment once), state in tmp_path."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    isolate_wandb(monkeypatch, tmp_path)
     monkeypatch.setenv("WANDB_PROJECT", "sn-test")
-    for name in ("WANDB_RUN_ID", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_SWEEP_PARAM_PATH"):
-        monkeypatch.delenv(name, raising=False)
     wandb.teardown()
     yield
     wandb.teardown()

@@ -72,3 +72,12 @@ def wandb_run_config(path: Path) -> dict[str, Any]:
         if record.WhichOneof("record_type") == "run":
             return {item.key: json.loads(item.value_json) for item in record.run.config.update}
     raise AssertionError(f"no run record in {path}")
+
+
+def isolate_wandb(monkeypatch: Any, tmp_path: Path) -> None:
+    """Offline wandb with its state in ``tmp_path`` and no run, key or sweep from the host."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_RUN_ID", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_SWEEP_PARAM_PATH"):
+        monkeypatch.delenv(name, raising=False)

@@ -158,9 +158,8 @@ class _BoundedRescale(torch.autograd.Function):
         if ctx.sigma_value is not None and g.dtype == ctx.saved_tensors[1].dtype:
             weight, u, v = ctx.saved_tensors
             sigma = ctx.sigma_value
-            s = min(1.0, ctx.beta / sigma)
-            if sigma <= ctx.beta:
-                return g * s, *none
+            # CPU: forward only gets here with sigma > beta (otherwise it returns the weight)
+            s = ctx.beta / sigma
             dot = float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
             return ctx.grad_fn(g, s, -s * dot / sigma, u, v), *none
         if ctx.sigma_value is not None:
