@@ -4,6 +4,7 @@ Marked ``gpu``: deselected by default (``pytest -m gpu`` on a machine with CUDA)
 compares the GPU result with an independent CPU/float64 computation.
 """
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -159,3 +160,93 @@ def test_fit_on_gpu_with_bf16_sn_and_pgd(tmp_path):
     assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
     for entry in saved["adversarial"].values():
         assert 0 < entry["test"]["acc"] <= saved["test"]["acc"]
+
+
+@pytest.fixture
+def exact_cuda():
+    """Deterministic cuDNN and no TF32, so graph and eager runs can be compared closely."""
+    flags = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    ) = flags
+
+
+def _assert_same_state(a_model, b_model):
+    for (name, a), b in zip(
+        a_model.state_dict().items(), b_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _twin_models(**kwargs):
+    """Two copies of one SN ResNet-18 on CUDA: CUDA-graph power iteration and eager."""
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=10)
+    apply_spectral_norm(base, beta=1.0, input_shape=(3, 16, 16), **kwargs)
+    graphed = copy.deepcopy(base).cuda()
+    eager = copy.deepcopy(base).cuda()
+    for _, _, p in _normalized_layers(eager):
+        p.cuda_graph = False
+    return graphed, eager
+
+
+def _sgd_steps(model, xs, y, two_forwards=False):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for x in xs:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if two_forwards:  # both graphs alive before one backward (e.g. clean + adversarial loss)
+            loss = loss + nn.functional.cross_entropy(model(x.flip(-1)), y)
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("two_forwards", [False, True])
+def test_cuda_graph_power_iteration_matches_eager(two_forwards, exact_cuda):
+    from sn_lightning.spectral.parametrization import _GRAPHS
+
+    graphed, eager = _twin_models()
+    torch.manual_seed(1)
+    xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(4)]
+    y = torch.randint(0, 10, (8,), device="cuda")
+    _sgd_steps(graphed, xs, y, two_forwards)
+    _sgd_steps(eager, xs, y, two_forwards)
+    norms = [p for _, _, p in _normalized_layers(graphed)]
+    assert all(_GRAPHS.get(p) for p in norms)  # the graph path really ran
+    _assert_same_state(graphed, eager)
+    # eval forwards replay the no-update graph: no buffer changes
+    before = {k: v.clone() for k, v in graphed.state_dict().items()}
+    graphed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(xs[0]), eager.eval()(xs[0]), rtol=1e-4, atol=1e-5)
+    for k, v in graphed.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_cuda_graph_recaptures_after_moves_and_reloads(exact_cuda):
+    graphed, eager = _twin_models()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    y = torch.randint(0, 10, (4,), device="cuda")
+    _sgd_steps(graphed, [x], y)
+    _sgd_steps(eager, [x], y)
+    moved = graphed.cpu().cuda()  # new storages: stale graphs must not be replayed
+    _sgd_steps(moved, [x], y)
+    _sgd_steps(eager, [x], y)
+    _assert_same_state(moved, eager)
+    clone = copy.deepcopy(moved)  # deepcopy carries no graphs
+    clone.load_state_dict({k: v.clone() for k, v in eager.state_dict().items()}, assign=True)
+    _sgd_steps(clone, [x], y)
+    _sgd_steps(eager, [x], y)
+    _assert_same_state(clone, eager)

@@ -699,7 +699,7 @@ class OperatorSpec:
         cols = F.unfold(x, kernel, dilation, pad, stride)  # (1, C*K, L)
         n_pos = cols.shape[-1]
         grp, c_out = self.groups, weight.shape[0]
-        if n_pos != v[0, 0].numel():
+        if n_pos != math.prod(v.shape[2:]):
             return torch.add(g * a, self.sigma_grad(weight, u, v), alpha=b)
         V = v.reshape(grp, c_out // grp, n_pos)
         U = cols.reshape(grp, -1, n_pos).mT  # (g, L, C/g*K)

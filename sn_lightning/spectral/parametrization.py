@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -120,6 +122,112 @@ def _host_sigma(sigma: Tensor) -> float | None:
     return float(sigma) if sigma.device.type == "cpu" else None
 
 
+def _coefficients(sigma: Tensor, v: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``(scale, k v)``: ``scale = min(1, beta / sigma)`` (0-dim), ``k = [sigma > beta] (-scale / sigma)``.
+
+    The rescaled weight is ``scale W``, its gradient ``scale g + <g, W> d<A_W u, k v>/dW``
+    (:class:`_BoundedRescale`). Tensors, so accelerators never sync to branch on sigma; ``k``
+    comes premultiplied into the small ``v``.
+    """
+    scale = torch.clamp(beta / sigma, max=1.0)
+    return scale, v * torch.where(sigma > beta, -scale / sigma, 0.0)
+
+
+class _IterationGraph:
+    """One layer's no-grad power iteration (and its write to ``u``) captured as a CUDA graph.
+
+    Note [CUDA graphs]
+        On a GPU one power-iteration round is a dozen tiny kernels per layer, so a training step
+        with SN is bound by the host launching them (3.1x plain for ResNet-18 at batch 128 on an
+        H100 before this). Replaying a captured graph launches them at once. The graph reads the
+        weight and ``u`` at the addresses it was captured with and writes ``(u, v, sigma)`` into
+        one static buffer, cloned right after each replay: a second forward before the backward
+        must not overwrite tensors saved for the first. Graphs are keyed by those addresses and
+        every setting they bake in, and re-captured when one changes (``model.to()``,
+        ``load_state_dict(assign=True)``, a new ``n_power_iterations``). Capture is skipped under
+        ``torch.compile`` and inside a user's own capture; a failed capture warns once and the
+        layer runs eagerly.
+    """
+
+    def __init__(self, norm: BoundedSpectralNorm, weight: Tensor, update: bool) -> None:
+        dtype = _float_dtype(weight.dtype)
+
+        def run(write: bool) -> tuple[Tensor, Tensor, Tensor]:
+            W = weight.detach().to(dtype)
+            u, v, sigma = _power_iteration(
+                *norm._operator(W), norm.u.to(dtype), norm.n_power_iterations, norm.min_norm
+            )
+            if write:
+                norm.u.copy_(u)
+            return u, v, sigma
+
+        device = weight.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad(), _no_autocast("cuda"):
+            run(False)  # warm-up off the graph: cuDNN/cuBLAS choose their kernels here
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), _no_autocast("cuda"), torch.cuda.graph(self.graph):
+            u, v, sigma = run(update)
+            scale, kv = _coefficients(sigma, v, norm.beta)
+            self.state = torch.cat(
+                [u.reshape(-1), kv.reshape(-1), sigma.reshape(1), scale.reshape(1)]
+            )
+        self.u_shape, self.v_shape = u.shape, v.shape
+
+    def __call__(self) -> tuple[Tensor, ...]:
+        """Replay; fresh ``(u, k v, sigma, scale)`` (``u`` already stored when updating)."""
+        self.graph.replay()
+        state = self.state.clone()
+        nu, nv = math.prod(self.u_shape), math.prod(self.v_shape)
+        u, kv = state[:nu].view(self.u_shape), state[nu : nu + nv].view(self.v_shape)
+        return u, kv, state[-2], state[-1]
+
+
+# Graphs per parametrization, outside the module so deepcopy and pickling never see them.
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _IterationGraph | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _graph_key(norm: BoundedSpectralNorm, weight: Tensor, update: bool) -> tuple:
+    return (
+        weight.data_ptr(), weight.dtype, weight.shape, norm.u.data_ptr(), norm.u.dtype, update,
+        norm.n_power_iterations, norm.min_norm, norm.method, norm.beta,
+    )  # fmt: skip
+
+
+def _iteration_graph(
+    norm: BoundedSpectralNorm, weight: Tensor, update: bool
+) -> _IterationGraph | None:
+    """The layer's captured iteration, capturing it on first use; None: run eagerly."""
+    if (
+        not norm.cuda_graph
+        or weight.device.type != "cuda"
+        or norm.u.device != weight.device
+        or torch.compiler.is_compiling()
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return None
+    graphs = _GRAPHS.setdefault(norm, {})
+    key = _graph_key(norm, weight, update)
+    if key not in graphs:
+        if any(k[:5] != key[:5] for k in graphs):  # moved or re-typed: old graphs are stale
+            graphs.clear()
+        try:
+            graphs[key] = _IterationGraph(norm, weight, update)
+        except RuntimeError as err:  # pragma: no cover - depends on the CUDA build
+            warnings.warn(
+                f"CUDA graph capture of the power iteration failed ({err}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            norm.cuda_graph = False
+            graphs[key] = None
+    return graphs[key]
+
+
 class _BoundedRescale(torch.autograd.Function):
     """``W -> W * min(1, beta / sigma(W))`` with ``sigma(W) = <A_W u, v>``, u and v constants.
 
@@ -128,28 +236,29 @@ class _BoundedRescale(torch.autograd.Function):
     ``s = min(1, beta / sigma)``: no differentiable sigma convolution in the forward, and on CPU
     the second term is accumulated by one GEMM (``scaled_sigma_grad``) instead of materialized.
     The step is memory-bound on the weight, so this halves the weight-sized passes
-    (benchmarks/sn_overhead.py).
+    (benchmarks/sn_overhead.py). On accelerators ``scale`` and ``k v`` come in as tensors
+    (:func:`_coefficients`), so the backward is one dot and one fused update, without a sync.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         weight: Tensor,
-        sigma: Tensor,
         beta: float,
         u: Tensor,
         v: Tensor,
-        grad_fn: Callable[[Tensor, float, float, Tensor, Tensor], Tensor],
+        grad_fn: Callable[[Tensor, float | Tensor, float | Tensor, Tensor, Tensor], Tensor],
         sigma_value: float | None,
+        scale: Tensor | None,
     ) -> Tensor:
+        """``v`` is v on CPU (``sigma_value`` given), ``k v`` with ``scale`` otherwise."""
         ctx.beta, ctx.grad_fn, ctx.sigma_value = beta, grad_fn, sigma_value
         if sigma_value is not None:  # CPU: the caller already has sigma as a number
-            scale = min(1.0, beta / sigma_value)
             ctx.save_for_backward(weight, u, v)
-            return weight * scale
-        scale_t = torch.clamp(beta / sigma, max=1.0)
-        ctx.save_for_backward(weight, u, v, sigma, scale_t)
-        return weight * scale_t.to(weight.dtype)
+            return weight * min(1.0, beta / sigma_value)
+        assert scale is not None
+        ctx.save_for_backward(weight, u, v, scale)
+        return weight * scale.to(weight.dtype)
 
     @staticmethod
     @once_differentiable
@@ -165,16 +274,14 @@ class _BoundedRescale(torch.autograd.Function):
         if ctx.sigma_value is not None:
             weight, u, v = ctx.saved_tensors
             sigma = torch.tensor(ctx.sigma_value, dtype=u.dtype, device=u.device)
-            scale = torch.clamp(ctx.beta / sigma, max=1.0)
+            scale, kv = _coefficients(sigma, v, ctx.beta)
         else:
-            weight, u, v, sigma, scale = ctx.saved_tensors
-        dot = torch.vdot(g.flatten().to(sigma.dtype), weight.flatten().to(sigma.dtype))
-        # Accelerators: [sigma > beta] as a factor, not a branch (no host sync); the 0-dim
-        # coefficients scale the small u/v factors, never a weight-sized temporary.
-        coef = torch.where(sigma > ctx.beta, -scale * dot / sigma, torch.zeros_like(sigma))
+            weight, u, kv, scale = ctx.saved_tensors
+        dot = torch.vdot(g.reshape(-1).to(u.dtype), weight.reshape(-1).to(u.dtype))
         if g.dtype != u.dtype:
             g = g.to(u.dtype)
-        return ctx.grad_fn(g, scale, coef, u, v).to(weight.dtype), *none
+        # the 0-dim dot scales the small factor k v, never a weight-sized temporary
+        return ctx.grad_fn(g, scale, dot, u, kv).to(weight.dtype), *none
 
 
 class BoundedSpectralNorm(nn.Module):
@@ -206,6 +313,8 @@ class BoundedSpectralNorm(nn.Module):
         init_iterations: warm-up rounds at construction (PAPERS 1.4: 20 reach ~98%).
         detach_uv: stop gradients through u and v.
         min_norm: guard for divisions by a norm.
+        cuda_graph: on CUDA, replay the no-grad power iteration as a captured CUDA graph
+            (Note [CUDA graphs]); False runs it eagerly.
     """
 
     def __init__(
@@ -219,6 +328,7 @@ class BoundedSpectralNorm(nn.Module):
         init_iterations: int = 20,
         detach_uv: bool = True,
         min_norm: float = 1e-12,
+        cuda_graph: bool = True,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -232,6 +342,7 @@ class BoundedSpectralNorm(nn.Module):
         self.init_iterations = _check_int("init_iterations", init_iterations, 0)
         self.detach_uv = bool(detach_uv)
         self.min_norm = float(min_norm)
+        self.cuda_graph = bool(cuda_graph)
         self.frozen = False  # set by freeze_spectral_norm
         self.layer_type = type(layer).__name__
         self.input_shape = None if input_shape is None else tuple(int(i) for i in input_shape)
@@ -298,24 +409,32 @@ class BoundedSpectralNorm(nn.Module):
                 if update:
                     self.u.copy_(u.detach())
                 return weight / torch.clamp(sigma / self.beta, min=1.0).to(weight.dtype)
-            with torch.no_grad():
-                u, v, sigma = _power_iteration(
-                    *self._operator(W.detach()),
-                    self.u.to(dtype),
-                    self.n_power_iterations,
-                    self.min_norm,
-                )
-            if update:
-                self.u.copy_(u)
-            if math.isinf(self.beta):
+            graph = _iteration_graph(self, weight, update)
+            if graph is not None:
+                u, kv, sigma, scale = graph()
+                sigma_value = None
+            else:
+                with torch.no_grad():
+                    u, kv, sigma = _power_iteration(
+                        *self._operator(W.detach()),
+                        self.u.to(dtype),
+                        self.n_power_iterations,
+                        self.min_norm,
+                    )
+                if update:
+                    self.u.copy_(u)
+                sigma_value, scale = _host_sigma(sigma), None
+            if math.isinf(self.beta) or (sigma_value is not None and sigma_value <= self.beta):
                 return weight
-            sigma_value = _host_sigma(sigma)
-            if sigma_value is not None and sigma_value <= self.beta:
-                return weight
+            if sigma_value is None and scale is None:  # eager on an accelerator
+                scale, kv = _coefficients(sigma, kv, self.beta)
             if torch.is_grad_enabled() and weight.requires_grad:
                 grad_fn = partial(self._scaled_sigma_grad, W.detach())
-                return _BoundedRescale.apply(weight, sigma, self.beta, u, v, grad_fn, sigma_value)
-            return weight * torch.clamp(self.beta / sigma, max=1.0).to(weight.dtype)
+                return _BoundedRescale.apply(weight, self.beta, u, kv, grad_fn, sigma_value, scale)
+            if sigma_value is not None:
+                return weight * (self.beta / sigma_value)
+            assert scale is not None
+            return weight * scale.to(weight.dtype)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Identity: assigning ``layer.weight = W`` stores W as the unnormalized weight."""

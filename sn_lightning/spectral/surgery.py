@@ -114,6 +114,7 @@ def apply_spectral_norm(
     init_iterations: int = 20,
     detach_uv: bool = True,
     batchnorm: Literal["leave", "bound"] = "leave",
+    cuda_graph: bool = True,
 ) -> nn.Module:
     """Bound every selected Conv/Linear layer's operator norm by beta, in place.
 
@@ -148,6 +149,8 @@ def apply_spectral_norm(
             ``gamma -> gamma / max(1, s / beta)`` with ``s = max_i |gamma_i| /
             sqrt(running_var_i + eps)``, its eval-mode Lipschitz constant
             (:class:`BoundedBatchNormScale`).
+        cuda_graph: on CUDA, replay each layer's power iteration as a captured CUDA graph
+            (fewer kernel launches; Note [CUDA graphs] in ``parametrization``).
 
     Returns:
         ``model``, modified in place.
@@ -223,6 +226,7 @@ def apply_spectral_norm(
             n_power_iterations=n_power_iterations,
             init_iterations=init_iterations,
             detach_uv=detach_uv,
+            cuda_graph=cuda_graph,
         )
     for name, m in norms.items():
         b = _beta_for(name, beta)
