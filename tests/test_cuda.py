@@ -224,7 +224,7 @@ def test_cuda_graph_power_iteration_matches_eager(two_forwards, exact_cuda):
     _sgd_steps(graphed, xs, y, two_forwards)
     _sgd_steps(eager, xs, y, two_forwards)
     norms = [p for _, _, p in _normalized_layers(graphed)]
-    assert all(_GRAPHS.get(p) for p in norms)  # the graph path really ran
+    assert all(_GRAPHS.get(p) and all(_GRAPHS[p].values()) for p in norms)  # graphs ran
     _assert_same_state(graphed, eager)
     # eval forwards replay the no-update graph: no buffer changes
     before = {k: v.clone() for k, v in graphed.state_dict().items()}
@@ -250,3 +250,43 @@ def test_cuda_graph_recaptures_after_moves_and_reloads(exact_cuda):
     _sgd_steps(clone, [x], y)
     _sgd_steps(eager, [x], y)
     _assert_same_state(clone, eager)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "kwargs"),
+    [
+        (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), (8, 9, 9), {}),
+        (lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), (8, 7, 7), {}),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (4, 6, 6), {}),
+        (lambda: nn.Conv1d(4, 6, 5, padding="same"), (4, 11), {}),
+        (lambda: nn.Conv3d(2, 4, 3, padding=1), (2, 4, 4, 4), {}),
+        (lambda: nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1), (6, 5, 5), {}),
+        (lambda: nn.Linear(12, 7), (12,), {}),
+        (lambda: nn.Conv2d(6, 8, 3), (6, 8, 8), {"method": "matrix"}),
+        (lambda: nn.Conv2d(6, 8, 3, padding=1).to(torch.bfloat16), (6, 8, 8), {}),
+    ],
+    ids=["stride", "depthwise", "reflect", "conv1d", "conv3d", "transpose", "linear", "matrix",
+         "bf16"],
+)  # fmt: skip
+def test_cuda_graph_layer_gradients_match_eager(make, shape, kwargs, exact_cuda):
+    from sn_lightning.spectral.parametrization import _GRAPHS
+
+    torch.manual_seed(0)
+    layer = make()
+    apply_spectral_norm(layer, beta=0.2, input_shape=shape, **kwargs)
+    graphed, eager = copy.deepcopy(layer).cuda(), copy.deepcopy(layer).cuda()
+    eager.parametrizations.weight[0].cuda_graph = False
+    dtype = layer.parametrizations.weight.original.dtype
+    x = torch.randn(3, *shape, device="cuda", dtype=dtype)
+    for _ in range(2):  # capture, then replay
+        grads = []
+        for m in (graphed, eager):
+            m.zero_grad(set_to_none=True)
+            m(x).float().square().sum().backward()
+            grads.append(m.parametrizations.weight.original.grad.float())
+        assert grads[0].abs().max() > 0
+        tol = {"rtol": 2e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(grads[0], grads[1], **tol)
+        _assert_same_state(graphed, eager)
+    graphs = _GRAPHS[graphed.parametrizations.weight[0]]
+    assert graphs and all(g.backward_graph is not None for g in graphs.values())

@@ -670,7 +670,15 @@ class OperatorSpec:
         return grad
 
     def scaled_sigma_grad(
-        self, weight: Tensor, g: Tensor, a: float | Tensor, b: float | Tensor, u: Tensor, v: Tensor
+        self,
+        weight: Tensor,
+        g: Tensor,
+        a: float | Tensor,
+        b: float | Tensor,
+        u: Tensor,
+        v: Tensor,
+        *,
+        inplace: bool = False,
     ) -> Tensor:
         """``a * g + b * d<A_W u, v>/dW`` without materializing the second term where possible.
 
@@ -678,15 +686,17 @@ class OperatorSpec:
         which reads and writes each weight-sized tensor once; the fused backward of the
         parametrization is built on it. Other layers: :meth:`sigma_grad`. ``a`` and ``b`` may be
         0-dim tensors (no host sync on accelerators): ``b`` then scales ``v``, not the weight.
+        ``inplace`` writes the result into ``g`` (contiguous; the CUDA-graph gradient buffer).
         """
         if isinstance(b, Tensor):
             v, b = v * b, 1.0  # d<A u, b v>/dW = b d<A u, v>/dW: scale the small factor
         # `g * a` then an in-place GEMM: addmm/baddbmm with beta copy the input first (slower).
+        scaled = g.mul_ if inplace else g.mul
         if self.kind == "linear":
-            return (g * a).addmm_(v.mT, u, alpha=b)
+            return scaled(a).addmm_(v.mT, u, alpha=b)
         nd = len(self.stride)
         if self.kind != "conv" or nd > 2:
-            return torch.add(g * a, self.sigma_grad(weight, u, v), alpha=b)
+            return scaled(a).add_(self.sigma_grad(weight, u, v), alpha=b)
         kernel, stride, dilation = tuple(weight.shape[2:]), self.stride, self.dilation
         pad: int | tuple[int, ...] = 0
         if nd == 2 and self.padding_mode == "zeros" and all(lo == hi for lo, hi in self.padding):
@@ -700,12 +710,12 @@ class OperatorSpec:
         n_pos = cols.shape[-1]
         grp, c_out = self.groups, weight.shape[0]
         if n_pos != math.prod(v.shape[2:]):
-            return torch.add(g * a, self.sigma_grad(weight, u, v), alpha=b)
+            return scaled(a).add_(self.sigma_grad(weight, u, v), alpha=b)
         V = v.reshape(grp, c_out // grp, n_pos)
         U = cols.reshape(grp, -1, n_pos).mT  # (g, L, C/g*K)
         # Double backward (exact DataGrad) hands in a permuted weight gradient, (in, out) strides:
         # `g * a` keeps that layout and `view` needs the contiguous one.
-        out = (g * a).contiguous()
+        out = scaled(a).contiguous()
         out.view(grp, c_out // grp, -1).baddbmm_(V, U, alpha=b)
         return out
 
