@@ -51,6 +51,8 @@ class SNClassifier(L.LightningModule):
         sn_batchnorm: leave BatchNorm alone (reference) or bound its affine scale by beta.
         sn_detach: detach the power-iteration vectors (PyTorch's choice); false lets gradients
             flow through them (the reference's choice).
+        sn_cuda_graph: on CUDA, replay each layer's power iteration and rescale backward as
+            captured CUDA graphs (fewer kernel launches); false runs them eagerly.
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
         crm_r0: only points whose certified radius is below this are penalized (R0).
@@ -88,6 +90,7 @@ class SNClassifier(L.LightningModule):
         sn_exclude: list[str] | None = None,
         sn_batchnorm: Literal["leave", "bound"] = "leave",
         sn_detach: bool = True,
+        sn_cuda_graph: bool = True,
         crm_lambda: float = 0.0,
         crm_r0: float = 0.2,
         crm_t: float = 5.0,
@@ -152,6 +155,7 @@ class SNClassifier(L.LightningModule):
                 init_iterations=sn_init_iterations,
                 detach_uv=sn_detach,
                 batchnorm=sn_batchnorm,
+                cuda_graph=sn_cuda_graph,
             )
         if crm_lambda > 0 or certify_eps:
             from sn_lightning.lipschitz import parse_model

@@ -138,3 +138,13 @@ def test_checkpoint_and_export_with_spectral_norm(tmp_path):
     plain.load_state_dict(plain_state_dict(model.model), strict=True)
     plain.eval()
     torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_sn_cuda_graph_key_reaches_every_normalized_layer(flag):
+    from sn_lightning.spectral import BoundedSpectralNorm
+
+    model = SNClassifier(beta=1.0, sn_cuda_graph=flag)
+    norms = [m for m in model.modules() if isinstance(m, BoundedSpectralNorm)]
+    assert norms and all(p.cuda_graph is flag for p in norms)
+    assert model.hparams.sn_cuda_graph is flag

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from sn_lightning.spectral import (
     BoundedSpectralNorm,
+    apply_spectral_norm,
     bounded_spectral_norm,
     freeze_spectral_norm,
     operator_norm,
@@ -178,6 +179,48 @@ def test_fused_gradient_equals_autograd(layer, shape, method, beta, path, monkey
     (grad,) = torch.autograd.grad((W_sn * g).sum(), layer.parametrizations.weight.original)
     (grad_ref,) = torch.autograd.grad((ref * g).sum(), layer.parametrizations.weight.original)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
+        (lambda: nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"), (4, 6, 6)),
+        (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), (8, 5, 4)),
+        (lambda: nn.Conv3d(2, 3, 3, padding=1), (2, 3, 3, 3)),
+        (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (4, 5, 5)),
+        (lambda: nn.Linear(5, 7), None),
+    ],
+    ids=["strided", "reflect", "grouped", "conv3d", "transpose", "linear"],
+)
+@pytest.mark.parametrize("method", ["operator", "matrix"])
+def test_in_place_scaled_sigma_grad_equals_out_of_place(layer, shape, method):
+    """The CUDA-graph backward writes into its static gradient buffer (``inplace=True``)."""
+    torch.manual_seed(8)
+    layer = _sn(layer(), shape, beta=0.1, method=method)
+    p = layer.parametrizations.weight[0]
+    W = layer.parametrizations.weight.original.detach()
+    u, v, _ = _power_iteration(*p._operator(W), p.u, 1)
+    g = torch.randn_like(W)
+    for b in (0.3, torch.tensor(0.3)):  # CPU numbers and accelerator 0-dim tensors
+        expected = p._scaled_sigma_grad(W, g, 0.7, b, u, v)
+        buffer = g.clone()
+        out = p._scaled_sigma_grad(W, buffer, torch.tensor(0.7), b, u, v, inplace=True)
+        torch.testing.assert_close(out, expected)
+        assert out.data_ptr() == buffer.data_ptr()  # written in place, no new weight-sized tensor
+
+
+def test_cuda_graph_option_reaches_every_layer_and_cpu_runs_eagerly():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    apply_spectral_norm(copy.deepcopy(model), beta=1.0, input_shape=(1, 6, 6))
+    off = apply_spectral_norm(
+        copy.deepcopy(model), beta=1.0, input_shape=(1, 6, 6), cuda_graph=False
+    )
+    on = apply_spectral_norm(copy.deepcopy(model), beta=1.0, input_shape=(1, 6, 6))
+    assert [m.parametrizations.weight[0].cuda_graph for m in (off[0], off[2])] == [False, False]
+    assert [m.parametrizations.weight[0].cuda_graph for m in (on[0], on[2])] == [True, True]
+    p, W = on[0].parametrizations.weight[0], on[0].parametrizations.weight.original
+    assert parametrization._iteration_graph(p, W, update=True) is None  # CPU: eager
 
 
 def test_detach_uv_false_lets_gradients_flow_through_the_iteration():
