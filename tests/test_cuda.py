@@ -290,3 +290,29 @@ def test_cuda_graph_layer_gradients_match_eager(make, shape, kwargs, exact_cuda)
         _assert_same_state(graphed, eager)
     graphs = _GRAPHS[graphed.parametrizations.weight[0]]
     assert graphs and all(g.backward_graph is not None for g in graphs.values())
+
+
+def test_cuda_graph_backward_under_double_backprop_matches_eager(exact_cuda):
+    """Exact DataGrad differentiates through grad_x (create_graph): the weight gradient reaching
+    the rescale's backward arrives from the double-backward graph."""
+    from sn_lightning.attacks import datagrad_penalty
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ELU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )  # fmt: skip
+    apply_spectral_norm(net, beta=0.5, input_shape=(3, 8, 8))
+    graphed, eager = copy.deepcopy(net).cuda(), copy.deepcopy(net).cuda()
+    for _, _, p in _normalized_layers(eager):
+        p.cuda_graph = False
+    x, y = torch.rand(6, 3, 8, 8, device="cuda"), torch.randint(0, 10, (6,), device="cuda")
+    grads = []
+    for m in (graphed, eager):
+        for _ in range(2):  # capture, then replay
+            m.zero_grad(set_to_none=True)
+            loss, penalty, _ = datagrad_penalty(m, x, y, "l2")
+            (loss + 10.0 * penalty).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
