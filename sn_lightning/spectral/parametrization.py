@@ -28,7 +28,6 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -324,13 +323,16 @@ class _BoundedRescale(torch.autograd.Function):
         beta: float,
         u: Tensor,
         v: Tensor,
-        grad_fn: Callable[[Tensor, float | Tensor, float | Tensor, Tensor, Tensor], Tensor],
+        grad_fn: Callable[..., Tensor],
         sigma_value: float | None,
         scale: Tensor | None,
         graph: _IterationGraph | None,
         state: Tensor | None,
     ) -> Tensor:
         """``v`` is v on CPU (``sigma_value`` given), else ``k v`` with ``scale``.
+
+        ``grad_fn(W, g, a, b, u, v)`` is ``a g + b dsigma/dW`` (the parametrization's
+        ``_scaled_sigma_grad``), with W the float32 weight, cast only in the backward.
 
         A CUDA ``graph`` with its forward's ``state`` replays the backward (Note [CUDA graphs]).
         """
@@ -357,7 +359,7 @@ class _BoundedRescale(torch.autograd.Function):
             # CPU: forward only gets here with sigma > beta (otherwise it returns the weight)
             s = ctx.beta / sigma
             dot = float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
-            return ctx.grad_fn(g, s, -s * dot / sigma, u, v), *none
+            return ctx.grad_fn(weight, g, s, -s * dot / sigma, u, v), *none
         if ctx.sigma_value is not None:
             weight, u, v = ctx.saved_tensors
             sigma = torch.tensor(ctx.sigma_value, dtype=u.dtype, device=u.device)
@@ -368,7 +370,8 @@ class _BoundedRescale(torch.autograd.Function):
         if g.dtype != u.dtype:
             g = g.to(u.dtype)
         # the 0-dim dot scales the small factor k v, never a weight-sized temporary
-        return ctx.grad_fn(g, scale, dot, u, kv).to(weight.dtype), *none
+        W = weight.to(u.dtype)  # the weight itself for float32
+        return ctx.grad_fn(W, g, scale, dot, u, kv).to(weight.dtype), *none
 
 
 class BoundedSpectralNorm(nn.Module):
@@ -492,12 +495,11 @@ class BoundedSpectralNorm(nn.Module):
         update = self.training and not self.frozen
         dtype = _float_dtype(weight.dtype)
         with _no_autocast(weight.device.type):
-            W = weight.to(dtype)
             if not self.detach_uv:
                 # Iterate with gradients (reference behaviour). Clone: u must not be saved for
                 # backward and then overwritten in place.
                 u, _, sigma = _power_iteration(
-                    *self._operator(W),
+                    *self._operator(weight.to(dtype)),
                     self.u.clone().to(dtype),
                     self.n_power_iterations,
                     self.min_norm,
@@ -513,7 +515,7 @@ class BoundedSpectralNorm(nn.Module):
             else:
                 with torch.no_grad():
                     u, kv, sigma = _power_iteration(
-                        *self._operator(W.detach()),
+                        *self._operator(weight.detach().to(dtype)),
                         self.u.to(dtype),
                         self.n_power_iterations,
                         self.min_norm,
@@ -526,12 +528,12 @@ class BoundedSpectralNorm(nn.Module):
             if sigma_value is None and scale is None:  # eager on an accelerator
                 scale, kv = _coefficients(sigma, kv, self.beta)
             if torch.is_grad_enabled() and weight.requires_grad:
-                grad_fn = partial(self._scaled_sigma_grad, W.detach())
                 if graph is not None and not _capture_backward(graph, self, weight):
                     graph = None
                 return _BoundedRescale.apply(
-                    weight, self.beta, u, kv, grad_fn, sigma_value, scale, graph, state
-                )
+                    weight, self.beta, u, kv, self._scaled_sigma_grad, sigma_value, scale, graph,
+                    state,
+                )  # fmt: skip
             if sigma_value is not None:
                 return weight * (self.beta / sigma_value)
             assert scale is not None
