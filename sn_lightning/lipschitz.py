@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sn_lightning.models.normalize import InputNormalize
+from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
     LinearOp,
@@ -413,7 +414,7 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
         # A subclass that overrides forward is not the function its base class is bounded as
         # (e.g. a ReLU subclass returning 10 * relu(x)).
         base = next((t for t in type(m).__mro__ if t in _KNOWN), None)
-        if base is not None and type(m).forward is not base.forward:
+        if base is not None and type(m).forward not in (base.forward, fused_forward):
             raise ValueError(
                 f"{type(m).__name__} overrides forward; its operator is not the plain "
                 f"{base.__name__}'s"

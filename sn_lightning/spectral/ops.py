@@ -84,6 +84,44 @@ def _power_iteration(
     return u, v, sigma
 
 
+def _estimate(
+    op: LinearOp,
+    adjoint: LinearOp,
+    u: Tensor,
+    n_iter: int,
+    min_norm: float = 1e-12,
+    *,
+    advance: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One forward's estimate: ``(u, v, sigma, u_next)`` with ``sigma = ||A u|| = <A u, v>``.
+
+    Note [estimate, then advance]
+        ``n_iter - 1`` full rounds from ``u``, then ``sigma = ||A u||`` for that unit ``u`` and
+        ``v = A u / sigma``; ``advance`` then takes one more half round,
+        ``u_next = A^T v / ||A^T v||``, the vector to store. Per training forward that is
+        the same two products per round as Miyato et al.'s ``sigma = ||W v||`` after
+        ``v = W^T u / ||.||``: with ``u`` on the input side, the adjoint half of the round is
+        taken at the end of the previous step (one optimizer step earlier). The forward
+        product ``A u`` is the one a layer can compute inside its own batch
+        (:mod:`sn_lightning.spectral.fused`), and forwards that do not store (eval, frozen)
+        need that product alone. ``sigma <= ||A||_2`` for any unit ``u``.
+    """
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    norm = torch.linalg.vector_norm
+    if n_iter > 1:
+        u, _, _ = _power_iteration(op, adjoint, u, n_iter - 1, min_norm)
+    else:
+        u = u / norm(u).clamp_min(min_norm)  # the stored vector is unit; a loaded one may not be
+    Au = op(u)
+    sigma = norm(Au)
+    v = Au / sigma.clamp_min(min_norm)
+    if not advance:
+        return u, v, sigma, None
+    w = adjoint(v)
+    return u, v, sigma, w / norm(w).clamp_min(min_norm)
+
+
 def power_iteration(
     op: LinearOp, adjoint: LinearOp, u: Tensor, n_iter: int, *, min_norm: float = 1e-12
 ) -> tuple[Tensor, Tensor]:

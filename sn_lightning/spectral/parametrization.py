@@ -8,11 +8,13 @@ a persistent vector ``u`` (one input-shaped tensor, saved in the state dict). Th
 
 Note [buffer updates]
     ``u`` is written only in training mode, outside :func:`freeze_spectral_norm`, under
-    ``no_grad``. Every forward, whatever the mode, computes the weight the same way: iterate
-    ``n_power_iterations`` times from the stored ``u``, then rescale. Eval, frozen and training
-    forwards therefore use the same function of ``(W, u)``; training additionally stores the new
-    ``u``. The reference does the same: attack and evaluation forwards iterate once from the
-    stored vector but never write it back.
+    ``no_grad``. Every forward, whatever the mode, computes the weight the same way: take
+    ``n_power_iterations - 1`` rounds from the stored ``u``, estimate ``sigma = ||A u||``, rescale
+    (Note [estimate, then advance] in ``ops``). Eval, frozen and training forwards therefore use
+    the same function of ``(W, u)``; training additionally advances ``u`` by the adjoint half
+    round and stores it. The reference likewise never writes the vector in attack and
+    evaluation forwards. On CPU a training forward of a Conv/Linear layer computes ``A u`` as one
+    more image of its own batch (:mod:`sn_lightning.spectral.fused`): same values, fewer passes.
 
 Note [float32 under autocast]
     Power iteration runs with autocast disabled, in ``promote_types(weight.dtype, float32)``:
@@ -35,10 +37,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from sn_lightning.spectral import fused
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
     LinearOp,
     OperatorSpec,
+    _estimate,
     _float_dtype,
     _power_iteration,
     linear_operator,
@@ -162,11 +166,15 @@ class _IterationGraph:
 
         def run(write: bool) -> tuple[Tensor, Tensor, Tensor]:
             W = weight.detach().to(dtype)
-            u, v, sigma = _power_iteration(
-                *norm._operator(W), norm.u.to(dtype), norm.n_power_iterations, norm.min_norm
+            u, v, sigma, u_next = _estimate(
+                *norm._operator(W),
+                norm.u.to(dtype),
+                norm.n_power_iterations,
+                norm.min_norm,
+                advance=write,
             )
-            if write:
-                norm.u.copy_(u)
+            if u_next is not None:
+                norm.u.copy_(u_next)
             return u, v, sigma
 
         _warm_up(lambda: run(False), weight.device)
@@ -390,8 +398,9 @@ class BoundedSpectralNorm(nn.Module):
     See Note [buffer updates] and Note [float32 under autocast].
 
     Gradients: with ``detach_uv=True`` (PyTorch/Miyato) u and v are constants and the gradient
-    flows through ``sigma = <A_W u, v>`` into W. With ``detach_uv=False`` it also flows through
-    the ``n_power_iterations`` iterates of this forward, as in the reference TensorFlow code.
+    flows through ``sigma = <A_W u, v>`` into W. With ``detach_uv=False`` the forward runs the
+    reference TensorFlow code's iteration instead: ``n_power_iterations`` full rounds inside the
+    graph, ``sigma = ||A^T v||``, gradients through every iterate.
 
     Args:
         layer: the Linear / Conv / ConvTranspose module whose weight is parametrized.
@@ -405,6 +414,9 @@ class BoundedSpectralNorm(nn.Module):
         min_norm: guard for divisions by a norm.
         cuda_graph: on CUDA, replay the no-grad power iteration as a captured CUDA graph
             (Note [CUDA graphs]); False runs it eagerly.
+        batch_fold: on CPU, let training forwards of plain Conv/Linear layers compute ``A u``
+            inside their own batch and rescale the output (Note [power iteration in the batch]
+            in ``fused``; same values, less time); False always rescales the weight.
     """
 
     def __init__(
@@ -419,6 +431,7 @@ class BoundedSpectralNorm(nn.Module):
         detach_uv: bool = True,
         min_norm: float = 1e-12,
         cuda_graph: bool = True,
+        batch_fold: bool = True,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -433,6 +446,9 @@ class BoundedSpectralNorm(nn.Module):
         self.detach_uv = bool(detach_uv)
         self.min_norm = float(min_norm)
         self.cuda_graph = bool(cuda_graph)
+        self.batch_fold = bool(batch_fold)
+        self._fold_geometry: Any = None  # set by fused.install for plain Conv/Linear layers
+        self.output_numel = 0
         self.frozen = False  # set by freeze_spectral_norm
         self.layer_type = type(layer).__name__
         self.input_shape = None if input_shape is None else tuple(int(i) for i in input_shape)
@@ -496,8 +512,9 @@ class BoundedSpectralNorm(nn.Module):
         dtype = _float_dtype(weight.dtype)
         with _no_autocast(weight.device.type):
             if not self.detach_uv:
-                # Iterate with gradients (reference behaviour). Clone: u must not be saved for
-                # backward and then overwritten in place.
+                # The reference: n full rounds inside the graph, sigma = ||A^T v||, gradients
+                # through every iterate. Clone: u must not be saved for backward and then
+                # overwritten in place.
                 u, _, sigma = _power_iteration(
                     *self._operator(weight.to(dtype)),
                     self.u.clone().to(dtype),
@@ -514,14 +531,15 @@ class BoundedSpectralNorm(nn.Module):
                 sigma_value = None
             else:
                 with torch.no_grad():
-                    u, kv, sigma = _power_iteration(
+                    u, kv, sigma, u_next = _estimate(
                         *self._operator(weight.detach().to(dtype)),
                         self.u.to(dtype),
                         self.n_power_iterations,
                         self.min_norm,
+                        advance=update,
                     )
-                if update:
-                    self.u.copy_(u)
+                if u_next is not None:
+                    self.u.copy_(u_next)
                 sigma_value, scale = _host_sigma(sigma), None
             if math.isinf(self.beta) or (sigma_value is not None and sigma_value <= self.beta):
                 return weight
@@ -558,7 +576,14 @@ class BoundedSpectralNorm(nn.Module):
         dtype = _float_dtype(weight.dtype)
         with _no_autocast(weight.device.type):
             W = weight.detach().to(dtype)
-            _, _, sigma = _power_iteration(*self._operator(W), self.u.to(dtype), n, self.min_norm)
+            if not self.detach_uv:
+                _, _, sigma = _power_iteration(
+                    *self._operator(W), self.u.to(dtype), n, self.min_norm
+                )
+            else:
+                _, _, sigma, _ = _estimate(
+                    *self._operator(W), self.u.to(dtype), n, self.min_norm, advance=False
+                )
         return sigma
 
     def extra_repr(self) -> str:
@@ -672,7 +697,9 @@ def bounded_spectral_norm(module: nn.Module, name: str = "weight", **kwargs: Any
             f"{_class_name(module)}.{name} is already parametrized "
             f"({[type(p).__name__ for p in module.parametrizations[name]]}); remove it first"
         )
-    parametrize.register_parametrization(module, name, BoundedSpectralNorm(module, **kwargs))
+    norm = BoundedSpectralNorm(module, **kwargs)
+    parametrize.register_parametrization(module, name, norm)
+    fused.install(module, norm)
     return module
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import SUPPORTED_LAYERS
 from sn_lightning.spectral.parametrization import (
     METHODS,
@@ -63,7 +64,8 @@ def _overrides_forward(module: nn.Module) -> bool:
     """True for subclasses (e.g. timm's StdConv2d, Conv2dSame) that change what the layer computes."""
     for base in SUPPORTED_LAYERS + _BATCHNORMS:
         if isinstance(module, base):
-            return type(module).forward is not base.forward
+            # fused_forward: our own training forward of a normalized plain layer (same map)
+            return type(module).forward not in (base.forward, fused_forward)
     return False
 
 
@@ -115,6 +117,7 @@ def apply_spectral_norm(
     detach_uv: bool = True,
     batchnorm: Literal["leave", "bound"] = "leave",
     cuda_graph: bool = True,
+    batch_fold: bool = True,
 ) -> nn.Module:
     """Bound every selected Conv/Linear layer's operator norm by beta, in place.
 
@@ -151,6 +154,9 @@ def apply_spectral_norm(
             (:class:`BoundedBatchNormScale`).
         cuda_graph: on CUDA, replay each layer's power iteration as a captured CUDA graph
             (fewer kernel launches; Note [CUDA graphs] in ``parametrization``).
+        batch_fold: on CPU, training forwards of plain Conv/Linear layers compute the power
+            iteration's ``A u`` inside their own batch and rescale the output instead of the
+            weight (same values; Note [power iteration in the batch] in ``fused``).
 
     Returns:
         ``model``, modified in place.
@@ -227,6 +233,7 @@ def apply_spectral_norm(
             init_iterations=init_iterations,
             detach_uv=detach_uv,
             cuda_graph=cuda_graph,
+            batch_fold=batch_fold,
         )
     for name, m in norms.items():
         b = _beta_for(name, beta)

@@ -1,0 +1,289 @@
+"""Training forwards of a spectrally normalized Conv/Linear layer with ``A u`` inside the batch.
+
+Note [power iteration in the batch]
+    With ``sigma = ||A u||`` (Note [estimate, then advance] in ``ops``) the product the estimate
+    needs is the layer's own map applied to one more input, ``u``. A training forward of a
+    plain ``nn.Conv1d/2d/3d`` or ``nn.Linear`` on CPU therefore runs the layer once on
+    ``cat([x, u])`` (:class:`_FoldedLayer`): the last row is ``A u``, which gives sigma and ``v``,
+    and the output is rescaled instead of the weight, ``y = min(1, beta / sigma) A x + b``. Its
+    backward feeds ``cat([s g, k v])`` to the layer's own input- and weight-gradient products,
+    so the sigma term of the gradient (``k = -s <g, A x> / sigma``, ``<g, A x> = <A^T g, x> / s``
+    read off the input gradient) lands in the weight gradient at the cost of one more image.
+    Compared with the parametrization (``W -> s W``), no weight-sized tensor is written, read
+    or multiplied, and there is no single-image forward product; only the adjoint half round
+    that advances ``u`` remains. Values and gradients equal the parametrization's to float
+    rounding (tests/spectral/test_fused.py), double backward included (a differentiable
+    recomputation; exact DataGrad).
+
+    The fold is skipped, and the parametrization path runs, for eval and frozen forwards,
+    accelerators (CUDA graphs there), autocast, dtype mismatches, ``method="matrix"``,
+    ``detach_uv=False``, non-zero or asymmetric padding, inputs at another resolution than
+    ``u``, ``parametrize.cached()``, ``torch.compile``, an input that needs no gradient while
+    the weight does (a first layer: the fold reads ``<g, A x>`` off the input gradient), and
+    layers whose batch output is over ``FOLD_RATIO`` times their weight (rescaling the output
+    would then cost more than rescaling the weight).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sn_lightning.spectral.ops import _power_iteration
+
+__all__ = ["FOLD_RATIO", "fused_forward", "supports_fold"]
+
+# Fold while the batch output has at most this many elements per weight element. ResNet-18 at
+# 32 px, batch 128 (benchmarks/sn_overhead.py): layer1 (ratio 14) gains, the stem (223) loses.
+FOLD_RATIO = 64.0
+_BASES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def supports_fold(layer: nn.Module) -> bool:
+    """True for plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (the stock forward, not a subclass's)."""
+    return any(type(layer).forward is base.forward for base in _BASES if isinstance(layer, base))
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How the layer maps a batch: ``kind`` "linear" or "conv" with symmetric zero padding."""
+
+    kind: str
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def apply(self, X: Tensor, W: Tensor) -> Tensor:
+        """``A X`` for a batch ``X``, no bias."""
+        if self.kind == "linear":
+            return X @ W.t()
+        conv = _CONV[W.dim() - 2]
+        return conv(X, W, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_grad(self, G: Tensor, X: Tensor, W: Tensor) -> Tensor:
+        """``A^T G`` (``X`` gives the input shape)."""
+        if self.kind == "linear":
+            return G @ W
+        return torch.ops.aten.convolution_backward(
+            G, X, W, None, self.stride, self.padding, self.dilation, False,
+            [0] * len(self.stride), self.groups, [True, False, False],
+        )[0]  # fmt: skip
+
+    def weight_grad(self, G: Tensor, X: Tensor, W: Tensor) -> Tensor:
+        """``sum_b G_b (x) X_b``: the weight gradient of ``<G, A X>``."""
+        if self.kind == "linear":
+            return G.t() @ X
+        return torch.ops.aten.convolution_backward(
+            G, X, W, None, self.stride, self.padding, self.dilation, False,
+            [0] * len(self.stride), self.groups, [False, True, False],
+        )[1]  # fmt: skip
+
+
+def _geometry(norm: Any) -> _Geometry | None:
+    """The fold geometry of a BoundedSpectralNorm's layer; None where it does not apply."""
+    spec = norm.spec
+    if spec.kind == "linear":
+        return _Geometry("linear")
+    if spec.kind != "conv" or spec.padding_mode != "zeros":
+        return None
+    if any(lo != hi for lo, hi in spec.padding):
+        return None
+    return _Geometry(
+        "conv", spec.stride, tuple(lo for lo, _ in spec.padding), spec.dilation, spec.groups
+    )
+
+
+def _alias(Y: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The first rows of ``Y`` as a tensor of ``shape`` that is not an autograd view.
+
+    A custom Function may not return a view of its own intermediate (in-place ops on it, such
+    as a following ``ReLU(inplace=True)``, would raise); a fresh tensor on the same storage is
+    not a view, and its memory is disjoint from the row ``A u`` that is read before.
+    """
+    if Y.dim() == 2 and Y.is_contiguous():  # linear: any leading shape, row-major
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    elif Y.is_contiguous() or (Y.dim() == 4 and Y.is_contiguous(memory_format=torch.channels_last)):
+        stride = Y.stride()  # batch outermost: the first rows are a prefix of the storage
+    else:
+        return Y[: shape[0]].reshape(shape).clone()
+    return Y.new_empty(()).set_(Y.untyped_storage(), Y.storage_offset(), shape, stride)
+
+
+class _FoldedLayer(torch.autograd.Function):
+    """``y = min(1, beta / ||A u||) A x + b``, with ``A u`` computed as the batch's last row."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        norm: Any,
+        geo: _Geometry,
+        defer: bool,
+    ) -> Tensor:
+        """``x`` ``(B, C, *spatial)`` (conv) or ``(..., in)`` (linear); returns the layer output.
+
+        ``defer``: a backward will follow, which advances ``u`` from its input gradient;
+        otherwise the adjoint half round runs here.
+        """
+        linear = geo.kind == "linear"
+        xf = x.reshape(-1, x.shape[-1]) if linear else x
+        n = xf.shape[0]
+        vnorm, eps = torch.linalg.vector_norm, norm.min_norm
+        u = norm.u
+        if norm.n_power_iterations > 1:
+            u, _, _ = _power_iteration(*norm._operator(weight), u, norm.n_power_iterations - 1, eps)
+        else:
+            u = u / vnorm(u).clamp_min(eps)
+        X = torch.cat([xf, u])
+        Y = geo.apply(X, weight)
+        Au = Y[n:]
+        sigma = float(vnorm(Au))
+        v = Au / max(sigma, eps)
+        if not defer:
+            _advance(norm, norm._operator(weight)[1](v))
+        clamp = sigma > norm.beta
+        scale = norm.beta / sigma if clamp else 1.0
+        shape = (*x.shape[:-1], Y.shape[1]) if linear else (n, *Y.shape[1:])
+        y = _alias(Y, shape)
+        if clamp:
+            y.mul_(scale)
+        if bias is not None:
+            y.add_(bias if linear else bias.view(-1, *([1] * (y.dim() - 2))))
+        ctx.save_for_backward(x, weight, bias, X)
+        ctx.v, ctx.geo, ctx.n, ctx.sigma, ctx.scale, ctx.clamp = v, geo, n, sigma, scale, clamp
+        ctx.norm, ctx.defer = norm, defer
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, W, bias, X = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None, None, None)
+        if torch.is_grad_enabled():  # create_graph (double backward): recompute with autograd
+            if ctx.defer:
+                with torch.no_grad():
+                    _advance(ctx.norm, ctx.norm._operator(W)[1](ctx.v))
+            return (*_differentiable_grads(ctx, g, x, W, bias, X), *none)
+        geo, n, s = ctx.geo, ctx.n, ctx.scale
+        gf = g.reshape(n, -1) if geo.kind == "linear" else g
+        grad_b = gf.sum([d for d in range(gf.dim()) if d != 1]) if need_b else None
+        # One input-gradient product for [s g, v]: s A^T g for x, and A^T v, the adjoint half
+        # round that advances u (ops Note [estimate, then advance]).
+        G = gf.new_empty((n + 1, *gf.shape[1:]))
+        torch.mul(gf, s, out=G[:n])
+        G[n:] = ctx.v
+        gX = geo.input_grad(G, X, W)
+        if ctx.defer:
+            _advance(ctx.norm, gX[n:])
+        grad_w = None
+        if need_w:
+            if ctx.clamp:
+                # <g, A x> = <A^T g, x> = <gX, x> / s;  dL/dsigma = -s <g, A x> / sigma
+                dot = float(torch.vdot(gX[:n].reshape(-1), X[:n].reshape(-1))) / s
+                G[n:] *= -s * dot / ctx.sigma
+                grad_w = geo.weight_grad(G, X, W)
+            else:
+                grad_w = geo.weight_grad(G[:n], X[:n], W)
+        return (gX[:n].view(x.shape) if need_x else None), grad_w, grad_b, *none
+
+
+def _advance(norm: Any, w: Tensor) -> None:
+    """Store ``u = w / ||w||`` (``w = A^T v``, one input)."""
+    norm.u.copy_(w / torch.linalg.vector_norm(w).clamp_min(norm.min_norm))
+
+
+def _differentiable_grads(
+    ctx: Any, g: Tensor, x: Tensor, W: Tensor, bias: Tensor | None, X: Tensor
+) -> tuple[Tensor | None, ...]:
+    """The layer's gradients as a graph (double backward): the forward redone with autograd.
+
+    ``sigma = <A u, v>`` with ``u`` (the batch's last row) and ``v`` constants, as in the
+    parametrization's rescale, so first and second derivatives match it.
+    """
+    geo, n = ctx.geo, ctx.n
+    linear = geo.kind == "linear"
+    with torch.enable_grad():
+        xf = x.reshape(-1, x.shape[-1]) if linear else x
+        Y = geo.apply(torch.cat([xf, X[n:]]), W)
+        y = Y[:n]
+        if ctx.clamp:
+            sigma = torch.vdot(Y[n:].reshape(-1), ctx.v.reshape(-1))
+            y = y * (ctx.norm.beta / sigma)
+        if bias is not None:
+            y = y + (bias if linear else bias.view(-1, *([1] * (y.dim() - 2))))
+        y = y.reshape(g.shape)
+        wanted = [t for t, need in zip((x, W, bias), ctx.needs_input_grad[:3], strict=True) if need]
+        grads = iter(torch.autograd.grad(y, wanted, g, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+
+
+def _fold_norm(layer: nn.Module, x: Tensor) -> Any:
+    """The layer's BoundedSpectralNorm if this forward can fold (Note above), else None."""
+    if not parametrize.is_parametrized(layer, "weight") or parametrize._cache_enabled:
+        return None
+    plist = layer.parametrizations.weight
+    norm = plist[0]
+    if len(plist) != 1 or getattr(norm, "_fold_geometry", None) is None:  # not a foldable SN
+        return None
+    if not (norm.batch_fold and norm.training and not norm.frozen):
+        return None
+    if norm.method != "operator" or not norm.detach_uv:
+        return None
+    W = plist.original
+    if W.device.type != "cpu" or x.device != W.device or torch.is_autocast_enabled("cpu"):
+        return None
+    if not (x.dtype == W.dtype == norm.u.dtype) or torch.compiler.is_compiling():
+        return None
+    if norm.spec.kind == "linear":
+        if x.dim() < 1 or x.shape[-1] != W.shape[1]:
+            return None
+        out_numel = x.numel() // W.shape[1] * W.shape[0]
+    else:
+        if x.dim() != W.dim() or x.shape[1:] != norm.u.shape[1:]:
+            return None
+        out_numel = x.shape[0] * norm.output_numel
+    if out_numel > FOLD_RATIO * W.numel():
+        return None
+    if torch.is_grad_enabled() and W.requires_grad and not x.requires_grad:
+        return None
+    return norm
+
+
+def fused_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """Forward of a parametrized plain Conv/Linear: the fold when it applies, else the stock one.
+
+    Installed on the class that ``torch.nn.utils.parametrize`` injects for this one module (so
+    deepcopies and DataParallel replicas share it, and removing the parametrization removes it).
+    """
+    norm = _fold_norm(self, input)
+    if norm is None:
+        base = next(b for b in _BASES if isinstance(self, b))
+        return base.forward(self, input)
+    W, bias = self.parametrizations.weight.original, self.bias
+    defer = torch.is_grad_enabled() and (
+        input.requires_grad or W.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _FoldedLayer.apply(input, W, bias, norm, norm._fold_geometry, defer)
+
+
+def install(layer: nn.Module, norm: Any) -> None:
+    """Give a freshly parametrized plain Conv/Linear the fused forward (no-op for others)."""
+    geo = _geometry(norm) if supports_fold(layer) else None
+    norm._fold_geometry = geo
+    norm.output_numel = (
+        math.prod(norm.spec.output_shape(layer.parametrizations.weight.original.detach()))
+        if geo is not None and geo.kind == "conv"
+        else 0
+    )
+    if geo is not None:
+        type(layer).forward = fused_forward
