@@ -1,0 +1,203 @@
+"""The batch fold (fused.py) against the parametrization path it replaces: same values, grads, u."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sn_lightning.spectral import (
+    apply_spectral_norm,
+    bounded_spectral_norm,
+    freeze_spectral_norm,
+    fused,
+    remove_spectral_norm,
+)
+
+LAYERS = [
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
+    (lambda: nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6, bias=False), (6, 5, 4)),
+    (lambda: nn.Conv2d(8, 8, 3, padding="same", groups=4), (8, 5, 5)),
+    (lambda: nn.Conv2d(128, 64, 3, padding=1), (128, 2, 2)),  # im2col + GEMM adjoint
+    (lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2), (4, 9)),
+    (lambda: nn.Conv3d(2, 3, 3, padding=1), (2, 3, 3, 3)),
+    (lambda: nn.Linear(5, 7), None),
+]
+IDS = ["strided", "dilated-depthwise", "same-grouped", "gemm", "conv1d", "conv3d", "linear"]
+
+
+def _pair(make, shape, **kw):
+    """(folding layer, the same layer forced onto the parametrization path)."""
+    folded = bounded_spectral_norm(make(), input_shape=shape, **kw)
+    param = copy.deepcopy(folded)
+    param.parametrizations.weight[0].batch_fold = False
+    return folded, param
+
+
+def _input(layer, shape, batch=3):
+    if isinstance(layer, nn.Linear):
+        return torch.randn(batch, 2, layer.in_features, requires_grad=True)  # token dim too
+    return torch.randn(batch, *shape, requires_grad=True)
+
+
+def _params(layer):
+    ps = [layer.parametrizations.weight.original]
+    return ps + ([layer.bias] if layer.bias is not None else [])
+
+
+@pytest.mark.parametrize(("make", "shape"), LAYERS, ids=IDS)
+@pytest.mark.parametrize("beta", [0.1, 100.0], ids=["clamped", "within"])
+def test_fold_equals_the_parametrization(make, shape, beta):
+    torch.manual_seed(0)
+    folded, param = _pair(make, shape, beta=beta)
+    x = _input(folded, shape)
+    y, y_ref = folded(x), param(x)
+    assert type(y.grad_fn).__name__ == "_FoldedLayerBackward"
+    assert type(y_ref.grad_fn).__name__ != "_FoldedLayerBackward"
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *_params(folded)], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *_params(param)], g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # u advanced by the same half round (the fold takes it from the input-gradient product)
+    u, u_ref = folded.parametrizations.weight[0].u, param.parametrizations.weight[0].u
+    torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
+    assert float(u.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(("make", "shape"), LAYERS[:1] + LAYERS[-1:], ids=["conv", "linear"])
+def test_double_backward_equals_the_parametrization(make, shape):
+    """Exact DataGrad differentiates the input gradient: the fold recomputes with autograd."""
+    torch.manual_seed(1)
+    folded, param = _pair(make, shape, beta=0.1)
+    out = []
+    x0 = _input(folded, shape).detach()
+    for layer in (folded, param):
+        x = x0.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)
+        out.append(torch.autograd.grad((gx**2).sum(), _params(layer)))
+        out.append(layer.parametrizations.weight[0].u.clone())
+    for a, b in zip(out[:2], out[2:], strict=True):
+        if isinstance(a, tuple):
+            for p, q in zip(a, b, strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_n_power_iterations_and_no_grad_training_forward():
+    torch.manual_seed(2)
+    folded, param = _pair(lambda: nn.Conv2d(3, 5, 3, padding=1), (3, 6, 6), beta=0.1,
+                          n_power_iterations=3, init_iterations=0)  # fmt: skip
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():  # no backward follows: u advances in the forward itself
+        torch.testing.assert_close(folded(x), param(x))
+    torch.testing.assert_close(
+        folded.parametrizations.weight[0].u, param.parametrizations.weight[0].u
+    )
+    x.requires_grad_(True)
+    torch.testing.assert_close(folded(x), param(x), rtol=1e-5, atol=1e-6)
+
+
+def test_output_can_be_modified_in_place_and_two_forwards_share_a_backward():
+    """ReLU(inplace=True) on the fold's output; a clean and an adversarial pass, one backward.
+
+    Both passes estimate sigma from the stored u (u advances in the backward), so the reference
+    is the parametrization path with u reset to its stored value before the second pass.
+    """
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    apply_spectral_norm(net, beta=0.5, input_shape=(6,))
+    ref = copy.deepcopy(net)
+    norms = [m.parametrizations.weight[0] for m in (ref[0], ref[2])]
+    for p in norms:
+        p.batch_fold = False
+    x = torch.randn(5, 6)
+    (net(x).square().sum() + net(2 * x).square().sum()).backward()
+    stored = [p.u.clone() for p in norms]
+    first = ref(x).square().sum()
+    for p, u in zip(norms, stored, strict=True):
+        p.u.copy_(u)
+    (first + ref(2 * x).square().sum()).backward()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    for m, p in zip((net[0], net[2]), norms, strict=True):
+        torch.testing.assert_close(m.parametrizations.weight[0].u, p.u, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["eval", "frozen", "autocast", "first-layer", "resolution"])
+def test_fold_steps_aside(case):
+    """Forwards the fold does not cover run the parametrization (same values, no fold node)."""
+    torch.manual_seed(4)
+    layer = bounded_spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_shape=(3, 6, 6), beta=0.1)
+    x = torch.randn(2, 3, 6, 6, requires_grad=case != "first-layer")
+    if case == "resolution":
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    if case == "eval":
+        layer.eval()
+    u0 = layer.parametrizations.weight[0].u.clone()
+    if case == "frozen":
+        with freeze_spectral_norm(layer):
+            y = layer(x)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    else:
+        y = layer(x)
+    assert type(y.grad_fn).__name__ != "_FoldedLayerBackward"
+    updates = case not in ("eval", "frozen")
+    assert torch.equal(layer.parametrizations.weight[0].u, u0) is not updates
+
+
+def test_copies_removal_and_state_dict_keep_working():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    apply_spectral_norm(net, beta=0.5, input_shape=(3, 6, 6))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    clone = copy.deepcopy(net)
+    assert type(clone[2].forward.__func__) is type(fused.fused_forward)
+    y = clone(x)
+    assert type(y.grad_fn).__name__ == "_FoldedLayerBackward"
+    y.sum().backward()
+    assert net[2].parametrizations.weight.original.grad is None  # the copy is independent
+    assert not torch.equal(
+        clone[2].parametrizations.weight[0].u, net[2].parametrizations.weight[0].u
+    )
+    net.load_state_dict(clone.state_dict())
+    net.eval(), clone.eval()
+    torch.testing.assert_close(net(x), clone(x))
+    remove_spectral_norm(clone)
+    assert type(clone[2]) is nn.Conv2d and type(clone[2]).forward is nn.Conv2d.forward
+
+
+def test_fold_ratio_keeps_wide_outputs_on_the_parametrization():
+    """A layer whose batch output dwarfs its weight rescales the weight instead (FOLD_RATIO)."""
+    layer = bounded_spectral_norm(nn.Conv2d(2, 2, 1), input_shape=(2, 16, 16), beta=0.1)
+    x = torch.randn(4, 2, 16, 16, requires_grad=True)  # 2048 outputs, 6 weights
+    assert fused.FOLD_RATIO * layer.parametrizations.weight.original.numel() < 4 * 2 * 16 * 16
+    assert type(layer(x).grad_fn).__name__ != "_FoldedLayerBackward"
+
+
+def test_training_matches_the_parametrization_over_sgd_steps():
+    torch.manual_seed(6)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 4),
+    )  # fmt: skip
+    apply_spectral_norm(net, beta=0.7, input_shape=(3, 8, 8))
+    ref = copy.deepcopy(net)
+    for m in ref.modules():
+        if hasattr(m, "parametrizations"):
+            m.parametrizations.weight[0].batch_fold = False
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    for model in (net, ref):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
