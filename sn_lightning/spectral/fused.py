@@ -138,17 +138,15 @@ class _FoldedLayer(torch.autograd.Function):
         linear = geo.kind == "linear"
         xf = x.reshape(-1, x.shape[-1]) if linear else x
         n = xf.shape[0]
-        vnorm, eps = torch.linalg.vector_norm, norm.min_norm
-        u = norm.u
+        eps = norm.min_norm
+        u = norm.u  # unit: stored normalized, and normalized on load (parametrization)
         if norm.n_power_iterations > 1:
             u, _, _ = _power_iteration(*norm._operator(weight), u, norm.n_power_iterations - 1, eps)
-        else:
-            u = u / vnorm(u).clamp_min(eps)
         X = torch.cat([xf, u])
         Y = geo.apply(X, weight)
         Au = Y[n:]
-        sigma = float(vnorm(Au))
-        v = Au / max(sigma, eps)
+        sigma = max(float(torch.linalg.vector_norm(Au)), eps)
+        v = Au / sigma
         if not defer:
             _advance(norm, norm._operator(weight)[1](v))
         clamp = sigma > norm.beta
@@ -199,7 +197,7 @@ class _FoldedLayer(torch.autograd.Function):
 
 def _advance(norm: Any, w: Tensor) -> None:
     """Store ``u = w / ||w||`` (``w = A^T v``, one input)."""
-    norm.u.copy_(w / torch.linalg.vector_norm(w).clamp_min(norm.min_norm))
+    torch.div(w, max(float(torch.linalg.vector_norm(w)), norm.min_norm), out=norm.u)
 
 
 def _differentiable_grads(

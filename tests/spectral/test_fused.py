@@ -201,3 +201,16 @@ def test_training_matches_the_parametrization_over_sgd_steps():
             opt.step()
     for a, b in zip(net.state_dict().values(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loaded_vector_is_normalized():
+    """The fold trusts the stored u to be unit; loading a scaled one normalizes it."""
+    torch.manual_seed(7)
+    folded, param = _pair(lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 5, 5), beta=0.1)
+    state = folded.state_dict()
+    state["parametrizations.weight.0.u"] = 5.0 * state["parametrizations.weight.0.u"]
+    for layer in (folded, param):
+        layer.load_state_dict(state)
+        assert float(layer.parametrizations.weight[0].u.norm()) == pytest.approx(1.0, rel=1e-6)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    torch.testing.assert_close(folded(x), param(x), rtol=1e-5, atol=1e-6)
