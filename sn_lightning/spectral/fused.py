@@ -4,16 +4,20 @@ Note [power iteration in the batch]
     With ``sigma = ||A u||`` (Note [estimate, then advance] in ``ops``) the product the estimate
     needs is the layer's own map applied to one more input, ``u``. A training forward of a
     plain ``nn.Conv1d/2d/3d`` or ``nn.Linear`` on CPU therefore runs the layer once on
-    ``cat([x, u])`` (:class:`_FoldedLayer`): the last row is ``A u``, which gives sigma and ``v``,
-    and the output is rescaled instead of the weight, ``y = min(1, beta / sigma) A x + b``. Its
-    backward feeds ``cat([s g, k v])`` to the layer's own input- and weight-gradient products,
-    so the sigma term of the gradient (``k = -s <g, A x> / sigma``, ``<g, A x> = <A^T g, x> / s``
-    read off the input gradient) lands in the weight gradient at the cost of one more image.
-    Compared with the parametrization (``W -> s W``), no weight-sized tensor is written, read
-    or multiplied, and there is no single-image forward product; only the adjoint half round
-    that advances ``u`` remains. Values and gradients equal the parametrization's to float
-    rounding (tests/spectral/test_fused.py), double backward included (a differentiable
-    recomputation; exact DataGrad).
+    ``cat([x, u])`` (:class:`_FoldedLayer`): the last row is ``A u``, which gives sigma and
+    ``v = A u / sigma``, and the output is rescaled instead of the weight,
+    ``y = s A x + b`` with ``s = min(1, beta / sigma)``. The backward runs the layer's input
+    gradient on ``[s g; v]``: rows ``:n`` are the input gradient, row ``n`` is ``A^T v``, the
+    adjoint half round, so ``u`` advances in the backward. The weight gradient runs on
+    ``[s g; k v]`` against ``[x; u]``, which adds the sigma term ``k v (x) u`` with
+    ``k = dL/dsigma = -s <g, A x> / sigma`` (``<g, A x> = <A^T g, x>``, read off the input
+    gradient) at the cost of one more image. Compared with the parametrization (``W -> s W``)
+    no weight-sized tensor is written, read or multiplied and no single-image product runs
+    (a forward that no backward will follow takes the adjoint half round as one). Values,
+    gradients and ``u`` equal the parametrization's to float rounding
+    (tests/spectral/test_fused.py), double backward included (exact DataGrad): it recomputes
+    the layer with autograd. Two forwards before one backward both estimate from the stored
+    ``u`` (the parametrization advances it in between).
 
     The fold is skipped, and the parametrization path runs, for eval and frozen forwards,
     accelerators (CUDA graphs there), autocast, dtype mismatches, ``method="matrix"``,
@@ -40,7 +44,9 @@ from sn_lightning.spectral.ops import _power_iteration
 __all__ = ["FOLD_RATIO", "fused_forward", "supports_fold"]
 
 # Fold while the batch output has at most this many elements per weight element. ResNet-18 at
-# 32 px, batch 128 (benchmarks/sn_overhead.py): layer1 (ratio 14) gains, the stem (223) loses.
+# 32 px, batch 128: its stem (ratio 223) is slower folded (+9 ms a step alone, four output-sized
+# passes on 8 MB), layer1 (14) and layer2 (<= 32) are within noise of the parametrization, and
+# layers 3-4 (<= 4) gain.
 FOLD_RATIO = 64.0
 _BASES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -14,7 +14,8 @@ Note [buffer updates]
     the same function of ``(W, u)``; training additionally advances ``u`` by the adjoint half
     round and stores it. The reference likewise never writes the vector in attack and
     evaluation forwards. On CPU a training forward of a Conv/Linear layer computes ``A u`` as one
-    more image of its own batch (:mod:`sn_lightning.spectral.fused`): same values, fewer passes.
+    more image of its own batch and, when a backward follows, advances ``u`` during that
+    backward (:mod:`sn_lightning.spectral.fused`): same values, fewer passes.
 
 Note [float32 under autocast]
     Power iteration runs with autocast disabled, in ``promote_types(weight.dtype, float32)``:
