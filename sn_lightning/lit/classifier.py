@@ -53,6 +53,9 @@ class SNClassifier(L.LightningModule):
             flow through them (the reference's choice).
         sn_cuda_graph: on CUDA, replay each layer's power iteration and rescale backward as
             captured CUDA graphs (fewer kernel launches); false runs them eagerly.
+        sn_batch_fold: on CPU, training forwards of plain Conv/Linear layers compute the power
+            iteration inside their own batch and rescale the output (same values, less time);
+            false always rescales the weight.
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
         crm_r0: only points whose certified radius is below this are penalized (R0).
@@ -91,6 +94,7 @@ class SNClassifier(L.LightningModule):
         sn_batchnorm: Literal["leave", "bound"] = "leave",
         sn_detach: bool = True,
         sn_cuda_graph: bool = True,
+        sn_batch_fold: bool = True,
         crm_lambda: float = 0.0,
         crm_r0: float = 0.2,
         crm_t: float = 5.0,
@@ -156,6 +160,7 @@ class SNClassifier(L.LightningModule):
                 detach_uv=sn_detach,
                 batchnorm=sn_batchnorm,
                 cuda_graph=sn_cuda_graph,
+                batch_fold=sn_batch_fold,
             )
         if crm_lambda > 0 or certify_eps:
             from sn_lightning.lipschitz import parse_model

@@ -141,10 +141,10 @@ def test_checkpoint_and_export_with_spectral_norm(tmp_path):
 
 
 @pytest.mark.parametrize("flag", [True, False])
-def test_sn_cuda_graph_key_reaches_every_normalized_layer(flag):
+def test_sn_cuda_graph_and_batch_fold_keys_reach_every_normalized_layer(flag):
     from sn_lightning.spectral import BoundedSpectralNorm
 
-    model = SNClassifier(beta=1.0, sn_cuda_graph=flag)
+    model = SNClassifier(beta=1.0, sn_cuda_graph=flag, sn_batch_fold=not flag)
     norms = [m for m in model.modules() if isinstance(m, BoundedSpectralNorm)]
-    assert norms and all(p.cuda_graph is flag for p in norms)
-    assert model.hparams.sn_cuda_graph is flag
+    assert norms and all(p.cuda_graph is flag and p.batch_fold is not flag for p in norms)
+    assert model.hparams.sn_cuda_graph is flag and model.hparams.sn_batch_fold is not flag
