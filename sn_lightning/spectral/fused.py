@@ -16,8 +16,11 @@ Note [power iteration in the batch]
     (a forward that no backward will follow takes the adjoint half round as one). Values,
     gradients and ``u`` equal the parametrization's to float rounding
     (tests/spectral/test_fused.py), double backward included (exact DataGrad): it recomputes
-    the layer with autograd. Two forwards before one backward both estimate from the stored
-    ``u`` (the parametrization advances it in between).
+    the layer with autograd. Because ``u`` advances in the backward, two forwards before one
+    backward both estimate from the stored ``u`` (the parametrization advances it in between),
+    and a grad-enabled training forward that is never backpropagated leaves ``u`` where it was
+    (under ``no_grad`` it advances in the forward). Memory: the layer keeps ``cat([x, u])``
+    besides ``x``, one more input-sized tensor until the backward.
 
     The fold is skipped, and the parametrization path runs, for eval and frozen forwards,
     accelerators (CUDA graphs there), autocast, dtype mismatches, ``method="matrix"``,
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
 from sn_lightning.spectral.ops import _power_iteration
@@ -53,8 +57,14 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def supports_fold(layer: nn.Module) -> bool:
-    """True for plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (the stock forward, not a subclass's)."""
-    return any(type(layer).forward is base.forward for base in _BASES if isinstance(layer, base))
+    """True for plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (stock ``forward``/``_conv_forward``)."""
+    for base in _BASES:
+        if isinstance(layer, base):
+            cls = type(layer)
+            if base is nn.Linear:
+                return cls.forward is base.forward
+            return cls.forward is base.forward and cls._conv_forward is base._conv_forward  # type: ignore[attr-defined]
+    return False
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,8 @@ class _Geometry:
 def _geometry(norm: Any) -> _Geometry | None:
     """The fold geometry of a BoundedSpectralNorm's layer; None where it does not apply."""
     spec = norm.spec
+    if norm.method != "operator":
+        return None
     if spec.kind == "linear":
         return _Geometry("linear")
     if spec.kind != "conv" or spec.padding_mode != "zeros":
@@ -144,15 +156,17 @@ class _FoldedLayer(torch.autograd.Function):
         linear = geo.kind == "linear"
         xf = x.reshape(-1, x.shape[-1]) if linear else x
         n = xf.shape[0]
-        eps = norm.min_norm
-        u = norm.u  # unit: stored normalized, and normalized on load (parametrization)
+        eps, vnorm = norm.min_norm, torch.linalg.vector_norm
+        u = norm.u  # stored unit, but a loaded or re-typed one may be off by rounding
         if norm.n_power_iterations > 1:
             u, _, _ = _power_iteration(*norm._operator(weight), u, norm.n_power_iterations - 1, eps)
+        u_norm = max(float(vnorm(u)), eps)
         X = torch.cat([xf, u])
         Y = geo.apply(X, weight)
-        Au = Y[n:]
-        sigma = max(float(torch.linalg.vector_norm(Au)), eps)
-        v = Au / sigma
+        Au = Y[n:]  # = ||u|| A u_hat for the unit u_hat
+        Au_norm = max(float(vnorm(Au)), eps)
+        sigma = Au_norm / u_norm
+        v = Au / Au_norm
         if not defer:
             _advance(norm, norm._operator(weight)[1](v))
         clamp = sigma > norm.beta
@@ -165,7 +179,7 @@ class _FoldedLayer(torch.autograd.Function):
             y.add_(bias if linear else bias.view(-1, *([1] * (y.dim() - 2))))
         ctx.save_for_backward(x, weight, bias, X)
         ctx.v, ctx.geo, ctx.n, ctx.sigma, ctx.scale, ctx.clamp = v, geo, n, sigma, scale, clamp
-        ctx.norm, ctx.defer = norm, defer
+        ctx.norm, ctx.defer, ctx.u_norm = norm, defer, u_norm
         return y
 
     @staticmethod
@@ -179,7 +193,7 @@ class _FoldedLayer(torch.autograd.Function):
                     _advance(ctx.norm, ctx.norm._operator(W)[1](ctx.v))
             return (*_differentiable_grads(ctx, g, x, W, bias, X), *none)
         geo, n, s = ctx.geo, ctx.n, ctx.scale
-        gf = g.reshape(n, -1) if geo.kind == "linear" else g
+        gf = g.reshape(n, g.shape[-1]) if geo.kind == "linear" else g
         grad_b = gf.sum([d for d in range(gf.dim()) if d != 1]) if need_b else None
         # One input-gradient product for [s g, v]: s A^T g for x, and A^T v, the adjoint half
         # round that advances u (ops Note [estimate, then advance]).
@@ -192,9 +206,10 @@ class _FoldedLayer(torch.autograd.Function):
         grad_w = None
         if need_w:
             if ctx.clamp:
-                # <g, A x> = <A^T g, x> = <gX, x> / s;  dL/dsigma = -s <g, A x> / sigma
+                # <g, A x> = <A^T g, x> = <gX, x> / s;  dL/dsigma = -s <g, A x> / sigma, and
+                # the row holds u = ||u|| u_hat, so its factor carries 1 / ||u||.
                 dot = float(torch.vdot(gX[:n].reshape(-1), X[:n].reshape(-1))) / s
-                G[n:] *= -s * dot / ctx.sigma
+                G[n:] *= -s * dot / (ctx.sigma * ctx.u_norm)
                 grad_w = geo.weight_grad(G, X, W)
             else:
                 grad_w = geo.weight_grad(G[:n], X[:n], W)
@@ -221,7 +236,7 @@ def _differentiable_grads(
         Y = geo.apply(torch.cat([xf, X[n:]]), W)
         y = Y[:n]
         if ctx.clamp:
-            sigma = torch.vdot(Y[n:].reshape(-1), ctx.v.reshape(-1))
+            sigma = torch.vdot(Y[n:].reshape(-1), ctx.v.reshape(-1)) / ctx.u_norm
             y = y * (ctx.norm.beta / sigma)
         if bias is not None:
             y = y + (bias if linear else bias.view(-1, *([1] * (y.dim() - 2))))
@@ -247,6 +262,8 @@ def _fold_norm(layer: nn.Module, x: Tensor) -> Any:
     if W.device.type != "cpu" or x.device != W.device or torch.is_autocast_enabled("cpu"):
         return None
     if not (x.dtype == W.dtype == norm.u.dtype) or torch.compiler.is_compiling():
+        return None
+    if forward_ad._current_level >= 0:  # forward-mode AD: _FoldedLayer has no jvp
         return None
     if norm.spec.kind == "linear":
         if x.dim() < 1 or x.shape[-1] != W.shape[1]:

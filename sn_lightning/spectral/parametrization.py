@@ -562,14 +562,6 @@ class BoundedSpectralNorm(nn.Module):
         """Identity: assigning ``layer.weight = W`` stores W as the unnormalized weight."""
         return weight
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        """Load, then keep ``u`` a unit vector (the estimate ``||A u||`` assumes one)."""
-        super()._load_from_state_dict(*args, **kwargs)
-        with torch.no_grad():
-            n = torch.linalg.vector_norm(self.u)
-            if abs(float(n) - 1.0) > 1e-4:
-                self.u.div_(n.clamp_min(self.min_norm))
-
     @torch.no_grad()
     def sigma(self, weight: Tensor, n_iter: int | None = None) -> Tensor:
         """Estimate sigma of ``weight`` (the unnormalized one) from a copy of ``u``; no side effects.

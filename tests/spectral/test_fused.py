@@ -203,14 +203,49 @@ def test_training_matches_the_parametrization_over_sgd_steps():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_a_loaded_vector_is_normalized():
-    """The fold trusts the stored u to be unit; loading a scaled one normalizes it."""
+@pytest.mark.parametrize("factor", [5.0, 1 + 5e-5])
+def test_a_non_unit_vector_gives_the_parametrization_values(factor):
+    """A loaded (or re-typed) u need not be unit: both paths estimate from u / ||u||."""
     torch.manual_seed(7)
     folded, param = _pair(lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 5, 5), beta=0.1)
     state = folded.state_dict()
-    state["parametrizations.weight.0.u"] = 5.0 * state["parametrizations.weight.0.u"]
+    state["parametrizations.weight.0.u"] = factor * state["parametrizations.weight.0.u"]
     for layer in (folded, param):
         layer.load_state_dict(state)
-        assert float(layer.parametrizations.weight[0].u.norm()) == pytest.approx(1.0, rel=1e-6)
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
-    torch.testing.assert_close(folded(x), param(x), rtol=1e-5, atol=1e-6)
+    y, y_ref = folded(x), param(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-7)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *_params(folded)], g)
+    for a, b in zip(grads, torch.autograd.grad(y_ref, [x, *_params(param)], g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_edge_inputs_empty_batch_subclass_and_forward_ad():
+    torch.manual_seed(8)
+    folded, param = _pair(lambda: nn.Linear(5, 7), None, beta=0.1)
+    empty = torch.randn(0, 5, requires_grad=True)
+    for layer in (folded, param):  # an empty batch: zero gradients, u still advances
+        layer(empty).sum().backward()
+        assert torch.equal(layer.parametrizations.weight.original.grad, torch.zeros(7, 5))
+    torch.testing.assert_close(
+        folded.parametrizations.weight[0].u, param.parametrizations.weight[0].u
+    )
+
+    class Scaled(nn.Conv2d):  # overrides only _conv_forward: a different operator
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, 2 * w, b)
+
+    assert not fused.supports_fold(Scaled(2, 2, 3))
+    layer = bounded_spectral_norm(Scaled(2, 2, 3), input_shape=(2, 5, 5), beta=0.1)
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__ != "_FoldedLayerBackward"
+
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        dual = fwad.make_dual(torch.randn(3, 5), torch.randn(3, 5))
+        out, tangent = fwad.unpack_dual(folded(dual))
+        out_ref, tangent_ref = fwad.unpack_dual(param(dual))
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tangent, tangent_ref, rtol=1e-5, atol=1e-6)
