@@ -8,7 +8,10 @@ median of per-round ratios to plain.
 Variants: ``plain``; ``operator_sn`` (``apply_spectral_norm``, beta 1: 17 of 21 layers are
 rescaled at init); ``torch_sn`` (``torch.nn.utils.parametrizations.spectral_norm`` on every
 Conv2d/Linear); ``mul_floor`` (a parametrization ``W -> 1.0 * W`` on every Conv2d/Linear: the
-cost of materializing a new weight and its gradient each step, which any parametrization pays).
+cost of materializing a new weight and its gradient each step, which any parametrization pays);
+on CPU ``operator_sn_param`` (``batch_fold=False``: every layer rescales its weight through the
+parametrization instead of folding the power iteration into its batch); on CUDA
+``operator_sn_eager`` (``cuda_graph=False``).
 
     python -m benchmarks.sn_overhead --steps 30 --batch-size 128 --device cpu
 """
@@ -32,6 +35,7 @@ from torch import nn
 from sn_lightning.spectral import apply_spectral_norm
 
 VARIANTS = ("plain", "operator_sn", "torch_sn", "mul_floor")
+CPU_VARIANTS = (*VARIANTS, "operator_sn_param")
 CUDA_VARIANTS = (*VARIANTS, "operator_sn_eager")
 
 
@@ -45,12 +49,13 @@ class _Scale(nn.Module):
 def build(variant: str, base: nn.Module, image_size: int, beta: float) -> nn.Module:
     """A copy of ``base`` with the variant's normalization on every Conv/Linear."""
     model = copy.deepcopy(base)
-    if variant in ("operator_sn", "operator_sn_eager"):
+    if variant.startswith("operator_sn"):
         apply_spectral_norm(
             model,
             beta=beta,
             input_shape=(3, image_size, image_size),
-            cuda_graph=variant == "operator_sn",
+            cuda_graph=variant != "operator_sn_eager",
+            batch_fold=variant != "operator_sn_param",
         )
     elif variant == "torch_sn":
         for m in list(model.modules()):
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    variants = CUDA_VARIANTS if device.type == "cuda" else VARIANTS
+    variants = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     steps = {
         v: make_step(build(v, base, args.image_size, args.beta).to(device), x, y) for v in variants
     }
@@ -141,11 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
         "times_s": times,
     }
     print(
-        f"{'variant':<12} {'median step (s)':>16} {'ratio of medians':>17} {'median round ratio':>19}"
+        f"{'variant':<17} {'median step (s)':>16} {'ratio of medians':>17} {'median round ratio':>19}"
     )
     for v in variants:
         print(
-            f"{v:<12} {result['median_step_s'][v]:>16.4f} {result['ratio_of_medians'][v]:>17.3f} "
+            f"{v:<17} {result['median_step_s'][v]:>16.4f} {result['ratio_of_medians'][v]:>17.3f} "
             f"{result['median_round_ratio'][v]:>19.3f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
