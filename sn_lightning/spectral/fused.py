@@ -47,11 +47,13 @@ from sn_lightning.spectral.ops import _power_iteration
 
 __all__ = ["FOLD_RATIO", "fused_forward", "supports_fold"]
 
-# Fold while the batch output has at most this many elements per weight element. ResNet-18 at
-# 32 px, batch 128: its stem (ratio 223) is slower folded (+9 ms a step alone, four output-sized
-# passes on 8 MB), layer1 (14) and layer2 (<= 32) are within noise of the parametrization, and
-# layers 3-4 (<= 4) gain.
-FOLD_RATIO = 64.0
+# Fold while the batch output has at most this many elements per weight element: past it the
+# activation-sized passes (concatenated input, output rescale, gradient copy, dot) cost more than
+# the parametrization's weight-sized ones. ResNet-18 at 32 px, batch 128: the stem (ratio 223) is
+# +9 ms a step folded, layers 3-4 (ratio <= 4) gain, layer1 (14) and layer2 (2-32) are within noise
+# either way; ViT-Tiny at 32 px (64 tokens a batch row, ratio 5-22 for its Linear layers) was
+# 1.06x plain folded at ratio 64 and 1.01-1.03x on the parametrization.
+FOLD_RATIO = 4.0
 _BASES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -26,6 +27,13 @@ LAYERS = [
     (lambda: nn.Linear(5, 7), None),
 ]
 IDS = ["strided", "dilated-depthwise", "same-grouped", "gemm", "conv1d", "conv3d", "linear"]
+DEFAULT_RATIO = fused.FOLD_RATIO
+
+
+@pytest.fixture(autouse=True)
+def _fold_every_layer(monkeypatch):
+    """Test layers are tiny next to their batches: fold them all (the ratio rule has its test)."""
+    monkeypatch.setattr(fused, "FOLD_RATIO", math.inf)
 
 
 def _pair(make, shape, **kw):
@@ -173,12 +181,17 @@ def test_copies_removal_and_state_dict_keep_working():
     assert type(clone[2]) is nn.Conv2d and type(clone[2]).forward is nn.Conv2d.forward
 
 
-def test_fold_ratio_keeps_wide_outputs_on_the_parametrization():
+def test_fold_ratio_keeps_wide_outputs_on_the_parametrization(monkeypatch):
     """A layer whose batch output dwarfs its weight rescales the weight instead (FOLD_RATIO)."""
+    monkeypatch.setattr(fused, "FOLD_RATIO", DEFAULT_RATIO)
     layer = bounded_spectral_norm(nn.Conv2d(2, 2, 1), input_shape=(2, 16, 16), beta=0.1)
     x = torch.randn(4, 2, 16, 16, requires_grad=True)  # 2048 outputs, 6 weights
     assert fused.FOLD_RATIO * layer.parametrizations.weight.original.numel() < 4 * 2 * 16 * 16
     assert type(layer(x).grad_fn).__name__ != "_FoldedLayerBackward"
+    lin = bounded_spectral_norm(nn.Linear(64, 64), beta=0.1)  # 8 x 64 outputs, 4096 weights
+    assert type(lin(torch.randn(8, 64, requires_grad=True)).grad_fn).__name__ == (
+        "_FoldedLayerBackward"
+    )
 
 
 def test_training_matches_the_parametrization_over_sgd_steps():
