@@ -18,7 +18,8 @@ Note [operator norm depends on input size]
 
 Note [power iteration is a lower bound]
     ``sigma = ||A u||`` with ``u`` a unit vector (or ``||A^T v||`` with ``v`` one) is
-    ``<= ||A||_2`` at every iterate and only approaches the norm from below. A certificate needs :func:`operator_norm_upper_bound`.
+    ``<= ||A||_2`` at every iterate and only approaches the norm from below. A certificate needs
+    :func:`operator_norm_upper_bound`.
 """
 
 from __future__ import annotations

@@ -166,17 +166,7 @@ class _IterationGraph:
         self.weight_ptr = weight.data_ptr()
 
         def run(write: bool) -> tuple[Tensor, Tensor, Tensor]:
-            W = weight.detach().to(dtype)
-            u, v, sigma, u_next = _estimate(
-                *norm._operator(W),
-                norm.u.to(dtype),
-                norm.n_power_iterations,
-                norm.min_norm,
-                advance=write,
-            )
-            if u_next is not None:
-                norm.u.copy_(u_next)
-            return u, v, sigma
+            return norm._iterate(weight.detach().to(dtype), advance=write)
 
         _warm_up(lambda: run(False), weight.device)
         self.graph = torch.cuda.CUDAGraph()
@@ -500,6 +490,19 @@ class BoundedSpectralNorm(nn.Module):
         G = (v.mT @ u).reshape(W.shape[1], W.shape[0], *W.shape[2:]).transpose(0, 1)
         return out.add_(G, alpha=b)
 
+    def _iterate(self, W: Tensor, *, advance: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(u, v, sigma)`` of one forward from the stored u (``ops._estimate``).
+
+        ``W`` is in the iteration dtype; with ``advance`` the next u is stored.
+        """
+        u, v, sigma, u_next = _estimate(
+            *self._operator(W), self.u.to(W.dtype), self.n_power_iterations, self.min_norm,
+            advance=advance,
+        )  # fmt: skip
+        if u_next is not None:
+            self.u.copy_(u_next)
+        return u, v, sigma
+
     def _operator(self, W: Tensor) -> tuple[LinearOp, LinearOp]:
         if self.method == "matrix":
             return linear_operator(
@@ -532,15 +535,7 @@ class BoundedSpectralNorm(nn.Module):
                 sigma_value = None
             else:
                 with torch.no_grad():
-                    u, kv, sigma, u_next = _estimate(
-                        *self._operator(weight.detach().to(dtype)),
-                        self.u.to(dtype),
-                        self.n_power_iterations,
-                        self.min_norm,
-                        advance=update,
-                    )
-                if u_next is not None:
-                    self.u.copy_(u_next)
+                    u, kv, sigma = self._iterate(weight.detach().to(dtype), advance=update)
                 sigma_value, scale = _host_sigma(sigma), None
             if math.isinf(self.beta) or (sigma_value is not None and sigma_value <= self.beta):
                 return weight
