@@ -2,8 +2,12 @@
 
 torchvision ResNet-18 (num_classes=10), 32x32 inputs, one SGD step (forward, backward, update)
 per measurement. The variants run in interleaved rounds (the order rotates every round) so
-that machine load drifts hit all of them alike; the table reports median step times and the
-median of per-round ratios to plain.
+that machine load drifts hit all of them alike; the table reports median step times, the
+median of per-round ratios to plain with a bootstrap 95% interval (rounds resampled), and the
+minor page faults per step. On small VMs glibc's allocator returns freed activation memory to
+the kernel and takes it back with page faults, thousands per step, in bursts that hit whichever
+variant runs then; ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296`` in the
+environment keeps the memory and narrows the interval (the faults column then reads ~0).
 
 Variants: ``plain``; ``operator_sn`` (``apply_spectral_norm``, beta 1: 17 of 21 layers are
 rescaled at init); ``torch_sn`` (``torch.nn.utils.parametrizations.spectral_norm`` on every
@@ -22,6 +26,7 @@ import argparse
 import copy
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +38,11 @@ import torchvision
 from torch import nn
 
 from sn_lightning.spectral import apply_spectral_norm
+
+try:  # Unix: page faults per step (allocator churn is the main noise source on small VMs)
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 VARIANTS = ("plain", "operator_sn", "torch_sn", "mul_floor")
 CPU_VARIANTS = (*VARIANTS, "operator_sn_param")
@@ -81,6 +91,18 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
     return step
 
 
+def median_ci(ratios: list[float], *, level: float = 0.95, resamples: int = 2000) -> list[float]:
+    """Percentile-bootstrap interval of the median of per-round ratios (rounds resampled)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    lo = int((1 - level) / 2 * resamples)
+    return [meds[lo], meds[resamples - 1 - lo]]
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed rounds (one step per variant)")
@@ -110,17 +132,20 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize(device)
 
     times: dict[str, list[float]] = {v: [] for v in variants}
+    faults = dict.fromkeys(variants, 0)
     for r in range(args.warmup + args.steps):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:
             sync()
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             steps[v]()
             sync()
             if r >= args.warmup:
                 times[v].append(time.perf_counter() - t0)
+                faults[v] += _minor_faults() - f0
 
     plain = times["plain"]
+    round_ratios = {v: [a / b for a, b in zip(t, plain, strict=True)] for v, t in times.items()}
     result = {
         "config": {
             "model": "torchvision resnet18 (num_classes=10)",
@@ -139,19 +164,21 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_of_medians": {
             v: statistics.median(t) / statistics.median(plain) for v, t in times.items()
         },
-        "median_round_ratio": {
-            v: statistics.median(a / b for a, b in zip(t, plain, strict=True))
-            for v, t in times.items()
-        },
+        "median_round_ratio": {v: statistics.median(r) for v, r in round_ratios.items()},
+        "round_ratio_ci95": {v: median_ci(r) for v, r in round_ratios.items()},
+        "minor_page_faults_per_step": {v: faults[v] / args.steps for v in variants},
         "times_s": times,
     }
     print(
-        f"{'variant':<17} {'median step (s)':>16} {'ratio of medians':>17} {'median round ratio':>19}"
+        f"{'variant':<17} {'median step (s)':>16} {'ratio of medians':>17} "
+        f"{'median round ratio':>19} {'95% CI':>14} {'faults/step':>12}"
     )
     for v in variants:
+        lo, hi = result["round_ratio_ci95"][v]
         print(
             f"{v:<17} {result['median_step_s'][v]:>16.4f} {result['ratio_of_medians'][v]:>17.3f} "
-            f"{result['median_round_ratio'][v]:>19.3f}"
+            f"{result['median_round_ratio'][v]:>19.3f} {f'[{lo:.3f}, {hi:.3f}]':>14} "
+            f"{result['minor_page_faults_per_step'][v]:>12.0f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
