@@ -20,3 +20,10 @@ def choices_hint(value: str, choices: Iterable[str], *, limit: int = 12) -> str:
     shown = ", ".join(choices[:limit])
     more = f", ... ({len(choices)} in all)" if len(choices) > limit else ""
     return f"valid choices: {shown}{more}"
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """``err``'s message as one line (its first non-empty line, truncated), for wrapped errors."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

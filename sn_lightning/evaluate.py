@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from sn_lightning.attacks import PGD
 from sn_lightning.data import ImageDataModule
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.evaluation import evaluate
-from sn_lightning.fit import SNLightningCLI, _OneLineErrorParser
+from sn_lightning.fit import SNLightningCLI, _OneLineErrorParser, build_cli, one_line_errors
 from sn_lightning.lit import SNClassifier
 
 DEFAULT_EPS = {"linf": [2 / 255, 4 / 255, 8 / 255, 16 / 255], "l2": [0.25, 0.5, 1.0, 2.0]}
@@ -166,6 +166,42 @@ def plot_curve(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _device(name: str) -> torch.device:
+    """``--eval.device``: auto (CUDA when available), cpu, cuda, cuda:N, mps, ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"unknown eval device {name!r}; valid choices: auto, cpu, cuda, cuda:N, mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"eval device {name!r}: no CUDA device here; use auto or cpu")
+    return device
+
+
+def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
+    """Load a Lightning checkpoint's weights; a file or config that does not fit is a ConfigError."""
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling errors have many types
+        raise ConfigError(f"cannot read checkpoint {ckpt_path}: {first_line(err)}") from err
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    mismatch = f"checkpoint {ckpt_path} does not fit the model built from this config (pass the "
+    mismatch += "training run's config.yaml)"
+    try:
+        result = model.load_state_dict(state["state_dict"], strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise ConfigError(f"{mismatch}: {' '.join(str(err).split())[:300]}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"{mismatch}: {len(result.missing_keys)} missing keys {result.missing_keys[:3]}, "
+            f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}"
+        )
+
+
 def run(cli: EvaluateCLI) -> dict[str, Any]:
     """Load the checkpoint, attack the test set, write the report and the plot."""
     cfg = cli.config
@@ -179,15 +215,14 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
         raise ConfigError(
             f"eval steps, restarts, batch_size must be >= 1, got {ev.steps}, {ev.restarts}, {ev.batch_size}"
         )
+    if ev.max_examples is not None and ev.max_examples < 1:
+        raise ConfigError(f"eval max_examples must be >= 1 or null (all), got {ev.max_examples}")
     eps_list = ev.eps if ev.eps is not None else DEFAULT_EPS[ev.norm]
     if any(e <= 0 for e in eps_list):
         raise ConfigError(f"eval eps must all be > 0, got {eps_list}")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if ev.device == "auto" else ev.device
-    )
+    device = _device(ev.device)
     model: SNClassifier = cli.model
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["state_dict"])
+    _load_weights(model, ckpt_path)
     model.to(device).eval()
     dm: ImageDataModule = cli.datamodule
     dm.prepare_data()
@@ -249,22 +284,21 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the report."""
-    try:
-        cli = EvaluateCLI(
-            SNClassifier,
-            ImageDataModule,
+    prog = "python -m sn_lightning.evaluate"
+    with one_line_errors(prog):
+        cli = build_cli(
+            EvaluateCLI,
+            model_class=SNClassifier,
+            datamodule_class=ImageDataModule,
             run=False,
             args=args,
             parser_class=_OneLineErrorParser,
             save_config_callback=None,
-            parser_kwargs={"prog": "python -m sn_lightning.evaluate"},
+            parser_kwargs={"prog": prog},
             auto_configure_optimizers=False,
             trainer_defaults={"logger": False, "enable_checkpointing": False},
         )
         return run(cli)
-    except ConfigError as err:
-        sys.stderr.write(f"python -m sn_lightning.evaluate: error: {err}\n")
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

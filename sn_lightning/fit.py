@@ -19,6 +19,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import secrets
 import socket
 import string
@@ -30,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -43,7 +45,7 @@ from sn_lightning.callbacks import (
 )
 from sn_lightning.callbacks.robust_eval import attack_name
 from sn_lightning.data import ImageDataModule
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
 
@@ -62,6 +64,62 @@ class _OneLineErrorParser(LightningArgumentParser):
         first = " ".join(str(message).split())  # collapse jsonargparse's multi-line explanations
         sys.stderr.write(f"{self.prog}: error: {first}\n")
         raise SystemExit(2)
+
+
+def config_error_in(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``, if any (jsonargparse wraps errors raised in ``__init__``).
+
+    A wrapped error is prefixed with the class that raised it (``PGD: steps must be >= 1``).
+    """
+    chain, seen = [], set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            for outer in chain:
+                found = re.search(r"class_path='([\w.]+)'", str(outer))
+                if found:
+                    return ConfigError(f"{found.group(1).rsplit('.', 1)[-1]}: {e}")
+            return e
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Bad user input as one line on stderr and exit status 2, no traceback.
+
+    Catches a ConfigError, also one wrapped by jsonargparse while it instantiates the classes.
+    """
+    try:
+        yield
+    except Exception as err:
+        cause = config_error_in(err)
+        if cause is None:
+            raise
+        sys.stderr.write(f"{prog}: error: {cause}\n")
+        raise SystemExit(2) from None
+
+
+def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
+    """``cli_class(**kwargs)``, with Lightning's errors on bad trainer keys as a ConfigError."""
+    try:
+        return cli_class(**kwargs)
+    except MisconfigurationException as err:
+        raise ConfigError(f"trainer: {first_line(err)}") from err
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """A checkpoint path must name a file (Lightning's keywords and URLs pass through)."""
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or "://" in ckpt_path:
+        return
+    if ckpt_path.startswith("registry"):
+        return
+    if not Path(ckpt_path).expanduser().is_file():
+        raise ConfigError(
+            f"ckpt_path {ckpt_path!r} is not a file (a .ckpt path, or last / best / hpc)"
+        )
 
 
 class SNLightningCLI(LightningCLI):
@@ -388,6 +446,7 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     """
     trainer = cli.trainer
     _check_strategy(trainer, cli.model)
+    check_ckpt_path(cli.config.ckpt_path)
     _start_wandb(trainer)
     try:
         results = _fit_and_evaluate(cli)
@@ -520,23 +579,21 @@ def _final_extras(model: SNClassifier) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the results dict (empty on ranks other than 0)."""
-    try:
-        with _restored_environ("WANDB_RUN_ID", "WANDB_MODE"):
-            cli = SNLightningCLI(
-                SNClassifier,
-                ImageDataModule,
-                run=False,
-                args=args,
-                parser_class=_OneLineErrorParser,
-                save_config_callback=RunDirSaveConfig,
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={"prog": "python -m sn_lightning.fit"},
-                auto_configure_optimizers=False,
-            )
-            return run(cli)
-    except ConfigError as err:
-        sys.stderr.write(f"python -m sn_lightning.fit: error: {err}\n")
-        raise SystemExit(2) from None
+    prog = "python -m sn_lightning.fit"
+    with one_line_errors(prog), _restored_environ("WANDB_RUN_ID", "WANDB_MODE"):
+        cli = build_cli(
+            SNLightningCLI,
+            model_class=SNClassifier,
+            datamodule_class=ImageDataModule,
+            run=False,
+            args=args,
+            parser_class=_OneLineErrorParser,
+            save_config_callback=RunDirSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": prog},
+            auto_configure_optimizers=False,
+        )
+        return run(cli)
 
 
 if __name__ == "__main__":

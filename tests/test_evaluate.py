@@ -110,3 +110,34 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
         evaluate_main(["--config", QUICKSTART, f"--ckpt_path={tmp_path / 'none.ckpt'}"])
     assert exit_info.value.code == 2
     assert "none.ckpt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--eval.max_examples=-5"], "eval max_examples must be >= 1 or null (all), got -5"),
+        (["--eval.max_examples=0"], "eval max_examples must be >= 1 or null (all), got 0"),
+        (["--eval.device=gpu"], "unknown eval device 'gpu'; valid choices: auto, cpu, cuda"),
+        (["--model.beta=null"], "does not fit the model built from this config"),
+        (["--model.backbone=sn_lightning:mlp1"], "does not fit the model built from this config"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(
+            ["--config", QUICKSTART, f"--ckpt_path={checkpoint}", f"--eval.out={tmp_path}", *extra]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bogus = tmp_path / "notes.ckpt"
+    bogus.write_text("# not a checkpoint\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--config", QUICKSTART, f"--ckpt_path={bogus}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot read checkpoint {bogus}" in err

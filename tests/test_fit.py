@@ -96,14 +96,25 @@ def test_resume_from_checkpoint(tmp_path):
             ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"],
             "use --trainer.strategy=ddp",
         ),
+        # raised in a class's __init__ and wrapped by jsonargparse: named by the class
+        (["--adversarial.attack.steps=0"], "PGD: steps must be >= 1, got 0"),
+        (["--adversarial.attack.eps=-0.1"], "PGD: "),
+        (["--model.sn_power_iterations=0"], "sn_power_iterations must be an integer >= 1, got 0"),
+        (["--model.sn_exclude=[nomatch]"], "exclude pattern 'nomatch' matches no"),
+        (["--data.num_workers=-1"], "num_workers must be an integer >= 0, got -1"),
+        (["--model.backbone=timm:vit_tiny_patch16_224"], "cannot take inputs of shape (1, 8, 8)"),
+        (["--trainer.max_epochs=-5"], "trainer: `max_epochs` must be a non-negative integer"),
+        (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path '/nonexistent.ckpt' is not a file"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         _fit(tmp_path, *args)
     assert exit_info.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error:" in line]
     assert len(err) == 1 and message in err[0], err
+    assert "Traceback" not in stderr
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

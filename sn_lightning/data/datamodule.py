@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -93,10 +94,17 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"unknown dataset {dataset!r}; valid choices: {', '.join(DATASET_NAMES)}"
             )
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if not isinstance(value, int) or value < 1:
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if image_size is not None and dataset != "imagefolder":
+            raise ConfigError(
+                f"image_size applies to dataset 'imagefolder' only; {dataset!r} has a fixed "
+                f"input shape (got image_size={image_size!r}; leave it null)"
+            )
+        if not val_size >= 0 or (val_size >= 1 and val_size != int(val_size)):
             raise ConfigError(
                 f"val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}"
             )
@@ -129,8 +137,12 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"mean/std need {self.input_shape[0]} values, got {self.mean} and {self.std}"
             )
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"std must be positive, got {self.std}")
+        if not all(math.isfinite(m) for m in self.mean) or not all(
+            0 < s < math.inf for s in self.std
+        ):
+            raise ConfigError(
+                f"mean must be finite and std positive and finite, got {self.mean} and {self.std}"
+            )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -11,12 +12,42 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.models import create_backbone
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 Objective = Callable[["SNClassifier", Tensor, Tensor], tuple[Tensor, Tensor]]  # -> (loss, logits)
 LR_SCHEDULES = ("cosine", "step", "none")
+
+
+def _check_backbone(
+    model: torch.nn.Module, backbone: str, input_shape: tuple[int, ...], num_classes: int
+) -> None:
+    """Fail before training when ``model`` cannot map ``(2, *input_shape)`` to ``(2, num_classes)``.
+
+    One eval-mode, no-grad forward of zeros (train/eval modes are restored afterwards).
+    """
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_shape), device=device))
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+        raise ConfigError(
+            f"backbone {backbone!r} cannot take inputs of shape {input_shape} (the dataset's): "
+            f"{first_line(err)}"
+        ) from err
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(
+            f"backbone {backbone!r} maps a batch of 2 inputs {input_shape} to {got}, "
+            f"expected logits of shape (2, {num_classes})"
+        )
 
 
 class SNClassifier(L.LightningModule):
@@ -113,7 +144,11 @@ class SNClassifier(L.LightningModule):
             )
         if not lr > 0:
             raise ConfigError(f"lr must be positive, got {lr!r}")
-        if weight_decay < 0 or not 0 <= momentum < 1 or not 0 <= label_smoothing < 1:
+        if (
+            not 0 <= weight_decay < math.inf
+            or not 0 <= momentum < 1
+            or not 0 <= label_smoothing < 1
+        ):
             raise ConfigError(
                 f"need weight_decay >= 0, 0 <= momentum < 1, 0 <= label_smoothing < 1; got "
                 f"{weight_decay!r}, {momentum!r}, {label_smoothing!r}"
@@ -126,25 +161,46 @@ class SNClassifier(L.LightningModule):
             raise ConfigError(
                 f"beta must be positive or null (no spectral normalization), got {beta!r}"
             )
-        if crm_lambda < 0 or crm_r0 <= 0 or crm_t <= 0 or crm_start_epoch < 0 or lip_n_iter < 1:
+        if not (
+            0 <= crm_lambda < math.inf
+            and 0 < crm_r0 < math.inf
+            and 0 < crm_t < math.inf
+            and crm_start_epoch >= 0
+            and lip_n_iter >= 1
+        ):
             raise ConfigError(
                 f"need crm_lambda >= 0, crm_r0 > 0, crm_t > 0, crm_start_epoch >= 0, lip_n_iter >= 1; "
                 f"got {crm_lambda}, {crm_r0}, {crm_t}, {crm_start_epoch}, {lip_n_iter}"
             )
-        if certify_eps is not None and any(e <= 0 for e in certify_eps):
-            raise ConfigError(f"certify_eps must all be > 0, got {certify_eps}")
+        if certify_eps is not None and not all(0 < e < math.inf for e in certify_eps):
+            raise ConfigError(f"certify_eps must all be finite and > 0, got {certify_eps}")
+        for key, value, least in (
+            ("sn_power_iterations", sn_power_iterations, 1),
+            ("sn_init_iterations", sn_init_iterations, 0),
+        ):
+            if not isinstance(value, int) or value < least:
+                raise ConfigError(f"{key} must be an integer >= {least}, got {value!r}")
         self.save_hyperparameters()
         c, h, w = input_shape
-        self.model = create_backbone(
-            backbone,
-            num_classes=num_classes,
-            in_chans=c,
-            input_size=(h, w),
-            mean=mean,
-            std=std,
-            pretrained=pretrained,
-            **(backbone_kwargs or {}),
-        )
+        try:
+            self.model = create_backbone(
+                backbone,
+                num_classes=num_classes,
+                in_chans=c,
+                input_size=(h, w),
+                mean=mean,
+                std=std,
+                pretrained=pretrained,
+                **(backbone_kwargs or {}),
+            )
+        except ConfigError:
+            raise
+        except (RuntimeError, ValueError, TypeError, AssertionError) as err:
+            raise ConfigError(
+                f"backbone {backbone!r} (backbone_kwargs {backbone_kwargs or {}}) cannot be "
+                f"built for inputs of shape {tuple(input_shape)}: {first_line(err)}"
+            ) from err
+        _check_backbone(self.model, backbone, tuple(input_shape), num_classes)
         if beta is not None:
             from sn_lightning.spectral import apply_spectral_norm
 

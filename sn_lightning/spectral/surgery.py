@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import SUPPORTED_LAYERS
 from sn_lightning.spectral.parametrization import (
@@ -79,7 +80,7 @@ def _record_input_shapes(
         def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             shape = tuple(args[0].shape[1:])
             if name in shapes and shapes[name] != shape:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {name!r} is called with several input shapes ({shapes[name]} and "
                     f"{shape}); one power-iteration vector needs one shape: exclude it"
                 )
@@ -96,12 +97,58 @@ def _record_input_shapes(
     try:
         with torch.no_grad():
             model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+        raise ConfigError(
+            f"the model cannot take input_shape {tuple(input_shape)} (one input, no batch dim): "
+            f"{first_line(err)}"
+        ) from err
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
     return shapes
+
+
+def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints (one input, no batch dim), else ConfigError."""
+    try:
+        shape = tuple(input_shape)  # type: ignore[arg-type]
+    except TypeError:
+        shape = ()
+    if not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ConfigError(
+            f"input_shape must be a sequence of positive ints, one input without the batch dim "
+            f"(e.g. (3, 32, 32)), got {input_shape!r}"
+        )
+    return shape
+
+
+def _check_patterns(
+    model: nn.Module,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    beta: float | Mapping[str, float],
+    batchnorm: str,
+) -> None:
+    """Every user pattern must match some candidate layer: a typo would otherwise do nothing."""
+    kinds = SUPPORTED_LAYERS + (_BATCHNORMS if batchnorm == "bound" else ())
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    groups = {"include": [p for p in include if p != "*"], "exclude": list(exclude)}
+    if isinstance(beta, Mapping):
+        groups["beta"] = list(beta)
+    for key, patterns in groups.items():
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise ConfigError(
+                    f"{key} pattern {pattern!r} matches no Linear/Conv layer name (full dotted "
+                    f"names, fnmatch; e.g. 'layer1.*'); the model's layers: {shown}"
+                )
 
 
 def apply_spectral_norm(
@@ -162,8 +209,10 @@ def apply_spectral_norm(
         ``model``, modified in place.
 
     Raises:
-        ValueError: unknown method or batchnorm policy, a bound <= 0, a layer called with two
-            input shapes, already-normalized layers, or no layer selected.
+        ValueError: unknown method or batchnorm policy, a bound <= 0, already-normalized layers.
+        ConfigError (a ValueError): a bad ``input_shape`` or one the model cannot take, an
+            include/exclude/beta pattern that matches no layer, a layer called with two input
+            shapes, or no layer selected.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
@@ -180,6 +229,8 @@ def apply_spectral_norm(
         raise ValueError(
             f"include/exclude must be sequences of patterns, got {include!r}, {exclude!r}"
         )
+    input_shape = _check_input_shape(input_shape)
+    _check_patterns(model, include, exclude, beta, batchnorm)
 
     layers: dict[str, nn.Module] = {}
     norms: dict[str, nn.Module] = {}
@@ -207,7 +258,7 @@ def apply_spectral_norm(
                 continue
             norms[name] = m
     if not layers and not norms:
-        raise ValueError(
+        raise ConfigError(
             f"no Linear/Conv/ConvTranspose layer matched include={tuple(include)}, "
             f"exclude={tuple(exclude)}, beta patterns="
             f"{tuple(beta) if isinstance(beta, Mapping) else 'all'}"

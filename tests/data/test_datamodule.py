@@ -143,6 +143,21 @@ def test_download_goes_through_torchvision(tmp_path, monkeypatch):
         ({"dataset": "digits", "val_size": -1}, "val_size"),
         ({"dataset": "imagefolder"}, "needs --data.data_dir"),
         ({"dataset": "digits", "mean": [0.1, 0.2]}, "mean/std need 1 values"),
+        (
+            {"dataset": "digits", "std": [float("nan")]},
+            "std positive and finite, got .* and \\[nan\\]",
+        ),
+        ({"dataset": "digits", "mean": [float("inf")]}, "mean must be finite"),
+        (
+            {"dataset": "digits", "eval_batch_size": 0},
+            "eval_batch_size must be a positive integer, got 0",
+        ),
+        ({"dataset": "digits", "num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+        (
+            {"dataset": "digits", "image_size": 0},
+            "image_size applies to dataset 'imagefolder' only",
+        ),
+        ({"dataset": "digits", "val_size": float("nan")}, "val_size"),
     ],
 )
 def test_bad_input(kwargs, match):

@@ -71,5 +71,6 @@ def test_certified_points_resist_pgd_at_their_radius(crm_model):
 def test_crm_needs_a_liplt_backbone():
     with pytest.raises(ConfigError, match="LipLT-compatible backbone"):
         SNClassifier(backbone="torchvision:resnet18", crm_lambda=1.0)
-    with pytest.raises(ConfigError, match="certify_eps must all be > 0"):
-        SNClassifier(certify_eps=[0.0])
+    for eps in ([0.0], [0.1, float("nan")], [float("inf")]):
+        with pytest.raises(ConfigError, match="certify_eps must all be finite and > 0"):
+            SNClassifier(certify_eps=eps)

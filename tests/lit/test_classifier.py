@@ -77,9 +77,28 @@ def test_checkpoint_roundtrip(tmp_path):
         ({"lr_schedule": "poly"}, "unknown lr_schedule 'poly'; valid choices: cosine, step, none"),
         ({"beta": 0.0}, "beta must be positive or null"),
         ({"backbone": "timm:nope_net"}, "unknown timm backbone 'nope_net'"),
+        ({"weight_decay": float("nan")}, "need weight_decay >= 0"),
+        ({"crm_r0": float("nan")}, "need crm_lambda >= 0, crm_r0 > 0"),
+        ({"sn_power_iterations": 0}, "sn_power_iterations must be an integer >= 1, got 0"),
+        ({"sn_init_iterations": -5}, "sn_init_iterations must be an integer >= 0, got -5"),
+        (
+            {"backbone": "sn_lightning:mlp1", "backbone_kwargs": {"width": -5}},
+            r"backbone 'sn_lightning:mlp1' \(backbone_kwargs \{'width': -5\}\) cannot be built",
+        ),
+        (  # a 5x5 kernel (elu_net) on 2x2 inputs
+            {"backbone": "sn_lightning:elu_net", "input_shape": (1, 2, 2)},
+            r"backbone 'sn_lightning:elu_net' .* for inputs of shape \(1, 2, 2\): .*Kernel size",
+        ),
+        (
+            {"backbone": "torchvision:resnet18", "input_shape": (3, 8, 8), "backbone_kwargs": {}},
+            None,
+        ),
     ],
 )
 def test_bad_input(kwargs, match):
+    if match is None:  # a valid combination: builds without error
+        assert SNClassifier(**kwargs).model.eval()(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
+        return
     with pytest.raises(ConfigError, match=match):
         SNClassifier(**kwargs)
 
@@ -148,3 +167,17 @@ def test_sn_cuda_graph_and_batch_fold_keys_reach_every_normalized_layer(flag):
     norms = [m for m in model.modules() if isinstance(m, BoundedSpectralNorm)]
     assert norms and all(p.cuda_graph is flag and p.batch_fold is not flag for p in norms)
     assert model.hparams.sn_cuda_graph is flag and model.hparams.sn_batch_fold is not flag
+
+
+def test_backbone_that_cannot_take_the_data_fails_before_training():
+    from torch import nn
+
+    from sn_lightning.lit.classifier import _check_backbone
+
+    with pytest.raises(ConfigError, match=r"cannot take inputs of shape \(1, 8, 8\).*224"):
+        SNClassifier(backbone="timm:vit_tiny_patch16_224", input_shape=(1, 8, 8))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 7), nn.BatchNorm1d(7))
+    with pytest.raises(ConfigError, match=r"to \(2, 7\), expected logits of shape \(2, 10\)"):
+        _check_backbone(net, "custom", (1, 8, 8), 10)
+    assert net.training and net[2].num_batches_tracked == 0  # mode restored, no stats touched
+    _check_backbone(net, "custom", (1, 8, 8), 7)

@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from sn_lightning.errors import ConfigError
 from sn_lightning.models.normalize import InputNormalize
 from sn_lightning.spectral import (
     BoundedBatchNormScale,
@@ -297,14 +298,56 @@ def test_overridden_forward_is_skipped_with_a_warning():
         ({"beta": -2.0}, "beta must be a number > 0"),
         ({"beta": {"*": 0.0}}, "beta must be a number > 0"),
         ({"batchnorm": "fold"}, r"unknown batchnorm policy 'fold'; valid: \('leave', 'bound'\)"),
-        ({"include": ("nothing*",)}, "no Linear/Conv/ConvTranspose layer matched"),
         ({"include": "net.*"}, "include/exclude must be sequences"),
+        (
+            {"include": ("net.conv1",), "exclude": ("net.*",)},
+            "no Linear/Conv/ConvTranspose layer matched",
+        ),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
     kwargs = {"beta": 1.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         apply_spectral_norm(build("tiny"), input_shape=SHAPE, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"include": ("nothing*",)}, "include pattern 'nothing\\*' matches no"),
+        ({"include": ("net.conv1", "net.cnov2")}, "include pattern 'net.cnov2' matches no"),
+        ({"exclude": ("net.fcc",)}, "exclude pattern 'net.fcc' matches no"),
+        ({"exclude": ("net",)}, "exclude pattern 'net' matches no"),  # names are full paths
+        ({"beta": {"net.conv*": 1.0, "head": 2.0}}, "beta pattern 'head' matches no"),
+    ],
+)
+def test_patterns_that_match_no_layer_raise_and_name_the_layers(kwargs, message):
+    model = build("tiny")
+    before = copy.deepcopy(model.state_dict())
+    kwargs = {"beta": 1.0, **kwargs}
+    with pytest.raises(ConfigError, match=message) as err:
+        apply_spectral_norm(model, input_shape=SHAPE, **kwargs)
+    assert "net.conv1, net.conv2, net.fc" in str(err.value)
+    assert not normalized_layers(model)  # raised before any surgery
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("input_shape", "message"),
+    [
+        (None, "input_shape must be a sequence of positive ints"),
+        (3.0, "input_shape must be a sequence of positive ints"),
+        ((3, 0, 8), "got \\(3, 0, 8\\)"),
+        ((3, 8.0, 8), "input_shape must be a sequence of positive ints"),
+        ((), "input_shape must be a sequence of positive ints"),
+        ((2, 8, 8), "the model cannot take input_shape \\(2, 8, 8\\)"),  # 3 channels expected
+        ((3, 8), "the model cannot take input_shape \\(3, 8\\)"),
+    ],
+)
+def test_bad_input_shape_raises_one_line_naming_it(input_shape, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        apply_spectral_norm(build("tiny"), beta=1.0, input_shape=input_shape)
+    assert "\n" not in str(err.value)
 
 
 def test_twice_raises_and_shared_layers_with_two_shapes_raise():
