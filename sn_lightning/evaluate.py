@@ -297,6 +297,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             parser_kwargs={"prog": prog},
             auto_configure_optimizers=False,
             trainer_defaults={"logger": False, "enable_checkpointing": False},
+            seed_everything_default=0,
         )
         return run(cli)
 

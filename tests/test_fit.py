@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,29 @@ def test_fragment_values_reach_the_attack_from_the_command_line(tmp_path, capsys
         )
     out = capsys.readouterr().out
     assert "eps: 0.03" in out and "steps: 7" in out
+
+
+def test_seed_everything_defaults_to_0_without_a_config(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--print_config"])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == 0
+
+
+def test_certified_run_prints_both_bounds_labelled(tmp_path, capsys):
+    results = main(
+        [
+            "--config",
+            str(ROOT / "configs" / "digits_crm.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--data.train_subset=64",
+        ]
+    )
+    out = capsys.readouterr().out
+    product, liplt = results["lipschitz_bound"], results["certified"]["lipschitz_liplt"]
+    assert f"Lipschitz bound (l2, sound, product of layer bounds): {product:.4g}" in out
+    assert f"LipLT bound (l2, sound, used for the certificates): {liplt:.4g}" in out
+    assert 0 < liplt < math.inf and 0 < product < math.inf
