@@ -69,6 +69,7 @@ Note [max pooling]
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
+from sn_lightning.attacks.layerwise import LayerwisePerturbation
 from sn_lightning.models.normalize import InputNormalize
 from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import (
@@ -86,6 +89,7 @@ from sn_lightning.spectral.ops import (
     operator_norm,
     operator_norm_upper_bound,
 )
+from sn_lightning.spectral.parametrization import _sync_running_var
 
 __all__ = [
     "DENSE_BUDGET",
@@ -127,21 +131,121 @@ _AVG_POOLS = (
 # --------------------------------------------------------------------------- parsing
 
 
+# Note [activation parameters]
+#   LipLT needs each activation's slope range: ``alpha <= (phi(x) - phi(y)) / (x - y) <= beta``
+#   for all x != y, which holds with [alpha, beta] the range of phi' for a continuous,
+#   piecewise-differentiable phi. The range depends on the parameters, with any sign:
+#     LeakyReLU(s), RReLU(lower, upper): slopes 1 and s (RReLU: any slope in [lower, upper] in
+#       training, (lower + upper) / 2 in eval), so [min(s, 1), max(s, 1)] (s over the range).
+#     ELU(alpha): 1 for x > 0, alpha e^x for x <= 0, in (0, alpha] or [alpha, 0):
+#       [min(0, alpha), max(1, alpha)]; continuous for every alpha.
+#     CELU(alpha): e^(x / alpha) for x <= 0: in (0, 1] for alpha > 0; unbounded for alpha < 0
+#       (x -> -inf): not Lipschitz; alpha = 0 raises in torch.
+#     Softplus(beta, threshold): sigmoid(beta x) in (0, 1) for every beta != 0, but torch returns
+#       x itself where beta x > threshold: a jump of log1p(exp(-threshold)) / |beta| at the switch,
+#       so the module is not continuous. Accepted only when the jump is below float32's rounding
+#       of the value there (|threshold / beta| 2^-24; relative jump log1p(e^-t) / t <= 2^-24,
+#       true for t >= 16, the default 20 included), i.e. smaller than the error any float32
+#       forward already makes at that point; refused otherwise (e.g. threshold=1, beta=0).
+#     Hardtanh(min_val, max_val) (ReLU6 too): slopes 0 and 1; torch refuses min_val > max_val.
+#     Threshold, Hardshrink: discontinuous, not Lipschitz: refused.
+#   NaN or infinite parameters are refused (``max(1.0, nan)`` is 1.0 in Python).
+
+
+def _finite(name: str, **params: float) -> None:
+    for key, value in params.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name}({key}={value}) has no finite Lipschitz constant")
+
+
+def _leaky_relu_slopes(negative_slope: float) -> tuple[float, float]:
+    """``[min(s, 1), max(s, 1)]`` for LeakyReLU(s), any sign (Note [activation parameters])."""
+    s = float(negative_slope)
+    _finite("LeakyReLU", negative_slope=s)
+    return min(s, 1.0), max(s, 1.0)
+
+
+def _rrelu_slopes(lower: float, upper: float) -> tuple[float, float]:
+    """``[min(lower, upper, 1), max(lower, upper, 1)]``: every RReLU slope, training and eval."""
+    lo, hi = float(lower), float(upper)
+    _finite("RReLU", lower=lo, upper=hi)
+    return min(lo, hi, 1.0), max(lo, hi, 1.0)
+
+
+def _elu_slopes(alpha: float) -> tuple[float, float]:
+    """``[min(0, alpha), max(1, alpha)]`` for ELU(alpha), any sign (Note [activation parameters])."""
+    a = float(alpha)
+    _finite("ELU", alpha=a)
+    return min(0.0, a), max(1.0, a)
+
+
+def _celu_slopes(alpha: float) -> tuple[float, float]:
+    """``[0, 1]`` for CELU(alpha > 0); raises for alpha <= 0 (slope e^(x/alpha) is unbounded)."""
+    a = float(alpha)
+    _finite("CELU", alpha=a)
+    if not a > 0:
+        raise ValueError(
+            f"CELU(alpha={a}) is not Lipschitz: its slope exp(x / alpha) is unbounded for alpha < 0 "
+            "(alpha = 0 divides by zero)"
+        )
+    return 0.0, 1.0
+
+
+def _softplus_slopes(beta: float, threshold: float) -> tuple[float, float]:
+    """``[0, 1]`` for Softplus(beta != 0) whose identity switch is continuous to float32 rounding.
+
+    Raises:
+        ValueError: beta = 0 or not finite, or a threshold whose jump
+            ``log1p(exp(-threshold)) / |beta|`` exceeds ``2^-24 |threshold / beta|`` (Note
+            [activation parameters]).
+    """
+    b, t = float(beta), float(threshold)
+    _finite("Softplus", beta=b)
+    if b == 0.0:
+        raise ValueError("Softplus(beta=0) divides by zero")
+    jump = max(-t, 0.0) + math.log1p(math.exp(-abs(t)))  # log1p(exp(-t)), no overflow
+    if not (t > 0 and jump <= t * 2.0**-24):
+        raise ValueError(
+            f"Softplus(beta={b}, threshold={t}) is not continuous: torch returns x where "
+            f"beta * x > threshold, a jump of {jump / abs(b):.3g} there (a threshold >= 16, "
+            "like the default 20, is continuous to float32 rounding)"
+        )
+    return 0.0, 1.0
+
+
+def _hardtanh_slopes(min_val: float, max_val: float) -> tuple[float, float]:
+    """``[0, 1]`` for Hardtanh(min_val <= max_val) and ReLU6; raises otherwise."""
+    lo, hi = float(min_val), float(max_val)
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"Hardtanh(min_val={lo}, max_val={hi}) needs min_val <= max_val")
+    return 0.0, 1.0
+
+
 def activation_slopes(module: nn.Module) -> tuple[float, float] | None:
     """Slope range ``[alpha, beta]`` of an elementwise activation, or None if not one.
 
-    ReLU/ReLU6/Hardtanh [0, 1]; LeakyReLU(s) [min(s, 1), max(s, 1)]; ELU(alpha) [0, max(1, alpha)];
-    Tanh [0, 1]; Sigmoid [0, 1/4]; Softplus [0, 1].
+    ReLU [0, 1]; ReLU6/Hardtanh [0, 1]; LeakyReLU(s) [min(s, 1), max(s, 1)]; RReLU(l, u)
+    [min(l, u, 1), max(l, u, 1)]; ELU(alpha) [min(0, alpha), max(1, alpha)]; Tanh [0, 1];
+    Sigmoid [0, 1/4]; Softplus [0, 1] (Note [activation parameters]).
+
+    Raises:
+        ValueError: a supported activation whose parameters make it not Lipschitz (or not
+            continuous), or non-finite parameters.
     """
-    if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softplus)):
+    if isinstance(module, nn.ReLU):
         return 0.0, 1.0
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return _hardtanh_slopes(module.min_val, module.max_val)
+    if isinstance(module, nn.Tanh):
+        return 0.0, 1.0
+    if isinstance(module, nn.Softplus):
+        return _softplus_slopes(module.beta, module.threshold)
     if isinstance(module, nn.LeakyReLU):
-        s = float(module.negative_slope)
-        return min(s, 1.0), max(s, 1.0)
+        return _leaky_relu_slopes(module.negative_slope)
+    if isinstance(module, nn.RReLU):
+        return _rrelu_slopes(module.lower, module.upper)
     if isinstance(module, nn.ELU):
-        if module.alpha < 0:
-            return None
-        return 0.0, max(1.0, float(module.alpha))
+        return _elu_slopes(module.alpha)
     if isinstance(module, nn.Sigmoid):
         return 0.0, 0.25
     return None
@@ -154,6 +258,7 @@ _ACTIVATIONS = (
     nn.Tanh,
     nn.Softplus,
     nn.LeakyReLU,
+    nn.RReLU,
     nn.ELU,
     nn.Sigmoid,
 )
@@ -162,14 +267,81 @@ _SUPPORTED_TEXT = (
     + ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
     + ", AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d, MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, "
     "Flatten, Dropout/Identity (identity in eval), and elementwise activations ReLU, ReLU6, "
-    "Hardtanh, LeakyReLU, ELU, Tanh, Sigmoid, Softplus (between linear layers, or next to a "
-    "max pool)"
+    "Hardtanh, LeakyReLU, RReLU, ELU, Tanh, Sigmoid, Softplus (between linear layers, or next "
+    "to a max pool), without forward hooks"
 )
 
 
 def _slope_lipschitz(slope: tuple[float, float] | None) -> float:
     """``max(|alpha|, |beta|)``: the l2 Lipschitz constant of an elementwise activation (1: none)."""
     return 1.0 if slope is None else max(abs(slope[0]), abs(slope[1]))
+
+
+def _normalize_lipschitz(m: InputNormalize) -> float:
+    """``1 / min |std|``, in float64: InputNormalize's l2 constant for a std of any sign.
+
+    ``InputNormalize.lipschitz`` assumes the constructor's ``std > 0``; a loaded state dict can
+    hold any value.
+
+    Raises:
+        ValueError: a zero or non-finite std.
+    """
+    std = m.std.detach().double().abs()
+    low = float(std.min()) if std.numel() else 1.0
+    if not (low > 0 and math.isfinite(float(std.max()))):
+        raise ValueError(f"InputNormalize with std {m.std.tolist()} is not Lipschitz")
+    return 1.0 / low
+
+
+# Note [forward hooks]
+#   A forward hook or pre-hook can replace a module's input or output, and an instance-level
+#   ``forward`` attribute replaces its class's; none of them is seen by the rules (LipLT reads
+#   the weights, torch.fx traces the classes' code and runs no hooks), so a model with one, or
+#   with a global module forward hook (``register_module_forward_hook`` / ``_pre_hook``), is
+#   refused. Two hooks of this project are allowed because they change no value's Lipschitz
+#   constant: the BatchNorm pre-hook ``_sync_running_var`` (copies running_var into its bound's
+#   buffer, returns None) and :class:`~sn_lightning.attacks.LayerwisePerturbation`'s forward hook
+#   (in training mode it adds a stored, detached delta that does not depend on the current input,
+#   a constant shift; in eval mode it returns None).
+
+
+def _is_layerwise_hook(hook: Any) -> bool:
+    """True for the forward hook of LayerwisePerturbation (matched by its code object)."""
+    code = getattr(hook, "__code__", None)
+    consts = LayerwisePerturbation._make_forward_hook.__code__.co_consts
+    return any(c is code for c in consts if isinstance(c, types.CodeType))
+
+
+def _forward_hook_problem(model: nn.Module) -> str | None:
+    """Why ``model``'s forward may differ from its modules' plain forwards, or None.
+
+    Note [forward hooks]: any forward hook or pre-hook (global or on a submodule) other than the
+    project's own, or an instance-level ``forward``, makes the Lipschitz rules unsound.
+    """
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return (
+            "a global module forward hook is registered (register_module_forward_hook / "
+            "register_module_forward_pre_hook); it can change any module's output"
+        )
+    for name, m in model.named_modules():
+        where = f"module {name or '<root>'!r} ({type(m).__name__})"
+        if "forward" in vars(m):
+            return f"{where} has an instance-level forward, not its class's"
+        for kind, hooks, allowed in (
+            ("forward pre-hook", m._forward_pre_hooks, lambda h: h is _sync_running_var),
+            ("forward hook", m._forward_hooks, _is_layerwise_hook),
+        ):
+            for hook in hooks.values():
+                if not allowed(hook):
+                    label = getattr(hook, "__qualname__", type(hook).__name__)
+                    return f"{where} has a {kind} ({label}) that can change its input or output"
+    return None
+
+
+def _check_forward_hooks(model: nn.Module) -> None:
+    problem = _forward_hook_problem(model)
+    if problem is not None:
+        raise ValueError(f"no Lipschitz bound: {problem} (the bound reads weights, runs no hooks)")
 
 
 @dataclass
@@ -399,11 +571,14 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
         are read later). A model without max pools is one segment.
 
     Raises:
-        ValueError: a module that is not supported, two activations without a linear layer
-            between them, or a model not ending in a linear layer.
+        ValueError: a module that is not supported (or an activation with parameters that make
+            it not Lipschitz, Note [activation parameters]), a forward hook (Note [forward
+            hooks]), two activations without a linear layer between them, or a model not ending
+            in a linear layer.
     """
     if not isinstance(model, nn.Sequential):
         raise _unsupported(model)
+    _check_forward_hooks(model)
     leaves = list(_leaves(model))
     for m in leaves:
         ok = isinstance(
@@ -525,9 +700,8 @@ def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[Lin
         return (lambda x: x.reshape(x.shape[0], *o)), (lambda y: y.reshape(y.shape[0], *i))
     if p.kind == "scale":
         assert isinstance(p.module, InputNormalize)
-        inv = 1.0 / p.module.std
-        if dtype is not None:
-            inv = inv.to(dtype)
+        # the reciprocal in the target dtype: a float32 1/std is off by up to 6e-8 relative
+        inv = 1.0 / (p.module.std if dtype is None else p.module.std.to(dtype))
         inv = inv.view(-1, *([1] * (len(p.in_shape) - 1)))
 
         def scale(x: Tensor) -> Tensor:
@@ -562,17 +736,18 @@ def _pool_ops(pool: nn.Module, in_shape: tuple[int, ...]) -> tuple[LinearOp, Lin
 
 
 def _pool_upper_bound(pool: nn.Module, in_shape: tuple[int, ...]) -> float:
-    """Note [pooling]: ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` for average pooling A >= 0.
+    """Note [pooling]: ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` for average pooling A.
 
-    The largest row sum is ``max(A 1)`` and the largest column sum ``max(A^T 1)``, both exact
-    for a nonnegative matrix (float64, times 1 + 1e-9 for rounding). Equal to the norm for
+    Every entry of A is ``1 / divisor`` or 0, one sign throughout (a ``divisor_override`` may be
+    negative), so the largest absolute row sum is ``max |A 1|`` and the largest absolute column
+    sum ``max |A^T 1|`` (float64, times 1 + 1e-9 for rounding). Equal to the norm for
     non-overlapping windows (k = s: ``1 / sqrt(k^d)``) and global pooling (``1 / sqrt(HW)``).
     """
     op, adjoint = _pool_ops(pool, in_shape)
     with torch.no_grad():
         row_sums = op(torch.ones(1, *in_shape, dtype=torch.float64))
     col_sums = adjoint(torch.ones_like(row_sums))
-    return math.sqrt(float(row_sums.max()) * float(col_sums.max())) * (1 + 1e-9)
+    return math.sqrt(float(row_sums.abs().max()) * float(col_sums.abs().max())) * (1 + 1e-9)
 
 
 def _piece_upper_bound(p: _Piece) -> float:
@@ -584,7 +759,7 @@ def _piece_upper_bound(p: _Piece) -> float:
         return _pool_upper_bound(p.module, p.in_shape)
     if p.kind == "scale":
         assert isinstance(p.module, InputNormalize)
-        return p.module.lipschitz()
+        return _normalize_lipschitz(p.module)
     assert p.module is not None
     return operator_norm_upper_bound(p.module, p.in_shape)
 
@@ -857,8 +1032,12 @@ def liplt_bound(
 
     Returns:
         A 0-dim tensor, or ``(C, C)`` when ``pairwise``.
+
+    Raises:
+        ValueError: see :func:`parse_model` (unsupported modules, forward hooks).
     """
     state = {} if state is None else state
+    _check_forward_hooks(model)  # every call: hooks can be added after the parse is cached
     key = (id(model), tuple(int(i) for i in input_shape))
     cached = state.get("net")
     if cached is not None and cached[0] == key:

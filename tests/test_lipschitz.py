@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sn_lightning.lipschitz import (
+    activation_slopes,
     certified_accuracy,
     certified_radius,
     crm_loss,
@@ -800,3 +801,244 @@ def test_unsupported_container_error_is_one_line():
     with pytest.raises(ValueError, match="unsupported module _Block") as err:
         naive_bound(model, (4,))
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- activation parameters
+
+
+def _act_net(act: nn.Module, width: int = 10) -> nn.Sequential:
+    """Linear -> act -> Linear -> act -> Linear (the activation module is shared)."""
+    return nn.Sequential(
+        nn.Linear(6, width), act, nn.Linear(width, width), act, nn.Linear(width, 3)
+    ).double()
+
+
+def _rrelu(lower: float, upper: float, training: bool) -> nn.RReLU:
+    act = nn.RReLU(lower, upper)
+    act.train(training)
+    return act
+
+
+SLOPED = {
+    "leaky_-2": (lambda: nn.LeakyReLU(-2.0), (-2.0, 1.0)),
+    "leaky_3": (lambda: nn.LeakyReLU(3.0), (1.0, 3.0)),
+    "leaky_0.5": (lambda: nn.LeakyReLU(0.5), (0.5, 1.0)),
+    "elu_-3": (lambda: nn.ELU(alpha=-3.0), (-3.0, 1.0)),
+    "elu_-0.5": (lambda: nn.ELU(alpha=-0.5), (-0.5, 1.0)),
+    "elu_2": (lambda: nn.ELU(alpha=2.0), (0.0, 2.0)),
+    "rrelu_-2_3_eval": (lambda: _rrelu(-2.0, 3.0, False), (-2.0, 3.0)),
+    "softplus_beta_-2": (lambda: nn.Softplus(beta=-2.0), (0.0, 1.0)),
+    "softplus_beta_0.3": (lambda: nn.Softplus(beta=0.3), (0.0, 1.0)),
+    "hardtanh_-2_3": (lambda: nn.Hardtanh(-2.0, 3.0), (0.0, 1.0)),
+    "relu6": (nn.ReLU6, (0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLOPED))
+def test_activation_slopes_contain_every_difference_quotient(name):
+    make, expected = SLOPED[name]
+    act = make()
+    lo, hi = activation_slopes(act)
+    assert (lo, hi) == pytest.approx(expected)
+    x = 6 * torch.randn(200_000, dtype=torch.float64)
+    y = torch.cat([x[:100_000] + 1e-3 * torch.randn(100_000, dtype=torch.float64), x[100_000:]])
+    keep = (x - y).abs() > 1e-9
+    q = ((act(x) - act(y)) / (x - y))[keep]  # the oracle: slopes of the real module
+    assert float(q.min()) >= lo - 1e-6
+    assert float(q.max()) <= hi + 1e-6
+    if not isinstance(act, nn.RReLU):  # eval RReLU: slope (l + u) / 2; the range is training's
+        assert float(q.min()) <= lo + 0.05 * (hi - lo) + 0.05  # the interval is not loose
+        assert float(q.max()) >= hi - 0.05 * (hi - lo) - 0.05
+
+
+@pytest.mark.parametrize(
+    "make",
+    [*(v[0] for v in SLOPED.values()), lambda: _rrelu(-2.0, 3.0, True)],
+    ids=[*SLOPED, "rrelu_train"],
+)
+def test_parametrized_activations_bound_above_the_jacobian(make):
+    model = _act_net(make())
+    bound = float(liplt_bound(model, (6,), certify=True))
+    assert naive_bound(model, (6,)) >= bound * (1 - 1e-9)
+    xs = [3 * torch.randn(6, dtype=torch.float64) for _ in range(200)]
+    worst = max(float(torch.linalg.matrix_norm(_jacobian(model, x), ord=2)) for x in xs)
+    assert 0 < worst <= bound * (1 + 1e-9)
+
+
+def test_elu_with_negative_alpha_is_bounded_by_its_largest_slope():
+    # ELU(alpha=-3) between identities: the Jacobian is diag(-3 e^x) for x < 0, norm -> 3.
+    model = nn.Sequential(nn.Linear(4, 4), nn.ELU(alpha=-3.0), nn.Linear(4, 4)).double()
+    for lin in (model[0], model[2]):
+        nn.init.eye_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    J = _jacobian(model, torch.full((4,), -1e-6, dtype=torch.float64))
+    measured = float(torch.linalg.matrix_norm(J, ord=2))
+    assert measured == pytest.approx(3.0, rel=1e-5)
+    assert float(liplt_bound(model, (4,), certify=True)) >= measured
+    assert naive_bound(model, (4,)) >= measured
+
+
+def _jump(act: nn.Module, at: float) -> float:
+    """|f(at + h) - f(at - h)| for a tiny h: > 0 at a discontinuity (the refusal's witness)."""
+    x = torch.tensor([at - 1e-12, at + 1e-12], dtype=torch.float64)
+    y = act(x)
+    return float((y[1] - y[0]).abs())
+
+
+def _bad_hardtanh() -> nn.Hardtanh:
+    act = nn.Hardtanh()
+    act.min_val, act.max_val = 1.0, -1.0  # the constructor refuses it; attributes do not
+    return act
+
+
+@pytest.mark.parametrize(
+    ("make", "match", "witness"),
+    [
+        (lambda: nn.Softplus(threshold=1.0), "not continuous", 1.0),
+        (lambda: nn.Softplus(beta=2.0, threshold=-3.0), "not continuous", -1.5),
+        (lambda: nn.Softplus(beta=0.0), "beta=0", None),
+        (lambda: nn.LeakyReLU(float("nan")), "finite", None),
+        (lambda: nn.ELU(alpha=float("inf")), "finite", None),
+        (_bad_hardtanh, "min_val <= max_val", None),
+        (lambda: nn.Threshold(0.5, 2.0), "unsupported module Threshold", 0.5),
+        (lambda: nn.Hardshrink(0.5), "unsupported module Hardshrink", 0.5),
+        (lambda: nn.CELU(alpha=-1.0), "unsupported module CELU", None),
+    ],
+    ids=str,
+)
+def test_activations_that_are_not_lipschitz_are_refused(make, match, witness):
+    act = make()
+    if witness is not None:  # the oracle: a jump, so no Lipschitz constant exists
+        assert _jump(act, witness) > 1e-3
+    model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 2))
+    for bound in (
+        lambda: liplt_bound(model, (4,), certify=True),
+        lambda: liplt_bound(model, (4,), pairwise=True),
+        lambda: naive_bound(model, (4,)),
+    ):
+        with pytest.raises(ValueError, match=match) as err:
+            bound()
+        assert "\n" not in str(err.value)
+
+
+def test_softplus_default_threshold_is_accepted():
+    act = nn.Softplus()  # beta 1, threshold 20: a jump of 2e-9 at x = 20, below float32 rounding
+    assert _jump(act, 20.0) < 20.0 * 2.0**-24
+    assert activation_slopes(act) == (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- forward hooks
+
+
+def _identity_mlp() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).double()
+    for lin in (model[0], model[2]):
+        nn.init.eye_(lin.weight)
+    return model
+
+
+def _scale_output(m, args, out):
+    return out * 100
+
+
+def _scale_input(m, args):
+    return (args[0] * 100,)
+
+
+def test_forward_hooks_that_change_values_are_refused():
+    # The oracle: with the hook the model's Jacobian norm is 100; the weights alone say 1.
+    model = _identity_mlp()
+    handle = model[0].register_forward_hook(_scale_output)
+    J = _jacobian(model, torch.rand(4, dtype=torch.float64) + 0.1)
+    assert float(torch.linalg.matrix_norm(J, ord=2)) == pytest.approx(100.0)
+    for bound in (
+        lambda: liplt_bound(model, (4,), certify=True),
+        lambda: liplt_bound(model, (4,), pairwise=True, certify=True),
+        lambda: naive_bound(model, (4,)),
+        lambda: parse_model(model, (4,)),
+    ):
+        with pytest.raises(ValueError, match=r"module '0' \(Linear\) has a forward hook") as err:
+            bound()
+        assert "\n" not in str(err.value)
+    handle.remove()
+    assert float(liplt_bound(model, (4,), certify=True)) == pytest.approx(1.0)
+
+
+def test_hooks_anywhere_and_global_hooks_are_refused():
+    model = _identity_mlp()
+    state: dict = {}
+    liplt_bound(model, (4,), state=state)  # the parse is cached in state ...
+    handle = model[2].register_forward_pre_hook(_scale_input)
+    with pytest.raises(ValueError, match=r"module '2' \(Linear\) has a forward pre-hook"):
+        liplt_bound(model, (4,), state=state)  # ... and the hooks are checked on every call
+    handle.remove()
+    handle = model.register_forward_hook(_scale_output)  # on the container
+    with pytest.raises(ValueError, match="module '<root>' \\(Sequential\\)"):
+        liplt_bound(model, (4,), certify=True)
+    handle.remove()
+    model[1].forward = lambda x: 100 * torch.relu(x)  # an instance-level forward
+    with pytest.raises(ValueError, match="instance-level forward"):
+        liplt_bound(model, (4,), certify=True)
+    del model[1].forward
+    for register in (
+        torch.nn.modules.module.register_module_forward_hook,
+        torch.nn.modules.module.register_module_forward_pre_hook,
+    ):
+        handle = register(lambda *args: None)
+        try:
+            with pytest.raises(ValueError, match="global module forward hook"):
+                liplt_bound(model, (4,), certify=True)
+        finally:
+            handle.remove()
+    assert float(liplt_bound(model, (4,), certify=True)) == pytest.approx(1.0)
+
+
+def test_layerwise_perturbation_hooks_are_allowed():
+    from sn_lightning.attacks import LayerwisePerturbation
+
+    model, shape = _mlp()
+    before = float(liplt_bound(model, shape, certify=True))
+    layerwise = LayerwisePerturbation(model, layers=["3"], eps=0.5)
+    try:
+        assert model[3]._forward_hooks  # the project's own hook is there
+        assert float(liplt_bound(model, shape, certify=True)) == before
+        # in training mode it adds a stored delta, input-independent: the Jacobian is unchanged
+        model.train()
+        x = torch.rand(2, *shape)
+        F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+        assert layerwise.deltas
+        J = _jacobian(model, x[0])
+        with layerwise.paused():
+            J_clean = _jacobian(model, x[0])
+        torch.testing.assert_close(J, J_clean)
+    finally:
+        layerwise.remove()
+
+
+# --------------------------------------------------------------------------- linear pieces
+
+
+def test_average_pool_with_a_negative_divisor_is_bounded_soundly():
+    # divisor_override=-1: every entry of A is -1; max(A 1) picked the smallest |row sum|.
+    pool = nn.AvgPool2d(3, stride=2, padding=1, divisor_override=-1)
+    model = nn.Sequential(pool, nn.Flatten(), nn.Linear(4, 4)).double()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.eye(4))
+    shape = (1, 4, 4)
+    exact = float(torch.linalg.matrix_norm(_dense_matrix(pool, shape), ord=2))
+    assert exact == pytest.approx(3.618034)  # the old bound: sqrt(max(-4...) * max(-1...)) = 2
+    assert naive_bound(model, shape) >= exact * (1 - 1e-9)
+    assert float(liplt_bound(model, shape, certify=True)) >= exact * (1 - 1e-9)
+
+
+def test_input_normalize_with_a_loaded_negative_or_zero_std():
+    norm = InputNormalize([0.0, 0.0], [0.5, 0.25])
+    norm.std.copy_(torch.tensor([-0.1, 0.5]))  # a state dict can hold any value
+    model = nn.Sequential(norm, nn.Flatten(), nn.Linear(8, 3))
+    W = model[2].weight.detach().double()
+    exact = float(torch.linalg.matrix_norm(W / norm.std.double().repeat_interleave(4), ord=2))
+    assert naive_bound(model, (2, 2, 2)) >= exact * (1 - 1e-9)
+    assert float(liplt_bound(model, (2, 2, 2), certify=True)) == pytest.approx(exact, rel=1e-8)
+    norm.std.copy_(torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="not Lipschitz"):
+        naive_bound(model, (2, 2, 2))

@@ -80,11 +80,11 @@ class SpectralNormReport:
     reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (infinite values become the string ``"inf"``)."""
+        """JSON-ready dict (infinite and NaN values become the strings ``"inf"``, ``"nan"``)."""
 
         def clean(x: Any) -> Any:
-            if isinstance(x, float) and math.isinf(x):
-                return "inf" if x > 0 else "-inf"
+            if isinstance(x, float) and not math.isfinite(x):
+                return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
             if isinstance(x, dict):
                 return {k: clean(v) for k, v in x.items()}
             if isinstance(x, (list, tuple)):
@@ -162,9 +162,13 @@ def spectral_norm_report(
     for name, (m, p) in normalized_layers(model).items():
         W = _effective_weight(m)
         if isinstance(p, BoundedBatchNormScale):
-            s = float(_bn_lipschitz(m))
+            upper: float | None = None
+            try:
+                s = upper = _bn_lipschitz(m)
+            except _Unsupported:  # e.g. running_var + eps <= 0: no number for this row
+                s = math.nan
             rows.append(
-                LayerReport(name, type(m).__mro__[1].__name__, None, s, s, p.beta, "batchnorm")
+                LayerReport(name, type(m).__mro__[1].__name__, None, s, upper, p.beta, "batchnorm")
             )
             continue
         assert isinstance(p, BoundedSpectralNorm)
@@ -200,25 +204,64 @@ class _Unsupported(Exception):
     """A node without a sound rule; the message is the report's reason."""
 
 
-# sup |f'| of elementwise activations (rounded up where irrational).
+def _lipschitz_module() -> Any:
+    """``sn_lightning.lipschitz``, imported here: it imports ``sn_lightning.spectral``."""
+    from sn_lightning import lipschitz
+
+    return lipschitz
+
+
+def _slopes_rule(m: nn.Module) -> float:
+    """``max(|alpha|, |beta|)`` of the slope range LipLT uses (parameters of any sign).
+
+    Raises ValueError where the parameters make the module not Lipschitz (lipschitz.py, Note
+    [activation parameters]).
+    """
+    lip = _lipschitz_module()
+    return lip._slope_lipschitz(lip.activation_slopes(m))
+
+
+def _celu_rule(m: nn.Module) -> float:
+    lip = _lipschitz_module()
+    return lip._slope_lipschitz(lip._celu_slopes(m.alpha))
+
+
+def _prelu_rule(m: nn.Module) -> float:
+    """``max(1, max |w|)``: the slope is 1 or a learned weight of any sign, per channel."""
+    w = m.weight.detach().double()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("PReLU has non-finite weights")
+    return max(1.0, float(w.abs().max())) if w.numel() else 1.0
+
+
+def _discontinuous(m: nn.Module) -> float:
+    raise ValueError(f"{type(m).__name__} jumps at its threshold: discontinuous, not Lipschitz")
+
+
+# sup |f'| of elementwise activations (rounded up where irrational), or a rule that checks the
+# module's parameters (lipschitz.py, Note [activation parameters]) and may raise ValueError.
 _ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], float]] = {
-    nn.ReLU: lambda m: 1.0,
-    nn.ReLU6: lambda m: 1.0,
-    nn.Hardtanh: lambda m: 1.0,
+    nn.ReLU: _slopes_rule,
+    nn.ReLU6: _slopes_rule,
+    nn.Hardtanh: _slopes_rule,
     nn.Tanh: lambda m: 1.0,
     nn.Softsign: lambda m: 1.0,
-    nn.Softplus: lambda m: 1.0,
-    nn.CELU: lambda m: 1.0,
+    nn.Softplus: _slopes_rule,
+    nn.CELU: _celu_rule,
     nn.Sigmoid: lambda m: 0.25,
     nn.Hardsigmoid: lambda m: 1.0 / 6.0,
     nn.Hardswish: lambda m: 1.5,
     nn.SiLU: lambda m: 1.1,  # 1.09984
     nn.Mish: lambda m: 1.089,  # 1.08850
     nn.GELU: lambda m: 1.13,  # 1.12890 (erf), 1.12899 (tanh)
-    nn.LeakyReLU: lambda m: max(1.0, abs(m.negative_slope)),
-    nn.ELU: lambda m: max(1.0, m.alpha),
-    nn.SELU: lambda m: 1.0507009873554805 * 1.6732632423543772,
-    nn.PReLU: lambda m: max(1.0, float(m.weight.detach().abs().max())),
+    nn.LeakyReLU: _slopes_rule,
+    nn.RReLU: _slopes_rule,  # slopes in [lower, upper] (training) or their mean (eval)
+    nn.ELU: _slopes_rule,
+    # scale * alpha, the slope at 0-, rounded up
+    nn.SELU: lambda m: math.nextafter(1.0507009873554805 * 1.6732632423543772, math.inf),
+    nn.PReLU: _prelu_rule,
+    nn.Threshold: _discontinuous,
+    nn.Hardshrink: _discontinuous,
     nn.Identity: lambda m: 1.0,
     nn.Dropout: lambda m: 1.0,  # eval mode
     nn.Dropout1d: lambda m: 1.0,
@@ -232,7 +275,6 @@ _FUNCTION_CONSTANTS: dict[Any, float] = {
     F.relu: 1.0,
     torch.relu: 1.0,
     F.relu6: 1.0,
-    F.hardtanh: 1.0,
     torch.tanh: 1.0,
     F.tanh: 1.0,
     torch.sigmoid: 0.25,
@@ -242,9 +284,6 @@ _FUNCTION_CONSTANTS: dict[Any, float] = {
     F.mish: 1.089,
     F.hardswish: 1.5,
     F.hardsigmoid: 1.0 / 6.0,
-    F.softplus: 1.0,
-    F.dropout: 1.0,
-    F.dropout2d: 1.0,
     torch.flatten: 1.0,
     torch.reshape: 1.0,
     torch.permute: 1.0,
@@ -272,8 +311,6 @@ _METHOD_CONSTANTS: dict[str, float] = {
     "mean": 1.0,
     "clone": 1.0,
     "float": 1.0,
-    "to": 1.0,
-    "type_as": 1.0,
     "chunk": 1.0,  # tuple of disjoint parts; each part is <= L
     "split": 1.0,
     "unbind": 1.0,
@@ -298,31 +335,116 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LEAVES = SUPPORTED_LAYERS + _POOLS + _BATCHNORMS + tuple(_ACTIVATIONS) + (InputNormalize,)
 
 
+# Note [in-place ops]
+#   The rules treat every node as a new value, but an in-place op n (``y.mul_(c)``, ``y += x``,
+#   ``ReLU(inplace=True)``) also changes its argument a and every tensor sharing its memory:
+#   ``y = fc(x); y.mul_(100); return y`` returns the ``fc`` node, whose bound alone knows nothing
+#   of the 100. So after n's own rule gives L(n), every node already computed that may alias a
+#   (connected to it through ops whose output may share memory with their first argument: views,
+#   Identity, Dropout, in-place ops) is updated for the readers that come later: a itself holds
+#   n's value, L(a) = L(n); any other alias v now holds old entries and entries written by n, so
+#   ``||dv||^2 <= L(v)^2 + L(n)^2``: L(v) = hypot(L(v), L(n)). Readers before n saw the old
+#   values, which their bounds used. Plain ``fx.Proxy`` has no ``__iadd__``, so ``y += x`` would
+#   be traced as an out-of-place add: :class:`_Proxy` records it as ``operator.iadd``.
+
+_INPLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.imatmul,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+    }
+)
+
+
+def _inplace_proxy_method(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+class _Proxy(fx.Proxy):
+    """An ``fx.Proxy`` that records augmented assignments as in-place ops (Note [in-place ops])."""
+
+
+for _op in _INPLACE_OPERATORS:
+    setattr(_Proxy, f"__{_op.__name__}__", _inplace_proxy_method(_op))
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """One run of the traced graph that records each tensor's shape and dtype, printing nothing.
+
+    (``fx.passes.shape_prop.ShapeProp`` prints a traceback to stderr before re-raising; here a
+    failed run becomes the report's one-line reason.)
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            self.shapes[n.name] = tuple(result.shape)
+            self.dtypes[n.name] = result.dtype
+        return result
+
 
 def _bn_lipschitz(bn: nn.Module) -> float:
-    """Eval-mode BatchNorm: ``max_i |gamma_i| / sqrt(running_var_i + eps)``."""
+    """Eval-mode BatchNorm: ``max_i |gamma_i| / sqrt(running_var_i + eps)``.
+
+    Raises _Unsupported without running stats, or where ``running_var + eps <= 0`` or a value is
+    not finite (a loaded state dict or a negative eps can hold any value).
+    """
+    name = type(bn).__name__
     if bn.running_var is None:
-        raise _Unsupported(f"{type(bn).__name__} without running stats (batch statistics)")
+        raise _Unsupported(f"{name} without running stats (batch statistics)")
     with torch.no_grad():
-        inv = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
+        denom = bn.running_var.double() + bn.eps
+        if not bool((denom > 0).all()):
+            raise _Unsupported(f"{name} with running_var + eps <= 0 or NaN: not Lipschitz")
+        inv = 1.0 / torch.sqrt(denom)
         if bn.affine:
             inv = inv * _effective_weight(bn).double().abs()
-    return float(inv.max())
+    value = float(inv.max()) if inv.numel() else 0.0
+    if not math.isfinite(value):
+        raise _Unsupported(f"{name} with non-finite weight or running_var")
+    return value
 
 
 def _schur_bound(pool: Callable[[Tensor], Tensor], spatial: Sequence[int]) -> float:
-    """``sqrt(max row sum * max column sum)`` of a nonnegative linear pooling map (Schur test)."""
+    """``sqrt(max |row sum| * max |column sum|)`` of a linear pooling map (Schur test).
+
+    Sound for a matrix whose entries all have one sign: average pooling's are ``1 / divisor``
+    or 0, and a ``divisor_override`` may be negative.
+    """
     x = torch.zeros((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = pool(x)
         (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
     with torch.no_grad():
         row = pool(torch.ones_like(x))
-    return math.sqrt(float(col.max()) * float(row.max()))
+    return math.sqrt(float(col.abs().max()) * float(row.abs().max()))
 
 
 def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
@@ -335,8 +457,9 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     ``c <= prod ceil(k / (s / gcd(d, s)))`` (for each tap at most one window start), and plain
     average pools give ``sqrt(c / prod k)``.
     """
-    from sn_lightning.lipschitz import max_pool_lipschitz  # here: lipschitz imports spectral
-
+    max_pool_lipschitz = _lipschitz_module().max_pool_lipschitz
+    if getattr(m, "return_indices", False):
+        raise _Unsupported(f"{type(m).__name__} with return_indices=True: the indices jump")
     nd = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
     if isinstance(
         m,
@@ -397,12 +520,17 @@ def network_lipschitz_bound(
 
     Rules per node (L = bound w.r.t. the model input): Linear/Conv/ConvTranspose: layer upper
     bound (:func:`~sn_lightning.spectral.ops.operator_norm_upper_bound`) x L(input);
-    InputNormalize: ``1/min(std)``; eval BatchNorm: ``max |gamma| / sqrt(var + eps)``;
-    elementwise activations: ``sup |f'|`` (ReLU 1, Sigmoid 1/4, LeakyReLU ``max(1, |slope|)``,
-    ELU ``max(1, alpha)``, GELU 1.13, SiLU 1.1, ...); reshapes, Dropout, Identity, means: 1;
-    pools: see :func:`_pool_bound`; ``a + b``, ``a - b``: ``L(a) + L(b)``; ``cat``:
-    ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``: ``|c| L(a)``; values that do not depend on
-    the input (parameters, sizes): 0. Anything else: no bound.
+    InputNormalize: ``1/min |std|``; eval BatchNorm: ``max |gamma| / sqrt(var + eps)``;
+    elementwise activations: ``sup |f'|`` for parameters of any sign (ReLU 1, Sigmoid 1/4,
+    LeakyReLU ``max(1, |slope|)``, ELU ``max(1, |alpha|)``, PReLU ``max(1, max |w|)``, GELU
+    1.13, SiLU 1.1, ...; none where the parameters make it discontinuous or unbounded:
+    lipschitz.py, Note [activation parameters]); reshapes, Dropout, Identity, means: 1;
+    ``F.dropout(training=True)``: ``1 / (1 - p)``; pools: see :func:`_pool_bound`; ``a + b``,
+    ``a - b``: ``L(a) + L(b)``; ``cat``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
+    ``|c| L(a)``; values that do not depend on the input (parameters, sizes): 0; an in-place op
+    also raises the bounds of the tensors it writes (Note [in-place ops]). Anything else
+    (rounding, casts to integers, ...): no bound; nor for a model with forward hooks
+    (lipschitz.py, Note [forward hooks]).
 
     Args:
         model: the network; its forward must take the input tensor as first argument.
@@ -415,18 +543,25 @@ def network_lipschitz_bound(
     return _network_bound(model, input_shape, {})
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _network_bound(
     model: nn.Module,
     input_shape: Sequence[int] | None,
     cache: dict[tuple[int, tuple[int, ...] | None], float],
 ) -> tuple[float | None, str]:
+    problem = _lipschitz_module()._forward_hook_problem(model)
+    if problem is not None:  # lipschitz.py, Note [forward hooks]
+        return None, f"{problem} (torch.fx traces no hooks)"
     try:
         graph = _Tracer().trace(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return None, f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {first}"
+        return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
     gm = fx.GraphModule(model, graph)
-    shapes: dict[str, tuple[int, ...]] = {}
+    recorder = _ShapeRecorder(gm)
     if input_shape is not None:
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -435,27 +570,26 @@ def _network_bound(
             device = param.device if param is not None else torch.device("cpu")
             dtype = param.dtype if param is not None else torch.float32
             with torch.no_grad():
-                fx.passes.shape_prop.ShapeProp(gm).propagate(
-                    torch.zeros((1, *input_shape), device=device, dtype=dtype)
-                )
+                recorder.run(torch.zeros((1, *input_shape), device=device, dtype=dtype))
         except Exception as e:
-            return None, f"shape propagation failed: {type(e).__name__}: {e}"
+            shape = tuple(int(i) for i in input_shape)
+            return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
         finally:
             for m, mode in modes:
                 m.training = mode
-        for node in gm.graph.nodes:
-            meta = node.meta.get("tensor_meta")
-            if meta is not None and hasattr(meta, "shape"):
-                shapes[node.name] = tuple(meta.shape)
     try:
-        return _propagate(gm, shapes, cache), ""
+        bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
     except _Unsupported as e:
         return None, str(e)
+    if math.isnan(bound):
+        return None, "the bound is NaN (a NaN weight, statistic or constant)"
+    return bound, ""
 
 
 def _propagate(
     gm: fx.GraphModule,
     shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
     cache: dict[tuple[int, tuple[int, ...] | None], float],
 ) -> float:
     L: dict[fx.Node, float] = {}
@@ -494,15 +628,140 @@ def _propagate(
         elif node.op == "call_function":
             L[node] = _function_rule(node, lip)
         elif node.op == "call_method":
-            L[node] = _method_rule(node, lip)
+            L[node] = _method_rule(node, lip, dtypes)
         else:  # pragma: no cover - fx has no other ops
             raise _Unsupported(f"unknown fx op {node.op}")
+        _propagate_inplace(node, gm, L)
     raise _Unsupported("graph has no output")
 
 
 def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
     """True when no argument depends on the input values (L = 0 for all of them)."""
     return all(lip(a) == 0.0 for a in (*node.args, *node.kwargs.values()))
+
+
+# Position of ``inplace`` in the functional activations (it may also come as a keyword).
+_INPLACE_ARG: dict[Any, int] = {
+    F.relu: 1,
+    F.relu6: 1,
+    F.hardtanh: 3,
+    F.leaky_relu: 2,
+    F.elu: 2,
+    F.silu: 1,
+    F.mish: 1,
+    F.hardswish: 1,
+    F.hardsigmoid: 1,
+    F.dropout: 3,
+    F.dropout2d: 3,
+}
+# Module outputs that may be their input tensor or a view of it (Note [in-place ops]).
+_ALIAS_MODULES = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+# Functions and methods whose output is always a new tensor (when not in-place).
+_FRESH_FUNCTIONS = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.neg,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.cat,
+        torch.concat,
+        torch.concatenate,
+        torch.mean,
+        torch.clone,
+        torch.relu,
+        torch.tanh,
+        torch.sigmoid,
+        F.relu,
+        F.relu6,
+        F.hardtanh,
+        F.tanh,
+        F.sigmoid,
+        F.silu,
+        F.gelu,
+        F.mish,
+        F.hardswish,
+        F.hardsigmoid,
+        F.softplus,
+        F.leaky_relu,
+        F.elu,
+    }
+)
+_FRESH_METHODS = frozenset(
+    {"add", "sub", "mul", "div", "neg", "mean", "clone", "relu", "tanh", "sigmoid"}
+)
+
+
+def _param(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    """Argument ``name`` of a call (keyword, else position ``index``, else ``default``)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when the node writes into its first argument."""
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        f = node.target
+        if f in _INPLACE_OPERATORS or getattr(f, "__name__", "").endswith("_"):  # torch.relu_
+            return True
+        index = _INPLACE_ARG.get(f)
+        if index is not None:
+            return _param(node, index, "inplace", False) is True
+        return node.kwargs.get("inplace") is True
+    return False
+
+
+def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when the node's output may share memory with its first argument (a tensor)."""
+    if not (node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    if _inplace(node, gm):
+        return True
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _ALIAS_MODULES)
+    if node.op == "call_function":
+        return node.target not in _FRESH_FUNCTIONS and node.target is not getattr
+    if node.op == "call_method":
+        return node.target not in _FRESH_METHODS and node.target not in _NON_TENSOR_METHODS
+    return False  # placeholder, get_attr
+
+
+def _propagate_inplace(node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float]) -> None:
+    """After an in-place ``node``, update the bounds of the tensors it wrote (Note [in-place ops])."""
+    if not _may_alias(node, gm) or not _inplace(node, gm):
+        return
+    target = node.args[0]
+    group: set[fx.Node] = set()
+    stack = [target]
+    while stack:
+        v = stack.pop()
+        if v in group:
+            continue
+        group.add(v)
+        if _may_alias(v, gm):
+            stack.append(v.args[0])  # what v is a view of
+        stack += [u for u in v.users if u.args and u.args[0] is v and _may_alias(u, gm)]
+    for v in group - {node}:
+        if v in L:
+            L[v] = L[node] if v is target else math.hypot(L[v], L[node])
 
 
 def _module_factor(
@@ -539,15 +798,18 @@ def _module_factor(
     # MaxPool2dSame pads dynamically) compute something else: no rule applies to them.
     if type(m).forward is not _known_forward(m):
         raise _Unsupported(f"no Lipschitz rule for module {name}: it overrides forward")
-    if isinstance(m, InputNormalize):
-        return m.lipschitz()
-    if isinstance(m, _BATCHNORMS):
-        return _bn_lipschitz(m)
-    if isinstance(m, _POOLS):
-        return _pool_bound(m, spatial)
-    for kind, rule in _ACTIVATIONS.items():
-        if isinstance(m, kind):
-            return rule(m)
+    try:
+        if isinstance(m, InputNormalize):
+            return _lipschitz_module()._normalize_lipschitz(m)
+        if isinstance(m, _BATCHNORMS):
+            return _bn_lipschitz(m)
+        if isinstance(m, _POOLS):
+            return _pool_bound(m, spatial)
+        for kind, rule in _ACTIVATIONS.items():
+            if isinstance(m, kind):
+                return rule(m)
+    except ValueError as e:  # parameters outside a rule's range
+        raise _Unsupported(f"no Lipschitz rule for module {name}: {e}") from None
     raise _Unsupported(f"no Lipschitz rule for module {name}")
 
 
@@ -570,6 +832,8 @@ def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
     if f in (operator.mul, operator.imul, torch.mul):
         return _scale_rule(node, args[0], args[1], lip, divide=False)
     if f in (operator.truediv, operator.itruediv, torch.div):
+        if kwargs.get("rounding_mode") is not None:
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: rounding division jumps")
         if lip(args[1]) != 0.0 or _const(args[1]) is None:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
         return _scale_rule(node, args[0], args[1], lip, divide=True)
@@ -579,16 +843,8 @@ def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
         return _getitem_rule(node, lip)
     if f is getattr:
         return 0.0
-    if f in (F.leaky_relu,):
-        slope = _const(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))
-        if slope is None:
-            raise _Unsupported(f"no Lipschitz rule for {node.name}: leaky_relu slope")
-        return max(1.0, abs(slope)) * lip(args[0])
-    if f in (F.elu,):
-        alpha = _const(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))
-        if alpha is None:
-            raise _Unsupported(f"no Lipschitz rule for {node.name}: elu alpha")
-        return max(1.0, alpha) * lip(args[0])
+    if f in _PARAMETRIZED_FUNCTIONS:
+        return _parametrized_function_rule(node) * lip(args[0])
     if f in (
         F.adaptive_avg_pool1d,
         F.adaptive_avg_pool2d,
@@ -603,6 +859,51 @@ def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
         return _FUNCTION_CONSTANTS[f] * lip(args[0])
     name = getattr(f, "__name__", str(f))
     raise _Unsupported(f"no Lipschitz rule for function {name} ({node.name})")
+
+
+# Functional activations with parameters: name, then (position, default) of each parameter.
+_PARAMETRIZED_FUNCTIONS: dict[Any, tuple[str, dict[str, tuple[int, Any]]]] = {
+    F.leaky_relu: ("leaky_relu", {"negative_slope": (1, 0.01)}),
+    F.elu: ("elu", {"alpha": (1, 1.0)}),
+    F.hardtanh: ("hardtanh", {"min_val": (1, -1.0), "max_val": (2, 1.0)}),
+    F.softplus: ("softplus", {"beta": (1, 1.0), "threshold": (2, 20.0)}),
+    F.dropout: ("dropout", {"p": (1, 0.5), "training": (2, True)}),
+    F.dropout2d: ("dropout2d", {"p": (1, 0.5), "training": (2, True)}),
+}
+
+
+def _parametrized_function_rule(node: fx.Node) -> float:
+    """The Lipschitz factor of a functional activation or dropout, from its arguments.
+
+    The activations use the slope rules of lipschitz.py (Note [activation parameters]).
+    ``F.dropout`` applies dropout unless ``training=False`` (its default is True, in eval mode
+    too): a mask of 0 and ``1 / (1 - p)``, so ``1 / (1 - p)``.
+    """
+    fname, spec = _PARAMETRIZED_FUNCTIONS[node.target]
+    values: dict[str, Any] = {}
+    for key, (index, default) in spec.items():
+        value = _param(node, index, key, default)
+        values[key] = value if key == "training" else _const(value)
+        if values[key] is None or (key == "training" and not isinstance(value, bool)):
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: {fname} {key}={value!r}")
+    lip = _lipschitz_module()
+    try:
+        if fname.startswith("dropout"):
+            p = values["p"]
+            if not values["training"]:
+                return 1.0
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"dropout probability {p} is not in [0, 1]")
+            return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+        slopes = {
+            "leaky_relu": lambda v: lip._leaky_relu_slopes(v["negative_slope"]),
+            "elu": lambda v: lip._elu_slopes(v["alpha"]),
+            "hardtanh": lambda v: lip._hardtanh_slopes(v["min_val"], v["max_val"]),
+            "softplus": lambda v: lip._softplus_slopes(v["beta"], v["threshold"]),
+        }[fname](values)
+    except ValueError as e:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: {e}") from None
+    return lip._slope_lipschitz(slopes)
 
 
 def _scale_rule(
@@ -631,11 +932,32 @@ def _getitem_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
     raise _Unsupported(f"no Lipschitz rule for {node.name}: advanced indexing")
 
 
-def _method_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
+def _cast_rule(node: fx.Node, lip: Callable[[Any], float], dtypes: dict[str, torch.dtype]) -> float:
+    """``.to(...)`` / ``.type_as(t)``: 1 to a floating dtype; a cast to an integer dtype rounds."""
+    rest = (*node.args[1:], *node.kwargs.values())
+    targets = [a for a in rest if isinstance(a, torch.dtype)]
+    if node.name in dtypes:
+        targets.append(dtypes[node.name])
+    elif node.target == "type_as" or any(isinstance(a, fx.Node) for a in rest):
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: .{node.target}() to a dtype known only at run "
+            "time: pass input_shape"
+        )
+    for dtype in targets:
+        if not dtype.is_floating_point:
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: a cast to {dtype} rounds")
+    return lip(node.args[0])
+
+
+def _method_rule(
+    node: fx.Node, lip: Callable[[Any], float], dtypes: dict[str, torch.dtype]
+) -> float:
     name = node.target
     args = node.args
     if name in _NON_TENSOR_METHODS:
         return 0.0
+    if name in ("to", "type_as"):
+        return _cast_rule(node, lip, dtypes)
     if name in ("add", "add_", "sub", "sub_"):
         alpha = _const(node.kwargs.get("alpha", 1))
         if alpha is None:
@@ -644,6 +966,8 @@ def _method_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
     if name in ("mul", "mul_"):
         return _scale_rule(node, args[0], args[1], lip, divide=False)
     if name in ("div", "div_"):
+        if node.kwargs.get("rounding_mode") is not None:
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: rounding division jumps")
         if _const(args[1]) is None:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
         return _scale_rule(node, args[0], args[1], lip, divide=True)

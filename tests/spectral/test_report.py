@@ -9,6 +9,7 @@ from collections import OrderedDict
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sn_lightning.models.normalize import InputNormalize
@@ -269,3 +270,401 @@ def test_subclasses_with_their_own_forward_have_no_rule():
     assert bound is None
     assert "BatchNormAct" in reason
     assert "overrides forward" in reason
+
+
+# --------------------------------------------------------------------------- activation parameters
+
+
+def _between_identities(act: nn.Module, n: int = 512) -> nn.Sequential:
+    """Identity -> act -> identity: the Jacobian is diag(f'(x)), its norm max_i |f'(x_i)|."""
+    model = nn.Sequential(nn.Linear(n, n), act, nn.Linear(n, n)).double()
+    for lin in (model[0], model[2]):
+        nn.init.eye_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    return model
+
+
+def _measured(model: nn.Module, n: int = 512) -> float:
+    """Largest Jacobian norm over a grid of [-8, 8] (points on both sides of 0) and noise."""
+    grid = torch.linspace(-8, 8, n, dtype=torch.float64) + 1e-9
+    xs = [grid, -grid, 1e-4 * torch.randn(n, dtype=torch.float64), 3 * torch.randn(n).double()]
+    return max(jacobian_norm(model, x) for x in xs)
+
+
+def _prelu(weights: list[float]) -> nn.PReLU:
+    act = nn.PReLU(len(weights))
+    with torch.no_grad():
+        act.weight.copy_(torch.tensor(weights))
+    return act
+
+
+def _rrelu(training: bool) -> nn.RReLU:
+    return nn.RReLU(-2.0, 3.0).train(training)
+
+
+class _Functional(nn.Module):
+    def __init__(self, f, **kwargs):
+        super().__init__()
+        self.f, self.kwargs = f, kwargs
+
+    def forward(self, x):
+        return self.f(x, **self.kwargs)
+
+
+ACTIVATIONS = {
+    "elu_-3": (lambda: nn.ELU(alpha=-3.0), 3.0),
+    "elu_2": (lambda: nn.ELU(alpha=2.0), 2.0),
+    "leaky_-2": (lambda: nn.LeakyReLU(-2.0), 2.0),
+    "leaky_3": (lambda: nn.LeakyReLU(3.0), 3.0),
+    "celu_0.5": (lambda: nn.CELU(alpha=0.5), 1.0),
+    "selu": (nn.SELU, 1.7581),
+    "prelu_scalar_-2.5": (lambda: _prelu([-2.5]), 2.5),
+    "rrelu_train": (lambda: _rrelu(True), 3.0),
+    "rrelu_eval": (lambda: _rrelu(False), 3.0),
+    "softplus_beta_-2": (lambda: nn.Softplus(beta=-2.0), 1.0),
+    "softplus_beta_0.3": (lambda: nn.Softplus(beta=0.3), 1.0),
+    "hardtanh_-2_3": (lambda: nn.Hardtanh(-2.0, 3.0), 1.0),
+    "relu6": (nn.ReLU6, 1.0),
+    "gelu": (nn.GELU, 1.13),
+    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), 1.13),
+    "silu": (nn.SiLU, 1.1),
+    "mish": (nn.Mish, 1.089),
+    "hardswish": (nn.Hardswish, 1.5),
+    "hardsigmoid": (nn.Hardsigmoid, 1 / 6),
+    "sigmoid": (nn.Sigmoid, 0.25),
+    "tanh": (nn.Tanh, 1.0),
+    "softsign": (nn.Softsign, 1.0),
+    "f.elu_-3": (lambda: _Functional(F.elu, alpha=-3.0), 3.0),
+    "f.leaky_-2": (lambda: _Functional(F.leaky_relu, negative_slope=-2.0), 2.0),
+    "f.softplus_beta_-2": (lambda: _Functional(F.softplus, beta=-2.0), 1.0),
+    "f.hardtanh_-2_3": (lambda: _Functional(F.hardtanh, min_val=-2.0, max_val=3.0), 1.0),
+    "f.dropout_default": (lambda: _Functional(F.dropout, p=0.75), 4.0),  # training=True default
+    "f.dropout_eval": (lambda: _Functional(F.dropout, p=0.75, training=False), 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_rules_bound_the_measured_jacobian(name):
+    make, expected = ACTIVATIONS[name]
+    model = _between_identities(make())
+    bound, reason = network_lipschitz_bound(model, input_shape=(512,))
+    assert reason == ""
+    assert bound == pytest.approx(expected, rel=1e-4)
+    measured = _measured(model)
+    assert measured <= bound * (1 + 1e-6)  # hardsigmoid's backward uses a float32 1/6
+    assert measured >= 0.9 * bound or name in ("rrelu_eval", "f.dropout_default")
+
+
+def test_prelu_with_per_channel_weights_of_both_signs():
+    act = _prelu([-3.0, 0.5, 2.0, 1.5])
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), act, nn.Flatten(), nn.Linear(16, 16)).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4, 2, 2))
+    assert reason == ""
+    measured = max(jacobian_norm(model, 3 * torch.randn(4, 2, 2).double()) for _ in range(20))
+    assert measured <= bound
+    layers = [model[0].weight.detach().flatten(1), model[3].weight.detach()]
+    norms = math.prod(float(torch.linalg.svdvals(W)[0]) for W in layers)
+    assert bound == pytest.approx(3.0 * norms, rel=1e-6)  # max |w| = 3 from the negative weight
+
+
+def test_elu_with_negative_alpha_reports_its_largest_slope():
+    # the audit's case: the rule max(1, alpha) gave 1.0 against a measured ~3
+    model = nn.Sequential(nn.Linear(4, 4), nn.ELU(alpha=-3.0), nn.Linear(4, 4))
+    for lin in (model[0], model[2]):
+        nn.init.eye_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    report = spectral_norm_report(model, input_shape=(4,))
+    measured = jacobian_norm(model.double(), torch.full((4,), -1e-6, dtype=torch.float64))
+    assert measured == pytest.approx(3.0, rel=1e-5)
+    assert report.lipschitz_bound is not None
+    assert report.lipschitz_bound >= measured
+
+
+def _bad_hardtanh() -> nn.Hardtanh:
+    act = nn.Hardtanh()
+    act.min_val, act.max_val = 1.0, -1.0
+    return act
+
+
+def _jump(f, at: float) -> float:
+    """|f(at + h) - f(at - h)| for a tiny h: > 0 at a discontinuity (no Lipschitz constant)."""
+    x = torch.tensor([at - 1e-12, at + 1e-12], dtype=torch.float64)
+    y = f(x)
+    return float((y[1] - y[0]).abs())
+
+
+def _slope(f, at: float) -> float:
+    """A difference quotient of f near ``at`` (an unbounded slope grows with |at|)."""
+    x = torch.tensor([at, at + 1e-6], dtype=torch.float64)
+    y = f(x)
+    return float((y[1] - y[0]).abs() / 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle", "witness"),
+    [
+        (lambda: nn.CELU(alpha=-1.0), "unbounded", lambda f: _slope(f, -20.0) > 1e6),
+        (lambda: nn.CELU(alpha=0.0), "alpha = 0", None),
+        (lambda: nn.Softplus(threshold=1.0), "not continuous", lambda f: _jump(f, 1.0) > 0.1),
+        (lambda: nn.Softplus(beta=0.0), "beta=0", None),
+        (lambda: nn.LeakyReLU(float("nan")), "finite", None),
+        (lambda: nn.ELU(alpha=float("nan")), "finite", None),
+        (lambda: _prelu([float("nan"), 1.0]), "non-finite", None),
+        (_bad_hardtanh, "min_val <= max_val", None),
+        (lambda: nn.Threshold(0.5, 2.0), "discontinuous", lambda f: _jump(f, 0.5) > 1.0),
+        (lambda: nn.Hardshrink(0.5), "discontinuous", lambda f: _jump(f, 0.5) > 0.1),
+        (lambda: _Functional(F.softplus, threshold=0.0), "not continuous", None),
+        (lambda: _Functional(F.elu, alpha=float("inf")), "finite", None),
+        (lambda: _Functional(F.dropout, p=0.5, training=torch.tensor(True)), "training", None),
+    ],
+    ids=str,
+)
+def test_activations_without_a_sound_rule_give_none_with_a_reason(make, needle, witness):
+    act = make()
+    if witness is not None:  # the oracle: the real module jumps or has an unbounded slope
+        assert witness(act)
+    model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 2))
+    bound, reason = network_lipschitz_bound(model)  # no input_shape: no forward runs
+    assert bound is None
+    assert needle in reason
+    assert "\n" not in reason
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def _identity_mlp() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).double()
+    for lin in (model[0], model[2]):
+        nn.init.eye_(lin.weight)
+    return model
+
+
+def test_forward_hooks_give_none_naming_the_module():
+    model = _identity_mlp()
+    assert network_lipschitz_bound(model, input_shape=(4,))[0] == pytest.approx(1.0)
+    handle = model[0].register_forward_hook(lambda m, args, out: out * 100)
+    x = torch.rand(4, dtype=torch.float64) + 0.1
+    assert jacobian_norm(model, x) == pytest.approx(100.0)  # what the old bound of 1.0 missed
+    report = spectral_norm_report(model, input_shape=(4,))
+    assert report.lipschitz_bound is None
+    assert "module '0' (Linear) has a forward hook" in report.reason
+    handle.remove()
+    handle = model[2].register_forward_pre_hook(lambda m, args: (args[0] * 100,))
+    bound, reason = network_lipschitz_bound(model)
+    assert bound is None
+    assert "module '2' (Linear) has a forward pre-hook" in reason
+    handle.remove()
+    for register in (
+        torch.nn.modules.module.register_module_forward_hook,
+        torch.nn.modules.module.register_module_forward_pre_hook,
+    ):
+        handle = register(lambda *args: None)
+        try:
+            bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+        finally:
+            handle.remove()
+        assert bound is None
+        assert "global module forward hook" in reason
+    model[1].forward = lambda x: 100 * torch.relu(x)
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert bound is None
+    assert "instance-level forward" in reason
+
+
+def test_project_hooks_are_allowed():
+    from sn_lightning.attacks import LayerwisePerturbation
+
+    torch.manual_seed(5)
+    model = ResNetLike()
+    _randomize_bn(model)
+    apply_spectral_norm(model, beta=0.7, input_shape=SHAPE, batchnorm="bound")
+    assert model.block.bn1._forward_pre_hooks  # the BatchNorm bound's running_var sync
+    model.eval()
+    before, reason = network_lipschitz_bound(model, input_shape=SHAPE)
+    assert reason == ""
+    layerwise = LayerwisePerturbation(model, layers=["block"], eps=0.1)
+    try:
+        assert model.block._forward_hooks
+        assert network_lipschitz_bound(model, input_shape=SHAPE) == (before, "")
+    finally:
+        layerwise.remove()
+
+
+# --------------------------------------------------------------------------- graph rules
+
+
+def test_a_failing_forward_is_silent_and_gives_a_one_line_reason(capsys):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(10, 2))
+    report = spectral_norm_report(model, input_shape=(3, 8, 8))
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out == ""
+    assert report.lipschitz_bound is None
+    assert report.reason.startswith("the forward at input_shape (3, 8, 8) failed: RuntimeError")
+    assert "\n" not in report.reason
+
+
+class _InplaceScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y.mul_(100)  # the graph returns the fc node; its value is 100 fc(x)
+        return y
+
+
+class _AliasedAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        z = y.view(-1, 4)
+        y += 10 * x  # changes z too
+        return z
+
+
+class _PreActivation(nn.Module):
+    """The classic in-place bug: the residual reads the activated tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.LeakyReLU(3.0, inplace=True)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = 1 * x
+        out = self.fc(self.act(y))
+        return out + y
+
+
+@pytest.mark.parametrize(
+    ("make", "blind", "expected"),
+    [
+        (_InplaceScale, 1.0, 100.0),
+        (_AliasedAdd, 1.0, math.hypot(1, 11)),
+        (_PreActivation, 4.0, 6.0),
+    ],
+    ids=["mul_", "view_then_iadd", "inplace_act_then_residual"],
+)
+def test_inplace_writes_reach_every_alias(make, blind, expected):
+    torch.manual_seed(6)
+    model = make().double()
+    nn.init.eye_(model.fc.weight)
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert reason == ""
+    assert bound == pytest.approx(expected)
+    measured = max(jacobian_norm(model, -torch.rand(4, dtype=torch.float64)) for _ in range(5))
+    assert blind < measured <= bound  # a rule blind to the write would have said `blind`
+
+
+class _InplaceBlock(nn.Module):
+    """torchvision's pattern: out += identity; relu(inplace) on a tensor nobody else reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.act = nn.LeakyReLU(2.0, inplace=True)
+
+    def forward(self, x):
+        out = self.act(self.bn(self.fc(x)))
+        out = self.bn(self.fc(out))
+        out += x
+        out.mul_(0.5)
+        return self.act(out)
+
+
+def test_inplace_ops_in_a_residual_block_keep_a_sound_bound():
+    torch.manual_seed(7)
+    model = _InplaceBlock().double()
+    _randomize_bn(model)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert reason == ""
+    measured = max(jacobian_norm(model, 3 * torch.randn(4).double()) for _ in range(50))
+    assert measured <= bound
+
+
+class _Rounding(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.fc, self.op = nn.Linear(4, 4), op
+
+    def forward(self, x):
+        return self.op(self.fc(x))
+
+
+@pytest.mark.parametrize(
+    ("op", "needle", "at"),
+    [
+        (lambda y: torch.div(y, 0.01, rounding_mode="floor"), "rounding division", 0.0),
+        (lambda y: y.div(0.01, rounding_mode="trunc"), "rounding division", 0.01),
+        (lambda y: y.to(torch.int64).float(), "a cast to torch.int64", 1.0),
+        (lambda y: y.type_as(torch.zeros(1, dtype=torch.int32)).float(), "torch.int32", 1.0),
+        (lambda y: y * float("nan"), "NaN", None),
+    ],
+    ids=["floor", "trunc", "to_long", "type_as_int", "nan"],
+)
+def test_rounding_casts_and_nan_give_none(op, needle, at):
+    if at is not None:  # the oracle: the op jumps, so no Lipschitz constant exists
+        assert _jump(op, at) >= 1.0
+    bound, reason = network_lipschitz_bound(_Rounding(op), input_shape=(4,))
+    assert bound is None
+    assert needle in reason
+
+
+def test_float_casts_keep_the_bound():
+    model = _Rounding(lambda y: y.to(torch.float64).float())
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert reason == ""
+    assert bound == pytest.approx(float(torch.linalg.svdvals(model.fc.weight.detach())[0]))
+
+
+# --------------------------------------------------------------------------- linear pieces
+
+
+def test_average_pool_with_a_negative_divisor_is_bounded_soundly():
+    pool = nn.AvgPool2d(3, stride=2, padding=1, divisor_override=-1)
+    spatial = (4, 4)
+    n = math.prod(spatial)
+    J = pool(torch.eye(n, dtype=torch.float64).reshape(n, 1, *spatial)).reshape(n, -1)
+    exact = float(torch.linalg.svdvals(J)[0])
+    assert exact == pytest.approx(3.618034)  # the old Schur bound: sqrt(max(-4..) * max(-1..)) = 2
+    assert _pool_bound(pool, spatial) >= exact
+    with pytest.raises(Exception, match="needs input_shape"):
+        _pool_bound(pool, None)
+
+
+def test_batchnorm_and_normalize_with_loaded_out_of_range_statistics():
+    bn = nn.BatchNorm1d(4).eval()
+    bn.running_var.copy_(torch.tensor([1.0, -0.5, 1.0, 1.0]))
+    bound, reason = network_lipschitz_bound(nn.Sequential(nn.Linear(4, 4), bn), input_shape=(4,))
+    assert bound is None
+    assert "running_var + eps <= 0" in reason
+    norm = InputNormalize([0.5, 0.5, 0.5], [0.3, 0.2, 0.25])
+    norm.std.copy_(torch.tensor([-0.1, 0.2, 0.25]))  # a state dict can hold any value
+    model = nn.Sequential(norm, nn.Flatten(), nn.Linear(12, 3)).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(3, 2, 2))
+    assert reason == ""
+    assert bound >= jacobian_norm(model, torch.rand(3, 2, 2, dtype=torch.float64))
+    assert bound > 0
+
+
+def test_batchnorm_row_with_bad_statistics_has_no_number():
+    torch.manual_seed(8)
+    model = ResNetLike()
+    apply_spectral_norm(model, beta=0.7, input_shape=SHAPE, batchnorm="bound")
+    model.block.bn1.running_var[0] = -1.0
+    report = spectral_norm_report(model, n_iter=2, input_shape=SHAPE)
+    row = next(r for r in report.layers if r.name == "block.bn1")
+    assert math.isnan(row.sigma)
+    assert row.upper_bound is None
+    assert report.lipschitz_bound is None
+    index = report.layers.index(row)
+    assert json.loads(json.dumps(report.as_dict()))["layers"][index]["sigma"] == "nan"
