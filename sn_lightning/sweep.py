@@ -4,16 +4,24 @@
     python -m sn_lightning.sweep run sweeps/x.yaml [--count N] [--out DIR] [--wandb-mode offline]
                                  [--dry-run] [-- --trainer.max_epochs=1 ...]
 
-``validate`` checks the schema with the W&B sweeps engine (the ``sweeps`` package), then renders
-runs into the exact argv ``wandb agent`` would start and parses each with the fit CLI's own
-parser (no training): every parameter must be a config key of the command's base config(s) and
-every value must parse; the metric must be one the run logs. One line per problem, exit 2.
+``validate`` checks the schema with the W&B sweeps engine (the ``sweeps`` package) and asks the
+engine for a run (so a grid over a continuous range, or bayes without a metric, is caught), then
+renders runs into the exact argv ``wandb agent`` would start and parses each with the fit CLI's
+own parser: every parameter must be a config key of the command's base config(s) and every value
+must parse; the metric must be one the run logs. Last, each listed value and each bound of a
+range is instantiated as the fit CLI does before training (model, data module, callbacks,
+attacks; no training, no data loaded), so a value their constructors reject is reported too.
+One line per problem, exit 2.
 
-``run`` proposes runs with the same engine (grid, random, or bayes fed with the finished runs'
-metric), starts each exactly as ``wandb agent`` would (wandb's own command-building functions),
-each in ``<out>/<run id>/`` with ``WANDB_MODE=offline`` by default, then writes
+``run`` validates, then proposes runs with the same engine (grid, random, or bayes fed with the
+finished runs' metric), starts each exactly as ``wandb agent`` would (wandb's own command-building
+functions), each in ``<out>/<run id>/`` with ``WANDB_MODE=offline`` by default, then writes
 ``<out>/runs.csv`` (one row per run) and ``<out>/metric_vs_<param>.png`` for each swept parameter.
-Arguments after ``--`` are appended to every run's command (later options win). Hyperband early
+A failed run is reported with the last error line of its ``output.log``. Arguments after ``--``
+are appended to every run's command (later options win) and checked before the first run starts;
+runs.csv and the plots record the values the runs used (an option after ``--`` wins over the
+sweep's value). ``--dry-run`` prints the commands and writes nothing (the swept values appear
+inline, ``--config '{...}'``, where a real run gets the agent's JSON file). Hyperband early
 termination is applied only by the W&B server: locally every run goes to completion. Running it
 again with the same ``--out`` resumes: earlier rows of runs.csv count as finished runs.
 """
@@ -27,6 +35,7 @@ import csv
 import difflib
 import fnmatch
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -41,7 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,17 +138,91 @@ def schema_errors(cfg: Mapping[str, Any]) -> list[str]:
     errors = _param_field_errors(cfg)
     if errors:
         return errors
-    where: dict[str, str] = {}
-    # The engine returns bare messages; its jsonschema validator also knows where each one is.
+    detail: dict[str, str] = {}
+    # The engine returns bare messages; its jsonschema validator also knows where each one is, and
+    # for a parameter spec that matches none of the distributions, which field broke which rule.
     with contextlib.suppress(ImportError, AttributeError):
         from sweeps.config.schema import validator
 
-        where = {e.message: ".".join(map(str, e.absolute_path)) for e in validator.iter_errors(cfg)}
+        for error in validator.iter_errors(cfg):
+            detail.setdefault(error.message, _schema_message(error))
     try:
         messages = sweeps.schema_violations_from_proposed_config(dict(cfg))
     except ValueError as err:
-        return [str(err)]
-    return [f"{where[m]}: {m}" if where.get(m) else m for m in messages]
+        return [_one_line(err)]
+    names = [str(n) for n in _params(cfg)]
+    lines = list(dict.fromkeys(_parameter_prefix(detail.get(m, m), names) for m in messages))
+    # ... and follows a bad parameter spec with "invalid hyperparameter configuration: <name>".
+    named = re.compile(r"invalid hyperparameter configuration: (.+)")
+    return [
+        line
+        for line in lines
+        if not (
+            (match := named.fullmatch(line))
+            and any(other.startswith(f"parameters.{match[1]}:") for other in lines)
+        )
+    ]
+
+
+def _parameter_prefix(line: str, names: Sequence[str]) -> str:
+    """``parameters.x: ...`` for the engine's ``x: min 1 is not ...`` and ``Parameter x: ...``."""
+    for name in names:
+        for form in (f"{name}: ", f"Parameter {name}: "):
+            if line.startswith(form):
+                return f"parameters.{name}: {line[len(form) :]}"
+    return line
+
+
+_BOUND_RULES = {"exclusiveMinimum": ">", "minimum": ">=", "exclusiveMaximum": "<", "maximum": "<="}
+
+
+def _schema_message(error: Any) -> str:
+    """``parameters.x: min must be > 0 (distribution log_uniform_values), got 0`` for one error."""
+    depth = len(error.absolute_path)
+    where = ".".join(map(str, error.absolute_path))
+    prefix = f"{where}: " if where else ""
+    if error.validator not in ("anyOf", "oneOf"):
+        return prefix + error.message
+    leaves = _schema_leaves(error)
+    if not leaves:
+        return prefix + error.message
+    reasons = dict.fromkeys(_leaf_message(leaf, depth) for leaf in leaves)
+    spec = error.instance
+    dist = spec.get("distribution") if isinstance(spec, Mapping) else None
+    return prefix + "; ".join(reasons) + (f" (distribution {dist})" if dist else "")
+
+
+def _schema_leaves(error: Any) -> list[Any]:
+    """The errors of the schema branch meant (no wrong distribution, field missing or extra)."""
+    branches: dict[Any, list[Any]] = {}
+    for sub in error.context or ():
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    best: list[Any] = []
+    for subs in branches.values():
+        if any(
+            sub.validator in ("additionalProperties", "required")
+            or (sub.validator == "enum" and list(sub.path)[-1:] == ["distribution"])
+            for sub in subs
+        ):
+            continue
+        leaves = []
+        for sub in subs:
+            leaves += _schema_leaves(sub) if sub.validator in ("anyOf", "oneOf") else [sub]
+        if leaves and (not best or len(leaves) < len(best)):
+            best = leaves
+    return best
+
+
+def _leaf_message(error: Any, depth: int) -> str:
+    field = ".".join(map(str, list(error.absolute_path)[depth:]))
+    if error.validator in _BOUND_RULES:
+        rule = f"{_BOUND_RULES[error.validator]} {error.validator_value}"
+        return f"{field} must be {rule}, got {error.instance!r}"
+    if error.validator == "minItems":
+        return f"{field} must have at least {error.validator_value} item(s), got {error.instance!r}"
+    if error.validator == "type":
+        return f"{field} must be of type {error.validator_value}, got {error.instance!r}"
+    return f"{field}: {error.message}" if field else error.message
 
 
 def sweep_config(cfg: Mapping[str, Any]) -> Any:
@@ -151,13 +234,70 @@ def sweep_config(cfg: Mapping[str, Any]) -> Any:
 
 
 def propose(config: Any, runs: Sequence[Any], n: int = 1) -> list[dict[str, Any]]:
-    """Up to ``n`` new parameter assignments from the engine (fewer when a grid runs out)."""
-    proposed = _sweeps().next_runs(config, list(runs), n=n)
+    """Up to ``n`` new parameter assignments from the engine (fewer when a grid runs out).
+
+    Raises:
+        SweepError: the engine cannot propose runs for this config (one line saying why).
+    """
+    try:
+        proposed = _sweeps().next_runs(config, list(runs), n=n)
+    except Exception as err:  # the engine raises bare ValueError / TypeError / KeyError ...
+        raise SweepError(_engine_failure(err, config)) from None
     return [
         {k: _plain(v["value"]) for k, v in run.config.items()}
         for run in proposed
         if run is not None
     ]
+
+
+_GRID_OK = "values: [...] or value: x (or distribution int_uniform / q_uniform with min and max)"
+
+
+def _engine_failure(err: BaseException, config: Mapping[str, Any]) -> str:
+    """The engine's exception as one line naming the config entry (it names none, or oddly)."""
+    text = _one_line(err)
+    method = config.get("method")
+    grid = re.match(r"Parameter (\S+) is a disallowed type with grid search", text)
+    if grid:
+        parts = re.split(r"\.wbnest\[[0-9a-f]+\]\.", grid[1])  # the engine's nesting delimiter
+        spec: Any = {"parameters": config.get("parameters") or {}}
+        for part in parts:
+            spec = (spec.get("parameters") or {}).get(part) or {}
+        kind = (
+            "values with probabilities"
+            if "probabilities" in spec
+            else f"distribution {spec.get('distribution', '?')}"
+        )
+        return (
+            f"parameters.{'.'.join(parts)}: method grid cannot enumerate {kind}; grid takes "
+            f"{_GRID_OK}; use method random or bayes for a continuous range"
+        )
+    if 'requires "metric" section' in text:
+        section = "early_terminate" if text.startswith("early terminate") else "metric"
+        return (
+            f"{section}: {'early termination' if section != 'metric' else f'method {method}'} "
+            "needs a metric: add `metric: {name: <logged metric>, goal: maximize or minimize}`"
+        )
+    if text.startswith("Need at least one searchable parameter"):
+        return (
+            "parameters: method bayes needs at least one parameter with values or a "
+            "distribution (every parameter here is a single `value`)"
+        )
+    return f"the W&B sweeps engine cannot propose runs ({method}): {text}"
+
+
+def _engine_errors(config: Any) -> list[str]:
+    """What the engine raises for this config only when asked for runs (not a schema error)."""
+    try:
+        propose(config, [], n=1)
+        if config.get("early_terminate"):
+            try:
+                _sweeps().stop_runs(config, [])
+            except Exception as err:  # as in propose
+                raise SweepError(_engine_failure(err, config)) from None
+    except SweepError as err:
+        return [str(err)]
+    return []
 
 
 def _plain(value: Any) -> Any:
@@ -173,6 +313,7 @@ def agent_command(
     run_id: str,
     sweep_id: str,
     wandb_dir: str | Path,
+    inline_json: bool = False,
 ) -> list[str]:
     """The argv ``wandb agent`` starts for one run (``wandb.wandb_agent.Agent._command_run``).
 
@@ -187,6 +328,8 @@ def agent_command(
         run_id: the run's id.
         sweep_id: the sweep's id (names the JSON file's folder).
         wandb_dir: the agent's ``WANDB_DIR``.
+        inline_json: write nothing; ``${args_json_file}`` becomes the JSON text itself, which the
+            fit CLI's ``--config`` reads the same way (a value that is not a file is config text).
 
     Returns:
         The command line, ``${env}`` being ``/usr/bin/env`` and ``${interpreter}`` ``python``.
@@ -197,12 +340,12 @@ def agent_command(
     command = {"args": {k: {"value": v} for k, v in params.items()}, "program": cfg.get("program")}
     sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args(command)
     json_file = Path(wandb_dir) / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.json"
-    if "${args_json_file}" in template:
+    if "${args_json_file}" in template and not inline_json:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(sweep_vars["args_json"][0])
     sweep_vars["interpreter"] = ["python"]
     sweep_vars["program"] = [command["program"]]
-    sweep_vars["args_json_file"] = [str(json_file)]
+    sweep_vars["args_json_file"] = [sweep_vars["args_json"][0] if inline_json else str(json_file)]
     if platform.system() != "Windows":
         sweep_vars["env"] = ["/usr/bin/env"]
     argv: list[str] = []
@@ -294,16 +437,28 @@ def _candidate_values(name: str, spec: Mapping[str, Any]) -> list[Any]:
     """Values of one parameter worth parsing: all listed ones, else bounds and engine samples."""
     if "value" in spec or "values" in spec:
         return _declared_values(spec)
-    sweeps = _sweeps()
-    config = sweeps.SweepConfig({"method": "random", "parameters": {name: dict(spec)}})
+    config = _sweeps().SweepConfig({"method": "random", "parameters": {name: dict(spec)}})
     samples = propose(config, [], n=3)
+    return [*(v for _, v in _bounds(name, spec)), *(s[name] for s in samples)]
+
+
+def _bounds(name: str, spec: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``[("min", lo), ("max", hi)]`` of a bounded distribution (in value space), else []."""
+    config = _sweeps().SweepConfig({"method": "random", "parameters": {name: dict(spec)}})
     filled = config["parameters"][name]
-    bounds = (
-        [filled["min"], filled["max"]]
-        if filled.get("distribution") in _BOUNDED and "min" in filled
-        else []
-    )
-    return [*bounds, *(s[name] for s in samples)]
+    if filled.get("distribution") in _BOUNDED and "min" in filled:
+        return [("min", filled["min"]), ("max", filled["max"])]
+    return []
+
+
+def _checked_values(name: str, spec: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(label, value)`` pairs to instantiate: each listed value once, else the bounds."""
+    if "parameters" in spec:  # nested parameters: their leaves are not fit keys of their own
+        return []
+    if "value" not in spec and "values" not in spec:
+        return _bounds(name, spec)
+    unique = {json.dumps(v, sort_keys=True, default=str): v for v in _declared_values(spec)}
+    return [("value", v) for v in unique.values()]
 
 
 def _one_line(message: object, limit: int = 500) -> str:
@@ -383,10 +538,69 @@ class _FitParser:
         finally:
             seed_log.setLevel(level)
         self.parser, self.keys = cli.parser, _KeyIndex.from_config(cli.config)
+        self._instantiator = _CheckInstantiator()
+        # jsonargparse >= 4.49 takes instantiators per call; older ones only per parser.
+        method = getattr(self.parser, "instantiate", None)
+        self._per_call = (
+            method is not None and "instantiators" in inspect.signature(method).parameters
+        )
+        if not self._per_call:
+            self.parser.add_instantiator(self._instantiator, object, subclasses=True, prepend=True)
 
     def parse(self, args: list[str]) -> Any:
         """The parsed config namespace (raises jsonargparse's ArgumentError)."""
         return self.parser.parse_args(args)
+
+    def instantiate(self, config: Any, *, build_model: bool = True) -> None:
+        """Create what the fit CLI creates before training, and drop it; raises what they raise.
+
+        See Note [checking values without training]. ``build_model=False`` skips the model (the
+        one costly object: backbone and spectral-norm surgery) for keys that cannot change it.
+        """
+        self._instantiator.build_model = build_model
+        if self._per_call:
+            self.parser.instantiate(config, instantiators=[(self._instantiator, object, True)])
+        else:
+            self.parser.instantiate_classes(config)
+
+
+def _is_logger(class_type: type) -> bool:
+    """A Lightning logger class (found by name: this module does not import Lightning)."""
+    return any(
+        c.__name__ == "Logger" and c.__module__.startswith(("lightning.", "lightning_fabric."))
+        for c in class_type.__mro__
+    )
+
+
+# Note [checking values without training]
+# A value that parses can still be rejected before training: SNClassifier, the data module, the
+# callbacks and their attacks check ranges in __init__ (ConfigError). `validate` (and `run`, which
+# validates first) therefore instantiates what the fit CLI instantiates before training, through
+# the fit CLI's own parser, links and classes, and throws the objects away. Differences, so that
+# the check is quick and does not depend on this machine: loggers are not created (fit prepares
+# them for W&B first); the data module gets download=True, which only skips its check that the
+# files are present (downloading happens in prepare_data, never in __init__); the model gets
+# pretrained=False (no weights download) and is built only for model.* and data.* keys (the data
+# module's facts are linked into it). The Trainer is not built: trainer.* values are only parsed.
+class _CheckInstantiator:
+    """The parser's instantiator for the checks of Note [checking values without training]."""
+
+    def __init__(self) -> None:
+        self.build_model = True
+
+    def __call__(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
+        from sn_lightning.data import ImageDataModule
+        from sn_lightning.lit import SNClassifier
+
+        if _is_logger(class_type):
+            return None
+        if issubclass(class_type, SNClassifier):
+            if not self.build_model:
+                return None
+            kwargs["pretrained"] = False
+        if issubclass(class_type, ImageDataModule):
+            kwargs["download"] = True
+        return class_type(*args, **kwargs)
 
 
 def _instantiate(spec: Any) -> Any:
@@ -448,22 +662,22 @@ def _parse_error(
 
 
 def _check_run(
-    parser: _FitParser,
-    args: list[str],
+    parse: Callable[[Mapping[str, Any]], Any],
+    keys: _KeyIndex,
     assignment: Mapping[str, Any],
     base: str,
     metric: str | None,
 ) -> str | None:
-    """Parse one rendered run; an error line, or None when it parses and logs the metric."""
+    """Parse one run; an error line, or None when it parses and logs the metric."""
     from jsonargparse import ArgumentError
 
     from sn_lightning.errors import ConfigError
 
     try:
-        config = parser.parse(args)
+        config = parse(assignment)
         logged = logged_metric_names(config) if metric else []
     except (ArgumentError, SystemExit) as err:
-        return _parse_error(err, assignment, parser.keys, base)
+        return _parse_error(err, assignment, keys, base)
     except (ConfigError, ValueError, TypeError) as err:
         return f"run {dict(assignment)!r}: {_one_line(err)}"
     if metric and not any(fnmatch.fnmatchcase(metric, pattern) for pattern in logged):
@@ -482,11 +696,77 @@ def _runs_to_check(config: Any) -> list[dict[str, Any]]:
     return propose(sample, [], n=_RANDOM_CHECKS)
 
 
+def _rejection(error: BaseException) -> str:
+    """Why instantiation failed, in one line: the constructor's own ConfigError where there is one.
+
+    jsonargparse wraps an attack's error in its union message ("Does not validate against any of
+    the Union subtypes ..."); the constructor's exception is in the ``__cause__`` chain.
+    """
+    from sn_lightning.errors import ConfigError
+
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    chosen = next((e for e in chain if isinstance(e, ConfigError)), None)
+    if chosen is not None:
+        return _one_line(chosen)
+    return f"{type(chain[-1]).__name__}: {_one_line(chain[-1])}"
+
+
+def _value_errors(
+    parser: _FitParser,
+    parse: Callable[[Mapping[str, Any]], Any],
+    cfg: Mapping[str, Any],
+    reference: Mapping[str, Any],
+) -> list[str]:
+    """Values that parse but that the classes reject before training; one line per parameter.
+
+    Each listed value and each bound of a ranged distribution is instantiated on the base command
+    with that one value set (Note [checking values without training]); a failure the base command
+    shows without the value is not the value's. Unless a value already went through with the
+    model built, one proposed run (``reference``) is instantiated as a whole, which catches a base
+    config every run would fail with.
+    """
+    base: dict[bool, str | None] = {}
+    model_built = False
+
+    def rejection(params: Mapping[str, Any], build_model: bool) -> str | None:
+        try:
+            parser.instantiate(parse(params), build_model=build_model)
+        except Exception as err:  # anything fit would stop on before training
+            return _rejection(err)
+        return None
+
+    lines = []
+    for name, spec in _params(cfg).items():
+        build_model = name.split(".")[0] in ("model", "data")
+        for label, value in _checked_values(name, spec):
+            reason = rejection({name: value}, build_model)
+            if reason is None:
+                model_built = model_built or build_model
+                continue
+            if build_model not in base:
+                base[build_model] = rejection({}, build_model)
+            if reason != base[build_model]:
+                lines.append(
+                    f"parameters.{name}: {label} {value!r} is rejected before training: {reason}"
+                )
+                break  # one line per parameter
+    if lines or model_built:
+        return lines
+    reason = rejection(reference, True)
+    return [f"run {dict(reference)!r} is rejected before training: {reason}"] if reason else []
+
+
 def validate_sweep(path: str | Path) -> list[str]:
     """Every problem with one sweep YAML, one line each (empty: valid).
 
-    Schema (the W&B sweeps engine), the command, then each parameter value alone and each
-    proposed run, rendered as ``wandb agent`` renders them and parsed by the fit CLI's parser.
+    Schema (the W&B sweeps engine), what the engine raises when asked for runs, the command, then
+    each parameter value alone and each proposed run, rendered as ``wandb agent`` renders them and
+    parsed by the fit CLI's parser; last, each listed value (and each bound of a range)
+    instantiated as the fit CLI does before training, without training or loading data.
     """
     try:
         cfg = load_sweep(path)
@@ -499,6 +779,9 @@ def validate_sweep(path: str | Path) -> list[str]:
     if errors:
         return [f"{path}: {e}" for e in errors]
     config = sweep_config(cfg)
+    errors = _engine_errors(config)
+    if errors:
+        return [f"{path}: {e}" for e in errors]
     metric = (cfg.get("metric") or {}).get("name")
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -515,20 +798,31 @@ def validate_sweep(path: str | Path) -> list[str]:
             parser = _FitParser(base_args)
         except Exception as err:
             return [f"{path}: command: `{base}` does not parse: {_one_line(err)}"]
+        parsed: dict[str, Any] = {}
+
+        def parse(params: Mapping[str, Any]) -> Any:
+            """The parsed config of the run with ``params`` (each run parsed once)."""
+            key = json.dumps(params, sort_keys=True, default=str)
+            if key not in parsed:
+                parsed[key] = parser.parse(render(params, f"r{len(parsed)}"))
+            return parsed[key]
+
         lines = []
         for name, spec in _params(cfg).items():
-            for i, value in enumerate(_candidate_values(name, spec)):
-                line = _check_run(parser, render({name: value}, f"p{i}"), {name: value}, base, None)
+            for value in _candidate_values(name, spec):
+                line = _check_run(parse, parser.keys, {name: value}, base, None)
                 if line:
                     lines.append(line)
                     break  # one line per parameter
         if lines:
             return [f"{path}: {line}" for line in lines]
-        for i, params in enumerate(_runs_to_check(config)):
-            line = _check_run(parser, render(params, f"r{i}"), params, base, metric)
+        runs = _runs_to_check(config)
+        for params in runs:
+            line = _check_run(parse, parser.keys, params, base, metric)
             if line:
                 return [f"{path}: {line}"]
-    return []
+        lines = _value_errors(parser, parse, cfg, runs[0] if runs else {})
+    return [f"{path}: {line}" for line in lines]
 
 
 def describe(cfg: Mapping[str, Any]) -> str:
@@ -553,7 +847,7 @@ class LocalRun:
     """One run of a local sweep: what was started and what came back."""
 
     run_id: str
-    params: dict[str, Any]
+    params: dict[str, Any]  # as the engine proposed them (fed back to it; resuming matches them)
     command: list[str] = field(default_factory=list)
     status: str = "pending"  # finished | failed | dry-run
     returncode: int | None = None
@@ -561,6 +855,12 @@ class LocalRun:
     metric: float | None = None
     results_path: str | None = None
     key_results: dict[str, Any] = field(default_factory=dict)
+    used: dict[str, Any] = field(default_factory=dict)  # what the run got: options after -- win
+    error: str = ""  # why a failed run failed: the last error line of its output.log
+
+    def __post_init__(self) -> None:
+        """``used`` defaults to the proposed values."""
+        self.used = self.used or dict(self.params)
 
     def sweep_run(self, metric_name: str | None) -> Any:
         """This run as the engine's `SweepRun` (its metric fed back to bayes)."""
@@ -648,6 +948,23 @@ def _write_sweep_params(path: Path, params: Mapping[str, Any]) -> None:
     config_util.save_config_file_from_dict(str(path), {k: {"value": v} for k, v in params.items()})
 
 
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b|: error: |^Killed\b")
+
+
+def last_error_line(log: Path, limit: int = 300) -> str:
+    """The last line of a run's output that reads as an error, else its last line ("": none).
+
+    An error line is an exception's (``ValueError: ...``) or a CLI's (``prog: error: ...``).
+    """
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if line]
+    line = next((x for x in reversed(lines) if _ERROR_LINE.search(x)), lines[-1] if lines else "")
+    return _one_line(line, limit)
+
+
 def _finish(run: LocalRun, out: Path, metric: str | None) -> None:
     found = (out / run.run_id).rglob("results.json")  # not the copy inside the W&B run folder
     results_files = sorted(
@@ -656,6 +973,9 @@ def _finish(run: LocalRun, out: Path, metric: str | None) -> None:
     )
     if run.returncode != 0 or not results_files:
         run.status = "failed"
+        run.error = last_error_line(out / run.run_id / "output.log") or (
+            f"exit code {run.returncode}" if run.returncode else "no results.json was written"
+        )
         return
     run.status = "finished"
     run.results_path = str(results_files[-1])
@@ -678,7 +998,7 @@ def write_csv(
     for run in runs:
         extra += [k for k in run.key_results if k not in extra]
     header = ["run_id", "status", "returncode", "seconds", *param_names, metric, *extra]
-    header += ["results", "params_json", "command"]
+    header += ["results", "error", "params_json", "used_json", "command"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
@@ -688,11 +1008,13 @@ def write_csv(
                 "status": run.status,
                 "returncode": run.returncode,
                 "seconds": round(run.seconds, 2),
-                **{name: _cell(run.params.get(name)) for name in param_names},
+                **{name: _cell(run.used.get(name)) for name in param_names},
                 metric: run.metric if run.metric is not None else "",
                 **{k: "" if v is None else v for k, v in run.key_results.items()},
                 "results": run.results_path or "",
+                "error": run.error,
                 "params_json": json.dumps(run.params),
+                "used_json": json.dumps(run.used),
                 "command": shlex.join(run.command),
             }
             writer.writerow(row)
@@ -719,6 +1041,8 @@ def read_csv(path: Path, metric: str) -> list[LocalRun]:
                     metric=float(value) if value else None,
                     results_path=row.get("results") or None,
                     key_results=known,
+                    used=json.loads(row.get("used_json") or "{}"),
+                    error=row.get("error") or "",
                 )
             )
     return runs
@@ -754,18 +1078,18 @@ def plot_metric(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in runs if r.metric is not None and param in r.params]
-    values = sorted({json.dumps(r.params[param]) for r in done})
+    done = [r for r in runs if r.metric is not None and param in r.used]
+    values = sorted({json.dumps(r.used[param]) for r in done})
     xs = sorted((json.loads(v) for v in values), key=_sort_key)
     categorical = any(_sort_key(x)[0] for x in xs)
     position = {json.dumps(x): (i if categorical else x) for i, x in enumerate(xs)}
     groups: dict[str, list[LocalRun]] = {}
     for run in done:
-        groups.setdefault(json.dumps(run.params.get(group_by)) if group_by else "", []).append(run)
+        groups.setdefault(json.dumps(run.used.get(group_by)) if group_by else "", []).append(run)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in sorted(groups, key=lambda k: _sort_key(json.loads(k)) if k else (0, 0)):
-        members = sorted(groups[key], key=lambda r: _sort_key(r.params[param]))
-        x = [position[json.dumps(r.params[param])] for r in members]
+        members = sorted(groups[key], key=lambda r: _sort_key(r.used[param]))
+        x = [position[json.dumps(r.used[param])] for r in members]
         y = [r.metric for r in members]
         label = _label(group_by, json.loads(key)) if group_by else None
         ax.plot(x, y, marker="o", linestyle="-" if connect else "none", label=label)
@@ -795,7 +1119,7 @@ def plot_all(
     paths = []
     for param in swept:
         others = [p for p in swept if p != param]
-        distinct = {p: len({json.dumps(r.params.get(p)) for r in runs}) for p in others}
+        distinct = {p: len({json.dumps(r.used.get(p)) for r in runs}) for p in others}
         group = min((p for p in others if 1 < distinct[p] <= 8), key=distinct.get, default=None)
         path = out / f"metric_vs_{param}.png"
         plot_metric(runs, param, metric, path, group_by=group, connect=cfg["method"] == "grid")
@@ -830,19 +1154,28 @@ def run_sweep(
     Returns:
         Every run in ``out`` (earlier invocations' first), in order.
     """
+    cfg = load_sweep(path)
+    method = cfg.get("method")
+    if method == "custom":
+        raise SweepError(f"{path}: method custom needs a W&B scheduler; use grid, random or bayes")
+    if count is None and method in ("random", "bayes"):
+        raise SweepError(f"{path}: --count is required for method {method}")
     errors = validate_sweep(path)
     if errors:
         raise SweepError("\n".join(errors))
-    cfg = load_sweep(path)
     config = sweep_config(cfg)
-    if cfg["method"] == "custom":
-        raise SweepError(f"{path}: method custom needs a W&B scheduler; use grid, random or bayes")
-    if count is None and cfg["method"] != "grid":
-        raise SweepError(f"{path}: --count is required for method {cfg['method']}")
     out = Path(out or Path("runs") / "sweeps" / Path(path).stem).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv
+        out.mkdir(parents=True, exist_ok=True)
     metric = (cfg.get("metric") or {}).get("name") or "val/acc"
     sweep_id = f"local-{Path(path).stem}"
+    parser = None
+    if fit_overrides:  # they may change swept values: each run's command is parsed to record them
+        base = agent_command(
+            cfg, {}, run_id="base", sweep_id=sweep_id, wandb_dir=out, inline_json=True
+        )
+        parser = _FitParser(fit_args(base))
+    noted: set[str] = set()
     runs = read_csv(out / RUNS_CSV, metric)
     if runs:
         _say(f"resuming: {len(runs)} earlier runs in {out / RUNS_CSV}")
@@ -862,9 +1195,23 @@ def run_sweep(
         run = LocalRun(run_id=_new_run_id(), params=proposal[0])
         run_dir = out / run.run_id
         run.command = agent_command(
-            cfg, run.params, run_id=run.run_id, sweep_id=sweep_id, wandb_dir=out
+            cfg,
+            run.params,
+            run_id=run.run_id,
+            sweep_id=sweep_id,
+            wandb_dir=out,
+            inline_json=dry_run,
         )
         run.command += [f"--trainer.default_root_dir={run_dir}", *fit_overrides]
+        if parser is not None:
+            run.used = _used_values(parser, run, fit_overrides, check=started == 0)
+            changed = [k for k, v in run.used.items() if v != run.params[k] and k not in noted]
+            if changed:
+                noted.update(changed)
+                _say(
+                    f"note: the options after -- set {', '.join(changed)}; runs.csv and the "
+                    "plots record the values the runs used"
+                )
         started += 1
         runs.append(run)
         if dry_run:
@@ -872,16 +1219,82 @@ def run_sweep(
             _say(shlex.join(run.command))
             continue
         _start(run, cfg, out, sweep_id, wandb_mode, metric)
-        shown = " ".join(f"{k}={_label(k, v)}" for k, v in run.params.items() if k in _swept(cfg))
+        shown = " ".join(f"{k}={_label(k, v)}" for k, v in run.used.items() if k in _swept(cfg))
         value = "n/a" if run.metric is None else f"{run.metric:.4f}"
-        _say(
-            f"[{started}] {run.run_id} {run.status} ({run.seconds:.0f} s): {shown} -> {metric} = {value}"
-        )
+        line = f"[{started}] {run.run_id} {run.status} ({run.seconds:.0f} s): {shown} -> {metric} = {value}"
+        if run.status == "failed":
+            line += f"; {run.error} ({run_dir / 'output.log'})"
+        _say(line)
         write_csv(runs, out / RUNS_CSV, list(_params(cfg)), metric)
     if not dry_run and runs:
         plots = plot_all(runs, cfg, metric, out)
         _say(f"runs: {out / RUNS_CSV}; plots: {', '.join(p.name for p in plots) or 'none'}")
     return runs
+
+
+_MISSING = object()
+
+
+def _config_value(config: Any, key: str) -> Any:
+    """A parsed fit config's value for a sweep key (``init_args`` may be left out); _MISSING."""
+    from jsonargparse import Namespace
+
+    node = config
+    for part in key.split("."):
+        if node is None:  # e.g. adversarial.attack null: the run has no attack, hence no eps
+            return None
+        fields = vars(node) if isinstance(node, Namespace) else {}
+        inner = fields.get("init_args")
+        if part in fields:
+            node = fields[part]
+        elif isinstance(inner, Namespace) and part in vars(inner):
+            node = vars(inner)[part]
+        else:
+            return _MISSING
+    if isinstance(node, Namespace):  # a whole section (a class_path value): keep the proposal
+        return _MISSING
+    try:
+        return _plain(node)
+    except (TypeError, ValueError):
+        return _MISSING
+
+
+def _used_values(
+    parser: _FitParser, run: LocalRun, overrides: Sequence[str], *, check: bool
+) -> dict[str, Any]:
+    """The values ``run`` gets for its sweep parameters with ``overrides`` (options after --).
+
+    With ``check``, what the fit CLI instantiates before training is instantiated too
+    (Note [checking values without training]): bad options fail here, before any run starts.
+
+    Raises:
+        SweepError: the command does not parse, or its values are rejected.
+    """
+    from jsonargparse import ArgumentError
+
+    from sn_lightning.errors import ConfigError
+
+    where = f"options after --: `{shlex.join(overrides)}`"
+    try:
+        config = parser.parse(fit_args(run.command))
+    except (ArgumentError, SystemExit, ConfigError, ValueError, TypeError) as err:
+        reason = _reason(err)
+        unknown = re.search(r"unrecognized arguments: --([\w.]+)", reason)
+        if unknown and not parser.keys.knows(unknown[1]):
+            reason = f"unknown config key {unknown[1]}; {parser.keys.explain(unknown[1])}"
+        raise SweepError(f"{where} do not parse with run {run.params!r}: {reason}") from None
+    if check:
+        try:
+            parser.instantiate(config)
+        except Exception as err:  # anything fit would stop on before training
+            raise SweepError(
+                f"{where}: run {run.params!r} is rejected before training: {_rejection(err)}"
+            ) from None
+    used = {}
+    for name, value in run.params.items():
+        got = _config_value(config, name)
+        used[name] = value if got is _MISSING else got
+    return used
 
 
 def _start(
@@ -961,6 +1374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(err).splitlines():
             sys.stderr.write(f"{PROG}: error: {line}\n")
         return 2
+    except BrokenPipeError:  # `... --dry-run | head`: the reader left; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 1 if any(r.status == "failed" for r in runs) else 0
 
 

@@ -2,6 +2,7 @@ import copy
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -92,19 +93,25 @@ def test_the_sweep_set_covers_the_issue():
         assert cfg["command"][-2:] == ["--config", "${args_json_file}"], name
 
 
+SUMMARIES = {
+    "digits_beta_eps_grid.yaml": "grid, 6 runs, maximize val/robust_acc/pgd20_linf_0.1",
+    "fgm_beta_eps_grid.yaml": "grid, 24 runs, maximize val/robust_acc/pgd20_linf_0.1",
+    "cifar10_pgd_beta_bayes.yaml": (
+        "bayes, unbounded, maximize val/robust_acc/pgd20_linf_0.0313725, hyperband"
+    ),
+}
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=_names(SWEEPS))
-def test_every_sweep_validates(path):
-    assert sweep.validate_sweep(path) == []
-
-
-def test_validate_command_line(capsys):
-    assert sweep.main(["validate", *map(str, SWEEPS)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(SWEEPS) and all(": ok (" in line for line in out)
-    digits = next(line for line in out if "digits_beta_eps_grid" in line)
-    assert "grid, 6 runs, maximize val/robust_acc/pgd20_linf_0.1" in digits
-    fgm = next(line for line in out if "fgm_beta_eps_grid" in line)
-    assert "grid, 24 runs" in fgm
+def test_every_sweep_validates(capsys, path):
+    """Schema, engine, parse and constructor checks all pass; one summary line on stdout."""
+    assert sweep.main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    (line,) = captured.out.splitlines()
+    assert line.startswith(f"{path}: ok (") and line.endswith(")")
+    if path.name in SUMMARIES:
+        assert line == f"{path}: ok ({SUMMARIES[path.name]})"
 
 
 # -- the command `wandb agent` starts ---------------------------------------------------------------
@@ -223,6 +230,94 @@ def _rename(cfg, old, new):
     cfg["parameters"][new] = cfg["parameters"].pop(old)
 
 
+def _param(name, spec, method=None):
+    def edit(cfg):
+        cfg["parameters"][name] = spec
+        if method:
+            cfg["method"] = method
+
+    return edit
+
+
+ENGINE = {
+    "grid_over_a_range": (
+        _param("model.lr", {"distribution": "uniform", "min": 0.01, "max": 0.1}),
+        [
+            "parameters.model.lr: method grid cannot enumerate distribution uniform; grid takes "
+            "values: [...] or value: x (or distribution int_uniform / q_uniform with min and max); "
+            "use method random or bayes for a continuous range"
+        ],
+    ),
+    "grid_with_probabilities": (
+        _param("model.beta", {"values": [1.0, 2.0], "probabilities": [0.5, 0.5]}),
+        ["parameters.model.beta: method grid cannot enumerate values with probabilities;"],
+    ),
+    "bayes_without_metric": (
+        lambda c: (c.update(method="bayes"), c.pop("metric")),
+        [
+            "metric: method bayes needs a metric: add "
+            "`metric: {name: <logged metric>, goal: maximize or minimize}`"
+        ],
+    ),
+    "bayes_without_a_range": (
+        lambda c: (
+            c.update(method="bayes"),
+            c.update(parameters={"model.beta": {"value": 1.0}}),
+        ),
+        ["parameters: method bayes needs at least one parameter with values or a distribution"],
+    ),
+    "hyperband_without_metric": (
+        lambda c: (
+            c.update(early_terminate={"type": "hyperband", "min_iter": 3}),
+            c.pop("metric"),
+        ),
+        ["early_terminate: early termination needs a metric: add `metric: {name: "],
+    ),
+    "log_range_from_zero": (
+        _param("model.lr", {"distribution": "log_uniform_values", "min": 0, "max": 0.1}, "random"),
+        ["parameters.model.lr: min must be > 0.0, got 0 (distribution log_uniform_values)"],
+    ),
+    "min_above_max": (  # the engine says it twice
+        _param("model.lr", {"distribution": "uniform", "min": 0.1, "max": 0.01}, "random"),
+        ["parameters.model.lr: min 0.1 is not less than max 0.01"],
+    ),
+    "empty_values": (
+        _param("model.beta", {"values": []}),
+        ["parameters.model.beta: values must have at least 1 item(s), got []"],
+    ),
+}
+REJECTED = {
+    "negative_beta": (
+        _param("model.beta", {"values": [-1.0, 2.0]}),
+        [
+            "parameters.model.beta: value -1.0 is rejected before training: "
+            "beta must be positive or null (no spectral normalization), got -1.0"
+        ],
+    ),
+    "negative_beta_range": (
+        _param("model.beta", {"distribution": "uniform", "min": -1, "max": 2}, "random"),
+        ["parameters.model.beta: min -1 is rejected before training: beta must be positive"],
+    ),
+    "zero_attack_steps": (
+        _param("adversarial.attack.init_args.steps", {"values": [0, 5]}),
+        [
+            "parameters.adversarial.attack.init_args.steps: value 0 is rejected before training: "
+            "steps must be >= 1, got 0"
+        ],
+    ),
+    "zero_eval_interval": (
+        _param("robust_eval.every_n_epochs", {"value": 0}),
+        [
+            "parameters.robust_eval.every_n_epochs: value 0 is rejected before training: "
+            "robust_eval every_n_epochs must be >= 1, got 0"
+        ],
+    ),
+    "bad_data_value": (
+        _param("data.val_size", {"values": [0.1, 1.5]}),
+        ["parameters.data.val_size: value 1.5 is rejected before training: val_size must be"],
+    ),
+}
+
 BAD = {
     "unknown_key": (
         lambda c: _rename(c, "model.beta", "model.betaa"),
@@ -275,6 +370,17 @@ BAD = {
         lambda c: c.update(command=[t.replace("quickstart", "quickstrat") for t in c["command"]]),
         ["command: `python -m sn_lightning.fit --config configs/quickstrat.yaml", "does not parse"],
     ),
+    # what the W&B sweeps engine raises only when asked for runs (it used to be a traceback)
+    **ENGINE,
+    # values that parse but that every run would reject before training
+    **REJECTED,
+    "base_rejected": (  # the base command fails whatever the values: not blamed on model.beta
+        lambda c: c.update(command=[*c["command"][:6], "--model.lr=-0.1", *c["command"][6:]]),
+        [
+            "run {'adversarial.attack.init_args.eps': 0.05, 'model.beta': 1.0, ",
+            "is rejected before training: lr must be positive, got -0.1",
+        ],
+    ),
 }
 
 
@@ -289,6 +395,24 @@ def test_a_bad_sweep_is_one_line(tmp_path, capsys, case):
     assert err[0].startswith(f"python -m sn_lightning.sweep: error: {path}: ")
     for message in messages:
         assert message in err[0], (message, err[0])
+
+
+@pytest.mark.parametrize("case", sorted({**ENGINE, **REJECTED}))
+def test_run_refuses_a_bad_sweep_before_anything_starts(monkeypatch, tmp_path, capsys, case):
+    """`run` (and `run --dry-run`) print the same one line as `validate`, start and write nothing."""
+    edit, messages = BAD[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(_digits_variant(edit)))
+    fake = _FakeFit("x")
+    monkeypatch.setattr(sweep, "_execute", fake)
+    for dry_run in ([], ["--dry-run"]):
+        out = tmp_path / "out"
+        assert sweep.main(["run", str(path), "--count", "2", "--out", str(out), *dry_run]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"python -m sn_lightning.sweep: error: {path}: ")
+        assert all(message in line for message in messages), line
+        assert captured.out == "" and fake.calls == [] and not out.exists()
 
 
 def test_a_file_that_is_not_a_sweep(tmp_path, capsys):
@@ -319,8 +443,8 @@ def _fake_metric(params):
 class _FakeFit:
     """Stands in for the training process: reads the agent's JSON, writes results.json."""
 
-    def __init__(self, metric, returncode=0):
-        self.metric, self.returncode, self.calls = metric, returncode, []
+    def __init__(self, metric, returncode=0, log="fake\n"):
+        self.metric, self.returncode, self.log, self.calls = metric, returncode, log, []
 
     def __call__(self, argv, env, log):
         self.calls.append((list(argv), dict(env)))
@@ -336,8 +460,9 @@ class _FakeFit:
         run_dir.mkdir(parents=True)
         value = _fake_metric(params)
         results = {"metrics": {self.metric: value}, "test": {"acc": value / 2}, "gap": 0.01}
-        (run_dir / "results.json").write_text(json.dumps(results))
-        log.write_text("fake\n")
+        if self.returncode == 0:
+            (run_dir / "results.json").write_text(json.dumps(results))
+        log.write_text(self.log)
         return self.returncode
 
 
@@ -362,11 +487,18 @@ def test_grid_runs_write_csv_and_plots_and_resume(monkeypatch, tmp_path, capsys)
         swept = yaml.safe_load(Path(env["WANDB_SWEEP_PARAM_PATH"]).read_text())
         swept = {k: v["value"] for k, v in swept.items() if k != "wandb_version"}
         assert json.loads(Path(argv[-3]).read_text()) == swept
+    assert capsys.readouterr().out.startswith(
+        "note: the options after -- set trainer.max_epochs; runs.csv and the plots record the "
+        "values the runs used\n"
+    )
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert [r["status"] for r in rows] == ["finished"] * 4
     expected = sweep.propose(sweep.sweep_config(cfg), [], n=4)
     for row, params in zip(rows, expected, strict=True):
-        assert json.loads(row["params_json"]) == params
+        assert json.loads(row["params_json"]) == params  # the engine's proposal (for resuming)
+        assert params["trainer.max_epochs"] == 3
+        assert row["trainer.max_epochs"] == "1"  # what the run used: the option after -- won
+        assert json.loads(row["used_json"]) == {**params, "trainer.max_epochs": 1}
         assert row["model.beta"] == (
             "null" if params["model.beta"] is None else str(params["model.beta"])
         )
@@ -380,6 +512,7 @@ def test_grid_runs_write_csv_and_plots_and_resume(monkeypatch, tmp_path, capsys)
     rows = list(csv.DictReader((out / "runs.csv").open()))
     all_points = sweep.propose(sweep.sweep_config(cfg), [], n=100)
     assert sorted(r["params_json"] for r in rows) == sorted(json.dumps(p) for p in all_points)
+    assert [r["trainer.max_epochs"] for r in rows] == ["1"] * 4 + ["3"] * 2  # kept on resume
     assert "resuming: 4 earlier runs" in capsys.readouterr().out
     assert sweep.main(["run", str(DIGITS), "--out", str(out)]) == 0
     assert len(fake.calls) == 6 and "the grid is complete" in capsys.readouterr().out
@@ -400,9 +533,9 @@ def test_bayes_gets_the_finished_runs_metrics(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(engine, "next_runs", spy)
     runs = sweep.run_sweep(BAYES, count=3, out=tmp_path / "bayes")
-    assert [len(s) for s in seen] == [0, 1, 2]
+    assert [len(s) for s in seen] == [0, 0, 1, 2]  # validate asks for one run; then one per run
     for i, run in enumerate(runs[:2]):
-        state, summary, config = seen[2][i]
+        state, summary, config = seen[3][i]
         assert state == "finished" and config == {k: {"value": v} for k, v in run.params.items()}
         assert summary == {metric: pytest.approx(_fake_metric(run.params))}
     assert all(0.8 <= r.params["model.beta"] <= 8.0 for r in runs)
@@ -412,21 +545,118 @@ def test_bayes_gets_the_finished_runs_metrics(monkeypatch, tmp_path, capsys):
 def test_count_is_required_for_bayes_and_failed_runs_exit_1(monkeypatch, tmp_path, capsys):
     assert sweep.main(["run", str(BAYES), "--out", str(tmp_path)]) == 2
     assert "--count is required for method bayes" in capsys.readouterr().err
-    monkeypatch.setattr(sweep, "_execute", _FakeFit("x", returncode=1))
-    assert sweep.main(["run", str(DIGITS), "--count", "1", "--out", str(tmp_path / "f")]) == 1
-    rows = list(csv.DictReader((tmp_path / "f" / "runs.csv").open()))
+    log = (
+        'Seed set to 0\nTraceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "RuntimeError: CUDA out of memory at step 3\n\nwandb: Synced 1 run\n"
+    )
+    monkeypatch.setattr(sweep, "_execute", _FakeFit("x", returncode=1, log=log))
+    out = tmp_path / "f"
+    assert sweep.main(["run", str(DIGITS), "--count", "1", "--out", str(out)]) == 1
+    rows = list(csv.DictReader((out / "runs.csv").open()))
     assert [r["status"] for r in rows] == ["failed"]
+    assert rows[0]["error"] == "RuntimeError: CUDA out of memory at step 3"
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[1] ")]
+    run_id = rows[0]["run_id"]
+    assert line.startswith(f"[1] {run_id} failed (0 s): adversarial.attack.init_args.eps=0.05 ")
+    assert line.endswith(
+        "-> val/robust_acc/pgd20_linf_0.1 = n/a; RuntimeError: CUDA out of memory at step 3 "
+        f"({out / run_id / 'output.log'})"
+    )
+    # resumed, the reason stays in runs.csv
+    assert sweep.read_csv(out / "runs.csv", "x")[0].error == rows[0]["error"]
 
 
-def test_dry_run_prints_the_agent_commands(tmp_path, capsys):
-    runs = sweep.run_sweep(DIGITS, count=2, out=tmp_path, dry_run=True, fit_overrides=["--x=1"])
+def test_last_error_line(tmp_path):
+    log = tmp_path / "output.log"
+    assert sweep.last_error_line(log) == ""  # no log
+    log.write_text("")
+    assert sweep.last_error_line(log) == ""
+    log.write_text("Epoch 0\npython -m sn_lightning.fit: error: beta must be positive\nbye\n")
+    assert sweep.last_error_line(log) == "python -m sn_lightning.fit: error: beta must be positive"
+    log.write_text("ValueError: first\nsn_lightning.errors.ConfigError: second\nwandb: done\n")
+    assert sweep.last_error_line(log) == "sn_lightning.errors.ConfigError: second"
+    log.write_text("all fine\nthen nothing\n")
+    assert sweep.last_error_line(log) == "then nothing"
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_dry_run_prints_the_agent_commands_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    runs = sweep.run_sweep(
+        DIGITS, count=2, out=out, dry_run=True, fit_overrides=["--trainer.max_epochs=1"]
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert [r.status for r in runs] == ["dry-run"] * 2 and not (tmp_path / "runs.csv").exists()
-    for run, line in zip(runs, lines, strict=True):
+    assert [r.status for r in runs] == ["dry-run"] * 2
+    assert not out.exists() and _files(tmp_path) == []  # no folder, JSON file, runs.csv or plot
+    assert lines[0].startswith("note: the options after -- set trainer.max_epochs;")
+    for run, line in zip(runs, lines[1:], strict=True):
+        assert shlex.split(line) == run.command
+        # the swept values inline, where a real run gets the agent's JSON file
         assert line.startswith(
-            "/usr/bin/env python -m sn_lightning.fit --config configs/quickstart.yaml"
+            "/usr/bin/env python -m sn_lightning.fit --config configs/quickstart.yaml "
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger --config "
+            + shlex.quote(json.dumps(run.params))
         )
-        assert line.endswith(f"--trainer.default_root_dir={tmp_path / run.run_id} --x=1")
+        assert line.endswith(
+            f"--trainer.default_root_dir={out / run.run_id} --trainer.max_epochs=1"
+        )
+        assert run.used == {**run.params, "trainer.max_epochs": 1}
+
+
+def test_a_dry_run_command_runs_as_printed(tmp_path, capsys):
+    (run,) = sweep.run_sweep(DIGITS, count=1, out=tmp_path / "out", dry_run=True)
+    assert run.params["model.beta"] == 1.0
+    capsys.readouterr()
+    printed = _print_config(sweep.fit_args(run.command), capsys)
+    assert printed["model"]["beta"] == 1.0 and printed["trainer"]["max_epochs"] == 3
+    assert (
+        printed["adversarial"]["attack"]["init_args"]["eps"]
+        == run.params["adversarial.attack.init_args.eps"]
+    )
+
+
+def test_options_after_dashdash_win_over_swept_values(monkeypatch, tmp_path, capsys):
+    cfg = sweep.load_sweep(DIGITS)
+    fake = _FakeFit(cfg["metric"]["name"])
+    monkeypatch.setattr(sweep, "_execute", fake)
+    out = tmp_path / "out"
+    args = ["run", str(DIGITS), "--count", "3", "--out", str(out), "--", "--model.beta=3"]
+    assert sweep.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "note: the options after -- set model.beta; runs.csv and the plots" in stdout
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [r["model.beta"] for r in rows] == ["3.0"] * 3
+    assert [json.loads(r["params_json"])["model.beta"] for r in rows] == [1.0, 2.0, None]
+    assert all(" model.beta=3 " in line for line in stdout.splitlines() if line.startswith("["))
+
+
+BAD_OPTIONS = {
+    "--model.beta=-1": "options after --: `--model.beta=-1`: run "
+    "{'adversarial.attack.init_args.eps': 0.05, 'model.beta': 1.0, "
+    "'robust_eval.every_n_epochs': 1, 'trainer.max_epochs': 3} is rejected before training: "
+    "beta must be positive",
+    "--trainer.max_epochz=1": "options after --: `--trainer.max_epochz=1` do not parse with run "
+    "{'adversarial.attack.init_args.eps': 0.05, 'model.beta': 1.0, "
+    "'robust_eval.every_n_epochs': 1, 'trainer.max_epochs': 3}: unknown config key "
+    "trainer.max_epochz; did you mean trainer.max_epochs? keys under 'trainer': ",
+    "--model.beta=abc": "options after --: `--model.beta=abc` do not parse with run ",
+}
+
+
+@pytest.mark.parametrize("option", sorted(BAD_OPTIONS))
+def test_bad_options_after_dashdash_fail_before_any_run(monkeypatch, tmp_path, capsys, option):
+    fake = _FakeFit("x")
+    monkeypatch.setattr(sweep, "_execute", fake)
+    for dry_run in ([], ["--dry-run"]):
+        out = tmp_path / "out"
+        assert sweep.main(["run", str(DIGITS), "--out", str(out), *dry_run, "--", option]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"python -m sn_lightning.sweep: error: {BAD_OPTIONS[option]}"), line
+        assert fake.calls == [] and not (out / "runs.csv").exists()
 
 
 # -- the digits sweep end to end ---------------------------------------------------------------------
@@ -503,12 +733,10 @@ def test_random_search_proposes_from_the_distributions(tmp_path, capsys):
     cfg.pop("early_terminate")
     path = tmp_path / "random.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert sweep.validate_sweep(path) == []
-    runs = sweep.run_sweep(path, count=3, out=tmp_path / "out", dry_run=True)
+    runs = sweep.run_sweep(path, count=3, out=tmp_path / "out", dry_run=True)  # validates first
     assert len({r.params["model.beta"] for r in runs}) == 3
     for run in runs:
         assert 0.8 <= run.params["model.beta"] <= 8.0 and 0.003 <= run.params["model.lr"] <= 0.03
         assert type(run.params["model.beta"]) is float  # plain values, as from the W&B server
-        (json_file,) = [a for a in run.command if a.endswith(".json")]
-        on_disk = json.loads(Path(json_file).read_text())
-        assert on_disk == run.params
+        configs = [run.command[i + 1] for i, a in enumerate(run.command) if a == "--config"]
+        assert json.loads(configs[-1]) == run.params  # inline: a dry run writes no JSON file
