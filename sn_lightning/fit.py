@@ -62,8 +62,31 @@ class _OneLineErrorParser(LightningArgumentParser):
         if not getattr(self, "exit_on_error", True):
             super().error(message, ex)
         first = " ".join(str(message).split())  # collapse jsonargparse's multi-line explanations
-        sys.stderr.write(f"{self.prog}: error: {first}\n")
+        sys.stderr.write(f"{self.prog}: error: {_plain_union_error(first)}\n")
         raise SystemExit(2)
+
+
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "str": "a string",
+    "NoneType": "null",
+    "sn_lightning.attacks.base.Attack": "an attack: FGM, PGD, WRM (or a full class path)",
+}
+
+
+def _plain_union_error(message: str) -> str:
+    """A 'Does not validate against any of the Union subtypes' error as key, value and choices."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    given = re.search(r"Given value: (.*)$", message)
+    if not (key and given and "Does not validate against any of the Union subtypes" in message):
+        return message
+    subtypes = re.findall(r"<class '([\w.]+)'>", message.split("Errors:")[0])
+    if not subtypes:
+        return message
+    words = [_TYPE_WORDS.get(t, t.rsplit(".", 1)[-1]) for t in subtypes]
+    return f"--{key.group(1)}: invalid value {given.group(1)!r}; expected {' or '.join(words)}"
 
 
 def config_error_in(err: BaseException) -> ConfigError | None:

@@ -106,6 +106,11 @@ def test_resume_from_checkpoint(tmp_path):
         (["--model.backbone=timm:vit_tiny_patch16_224"], "cannot take inputs of shape (1, 8, 8)"),
         (["--trainer.max_epochs=-5"], "trainer: `max_epochs` must be a non-negative integer"),
         (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path '/nonexistent.ckpt' is not a file"),
+        (
+            ["--adversarial.attack=FOO"],
+            "--adversarial.attack: invalid value 'FOO'; expected an attack: FGM, PGD, WRM",
+        ),
+        (["--model.beta=abc"], "--model.beta: invalid value 'abc'; expected a number or null"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
