@@ -82,6 +82,8 @@ def _plain_union_error(message: str) -> str:
     given = re.search(r"Given value: (.*)$", message)
     if not (key and given and "Does not validate against any of the Union subtypes" in message):
         return message
+    if "Given value type: <class 'str'>" not in message:  # e.g. a bad init_arg of a valid class
+        return message
     subtypes = re.findall(r"<class '([\w.]+)'>", message.split("Errors:")[0])
     if not subtypes:
         return message
@@ -105,7 +107,7 @@ def config_error_in(err: BaseException) -> ConfigError | None:
                     return ConfigError(f"{found.group(1).rsplit('.', 1)[-1]}: {e}")
             return e
         chain.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__  # not __context__: an error raised while handling one is its own
     return None
 
 

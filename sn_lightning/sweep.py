@@ -708,7 +708,7 @@ def _rejection(error: BaseException) -> str:
     cause: BaseException | None = error
     while cause is not None and all(cause is not seen for seen in chain):
         chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__
     chosen = next((e for e in chain if isinstance(e, ConfigError)), None)
     if chosen is not None:
         return _one_line(chosen)

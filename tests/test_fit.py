@@ -254,3 +254,26 @@ def test_certified_run_prints_both_bounds_labelled(tmp_path, capsys):
     assert f"Lipschitz bound (l2, sound, product of layer bounds): {product:.4g}" in out
     assert f"LipLT bound (l2, sound, used for the certificates): {liplt:.4g}" in out
     assert 0 < liplt < math.inf and 0 < product < math.inf
+
+
+def _implicit_context() -> None:
+    from sn_lightning.errors import ConfigError
+
+    try:
+        raise ConfigError("files missing; pass --data.download=true")
+    except ConfigError:
+        raise RuntimeError("download failed: no network")  # noqa: B904
+
+
+def test_only_wrapped_config_errors_become_one_line():
+    from sn_lightning.errors import ConfigError
+    from sn_lightning.fit import config_error_in
+
+    # an error raised while handling a ConfigError is its own error: it keeps its traceback
+    with pytest.raises(RuntimeError) as info:
+        _implicit_context()
+    assert isinstance(info.value.__context__, ConfigError)
+    assert config_error_in(info.value) is None
+    wrapped = ValueError("Does not validate: class_path='sn_lightning.attacks.PGD'")
+    wrapped.__cause__ = ConfigError("steps must be >= 1, got 0")  # jsonargparse's `from`
+    assert str(config_error_in(wrapped)) == "PGD: steps must be >= 1, got 0"

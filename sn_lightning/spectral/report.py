@@ -543,6 +543,12 @@ def network_lipschitz_bound(
     return _network_bound(model, input_shape, {})
 
 
+def _describe(node: fx.Node) -> str:
+    """A node's op and target for messages (``add_`` / ``Linear`` / ``torch.mul``)."""
+    target = node.target
+    return f"{node.op} {getattr(target, '__name__', target)}"
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
@@ -556,31 +562,34 @@ def _network_bound(
     problem = _lipschitz_module()._forward_hook_problem(model)
     if problem is not None:  # lipschitz.py, Note [forward hooks]
         return None, f"{problem} (torch.fx traces no hooks)"
+    # The bound is the eval-mode network's: trace, record and propagate in eval mode (a forward
+    # may branch on self.training), whatever mode the caller is in; the modes are restored.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        graph = _Tracer().trace(model)
-    except Exception as e:
-        return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
-    gm = fx.GraphModule(model, graph)
-    recorder = _ShapeRecorder(gm)
-    if input_shape is not None:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         try:
-            param = next(iter(model.parameters()), None)
-            device = param.device if param is not None else torch.device("cpu")
-            dtype = param.dtype if param is not None else torch.float32
-            with torch.no_grad():
-                recorder.run(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+            graph = _Tracer().trace(model)
         except Exception as e:
-            shape = tuple(int(i) for i in input_shape)
-            return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
-        finally:
-            for m, mode in modes:
-                m.training = mode
-    try:
-        bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
-    except _Unsupported as e:
-        return None, str(e)
+            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
+        gm = fx.GraphModule(model, graph)
+        recorder = _ShapeRecorder(gm)
+        if input_shape is not None:
+            try:
+                param = next(iter(model.parameters()), None)
+                device = param.device if param is not None else torch.device("cpu")
+                dtype = param.dtype if param is not None else torch.float32
+                with torch.no_grad():
+                    recorder.run(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+            except Exception as e:
+                shape = tuple(int(i) for i in input_shape)
+                return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
+        try:
+            bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
+        except _Unsupported as e:
+            return None, str(e)
+    finally:
+        for m, mode in modes:
+            m.training = mode
     if math.isnan(bound):
         return None, "the bound is NaN (a NaN weight, statistic or constant)"
     return bound, ""
@@ -745,7 +754,15 @@ def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def _propagate_inplace(node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float]) -> None:
-    """After an in-place ``node``, update the bounds of the tensors it wrote (Note [in-place ops])."""
+    """After an in-place ``node``, update the bounds of the tensors it wrote (Note [in-place ops]).
+
+    Writes the rules cannot follow are refused: an ``out=`` tensor, and a write into a parameter
+    or buffer (each read of it is a separate node, so later reads would keep a bound of 0).
+    """
+    if node.kwargs.get("out") is not None:
+        raise _Unsupported(
+            f"{_describe(node)} writes through out=, which the bound does not follow"
+        )
     if not _may_alias(node, gm) or not _inplace(node, gm):
         return
     target = node.args[0]
@@ -759,6 +776,8 @@ def _propagate_inplace(node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float
         if _may_alias(v, gm):
             stack.append(v.args[0])  # what v is a view of
         stack += [u for u in v.users if u.args and u.args[0] is v and _may_alias(u, gm)]
+    if any(v.op == "get_attr" for v in group):
+        raise _Unsupported(f"{_describe(node)} writes in place into a parameter or buffer")
     for v in group - {node}:
         if v in L:
             L[v] = L[node] if v is target else math.hypot(L[v], L[node])

@@ -668,3 +668,62 @@ def test_batchnorm_row_with_bad_statistics_has_no_number():
     assert report.lipschitz_bound is None
     index = report.layers.index(row)
     assert json.loads(json.dumps(report.as_dict()))["layers"][index]["sigma"] == "nan"
+
+
+class _OutWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        torch.mul(y, 100, out=y)
+        return y
+
+
+class _BufferWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("b", torch.zeros(1, 4))
+
+    def forward(self, x):
+        self.b.add_(self.fc(x) * 100)
+        return self.b + 0 * x
+
+
+class _EvalBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if not self.training:
+            y = y * 100
+        return y
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (_OutWrite, "writes through out="),
+        (_BufferWrite, "writes in place into a parameter or buffer"),
+    ],
+)
+def test_writes_the_bound_cannot_follow_are_refused(model, reason):
+    torch.manual_seed(0)
+    bound, why = network_lipschitz_bound(model(), input_shape=(4,))
+    assert bound is None and reason in why
+
+
+def test_bound_is_the_eval_networks_whatever_the_callers_mode():
+    torch.manual_seed(0)
+    model = _EvalBranch().train()
+    bound, _ = network_lipschitz_bound(model, input_shape=(4,))
+    assert model.training  # restored
+    model.eval()
+    true = torch.linalg.matrix_norm(
+        torch.autograd.functional.jacobian(model, torch.randn(4)), ord=2
+    ).item()
+    assert true > 50 and true <= bound * (1 + 1e-6)
