@@ -840,6 +840,12 @@ def _known_forward(m: nn.Module) -> Any:
     return None
 
 
+_TENSOR_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})  # ||.|| <= ||x||
+_CONSTANT_ATTRIBUTES = frozenset(
+    {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse"}
+)
+
+
 def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
     f = node.target
     args, kwargs = node.args, node.kwargs
@@ -860,8 +866,13 @@ def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
         return lip(args[0])  # root sum of squares over the list
     if f is operator.getitem:
         return _getitem_rule(node, lip)
-    if f is getattr:
-        return 0.0
+    if f is getattr:  # x.T, x.data: the same values rearranged; x.shape, x.dtype: constants
+        attr = args[1] if len(args) > 1 else None
+        if attr in _TENSOR_ATTRIBUTES:
+            return lip(args[0])
+        if attr in _CONSTANT_ATTRIBUTES or lip(args[0]) == 0.0:
+            return 0.0
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: tensor attribute {attr!r}")
     if f in _PARAMETRIZED_FUNCTIONS:
         return _parametrized_function_rule(node) * lip(args[0])
     if f in (

@@ -727,3 +727,24 @@ def test_bound_is_the_eval_networks_whatever_the_callers_mode():
         torch.autograd.functional.jacobian(model, torch.randn(4)), ord=2
     ).item()
     assert true > 50 and true <= bound * (1 + 1e-6)
+
+
+class _Transposes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).T.T * 3 + 0 * x.shape[0]
+
+
+def test_tensor_attributes_carry_their_tensors_bound():
+    torch.manual_seed(0)
+    model = _Transposes().eval()
+    bound, why = network_lipschitz_bound(model, input_shape=(4,))
+    x = torch.randn(1, 4)
+    true = torch.linalg.matrix_norm(
+        torch.autograd.functional.jacobian(model, x).reshape(4, 4), ord=2
+    ).item()
+    assert bound is not None, why
+    assert 1.0 < true <= bound * (1 + 1e-6)
