@@ -81,6 +81,7 @@ from torch.nn.modules import module as torch_module
 
 from sn_lightning.attacks.layerwise import LayerwisePerturbation
 from sn_lightning.models.normalize import InputNormalize
+from sn_lightning.modes import eval_mode
 from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
@@ -594,10 +595,8 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
                 f"{type(m).__name__} overrides forward; its operator is not the plain "
                 f"{base.__name__}'s"
             )
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     shapes: list[tuple[int, ...]] = []
-    try:
+    with eval_mode(model):
         p = next(model.parameters(), None)
         x = torch.zeros(
             1,
@@ -610,9 +609,6 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
                 shapes.append(tuple(x.shape[1:]))
                 x = m(x)
         shapes.append(tuple(x.shape[1:]))
-    finally:
-        for m, mode in modes:
-            m.training = mode
     segments: list[LipLTNet] = []
     pools: list[MaxPoolCut] = []
     stages: list[Stage] = []

@@ -99,7 +99,7 @@ def test_resume_from_checkpoint(tmp_path):
         ),
         # raised in a class's __init__ and wrapped by jsonargparse: named by the class
         (["--adversarial.attack.steps=0"], "PGD: steps must be >= 1, got 0"),
-        (["--adversarial.attack.eps=-0.1"], "PGD: "),
+        (["--adversarial.attack.eps=-0.1"], "PGD: eps must be a finite number >= 0, got -0.1"),
         (["--model.sn_power_iterations=0"], "sn_power_iterations must be an integer >= 1, got 0"),
         (["--model.sn_exclude=[nomatch]"], "exclude pattern 'nomatch' matches no"),
         (["--data.num_workers=-1"], "num_workers must be an integer >= 0, got -1"),

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.models import create_backbone
+from sn_lightning.modes import eval_mode
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 Objective = Callable[["SNClassifier", Tensor, Tensor], tuple[Tensor, Tensor]]  # -> (loss, logits)
@@ -29,19 +30,15 @@ def _check_backbone(
     """
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros((2, *input_shape), device=device))
-    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
-        raise ConfigError(
-            f"backbone {backbone!r} cannot take inputs of shape {input_shape} (the dataset's): "
-            f"{first_line(err)}"
-        ) from err
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model):
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros((2, *input_shape), device=device))
+        except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+            raise ConfigError(
+                f"backbone {backbone!r} cannot take inputs of shape {input_shape} (the dataset's): "
+                f"{first_line(err)}"
+            ) from err
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ConfigError(

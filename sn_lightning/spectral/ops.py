@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sn_lightning.modes import eval_mode
+
 __all__ = [
     "LinearOp",
     "OperatorSpec",
@@ -838,14 +840,8 @@ def _effective_weight(layer: nn.Module) -> Tensor:
     Parametrizations are evaluated in eval mode (no power-iteration write-back), then the mode
     is restored.
     """
-    modes = [(m, m.training) for m in layer.modules()]
-    layer.eval()
-    try:
-        with torch.no_grad():
-            return layer.weight.detach()
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(layer), torch.no_grad():
+        return layer.weight.detach()
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from sn_lightning.modes import eval_mode
 from sn_lightning.spectral import fused
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
@@ -717,16 +718,10 @@ def remove_bounded_spectral_norm(module: nn.Module, name: str = "weight") -> nn.
 
 def _remove(module: nn.Module, name: str) -> None:
     """Remove all parametrizations of ``module.<name>``, baking the eval-mode value in."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                _sync_running_var(module, ())
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(module), torch.no_grad():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            _sync_running_var(module, ())
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from sn_lightning.models.normalize import InputNormalize
+from sn_lightning.modes import eval_mode
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
     OperatorSpec,
@@ -564,9 +565,7 @@ def _network_bound(
         return None, f"{problem} (torch.fx traces no hooks)"
     # The bound is the eval-mode network's: trace, record and propagate in eval mode (a forward
     # may branch on self.training), whatever mode the caller is in; the modes are restored.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         try:
             graph = _Tracer().trace(model)
         except Exception as e:
@@ -587,9 +586,6 @@ def _network_bound(
             bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
         except _Unsupported as e:
             return None, str(e)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if math.isnan(bound):
         return None, "the bound is NaN (a NaN weight, statistic or constant)"
     return bound, ""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sn_lightning.errors import ConfigError, first_line
+from sn_lightning.modes import eval_mode
 from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import SUPPORTED_LAYERS
 from sn_lightning.spectral.parametrization import (
@@ -92,23 +93,20 @@ def _record_input_shapes(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
-    except ConfigError:
-        raise
-    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
-        raise ConfigError(
-            f"the model cannot take input_shape {tuple(input_shape)} (one input, no batch dim): "
-            f"{first_line(err)}"
-        ) from err
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model):
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+        except ConfigError:
+            raise
+        except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+            raise ConfigError(
+                f"the model cannot take input_shape {tuple(input_shape)} (one input, no batch dim): "
+                f"{first_line(err)}"
+            ) from err
+        finally:
+            for h in handles:
+                h.remove()
     return shapes
 
 
@@ -329,20 +327,14 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = model.state_dict()
     plain: dict[str, Tensor] = OrderedDict()
     values: dict[str, Tensor] = {}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for name, m in model.named_modules():
-                if parametrize.is_parametrized(m):
-                    prefix = f"{name}." if name else ""
-                    for tensor_name in m.parametrizations:
-                        values[f"{prefix}parametrizations.{tensor_name}."] = (
-                            getattr(m, tensor_name).detach().clone()
-                        )
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        for name, m in model.named_modules():
+            if parametrize.is_parametrized(m):
+                prefix = f"{name}." if name else ""
+                for tensor_name in m.parametrizations:
+                    values[f"{prefix}parametrizations.{tensor_name}."] = (
+                        getattr(m, tensor_name).detach().clone()
+                    )
     for key, value in state.items():
         for pre, baked in values.items():
             if key.startswith(pre):
