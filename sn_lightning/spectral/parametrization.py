@@ -444,6 +444,8 @@ class BoundedSpectralNorm(nn.Module):
         self.frozen = False  # set by freeze_spectral_norm
         self.layer_type = type(layer).__name__
         self.input_shape = None if input_shape is None else tuple(int(i) for i in input_shape)
+        # The whole network's input shape, set by apply_spectral_norm (the report's default).
+        self.network_input_shape: tuple[int, ...] | None = None
         weight = layer.weight.detach()
         # ConvTranspose weights are (C_in, C_out/g, ...): rows are output channels after a
         # transpose, as in torch's spectral_norm (dim=1).

@@ -527,7 +527,8 @@ def network_lipschitz_bound(
     1.13, SiLU 1.1, ...; none where the parameters make it discontinuous or unbounded:
     lipschitz.py, Note [activation parameters]); reshapes, Dropout, Identity, means: 1;
     ``F.dropout(training=True)``: ``1 / (1 - p)``; pools: see :func:`_pool_bound`; ``a + b``,
-    ``a - b``: ``L(a) + L(b)``; ``cat``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
+    ``a - b``: ``L(a) + L(b)``, an operand broadcast to n times its size counting ``sqrt(n)``
+    (Note [broadcast sums]); ``cat``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
     ``|c| L(a)``; values that do not depend on the input (parameters, sizes): 0; an in-place op
     also raises the bounds of the tensors it writes (Note [in-place ops]). Anything else
     (rounding, casts to integers, ...): no bound; nor for a model with forward hooks
@@ -535,8 +536,10 @@ def network_lipschitz_bound(
 
     Args:
         model: the network; its forward must take the input tensor as first argument.
-        input_shape: ``(C, H, W)`` of one input; enables shape-aware rules and unnormalized
-            convolutions (otherwise their recorded shape from ``apply_spectral_norm`` is used).
+        input_shape: ``(C, H, W)`` of one input; enables shape-aware rules (sums, pools) and
+            unnormalized convolutions. Default: the ``input_shape`` given to
+            ``apply_spectral_norm``, if any; without one, sums of input-dependent values get no
+            bound and convolutions use their recorded shapes.
 
     Returns:
         ``(bound, "")`` or ``(None, reason)``.
@@ -572,16 +575,21 @@ def _network_bound(
             return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
         gm = fx.GraphModule(model, graph)
         recorder = _ShapeRecorder(gm)
-        if input_shape is not None:
+        recorded = _recorded_network_input_shape(model) if input_shape is None else None
+        if input_shape is not None or recorded is not None:
             try:
                 param = next(iter(model.parameters()), None)
                 device = param.device if param is not None else torch.device("cpu")
                 dtype = param.dtype if param is not None else torch.float32
                 with torch.no_grad():
-                    recorder.run(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+                    recorder.run(
+                        torch.zeros((1, *(input_shape or recorded)), device=device, dtype=dtype)
+                    )
             except Exception as e:
-                shape = tuple(int(i) for i in input_shape)
-                return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
+                if input_shape is not None:
+                    shape = tuple(int(i) for i in input_shape)
+                    return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
+                recorder = _ShapeRecorder(gm)  # e.g. a submodule of the normalized network
         try:
             bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
         except _Unsupported as e:
@@ -589,6 +597,13 @@ def _network_bound(
     if math.isnan(bound):
         return None, "the bound is NaN (a NaN weight, statistic or constant)"
     return bound, ""
+
+
+def _recorded_network_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The ``input_shape`` that ``apply_spectral_norm`` was given for ``model``, if one."""
+    shapes = {getattr(p, "network_input_shape", None) for _, p in normalized_layers(model).values()}
+    shapes.discard(None)
+    return shapes.pop() if len(shapes) == 1 else None
 
 
 def _propagate(
@@ -631,9 +646,9 @@ def _propagate(
         elif node.op in ("call_function", "call_method") and _constant(node, lip):
             L[node] = 0.0  # shapes, asserts, parameters: nothing here depends on the input values
         elif node.op == "call_function":
-            L[node] = _function_rule(node, lip)
+            L[node] = _function_rule(node, lip, shapes)
         elif node.op == "call_method":
-            L[node] = _method_rule(node, lip, dtypes)
+            L[node] = _method_rule(node, lip, shapes, dtypes)
         else:  # pragma: no cover - fx has no other ops
             raise _Unsupported(f"unknown fx op {node.op}")
         _propagate_inplace(node, gm, L)
@@ -842,14 +857,13 @@ _CONSTANT_ATTRIBUTES = frozenset(
 )
 
 
-def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
+def _function_rule(
+    node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+) -> float:
     f = node.target
     args, kwargs = node.args, node.kwargs
     if f in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
-        alpha = _const(kwargs.get("alpha", 1))
-        if alpha is None:
-            raise _Unsupported(f"no Lipschitz rule for {node.name}: {f} with a tensor alpha")
-        return lip(args[0]) + abs(alpha) * lip(args[1])
+        return _sum_rule(node, lip, shapes)
     if f in (operator.mul, operator.imul, torch.mul):
         return _scale_rule(node, args[0], args[1], lip, divide=False)
     if f in (operator.truediv, operator.itruediv, torch.div):
@@ -885,6 +899,43 @@ def _function_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
         return _FUNCTION_CONSTANTS[f] * lip(args[0])
     name = getattr(f, "__name__", str(f))
     raise _Unsupported(f"no Lipschitz rule for function {name} ({node.name})")
+
+
+# Note [broadcast sums]
+#   ``a + b`` has ``||d(a + b)|| <= ||da|| + ||db||`` only when neither operand is broadcast. An
+#   operand of n elements broadcast to an output of N elements repeats each entry N/n times (n
+#   divides N), so its change has norm sqrt(N/n) ||da||: ``fc(x) (one logit) + zeros(1, 100)``
+#   moves 100 entries by the same amount, sqrt(100) times the logit's change. So each
+#   input-dependent operand counts sqrt(numel(out) / numel(operand)), from the shapes recorded
+#   by one run of the graph. Without them (no input shape known) a sum of input-dependent values
+#   gets no bound.
+
+
+def _sum_rule(
+    node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+) -> float:
+    """``a + alpha * b`` / ``a - alpha * b`` (functions, methods, in-place): Note [broadcast sums]."""
+    a, b = _param(node, 0, "input", None), _param(node, 1, "other", None)
+    alpha = _const(node.kwargs.get("alpha", 1))
+    if alpha is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} with a tensor alpha"
+        )
+    out = shapes.get(node.name)
+    total = 0.0
+    for operand, scale in ((a, 1.0), (b, abs(alpha))):
+        bound = lip(operand)
+        if bound == 0.0:
+            continue
+        shape = shapes.get(operand.name) if isinstance(operand, fx.Node) else None
+        if out is None or shape is None:
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: {_describe(node)} of input-dependent values "
+                "whose shapes are unknown (they may broadcast): pass input_shape"
+            )
+        repeats = math.prod(out) / max(math.prod(shape), 1)
+        total += scale * bound * math.sqrt(max(repeats, 1.0))
+    return total
 
 
 # Functional activations with parameters: name, then (position, default) of each parameter.
@@ -976,7 +1027,10 @@ def _cast_rule(node: fx.Node, lip: Callable[[Any], float], dtypes: dict[str, tor
 
 
 def _method_rule(
-    node: fx.Node, lip: Callable[[Any], float], dtypes: dict[str, torch.dtype]
+    node: fx.Node,
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
 ) -> float:
     name = node.target
     args = node.args
@@ -985,10 +1039,7 @@ def _method_rule(
     if name in ("to", "type_as"):
         return _cast_rule(node, lip, dtypes)
     if name in ("add", "add_", "sub", "sub_"):
-        alpha = _const(node.kwargs.get("alpha", 1))
-        if alpha is None:
-            raise _Unsupported(f"no Lipschitz rule for {node.name}: {name} with a tensor alpha")
-        return lip(args[0]) + abs(alpha) * lip(args[1])
+        return _sum_rule(node, lip, shapes)
     if name in ("mul", "mul_"):
         return _scale_rule(node, args[0], args[1], lip, divide=False)
     if name in ("div", "div_"):

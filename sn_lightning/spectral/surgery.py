@@ -284,6 +284,8 @@ def apply_spectral_norm(
             cuda_graph=cuda_graph,
             batch_fold=batch_fold,
         )
+        p = _find(m, "weight", BoundedSpectralNorm)
+        p.network_input_shape = input_shape  # the network bound's default (report.py)
     for name, m in norms.items():
         b = _beta_for(name, beta)
         assert b is not None

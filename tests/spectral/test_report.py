@@ -748,3 +748,58 @@ def test_tensor_attributes_carry_their_tensors_bound():
     ).item()
     assert bound is not None, why
     assert 1.0 < true <= bound * (1 + 1e-6)
+
+
+class _BroadcastSum(nn.Module):
+    """One input-dependent logit broadcast over 100 outputs (Note [broadcast sums])."""
+
+    def __init__(self, method: bool = False, subtract: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(4, 1, bias=False)
+        self.method, self.subtract = method, subtract
+        self.register_buffer("zeros", torch.zeros(1, 100))
+
+    def forward(self, x):
+        y = self.fc(x)  # (B, 1)
+        if self.method:
+            return self.zeros.sub(y) if self.subtract else self.zeros.add(y, alpha=2.0)
+        return y - self.zeros if self.subtract else self.zeros + y
+
+
+@pytest.mark.parametrize(
+    ("method", "subtract", "alpha"),
+    [(False, False, 1.0), (False, True, 1.0), (True, False, 2.0), (True, True, 1.0)],
+    ids=["add", "sub", "Tensor.add_alpha", "Tensor.sub"],
+)
+def test_broadcast_operands_count_their_repeats(method, subtract, alpha):
+    torch.manual_seed(8)
+    model = _BroadcastSum(method, subtract).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert reason == ""
+    sigma = float(torch.linalg.vector_norm(model.fc.weight.detach()))
+    measured = max(jacobian_norm(model, torch.randn(4).double()) for _ in range(3))
+    assert measured == pytest.approx(alpha * 10.0 * sigma)  # 100 copies: sqrt(100) sigma
+    assert bound == pytest.approx(measured)  # the old rule said sigma, 10x too small
+    # without a shape to rule out broadcasting there is no bound, and the reason says what to do
+    bound, reason = network_lipschitz_bound(model)
+    assert bound is None
+    assert "shapes are unknown (they may broadcast): pass input_shape" in reason
+
+
+def test_sums_of_equal_shapes_and_recorded_shapes_of_normalized_models():
+    torch.manual_seed(9)
+    model = ResNetLike().double()
+    _randomize_bn(model)
+    plain_bound, _ = network_lipschitz_bound(model.eval(), input_shape=SHAPE)
+    assert plain_bound is not None
+    assert network_lipschitz_bound(model)[0] is None  # residual sums, shapes unknown
+    apply_spectral_norm(model, beta=1.0, input_shape=SHAPE, init_iterations=20)
+    model.eval()
+    given, _ = network_lipschitz_bound(model, input_shape=SHAPE)
+    recorded, reason = network_lipschitz_bound(model)  # apply_spectral_norm's input_shape
+    assert reason == ""
+    assert recorded == pytest.approx(given)
+    # a submodule of the normalized network cannot take that shape: it is traced without shapes
+    bound, reason = network_lipschitz_bound(model.block)
+    assert bound is None
+    assert "pass input_shape" in reason
