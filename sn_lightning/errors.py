@@ -9,6 +9,10 @@ class ConfigError(ValueError):
     """Bad user input (a name, a path, a value) found before training starts."""
 
 
+class MissingDataError(ConfigError):
+    """A dataset's folder or files are not on this machine (a fact of the machine, not the config)."""
+
+
 def choices_hint(value: str, choices: Iterable[str], *, limit: int = 12) -> str:
     """A short 'valid choices' phrase: close matches to `value` first, then the rest, truncated."""
     import difflib

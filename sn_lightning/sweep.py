@@ -696,6 +696,16 @@ def _runs_to_check(config: Any) -> list[dict[str, Any]]:
     return propose(sample, [], n=_RANDOM_CHECKS)
 
 
+def _cause_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions of its ``__cause__`` chain, outermost first."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        cause = cause.__cause__
+    return chain
+
+
 def _rejection(error: BaseException) -> str:
     """Why instantiation failed, in one line: the constructor's own ConfigError where there is one.
 
@@ -704,11 +714,7 @@ def _rejection(error: BaseException) -> str:
     """
     from sn_lightning.errors import ConfigError
 
-    chain: list[BaseException] = []
-    cause: BaseException | None = error
-    while cause is not None and all(cause is not seen for seen in chain):
-        chain.append(cause)
-        cause = cause.__cause__
+    chain = _cause_chain(error)
     chosen = next((e for e in chain if isinstance(e, ConfigError)), None)
     if chosen is not None:
         return _one_line(chosen)
@@ -720,6 +726,7 @@ def _value_errors(
     parse: Callable[[Mapping[str, Any]], Any],
     cfg: Mapping[str, Any],
     reference: Mapping[str, Any],
+    notes: list[str] | None,
 ) -> list[str]:
     """Values that parse but that the classes reject before training; one line per parameter.
 
@@ -727,8 +734,11 @@ def _value_errors(
     with that one value set (Note [checking values without training]); a failure the base command
     shows without the value is not the value's. Unless a value already went through with the
     model built, one proposed run (``reference``) is instantiated as a whole, which catches a base
-    config every run would fail with.
+    config every run would fail with. With ``notes`` (a list), data missing on this machine is
+    not an error: what needed the data goes unchecked and ``notes`` gets one line saying so.
     """
+    from sn_lightning.errors import MissingDataError
+
     base: dict[bool, str | None] = {}
     model_built = False
 
@@ -736,6 +746,14 @@ def _value_errors(
         try:
             parser.instantiate(parse(params), build_model=build_model)
         except Exception as err:  # anything fit would stop on before training
+            if notes is not None and any(
+                isinstance(e, MissingDataError) for e in _cause_chain(err)
+            ):
+                if not notes:
+                    notes.append(
+                        f"values that need the data were not checked here: {_rejection(err)}"
+                    )
+                return None
             return _rejection(err)
         return None
 
@@ -760,13 +778,19 @@ def _value_errors(
     return [f"run {dict(reference)!r} is rejected before training: {reason}"] if reason else []
 
 
-def validate_sweep(path: str | Path) -> list[str]:
+def validate_sweep(path: str | Path, notes: list[str] | None = None) -> list[str]:
     """Every problem with one sweep YAML, one line each (empty: valid).
 
     Schema (the W&B sweeps engine), what the engine raises when asked for runs, the command, then
     each parameter value alone and each proposed run, rendered as ``wandb agent`` renders them and
     parsed by the fit CLI's parser; last, each listed value (and each bound of a range)
     instantiated as the fit CLI does before training, without training or loading data.
+
+    Args:
+        path: the sweep YAML.
+        notes: if a list, data folders missing on this machine (an imagefolder sweep checked on a
+            laptop) are not errors: the checks that need them are skipped and a line saying so is
+            appended here. If None (``run``), missing data is an error.
     """
     try:
         cfg = load_sweep(path)
@@ -821,7 +845,7 @@ def validate_sweep(path: str | Path) -> list[str]:
             line = _check_run(parse, parser.keys, params, base, metric)
             if line:
                 return [f"{path}: {line}"]
-        lines = _value_errors(parser, parse, cfg, runs[0] if runs else {})
+        lines = _value_errors(parser, parse, cfg, runs[0] if runs else {}, notes)
     return [f"{path}: {line}" for line in lines]
 
 
@@ -1160,9 +1184,12 @@ def run_sweep(
         raise SweepError(f"{path}: method custom needs a W&B scheduler; use grid, random or bayes")
     if count is None and method in ("random", "bayes"):
         raise SweepError(f"{path}: --count is required for method {method}")
-    errors = validate_sweep(path)
+    notes: list[str] | None = [] if dry_run else None  # a dry run needs no data here
+    errors = validate_sweep(path, notes)
     if errors:
         raise SweepError("\n".join(errors))
+    for note in notes or []:
+        _say(f"{path}: note: {note}")
     config = sweep_config(cfg)
     out = Path(out or Path("runs") / "sweeps" / Path(path).stem).resolve()
     if not dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv
@@ -1340,11 +1367,14 @@ def _parser() -> argparse.ArgumentParser:
 def _validate_all(paths: Iterable[str]) -> int:
     failed = False
     for path in paths:
-        errors = validate_sweep(path)
+        notes: list[str] = []
+        errors = validate_sweep(path, notes)
         for line in errors:
             sys.stderr.write(f"{PROG}: error: {line}\n")
         if not errors:
             _say(f"{path}: ok ({describe(load_sweep(path))})")
+            for note in notes:
+                _say(f"{path}: note: {note}")
         failed = failed or bool(errors)
     return 2 if failed else 0
 

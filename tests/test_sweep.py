@@ -740,3 +740,61 @@ def test_random_search_proposes_from_the_distributions(tmp_path, capsys):
         assert type(run.params["model.beta"]) is float  # plain values, as from the W&B server
         configs = [run.command[i + 1] for i, a in enumerate(run.command) if a == "--config"]
         assert json.loads(configs[-1]) == run.params  # inline: a dry run writes no JSON file
+
+
+def _imagefolder_sweep(tmp_path, data_dir, parameters):
+    """The digits sweep on an imagefolder dataset at ``data_dir``, sweeping ``parameters``."""
+
+    def edit(cfg):
+        at = cfg["command"].index("configs/quickstart.yaml") + 1
+        options = ["--data.dataset=imagefolder", f"--data.data_dir={data_dir}"]
+        cfg["command"][at:at] = [*options, "--data.image_size=8"]
+        cfg["parameters"] = parameters
+
+    path = tmp_path / "folder.yaml"
+    path.write_text(yaml.safe_dump(_digits_variant(edit)))
+    return path
+
+
+def _write_imagefolder(root, classes=("a", "b")):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "0.png")
+
+
+def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
+    monkeypatch, tmp_path, capsys
+):
+    """An imagefolder sweep checked on a machine without its data (a laptop before the cloud)."""
+    missing = tmp_path / "not-here"
+    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
+    note = f"{path}: note: values that need the data were not checked here: imagefolder data_dir "
+    assert sweep.main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{path}: ok (grid, 2 runs")
+    assert out[1].startswith(note) and out[1].endswith("has no train/ class folder")
+    fake = _FakeFit("x")
+    monkeypatch.setattr(sweep, "_execute", fake)
+    assert sweep.main(["run", str(path), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    assert any(line.startswith(note) for line in capsys.readouterr().out.splitlines())
+    # a real run needs the data: it stops before starting anything
+    assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "is rejected before training: imagefolder data_dir" in line
+    assert fake.calls == [] and not (tmp_path / "o").exists()
+    # values the data module checks without the data are still checked
+    path = _imagefolder_sweep(tmp_path, missing, {"data.batch_size": {"values": [4, 0]}})
+    assert sweep.validate_sweep(path, []) == [
+        f"{path}: parameters.data.batch_size: value 0 is rejected before training: "
+        "batch_size must be a positive integer, got 0"
+    ]
+    # with the data here, the model's values are checked too
+    _write_imagefolder(missing)
+    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
+    notes = []
+    (error,) = sweep.validate_sweep(path, notes)
+    assert "parameters.model.beta: value -1.0 is rejected before training: beta" in error
+    assert notes == []

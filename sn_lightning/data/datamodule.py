@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, MissingDataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,12 +157,12 @@ class ImageDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser()
         for split in ("train", "test"):
             if not (self.data_dir / split).is_dir():
-                raise ConfigError(
+                raise MissingDataError(
                     f"imagefolder data_dir {self.data_dir} has no {split}/ class folder"
                 )
         classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
         if not classes:
-            raise ConfigError(f"imagefolder {self.data_dir / 'train'} has no class folders")
+            raise MissingDataError(f"imagefolder {self.data_dir / 'train'} has no class folders")
         if image_size is None or image_size < 1:
             raise ConfigError(
                 f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}"

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sn_lightning.data import readers
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import MissingDataError
 
 Split = tuple[Tensor, Tensor]  # uint8 or float images (N, C, H, W), int64 labels (N,)
 
@@ -158,7 +158,7 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
     if spec.name == "digits":
         return
     if not folder.is_dir():
-        raise ConfigError(
+        raise MissingDataError(
             f"data folder {folder} for dataset {spec.name!r} does not exist; set --data.data_dir "
             f"to the folder holding the files{' or pass --data.download=true' if spec.download else ''}"
         )
@@ -176,7 +176,7 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
         else:
             found = (folder / name).is_file()
         if not found:
-            raise ConfigError(
+            raise MissingDataError(
                 f"data folder {folder} has no {name} for dataset {spec.name!r}; set --data.data_dir "
                 f"to the folder holding the files{' or pass --data.download=true' if spec.download else ''}"
             )
