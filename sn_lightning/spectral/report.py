@@ -624,34 +624,43 @@ def _propagate(
             return math.sqrt(sum(lip(x) ** 2 for x in a.values()))
         return 0.0  # a constant
 
-    def in_spatial(node: fx.Node) -> tuple[int, ...] | None:
-        a = node.args[0]
-        shape = shapes.get(a.name) if isinstance(a, fx.Node) else None
-        return None if shape is None else shape[2:]
-
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            L[node] = 1.0 if n_inputs == 0 else 0.0  # later placeholders keep their defaults
-            n_inputs += 1
-        elif node.op == "get_attr":
-            L[node] = 0.0
-        elif node.op == "output":
-            out = node.args[0]
-            if not isinstance(out, fx.Node):
-                raise _Unsupported(f"model returns a {type(out).__name__}, not one tensor")
-            return L[out]
-        elif node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            L[node] = _module_factor(m, node, shapes, in_spatial(node), cache) * lip(node.args[0])
-        elif node.op in ("call_function", "call_method") and _constant(node, lip):
-            L[node] = 0.0  # shapes, asserts, parameters: nothing here depends on the input values
-        elif node.op == "call_function":
-            L[node] = _function_rule(node, lip, shapes)
-        elif node.op == "call_method":
-            L[node] = _method_rule(node, lip, shapes, dtypes)
-        else:  # pragma: no cover - fx has no other ops
-            raise _Unsupported(f"unknown fx op {node.op}")
-        _propagate_inplace(node, gm, L)
+        try:
+            if node.op == "placeholder":
+                L[node] = 1.0 if n_inputs == 0 else 0.0  # later placeholders keep their defaults
+                n_inputs += 1
+            elif node.op == "get_attr":
+                L[node] = 0.0
+            elif node.op == "output":
+                out = node.args[0]
+                if not isinstance(out, fx.Node):
+                    raise _Unsupported(f"model returns a {type(out).__name__}, not one tensor")
+                return L[out]
+            elif node.op == "call_module":
+                m = gm.get_submodule(node.target)
+                if len(node.args) != 1 or node.kwargs:  # ConvTranspose2d(x, output_size=...)
+                    raise _Unsupported(
+                        f"no Lipschitz rule for {node.name}: module {node.target} called with "
+                        "arguments besides its input"
+                    )
+                L[node] = _module_factor(m, node, shapes, cache) * lip(node.args[0])
+            elif node.op in ("call_function", "call_method") and _constant(node, lip):
+                # shapes, asserts, parameters: nothing here depends on the input values
+                L[node] = 0.0
+            elif node.op == "call_function":
+                L[node] = _function_rule(node, lip, shapes)
+            elif node.op == "call_method":
+                L[node] = _method_rule(node, lip, shapes, dtypes)
+            else:  # pragma: no cover - fx has no other ops
+                raise _Unsupported(f"unknown fx op {node.op}")
+            _propagate_inplace(node, gm, L)
+        except _Unsupported:
+            raise
+        except Exception as e:  # a rule meeting arguments it does not expect: no bound
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name} ({_describe(node)}): {_first_line(e)}"
+            ) from None
+
     raise _Unsupported("graph has no output")
 
 
@@ -758,7 +767,9 @@ def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _ALIAS_MODULES)
     if node.op == "call_function":
-        return node.target not in _FRESH_FUNCTIONS and node.target is not getattr
+        if node.target is getattr:  # x.T, x.data: the same memory; x.shape: no tensor
+            return len(node.args) > 1 and node.args[1] in _TENSOR_ATTRIBUTES
+        return node.target not in _FRESH_FUNCTIONS
     if node.op == "call_method":
         return node.target not in _FRESH_METHODS and node.target not in _NON_TENSOR_METHODS
     return False  # placeholder, get_attr
@@ -798,19 +809,23 @@ def _module_factor(
     m: nn.Module,
     node: fx.Node,
     shapes: dict[str, tuple[int, ...]],
-    spatial: tuple[int, ...] | None,
     cache: dict[tuple[int, tuple[int, ...] | None], float],
 ) -> float:
     name = f"{node.target} ({type(m).__name__})"
+    a = node.args[0]
+    in_shape = shapes.get(a.name) if isinstance(a, fx.Node) else None
     if isinstance(m, SUPPORTED_LAYERS):
         if _overrides_forward(m):
             raise _Unsupported(f"no rule for {name}: its forward is not the plain layer's")
         if isinstance(m, nn.Linear):
             return _layer_bound(m, None, cache)
-        a = node.args[0]
-        shape = shapes.get(a.name) if isinstance(a, fx.Node) else None
+        shape = in_shape
         if shape is not None:
-            shape = shape[1:]
+            # (N, C, *spatial) batched, (C, *spatial) unbatched: one input is (C, *spatial)
+            nd = len(m.kernel_size)
+            if len(shape) not in (nd + 1, nd + 2):
+                raise _Unsupported(f"no Lipschitz rule for {name}: input of shape {shape}")
+            shape = shape[-(nd + 1) :]
         else:
             p = (
                 next(
@@ -834,7 +849,11 @@ def _module_factor(
         if isinstance(m, _BATCHNORMS):
             return _bn_lipschitz(m)
         if isinstance(m, _POOLS):
-            return _pool_bound(m, spatial)
+            # pools act on the last nd dims, batched (N, C, *spatial) or not (C, *spatial)
+            nd = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
+            if in_shape is not None and len(in_shape) not in (nd + 1, nd + 2):
+                raise _Unsupported(f"no Lipschitz rule for {name}: input of shape {in_shape}")
+            return _pool_bound(m, None if in_shape is None else in_shape[-nd:])
         for kind, rule in _ACTIVATIONS.items():
             if isinstance(m, kind):
                 return rule(m)
@@ -896,7 +915,7 @@ def _function_rule(
             return lip(args[0])
         raise _Unsupported(f"no Lipschitz rule for {node.name}: {f.__name__}({size})")
     if f in _FUNCTION_CONSTANTS:
-        return _FUNCTION_CONSTANTS[f] * lip(args[0])
+        return _FUNCTION_CONSTANTS[f] * _unary_input(node, lip)
     name = getattr(f, "__name__", str(f))
     raise _Unsupported(f"no Lipschitz rule for function {name} ({node.name})")
 
@@ -947,6 +966,16 @@ _PARAMETRIZED_FUNCTIONS: dict[Any, tuple[str, dict[str, tuple[int, Any]]]] = {
     F.dropout: ("dropout", {"p": (1, 0.5), "training": (2, True)}),
     F.dropout2d: ("dropout2d", {"p": (1, 0.5), "training": (2, True)}),
 }
+
+
+def _unary_input(node: fx.Node, lip: Callable[[Any], float]) -> float:
+    """L of a one-tensor op's tensor (first argument); refused if another one depends on the input."""
+    if not node.args or any(lip(a) != 0.0 for a in (*node.args[1:], *node.kwargs.values())):
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} with more than one "
+            "input-dependent argument"
+        )
+    return lip(node.args[0])
 
 
 def _parametrized_function_rule(node: fx.Node) -> float:
@@ -1049,5 +1078,9 @@ def _method_rule(
             raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
         return _scale_rule(node, args[0], args[1], lip, divide=True)
     if name in _METHOD_CONSTANTS:
-        return _METHOD_CONSTANTS[name] * lip(args[0])
+        if name == "view" and any(
+            isinstance(a, torch.dtype) for a in (*args[1:], *node.kwargs.values())
+        ):
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")
+        return _METHOD_CONSTANTS[name] * _unary_input(node, lip)
     raise _Unsupported(f"no Lipschitz rule for method .{name}() ({node.name})")

@@ -25,8 +25,8 @@ SHAPE = (3, 12, 12)
 
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
-    """Spectral norm of the Jacobian of the model at one input (float64)."""
-    J = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0], x)
+    """Spectral norm of the Jacobian of the model at one input (float64; outputs flattened)."""
+    J = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0].reshape(-1), x)
     return float(torch.linalg.svdvals(J.reshape(J.shape[0], -1))[0])
 
 
@@ -803,3 +803,91 @@ def test_sums_of_equal_shapes_and_recorded_shapes_of_normalized_models():
     bound, reason = network_lipschitz_bound(model.block)
     assert bound is None
     assert "pass input_shape" in reason
+
+
+class _Fn(nn.Module):
+    """``f(self, x)`` around one Linear (6 -> 8) and one Conv2d (2 -> 2, 3x3, padding 1)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.fc = nn.Linear(6, 8)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.pool1 = nn.AvgPool1d(3, 1, 1)
+        self.pool2 = nn.AvgPool2d(3, 1, 1)
+        self.up = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.f(self, x)
+
+
+def _write_through(attr):
+    def f(s, x):
+        h = s.fc(x)
+        getattr(h, attr).mul_(100)  # writes h through a view of it
+        return h
+
+    return f
+
+
+@pytest.mark.parametrize("attr", ["T", "mT", "data"])
+def test_inplace_writes_through_tensor_attributes_reach_the_tensor(attr):
+    torch.manual_seed(10)
+    model = _Fn(_write_through(attr)).double().eval()
+    bound, reason = network_lipschitz_bound(model, input_shape=(6,))
+    assert reason == ""
+    sigma = float(torch.linalg.svdvals(model.fc.weight.detach())[0])
+    assert bound >= 100 * sigma  # the output is 100 fc(x) (.data hides it from autograd)
+    if attr != "data":
+        assert jacobian_norm(model, torch.randn(6).double()) <= bound
+
+
+@pytest.mark.parametrize(
+    ("f", "shape"),
+    [
+        (lambda s, x: s.pool1(s.fc(x)), (6,)),  # AvgPool1d on (N, 8): unbatched (C, L)
+        (lambda s, x: s.pool2(s.conv(x)[0]).unsqueeze(0), (2, 6, 6)),  # pool on (C, H, W)
+        (lambda s, x: s.conv(x[0]).unsqueeze(0), (2, 6, 6)),  # conv on (C, H, W)
+    ],
+    ids=["avgpool1d_unbatched", "avgpool2d_unbatched", "conv_unbatched"],
+)
+def test_unbatched_pools_and_convolutions_use_the_real_spatial_size(f, shape):
+    torch.manual_seed(11)
+    model = _Fn(f).double().eval()
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert reason == ""
+    measured = max(jacobian_norm(model, torch.randn(*shape).double()) for _ in range(5))
+    assert measured <= bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("f", "shape", "needle"),
+    [
+        (lambda s, x: s.fc(x).view(torch.int64).double(), (6,), ".view(dtype) reinterprets bits"),
+        (
+            lambda s, x: s.up(x, output_size=(2 * x.shape[2], 2 * x.shape[3])),
+            (2, 3, 3),
+            "module up called with arguments besides its input",
+        ),
+        (lambda s, x: s.fc(input=x), (6,), "module fc called with arguments besides its input"),
+        (lambda s, x: torch.mul(input=s.fc(x), other=2.0), (6,), "no Lipschitz rule for mul"),
+        (lambda s, x: torch.cat(tensors=[s.fc(x)]), (6,), "no Lipschitz rule for cat"),
+        (lambda s, x: torch.mean(input=s.fc(x)), (6,), "no Lipschitz rule for mean"),
+        (lambda s, x: s.fc(x).reshape(s.fc(x).shape) * 0 + s.fc(x).view(s.fc(x)), (6,), "view"),
+    ],
+    ids=[
+        "view_dtype",
+        "convT_output_size",
+        "module_kwarg",
+        "mul_kw",
+        "cat_kw",
+        "mean_kw",
+        "view_as_tensor",
+    ],
+)
+def test_calls_without_a_sound_rule_give_a_reason_not_an_exception(f, shape, needle):
+    model = _Fn(f).double().eval()
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert bound is None
+    assert needle in reason
+    assert "\n" not in reason
