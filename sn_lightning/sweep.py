@@ -751,7 +751,8 @@ def _value_errors(
             ):
                 if not notes:
                     notes.append(
-                        f"values that need the data were not checked here: {_rejection(err)}"
+                        "the data is not on this machine, so model.* values and the values the "
+                        f"data module checks after its files were not checked: {_rejection(err)}"
                     )
                 return None
             return _rejection(err)

@@ -771,7 +771,7 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
     """An imagefolder sweep checked on a machine without its data (a laptop before the cloud)."""
     missing = tmp_path / "not-here"
     path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
-    note = f"{path}: note: values that need the data were not checked here: imagefolder data_dir "
+    note = f"{path}: note: the data is not on this machine, so model.* values and the values the "
     assert sweep.main(["validate", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{path}: ok (grid, 2 runs")
@@ -790,6 +790,11 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
     assert sweep.validate_sweep(path, []) == [
         f"{path}: parameters.data.batch_size: value 0 is rejected before training: "
         "batch_size must be a positive integer, got 0"
+    ]
+    path = _imagefolder_sweep(tmp_path, missing, {"data.image_size": {"values": [8, 0]}})
+    assert sweep.validate_sweep(path, []) == [
+        f"{path}: parameters.data.image_size: value 0 is rejected before training: "
+        "dataset 'imagefolder' needs --data.image_size > 0, got 0"
     ]
     # with the data here, the model's values are checked too
     _write_imagefolder(missing)

@@ -154,6 +154,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(
                 "dataset 'imagefolder' needs --data.data_dir (a folder with train/ and test/)"
             )
+        if image_size is None or image_size < 1:
+            raise ConfigError(
+                f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}"
+            )
         self.data_dir = Path(data_dir).expanduser()
         for split in ("train", "test"):
             if not (self.data_dir / split).is_dir():
@@ -163,10 +167,6 @@ class ImageDataModule(L.LightningDataModule):
         classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
         if not classes:
             raise MissingDataError(f"imagefolder {self.data_dir / 'train'} has no class folders")
-        if image_size is None or image_size < 1:
-            raise ConfigError(
-                f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}"
-            )
         self.num_classes, self.input_shape = len(classes), (3, image_size, image_size)
         self.spec = None
 

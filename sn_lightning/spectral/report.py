@@ -150,9 +150,11 @@ def spectral_norm_report(
         model: a model after ``apply_spectral_norm`` (or any model: rows are then empty and only
             the network bound is computed).
         n_iter: power-iteration rounds for each layer's sigma, from a copy of its ``u``.
-        input_shape: ``(C, H, W)`` of one model input. Needed for the network bound when a
-            convolution is not normalized (its input size is otherwise unknown); it also lets
-            pooling layers use exact, shape-aware constants.
+        input_shape: ``(C, H, W)`` of one model input. Default: the one ``apply_spectral_norm``
+            was given, where this model's normalized convolutions see their recorded sizes at
+            it. Needed for the network bound when a convolution is not normalized, and for sums
+            of input-dependent values (residual blocks), whose shapes must rule out
+            broadcasting; it also lets pooling layers use exact, shape-aware constants.
 
     Returns:
         A :class:`SpectralNormReport`; ``str(report)`` is a table, ``report.as_dict()`` JSON.
@@ -581,15 +583,16 @@ def _network_bound(
                 param = next(iter(model.parameters()), None)
                 device = param.device if param is not None else torch.device("cpu")
                 dtype = param.dtype if param is not None else torch.float32
+                shape = tuple(input_shape if input_shape is not None else recorded)
                 with torch.no_grad():
-                    recorder.run(
-                        torch.zeros((1, *(input_shape or recorded)), device=device, dtype=dtype)
-                    )
+                    recorder.run(torch.zeros((1, *shape), device=device, dtype=dtype))
             except Exception as e:
                 if input_shape is not None:
                     shape = tuple(int(i) for i in input_shape)
                     return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
                 recorder = _ShapeRecorder(gm)  # e.g. a submodule of the normalized network
+            if input_shape is None and not _layers_saw_their_shapes(gm, recorder.shapes):
+                recorder = _ShapeRecorder(gm)  # run at a size this model was not normalized at
         try:
             bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
         except _Unsupported as e:
@@ -597,6 +600,26 @@ def _network_bound(
     if math.isnan(bound):
         return None, "the bound is NaN (a NaN weight, statistic or constant)"
     return bound, ""
+
+
+def _layers_saw_their_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether every normalized convolution got the input size its ``u`` was recorded at.
+
+    The default input shape is the one ``apply_spectral_norm`` was given for the whole network;
+    a submodule or a wrapper may take it too, at other sizes inside, and then its recorded
+    shapes are not this model's (the bound would be computed at the wrong size).
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        p = normalized_layers(gm.get_submodule(node.target)).get("", (None, None))[1]
+        if not isinstance(p, BoundedSpectralNorm) or p.spec.kind == "linear":
+            continue
+        expected = _layer_input_shape(p)
+        seen = shapes.get(node.args[0].name)
+        if expected is None or seen is None or tuple(seen[-len(expected) :]) != expected:
+            return False
+    return True
 
 
 def _recorded_network_input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -968,6 +991,17 @@ _PARAMETRIZED_FUNCTIONS: dict[Any, tuple[str, dict[str, tuple[int, Any]]]] = {
 }
 
 
+def _reinterprets(node: fx.Node, dtypes: dict[str, torch.dtype]) -> bool:
+    """``.view(dtype)`` with a dtype known only at run time (recorded, or a ``.dtype`` read)."""
+    a = node.args[0]
+    if isinstance(a, fx.Node) and node.name in dtypes and a.name in dtypes:
+        return dtypes[node.name] != dtypes[a.name]
+    return any(
+        isinstance(b, fx.Node) and b.target is getattr and b.args[1:2] == ("dtype",)
+        for b in (*node.args[1:], *node.kwargs.values())
+    )
+
+
 def _unary_input(node: fx.Node, lip: Callable[[Any], float]) -> float:
     """L of a one-tensor op's tensor (first argument); refused if another one depends on the input."""
     if not node.args or any(lip(a) != 0.0 for a in (*node.args[1:], *node.kwargs.values())):
@@ -1078,8 +1112,9 @@ def _method_rule(
             raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
         return _scale_rule(node, args[0], args[1], lip, divide=True)
     if name in _METHOD_CONSTANTS:
-        if name == "view" and any(
-            isinstance(a, torch.dtype) for a in (*args[1:], *node.kwargs.values())
+        if name == "view" and (
+            _reinterprets(node, dtypes)
+            or any(isinstance(a, torch.dtype) for a in (*args[1:], *node.kwargs.values()))
         ):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")
         return _METHOD_CONSTANTS[name] * _unary_input(node, lip)
