@@ -770,7 +770,7 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
 ):
     """An imagefolder sweep checked on a machine without its data (a laptop before the cloud)."""
     missing = tmp_path / "not-here"
-    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
+    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, 2.0]}})
     note = f"{path}: note: the data is not on this machine, so model.* values and the values the "
     assert sweep.main(["validate", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -34,6 +34,7 @@ from sn_lightning.spectral.ops import (
 from sn_lightning.spectral.parametrization import (
     BoundedBatchNormScale,
     BoundedSpectralNorm,
+    _find,
     sync_batchnorm_bounds,
 )
 from sn_lightning.spectral.surgery import _overrides_forward, normalized_layers
@@ -450,6 +451,11 @@ def _schur_bound(pool: Callable[[Tensor], Tensor], spatial: Sequence[int]) -> fl
     return math.sqrt(float(col.abs().max()) * float(row.abs().max()))
 
 
+def _pool_dims(m: nn.Module) -> int:
+    """Spatial dims a pool acts on (the last ones of its input): MaxPool2d -> 2."""
+    return {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
+
+
 def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     """Sound l2 Lipschitz constant of a pooling layer (input ``spatial`` size if known).
 
@@ -463,7 +469,7 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     max_pool_lipschitz = _lipschitz_module().max_pool_lipschitz
     if getattr(m, "return_indices", False):
         raise _Unsupported(f"{type(m).__name__} with return_indices=True: the indices jump")
-    nd = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
+    nd = _pool_dims(m)
     if isinstance(
         m,
         (
@@ -612,7 +618,7 @@ def _layers_saw_their_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ..
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        p = normalized_layers(gm.get_submodule(node.target)).get("", (None, None))[1]
+        p = _find(gm.get_submodule(node.target), "weight", BoundedSpectralNorm)
         if not isinstance(p, BoundedSpectralNorm) or p.spec.kind == "linear":
             continue
         expected = _layer_input_shape(p)
@@ -850,15 +856,8 @@ def _module_factor(
                 raise _Unsupported(f"no Lipschitz rule for {name}: input of shape {shape}")
             shape = shape[-(nd + 1) :]
         else:
-            p = (
-                next(
-                    (q for q in m.parametrizations.weight if isinstance(q, BoundedSpectralNorm)),
-                    None,
-                )
-                if hasattr(m, "parametrizations")
-                else None
-            )
-            shape = _layer_input_shape(p) if p is not None else None
+            p = _find(m, "weight", BoundedSpectralNorm)
+            shape = _layer_input_shape(p) if isinstance(p, BoundedSpectralNorm) else None
         if shape is None:
             raise _Unsupported(f"input size of {name} unknown: pass input_shape")
         return _layer_bound(m, tuple(shape), cache)
@@ -873,7 +872,7 @@ def _module_factor(
             return _bn_lipschitz(m)
         if isinstance(m, _POOLS):
             # pools act on the last nd dims, batched (N, C, *spatial) or not (C, *spatial)
-            nd = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
+            nd = _pool_dims(m)
             if in_shape is not None and len(in_shape) not in (nd + 1, nd + 2):
                 raise _Unsupported(f"no Lipschitz rule for {name}: input of shape {in_shape}")
             return _pool_bound(m, None if in_shape is None else in_shape[-nd:])
@@ -938,7 +937,7 @@ def _function_rule(
             return lip(args[0])
         raise _Unsupported(f"no Lipschitz rule for {node.name}: {f.__name__}({size})")
     if f in _FUNCTION_CONSTANTS:
-        return _FUNCTION_CONSTANTS[f] * _unary_input(node, lip)
+        return _FUNCTION_CONSTANTS[f] * lip(args[0])
     name = getattr(f, "__name__", str(f))
     raise _Unsupported(f"no Lipschitz rule for function {name} ({node.name})")
 
@@ -992,24 +991,15 @@ _PARAMETRIZED_FUNCTIONS: dict[Any, tuple[str, dict[str, tuple[int, Any]]]] = {
 
 
 def _reinterprets(node: fx.Node, dtypes: dict[str, torch.dtype]) -> bool:
-    """``.view(dtype)`` with a dtype known only at run time (recorded, or a ``.dtype`` read)."""
+    """Whether a ``.view`` reinterprets bits: a dtype argument, ``.dtype`` read or changed dtype."""
     a = node.args[0]
     if isinstance(a, fx.Node) and node.name in dtypes and a.name in dtypes:
         return dtypes[node.name] != dtypes[a.name]
     return any(
-        isinstance(b, fx.Node) and b.target is getattr and b.args[1:2] == ("dtype",)
+        isinstance(b, torch.dtype)
+        or (isinstance(b, fx.Node) and b.target is getattr and b.args[1:2] == ("dtype",))
         for b in (*node.args[1:], *node.kwargs.values())
     )
-
-
-def _unary_input(node: fx.Node, lip: Callable[[Any], float]) -> float:
-    """L of a one-tensor op's tensor (first argument); refused if another one depends on the input."""
-    if not node.args or any(lip(a) != 0.0 for a in (*node.args[1:], *node.kwargs.values())):
-        raise _Unsupported(
-            f"no Lipschitz rule for {node.name}: {_describe(node)} with more than one "
-            "input-dependent argument"
-        )
-    return lip(node.args[0])
 
 
 def _parametrized_function_rule(node: fx.Node) -> float:
@@ -1112,10 +1102,7 @@ def _method_rule(
             raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
         return _scale_rule(node, args[0], args[1], lip, divide=True)
     if name in _METHOD_CONSTANTS:
-        if name == "view" and (
-            _reinterprets(node, dtypes)
-            or any(isinstance(a, torch.dtype) for a in (*args[1:], *node.kwargs.values()))
-        ):
+        if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")
-        return _METHOD_CONSTANTS[name] * _unary_input(node, lip)
+        return _METHOD_CONSTANTS[name] * lip(args[0])
     raise _Unsupported(f"no Lipschitz rule for method .{name}() ({node.name})")
