@@ -557,11 +557,16 @@ class _FitParser:
         See Note [checking values without training]. ``build_model=False`` skips the model (the
         one costly object: backbone and spectral-norm surgery) for keys that cannot change it.
         """
+        from sn_lightning.data.datamodule import missing_data_deferred
+
         self._instantiator.build_model = build_model
-        if self._per_call:
-            self.parser.instantiate(config, instantiators=[(self._instantiator, object, True)])
-        else:
-            self.parser.instantiate_classes(config)
+        with missing_data_deferred() as missing:
+            if self._per_call:
+                self.parser.instantiate(config, instantiators=[(self._instantiator, object, True)])
+            else:
+                self.parser.instantiate_classes(config)
+        if missing:  # raised last: every value was checked without the data first
+            raise missing[0]
 
 
 def _is_logger(class_type: type) -> bool:
@@ -578,10 +583,13 @@ def _is_logger(class_type: type) -> bool:
 # validates first) therefore instantiates what the fit CLI instantiates before training, through
 # the fit CLI's own parser, links and classes, and throws the objects away. Differences, so that
 # the check is quick and does not depend on this machine: loggers are not created (fit prepares
-# them for W&B first); the data module gets download=True, which only skips its check that the
-# files are present (downloading happens in prepare_data, never in __init__); the model gets
+# them for W&B first); data files missing on this machine do not stop the data module's other
+# checks or the model's (`missing_data_deferred`: an imagefolder without its folder stands in
+# with STAND_IN_CLASSES classes) and are raised after everything else was built; the model gets
 # pretrained=False (no weights download) and is built only for model.* and data.* keys (the data
 # module's facts are linked into it). The Trainer is not built: trainer.* values are only parsed.
+# Nothing is downloaded: with download=true the files' absence is not an error (prepare_data
+# downloads them in the run), as in fit.
 class _CheckInstantiator:
     """The parser's instantiator for the checks of Note [checking values without training]."""
 
@@ -589,7 +597,6 @@ class _CheckInstantiator:
         self.build_model = True
 
     def __call__(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
-        from sn_lightning.data import ImageDataModule
         from sn_lightning.lit import SNClassifier
 
         if _is_logger(class_type):
@@ -598,8 +605,6 @@ class _CheckInstantiator:
             if not self.build_model:
                 return None
             kwargs["pretrained"] = False
-        if issubclass(class_type, ImageDataModule):
-            kwargs["download"] = True
         return class_type(*args, **kwargs)
 
 
@@ -735,7 +740,8 @@ def _value_errors(
     shows without the value is not the value's. Unless a value already went through with the
     model built, one proposed run (``reference``) is instantiated as a whole, which catches a base
     config every run would fail with. With ``notes`` (a list), data missing on this machine is
-    not an error: what needed the data goes unchecked and ``notes`` gets one line saying so.
+    not an error: every value is still checked (``missing_data_deferred``) and ``notes`` gets one
+    line saying what was not.
     """
     from sn_lightning.errors import MissingDataError
 
@@ -750,10 +756,7 @@ def _value_errors(
                 isinstance(e, MissingDataError) for e in _cause_chain(err)
             ):
                 if not notes:
-                    notes.append(
-                        "the data is not on this machine, so model.* values and the values the "
-                        f"data module checks after its files were not checked: {_rejection(err)}"
-                    )
+                    notes.append(_missing_data_note(err))
                 return None
             return _rejection(err)
         return None
@@ -779,6 +782,22 @@ def _value_errors(
     return [f"run {dict(reference)!r} is rejected before training: {reason}"] if reason else []
 
 
+def _missing_data_note(err: BaseException) -> str:
+    """The note of a check run without the data: what was missing and what stood in for it."""
+    from sn_lightning.data.datamodule import STAND_IN_CLASSES
+
+    reason = _rejection(err)
+    stand_in = (
+        f" (the class count, unknown without the folder, was taken as {STAND_IN_CLASSES})"
+        if reason.startswith("imagefolder")
+        else ""
+    )
+    return (
+        f"the data is not on this machine ({reason}); every value was checked without it"
+        f"{stand_in}, but not the files themselves"
+    )
+
+
 def validate_sweep(path: str | Path, notes: list[str] | None = None) -> list[str]:
     """Every problem with one sweep YAML, one line each (empty: valid).
 
@@ -789,9 +808,10 @@ def validate_sweep(path: str | Path, notes: list[str] | None = None) -> list[str
 
     Args:
         path: the sweep YAML.
-        notes: if a list, data folders missing on this machine (an imagefolder sweep checked on a
-            laptop) are not errors: the checks that need them are skipped and a line saying so is
-            appended here. If None (``run``), missing data is an error.
+        notes: if a list, data missing on this machine (a sweep checked on a laptop before it
+            runs in the cloud) is not an error: every value is checked without it and a line
+            saying so is appended here. If None (``run``), missing data is an error (unless the
+            command downloads it: ``--data.download=true``).
     """
     try:
         cfg = load_sweep(path)

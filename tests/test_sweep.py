@@ -771,21 +771,33 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
     """An imagefolder sweep checked on a machine without its data (a laptop before the cloud)."""
     missing = tmp_path / "not-here"
     path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, 2.0]}})
-    note = f"{path}: note: the data is not on this machine, so model.* values and the values the "
+    note = (
+        f"{path}: note: the data is not on this machine (imagefolder data_dir {missing} has no "
+        "train/ class folder); every value was checked without it (the class count, unknown "
+        "without the folder, was taken as 2), but not the files themselves"
+    )
     assert sweep.main(["validate", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{path}: ok (grid, 2 runs")
-    assert out[1].startswith(note) and out[1].endswith("has no train/ class folder")
+    assert out[1:] == [note]
     fake = _FakeFit("x")
     monkeypatch.setattr(sweep, "_execute", fake)
     assert sweep.main(["run", str(path), "--dry-run", "--out", str(tmp_path / "o")]) == 0
-    assert any(line.startswith(note) for line in capsys.readouterr().out.splitlines())
+    assert note in capsys.readouterr().out.splitlines()
     # a real run needs the data: it stops before starting anything
     assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "is rejected before training: imagefolder data_dir" in line
     assert fake.calls == [] and not (tmp_path / "o").exists()
-    # values the data module checks without the data are still checked
+    # without the data, the model's values and the data module's later checks still run
+    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
+    (error,) = sweep.validate_sweep(path, [])
+    assert "parameters.model.beta: value -1.0 is rejected before training: beta" in error
+    path = _imagefolder_sweep(tmp_path, missing, {"data.std": {"values": [[0.5] * 3, [0.0] * 3]}})
+    assert sweep.validate_sweep(path, []) == [
+        f"{path}: parameters.data.std: value [0.0, 0.0, 0.0] is rejected before training: mean "
+        "must be finite and std positive and finite, got [0.485, 0.456, 0.406] and [0.0, 0.0, 0.0]"
+    ]
     path = _imagefolder_sweep(tmp_path, missing, {"data.batch_size": {"values": [4, 0]}})
     assert sweep.validate_sweep(path, []) == [
         f"{path}: parameters.data.batch_size: value 0 is rejected before training: "
@@ -803,3 +815,48 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
     (error,) = sweep.validate_sweep(path, notes)
     assert "parameters.model.beta: value -1.0 is rejected before training: beta" in error
     assert notes == []
+
+
+def test_missing_torchvision_files_without_download_stop_a_run_and_with_download_do_not(
+    monkeypatch, tmp_path, capsys
+):
+    """CIFAR-10 with download=false and no files: each run would fail, so `run` starts none."""
+    missing = tmp_path / "no-cifar"
+
+    def variant(download, parameters):
+        def edit(cfg):
+            at = cfg["command"].index("configs/quickstart.yaml") + 1
+            options = ["--data.dataset=cifar10", f"--data.data_dir={missing}"]
+            cfg["command"][at:at] = [*options, f"--data.download={download}"]
+            cfg["parameters"] = parameters
+
+        path = tmp_path / f"cifar_{download}.yaml"
+        path.write_text(yaml.safe_dump(_digits_variant(edit)))
+        return path
+
+    fake = _FakeFit("x")
+    monkeypatch.setattr(sweep, "_execute", fake)
+    path = variant("false", {"model.beta": {"values": [1.0, 2.0]}})
+    assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith(
+        f"is rejected before training: data folder {missing} for dataset 'cifar10' does not exist; "
+        "set --data.data_dir to the folder holding the files or pass --data.download=true"
+    )
+    assert fake.calls == [] and not (tmp_path / "o").exists()
+    notes = []
+    assert sweep.validate_sweep(path, notes) == []
+    assert notes == [
+        f"the data is not on this machine (data folder {missing} for dataset 'cifar10' does not "
+        "exist; set --data.data_dir to the folder holding the files or pass "
+        "--data.download=true); every value was checked without it, but not the files themselves"
+    ]
+    # the model's values are checked without the files
+    path = variant("false", {"model.beta": {"values": [1.0, -1.0]}})
+    (error,) = sweep.validate_sweep(path, [])
+    assert "parameters.model.beta: value -1.0 is rejected before training: beta" in error
+    # with download=true the run fetches the files: nothing to object to, nothing downloaded here
+    path = variant("true", {"model.beta": {"values": [1.0, 2.0]}})
+    notes = []
+    assert sweep.validate_sweep(path, None) == [] and sweep.validate_sweep(path, notes) == []
+    assert notes == [] and not missing.exists()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +19,36 @@ from sn_lightning.errors import ConfigError, MissingDataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Class count an imagefolder data module assumes while its folder is missing (deferred checks).
+STAND_IN_CLASSES = 2
+_DEFERRED: ContextVar[list[MissingDataError] | None] = ContextVar(
+    "sn_lightning_missing_data_deferred", default=None
+)
+
+
+@contextmanager
+def missing_data_deferred() -> Iterator[list[MissingDataError]]:
+    """Inside, a data module whose files are missing does not raise at construction.
+
+    It appends its :class:`MissingDataError` to the yielded list and goes on with every other
+    check; an imagefolder module without its folder takes ``STAND_IN_CLASSES`` classes. For
+    checking a config on a machine without the data (``sweep validate``); the caller decides
+    what the missing data means.
+    """
+    missing: list[MissingDataError] = []
+    token = _DEFERRED.set(missing)
+    try:
+        yield missing
+    finally:
+        _DEFERRED.reset(token)
+
+
+def _data_missing(err: MissingDataError) -> None:
+    """Raise ``err``, or record it inside :func:`missing_data_deferred`."""
+    deferred = _DEFERRED.get()
+    if deferred is None:
+        raise err
+    deferred.append(err)
 
 
 class TensorImages(Dataset):
@@ -130,7 +163,10 @@ class ImageDataModule(L.LightningDataModule):
             default_mean, default_std = spec.mean, spec.std
             self.data_dir = Path(data_dir or spec.default_dir or ".").expanduser()
             if not download:
-                check_files(spec, self.data_dir)
+                try:
+                    check_files(spec, self.data_dir)
+                except MissingDataError as err:
+                    _data_missing(err)
         self.mean = list(mean if mean is not None else default_mean)
         self.std = list(std if std is not None else default_std)
         if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
@@ -159,6 +195,16 @@ class ImageDataModule(L.LightningDataModule):
                 f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}"
             )
         self.data_dir = Path(data_dir).expanduser()
+        try:
+            n_classes = len(self._imagefolder_classes())
+        except MissingDataError as err:
+            _data_missing(err)
+            n_classes = STAND_IN_CLASSES
+        self.num_classes, self.input_shape = n_classes, (3, image_size, image_size)
+        self.spec = None
+
+    def _imagefolder_classes(self) -> list[str]:
+        """The class folder names under ``train/`` (raises MissingDataError)."""
         for split in ("train", "test"):
             if not (self.data_dir / split).is_dir():
                 raise MissingDataError(
@@ -167,8 +213,7 @@ class ImageDataModule(L.LightningDataModule):
         classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
         if not classes:
             raise MissingDataError(f"imagefolder {self.data_dir / 'train'} has no class folders")
-        self.num_classes, self.input_shape = len(classes), (3, image_size, image_size)
-        self.spec = None
+        return classes
 
     def _imagefolder(self, split: str, augment: bool) -> Dataset:
         from torchvision.datasets import ImageFolder

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sn_lightning.data import DATASETS, ImageDataModule
-from sn_lightning.errors import ConfigError
+from sn_lightning.data.datamodule import STAND_IN_CLASSES, missing_data_deferred
+from sn_lightning.errors import ConfigError, MissingDataError
 from tests.data.fixtures import make_cifar, make_idx_dataset, make_image_folder, make_svhn
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -170,6 +171,27 @@ def test_missing_file_in_existing_folder(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(ConfigError, match="train-labels-idx1-ubyte"):
         ImageDataModule("mnist", data_dir=str(tmp_path))
+
+
+def test_missing_data_deferred_records_the_error_and_goes_on_checking(tmp_path):
+    """Checking a config without its data (sweep validate): missing files are recorded, not raised."""
+    with missing_data_deferred() as missing:
+        dm = ImageDataModule("imagefolder", data_dir=str(tmp_path / "no"), image_size=8)
+        cifar = ImageDataModule("cifar10", data_dir=str(tmp_path / "no"))
+        with pytest.raises(ConfigError, match=r"std positive and finite, got .* and \[0.0\]"):
+            ImageDataModule("mnist", data_dir=str(tmp_path / "no"), std=[0.0])
+    assert [type(e) for e in missing] == [MissingDataError] * 3
+    assert str(missing[0]) == f"imagefolder data_dir {tmp_path / 'no'} has no train/ class folder"
+    assert "for dataset 'cifar10' does not exist" in str(missing[1])
+    assert (dm.num_classes, dm.input_shape) == (STAND_IN_CLASSES, (3, 8, 8))
+    assert (cifar.num_classes, cifar.input_shape) == (10, (3, 32, 32))
+    # outside the context the same construction raises again, and the data is read when present
+    with pytest.raises(MissingDataError, match="has no train/ class folder"):
+        ImageDataModule("imagefolder", data_dir=str(tmp_path / "no"), image_size=8)
+    make_image_folder(tmp_path / "here")
+    with missing_data_deferred() as missing:
+        dm = ImageDataModule("imagefolder", data_dir=str(tmp_path / "here"), image_size=8)
+    assert missing == [] and dm.num_classes == 3  # the three class folders, not the stand-in
 
 
 def test_corrupt_file_found_at_setup(tmp_path):
