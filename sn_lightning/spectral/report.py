@@ -583,7 +583,8 @@ def _network_bound(
             return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
         gm = fx.GraphModule(model, graph)
         recorder = _ShapeRecorder(gm)
-        recorded = _recorded_network_input_shape(model) if input_shape is None else None
+        given = _recorded_network_input_shapes(model) if input_shape is None else []
+        recorded = given[0] if len(given) == 1 else None
         if input_shape is not None or recorded is not None:
             try:
                 param = next(iter(model.parameters()), None)
@@ -602,6 +603,9 @@ def _network_bound(
         try:
             bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
         except _Unsupported as e:
+            if len(given) > 1 and str(e).endswith("pass input_shape"):
+                shapes = " and ".join(str(g) for g in given)
+                return None, f"{e} (apply_spectral_norm was given {shapes}: there is no default)"
             return None, str(e)
     if math.isnan(bound):
         return None, "the bound is NaN (a NaN weight, statistic or constant)"
@@ -628,11 +632,14 @@ def _layers_saw_their_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ..
     return True
 
 
-def _recorded_network_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The ``input_shape`` that ``apply_spectral_norm`` was given for ``model``, if one."""
+def _recorded_network_input_shapes(model: nn.Module) -> list[tuple[int, ...]]:
+    """The ``input_shape`` values ``apply_spectral_norm`` was given for ``model``'s layers, sorted.
+
+    One is the bound's default input shape; several (two calls at different sizes) leave none.
+    """
     shapes = {getattr(p, "network_input_shape", None) for _, p in normalized_layers(model).values()}
     shapes.discard(None)
-    return shapes.pop() if len(shapes) == 1 else None
+    return sorted(shapes)
 
 
 def _propagate(

@@ -805,6 +805,22 @@ def test_sums_of_equal_shapes_and_recorded_shapes_of_normalized_models():
     assert "pass input_shape" in reason
 
 
+def test_two_normalizations_at_different_shapes_leave_no_default_and_say_so():
+    model = ResNetLike().double()
+    apply_spectral_norm(model.block, beta=1.0, input_shape=(4, 6, 6))
+    apply_spectral_norm(model, beta=1.0, input_shape=SHAPE, exclude=["block.*"])
+    model.eval()
+    bound, reason = network_lipschitz_bound(model)
+    assert bound is None
+    assert reason.endswith(
+        ": pass input_shape (apply_spectral_norm was given (3, 12, 12) and (4, 6, 6): there is "
+        "no default)"
+    )
+    bound, reason = network_lipschitz_bound(model, input_shape=SHAPE)
+    assert reason == ""
+    assert max(jacobian_norm(model, torch.randn(*SHAPE).double()) for _ in range(3)) <= bound
+
+
 class _Fn(nn.Module):
     """``f(self, x)`` around one Linear (6 -> 8) and one Conv2d (2 -> 2, 3x3, padding 1)."""
 
