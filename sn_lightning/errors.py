@@ -10,7 +10,12 @@ class ConfigError(ValueError):
 
 
 class MissingDataError(ConfigError):
-    """A dataset's folder or files are not on this machine (a fact of the machine, not the config)."""
+    """A dataset's folder or files are not on this machine (a fact of the machine, not the config).
+
+    ``assumed``: what a check made without the data took in their place (e.g. a class count).
+    """
+
+    assumed: str | None = None
 
 
 def choices_hint(value: str, choices: Iterable[str], *, limit: int = 12) -> str:

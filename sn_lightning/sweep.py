@@ -560,13 +560,11 @@ class _FitParser:
         from sn_lightning.data.datamodule import missing_data_deferred
 
         self._instantiator.build_model = build_model
-        with missing_data_deferred() as missing:
+        with missing_data_deferred():  # data files are checked per complete run: _data_missing
             if self._per_call:
                 self.parser.instantiate(config, instantiators=[(self._instantiator, object, True)])
             else:
                 self.parser.instantiate_classes(config)
-        if missing:  # raised last: every value was checked without the data first
-            raise missing[0]
 
 
 def _is_logger(class_type: type) -> bool:
@@ -583,11 +581,14 @@ def _is_logger(class_type: type) -> bool:
 # validates first) therefore instantiates what the fit CLI instantiates before training, through
 # the fit CLI's own parser, links and classes, and throws the objects away. Differences, so that
 # the check is quick and does not depend on this machine: loggers are not created (fit prepares
-# them for W&B first); data files missing on this machine do not stop the data module's other
-# checks or the model's (`missing_data_deferred`: an imagefolder without its folder stands in
-# with STAND_IN_CLASSES classes) and are raised after everything else was built; the model gets
-# pretrained=False (no weights download) and is built only for model.* and data.* keys (the data
-# module's facts are linked into it). The Trainer is not built: trainer.* values are only parsed.
+# them for W&B first); data files missing on this machine are no error here and stop none of the
+# data module's other checks or the model's (`missing_data_deferred`: an imagefolder without its
+# folder stands in with STAND_IN_CLASSES classes); the model gets pretrained=False (no weights
+# download) and is built only for model.* and data.* keys (the data module's facts are linked
+# into it). The Trainer is not built: trainer.* values are only parsed. Whether a run's data is
+# here is asked of complete runs only (`_data_missing`; one value alone, e.g. data.dataset
+# without the data.data_dir another parameter sets, would point at the wrong folder): `validate`
+# and `run --dry-run` note it, `run` stops before the first run (with the options after --).
 # Nothing is downloaded: with download=true the files' absence is not an error (prepare_data
 # downloads them in the run), as in fit.
 class _CheckInstantiator:
@@ -731,7 +732,6 @@ def _value_errors(
     parse: Callable[[Mapping[str, Any]], Any],
     cfg: Mapping[str, Any],
     reference: Mapping[str, Any],
-    notes: list[str] | None,
 ) -> list[str]:
     """Values that parse but that the classes reject before training; one line per parameter.
 
@@ -739,12 +739,9 @@ def _value_errors(
     with that one value set (Note [checking values without training]); a failure the base command
     shows without the value is not the value's. Unless a value already went through with the
     model built, one proposed run (``reference``) is instantiated as a whole, which catches a base
-    config every run would fail with. With ``notes`` (a list), data missing on this machine is
-    not an error: every value is still checked (``missing_data_deferred``) and ``notes`` gets one
-    line saying what was not.
+    config every run would fail with. Data files missing on this machine are not checked here
+    (Note [checking values without training]).
     """
-    from sn_lightning.errors import MissingDataError
-
     base: dict[bool, str | None] = {}
     model_built = False
 
@@ -752,12 +749,6 @@ def _value_errors(
         try:
             parser.instantiate(parse(params), build_model=build_model)
         except Exception as err:  # anything fit would stop on before training
-            if notes is not None and any(
-                isinstance(e, MissingDataError) for e in _cause_chain(err)
-            ):
-                if not notes:
-                    notes.append(_missing_data_note(err))
-                return None
             return _rejection(err)
         return None
 
@@ -782,19 +773,45 @@ def _value_errors(
     return [f"run {dict(reference)!r} is rejected before training: {reason}"] if reason else []
 
 
-def _missing_data_note(err: BaseException) -> str:
-    """The note of a check run without the data: what was missing and what stood in for it."""
-    from sn_lightning.data.datamodule import STAND_IN_CLASSES
+def _data_missing(
+    runs: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], Any]
+) -> list[tuple[dict[str, Any], Exception]]:
+    """Complete runs whose data files are not on this machine: ``(params, MissingDataError)``.
 
-    reason = _rejection(err)
-    stand_in = (
-        f" (the class count, unknown without the folder, was taken as {STAND_IN_CLASSES})"
-        if reason.startswith("imagefolder")
-        else ""
-    )
+    One entry per distinct data section (``data.*`` as parsed); a run that does not parse or
+    whose data values are rejected is left to the other checks.
+    """
+    from sn_lightning.data import ImageDataModule
+    from sn_lightning.data.datamodule import missing_data_deferred
+
+    seen: set[str] = set()
+    found = []
+    for params in runs:
+        try:
+            data = parse(params).data.as_dict()
+        except Exception:  # reported by the parse checks
+            continue
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        with missing_data_deferred() as missing:
+            try:
+                ImageDataModule(**data)
+            except Exception:  # a rejected data value: reported by the value checks
+                continue
+        if missing:
+            found.append((dict(params), missing[0]))
+    return found
+
+
+def _missing_data_note(err: Exception) -> str:
+    """The note of a check made without the data: what is missing and what stood in for it."""
+    assumed = getattr(err, "assumed", None)
+    stand_in = f" ({assumed})" if assumed else ""
     return (
-        f"the data is not on this machine ({reason}); every value was checked without it"
-        f"{stand_in}, but not the files themselves"
+        f"the data is not on this machine ({_one_line(err)}); every value was checked without "
+        f"it{stand_in}, but not the files themselves"
     )
 
 
@@ -808,25 +825,32 @@ def validate_sweep(path: str | Path, notes: list[str] | None = None) -> list[str
 
     Args:
         path: the sweep YAML.
-        notes: if a list, data missing on this machine (a sweep checked on a laptop before it
-            runs in the cloud) is not an error: every value is checked without it and a line
-            saying so is appended here. If None (``run``), missing data is an error (unless the
-            command downloads it: ``--data.download=true``).
+        notes: a list that gets one line for each dataset whose files are missing on this
+            machine (a sweep checked on a laptop before it runs in the cloud): not an error
+            here, every value is checked without the files (``run`` decides).
     """
+    errors, missing = _validate(path)
+    if notes is not None:
+        notes += [_missing_data_note(err) for _, err in missing]
+    return errors
+
+
+def _validate(path: str | Path) -> tuple[list[str], list[tuple[dict[str, Any], Exception]]]:
+    """:func:`validate_sweep`'s errors, and the checked runs whose data is missing here."""
     try:
         cfg = load_sweep(path)
     except SweepError as err:
-        return [str(err)]
+        return [str(err)], []
     errors = schema_errors(cfg)
     if errors:
-        return [f"{path}: {e}" for e in errors]
+        return [f"{path}: {e}" for e in errors], []
     errors = _command_errors(cfg)
     if errors:
-        return [f"{path}: {e}" for e in errors]
+        return [f"{path}: {e}" for e in errors], []
     config = sweep_config(cfg)
     errors = _engine_errors(config)
     if errors:
-        return [f"{path}: {e}" for e in errors]
+        return [f"{path}: {e}" for e in errors], []
     metric = (cfg.get("metric") or {}).get("name")
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -837,12 +861,12 @@ def validate_sweep(path: str | Path, notes: list[str] | None = None) -> list[str
         try:
             base_args = render({}, "base")
         except SweepError as err:
-            return [f"{path}: {err}"]
+            return [f"{path}: {err}"], []
         base = _base_display(cfg)
         try:
             parser = _FitParser(base_args)
         except Exception as err:
-            return [f"{path}: command: `{base}` does not parse: {_one_line(err)}"]
+            return [f"{path}: command: `{base}` does not parse: {_one_line(err)}"], []
         parsed: dict[str, Any] = {}
 
         def parse(params: Mapping[str, Any]) -> Any:
@@ -860,14 +884,15 @@ def validate_sweep(path: str | Path, notes: list[str] | None = None) -> list[str
                     lines.append(line)
                     break  # one line per parameter
         if lines:
-            return [f"{path}: {line}" for line in lines]
+            return [f"{path}: {line}" for line in lines], []
         runs = _runs_to_check(config)
         for params in runs:
             line = _check_run(parse, parser.keys, params, base, metric)
             if line:
-                return [f"{path}: {line}"]
-        lines = _value_errors(parser, parse, cfg, runs[0] if runs else {}, notes)
-    return [f"{path}: {line}" for line in lines]
+                return [f"{path}: {line}"], []
+        lines = _value_errors(parser, parse, cfg, runs[0] if runs else {})
+        missing = [] if lines else _data_missing(runs, parse)
+    return [f"{path}: {line}" for line in lines], missing
 
 
 def describe(cfg: Mapping[str, Any]) -> str:
@@ -1205,16 +1230,11 @@ def run_sweep(
         raise SweepError(f"{path}: method custom needs a W&B scheduler; use grid, random or bayes")
     if count is None and method in ("random", "bayes"):
         raise SweepError(f"{path}: --count is required for method {method}")
-    notes: list[str] | None = [] if dry_run else None  # a dry run needs no data here
-    errors = validate_sweep(path, notes)
+    errors, missing = _validate(path)
     if errors:
         raise SweepError("\n".join(errors))
-    for note in notes or []:
-        _say(f"{path}: note: {note}")
     config = sweep_config(cfg)
     out = Path(out or Path("runs") / "sweeps" / Path(path).stem).resolve()
-    if not dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv
-        out.mkdir(parents=True, exist_ok=True)
     metric = (cfg.get("metric") or {}).get("name") or "val/acc"
     sweep_id = f"local-{Path(path).stem}"
     parser = None
@@ -1223,6 +1243,24 @@ def run_sweep(
             cfg, {}, run_id="base", sweep_id=sweep_id, wandb_dir=out, inline_json=True
         )
         parser = _FitParser(fit_args(base))
+
+        def parse_run(params: Mapping[str, Any]) -> Any:
+            command = agent_command(
+                cfg, params, run_id="check", sweep_id=sweep_id, wandb_dir=out, inline_json=True
+            )
+            return parser.parse(fit_args([*command, *fit_overrides]))
+
+        missing = _data_missing(_runs_to_check(config), parse_run)  # the options may set data.*
+    if missing and not dry_run:  # Note [checking values without training]
+        raise SweepError(
+            "\n".join(
+                f"{path}: run {params!r} cannot start: {_one_line(err)}" for params, err in missing
+            )
+        )
+    for _, err in missing:  # a dry run needs no data here
+        _say(f"{path}: note: {_missing_data_note(err)}")
+    if not dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv
+        out.mkdir(parents=True, exist_ok=True)
     noted: set[str] = set()
     runs = read_csv(out / RUNS_CSV, metric)
     if runs:

@@ -773,8 +773,8 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
     path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, 2.0]}})
     note = (
         f"{path}: note: the data is not on this machine (imagefolder data_dir {missing} has no "
-        "train/ class folder); every value was checked without it (the class count, unknown "
-        "without the folder, was taken as 2), but not the files themselves"
+        "train/ class folder); every value was checked without it (2 classes stood in for the "
+        "class folders of train/), but not the files themselves"
     )
     assert sweep.main(["validate", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -786,8 +786,10 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
     assert note in capsys.readouterr().out.splitlines()
     # a real run needs the data: it stops before starting anything
     assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
-    (line,) = capsys.readouterr().err.splitlines()
-    assert "is rejected before training: imagefolder data_dir" in line
+    assert capsys.readouterr().err.splitlines() == [
+        f"{sweep.PROG}: error: {path}: run {{'model.beta': 1.0}} cannot start: imagefolder "
+        f"data_dir {missing} has no train/ class folder"
+    ]
     assert fake.calls == [] and not (tmp_path / "o").exists()
     # without the data, the model's values and the data module's later checks still run
     path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
@@ -808,13 +810,43 @@ def test_data_missing_here_is_a_note_for_validate_and_dry_run_an_error_for_run(
         f"{path}: parameters.data.image_size: value 0 is rejected before training: "
         "dataset 'imagefolder' needs --data.image_size > 0, got 0"
     ]
-    # with the data here, the model's values are checked too
-    _write_imagefolder(missing)
-    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, -1.0]}})
+    # train/ here but test/ missing: the class count is known, nothing stands in
+    for name in ("a", "b", "c"):
+        (missing / "train" / name).mkdir(parents=True)
+    notes = []
+    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0, 2.0]}})
+    assert sweep.validate_sweep(path, notes) == []
+    assert notes == [
+        f"the data is not on this machine (imagefolder data_dir {missing} has no test/ class "
+        "folder); every value was checked without it, but not the files themselves"
+    ]
+    # with the data here, nothing is noted and the model's values are checked as before
+    _write_imagefolder(tmp_path / "here")
+    path = _imagefolder_sweep(tmp_path, tmp_path / "here", {"model.beta": {"values": [1.0, -1.0]}})
     notes = []
     (error,) = sweep.validate_sweep(path, notes)
     assert "parameters.model.beta: value -1.0 is rejected before training: beta" in error
     assert notes == []
+    # the options after -- may point at the data: a real run then starts
+    path = _imagefolder_sweep(tmp_path, missing, {"model.beta": {"values": [1.0]}})
+    here = f"--data.data_dir={tmp_path / 'here'}"
+    assert sweep.main(["run", str(path), "--dry-run", "--", here]) == 0
+    assert not any("note:" in line for line in capsys.readouterr().out.splitlines())
+    assert sweep.main(["run", str(path), "--out", str(tmp_path / "o"), "--", here]) == 0
+    assert len(fake.calls) == 1 and fake.calls[0][0][-1] == here
+
+
+def _cifar_sweep(tmp_path, options, parameters, name="cifar.yaml"):
+    """The digits sweep on CIFAR-10 with the fit ``options``, sweeping ``parameters``."""
+
+    def edit(cfg):
+        at = cfg["command"].index("configs/quickstart.yaml") + 1
+        cfg["command"][at:at] = ["--data.dataset=cifar10", *options]
+        cfg["parameters"] = parameters
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(_digits_variant(edit)))
+    return path
 
 
 def test_missing_torchvision_files_without_download_stop_a_run_and_with_download_do_not(
@@ -822,41 +854,68 @@ def test_missing_torchvision_files_without_download_stop_a_run_and_with_download
 ):
     """CIFAR-10 with download=false and no files: each run would fail, so `run` starts none."""
     missing = tmp_path / "no-cifar"
-
-    def variant(download, parameters):
-        def edit(cfg):
-            at = cfg["command"].index("configs/quickstart.yaml") + 1
-            options = ["--data.dataset=cifar10", f"--data.data_dir={missing}"]
-            cfg["command"][at:at] = [*options, f"--data.download={download}"]
-            cfg["parameters"] = parameters
-
-        path = tmp_path / f"cifar_{download}.yaml"
-        path.write_text(yaml.safe_dump(_digits_variant(edit)))
-        return path
-
+    reason = (
+        f"data folder {missing} for dataset 'cifar10' does not exist; set --data.data_dir to the "
+        "folder holding the files or pass --data.download=true"
+    )
     fake = _FakeFit("x")
     monkeypatch.setattr(sweep, "_execute", fake)
-    path = variant("false", {"model.beta": {"values": [1.0, 2.0]}})
+    beta = {"model.beta": {"values": [1.0, 2.0]}}
+    path = _cifar_sweep(tmp_path, [f"--data.data_dir={missing}"], beta)
     assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.endswith(
-        f"is rejected before training: data folder {missing} for dataset 'cifar10' does not exist; "
-        "set --data.data_dir to the folder holding the files or pass --data.download=true"
-    )
+    assert capsys.readouterr().err.splitlines() == [
+        f"{sweep.PROG}: error: {path}: run {{'model.beta': 1.0}} cannot start: {reason}"
+    ]
     assert fake.calls == [] and not (tmp_path / "o").exists()
     notes = []
     assert sweep.validate_sweep(path, notes) == []
     assert notes == [
-        f"the data is not on this machine (data folder {missing} for dataset 'cifar10' does not "
-        "exist; set --data.data_dir to the folder holding the files or pass "
-        "--data.download=true); every value was checked without it, but not the files themselves"
+        f"the data is not on this machine ({reason}); every value was checked without it, but "
+        "not the files themselves"
     ]
     # the model's values are checked without the files
-    path = variant("false", {"model.beta": {"values": [1.0, -1.0]}})
+    path = _cifar_sweep(tmp_path, [f"--data.data_dir={missing}"], {"model.beta": {"values": [-1]}})
     (error,) = sweep.validate_sweep(path, [])
-    assert "parameters.model.beta: value -1.0 is rejected before training: beta" in error
-    # with download=true the run fetches the files: nothing to object to, nothing downloaded here
-    path = variant("true", {"model.beta": {"values": [1.0, 2.0]}})
+    assert "parameters.model.beta: value -1 is rejected before training: beta" in error
+    # with download=true (in the command, or after --) the runs fetch the files: no objection
+    path = _cifar_sweep(tmp_path, [f"--data.data_dir={missing}", "--data.download=true"], beta)
     notes = []
-    assert sweep.validate_sweep(path, None) == [] and sweep.validate_sweep(path, notes) == []
-    assert notes == [] and not missing.exists()
+    assert sweep.validate_sweep(path, notes) == [] and notes == []
+    path = _cifar_sweep(tmp_path, [f"--data.data_dir={missing}"], beta)
+    assert sweep.main(["run", str(path), "--dry-run", "--", "--data.download=true"]) == 0
+    assert not any("note:" in line for line in capsys.readouterr().out.splitlines())
+    argv = ["run", str(path), "--out", str(tmp_path / "o"), "--", "--data.download=true"]
+    assert sweep.main(argv) == 0
+    assert len(fake.calls) == 2 and not missing.exists()  # nothing downloaded here
+    assert all(argv[-1] == "--data.download=true" for argv, _ in fake.calls)
+    # only the runs that lack their data count: download swept, the false half is named
+    fake.calls.clear()
+    path = _cifar_sweep(
+        tmp_path,
+        [f"--data.data_dir={missing}"],
+        {"data.download": {"values": [True, False]}, "model.beta": {"values": [1.0, 2.0]}},
+    )
+    assert sweep.main(["run", str(path), "--out", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{sweep.PROG}: error: {path}: run {{'data.download': False, 'model.beta': 1.0}} cannot "
+        f"start: {reason}"
+    ]
+    assert fake.calls == []
+
+
+def test_data_values_split_across_parameters_are_checked_together(monkeypatch, tmp_path, capsys):
+    """data.dataset and data.data_dir as two parameters: only whole runs say where the data is."""
+    from tests.data.fixtures import make_cifar
+
+    make_cifar(tmp_path / "cifar")
+    parameters = {
+        "data.dataset": {"values": ["cifar10"]},
+        "data.data_dir": {"value": str(tmp_path / "cifar")},
+    }
+    path = _cifar_sweep(tmp_path, [], parameters)
+    notes = []
+    assert sweep.validate_sweep(path, notes) == [] and notes == []
+    fake = _FakeFit("x")
+    monkeypatch.setattr(sweep, "_execute", fake)
+    assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert len(fake.calls) == 1

@@ -195,25 +195,24 @@ class ImageDataModule(L.LightningDataModule):
                 f"dataset 'imagefolder' needs --data.image_size > 0, got {image_size!r}"
             )
         self.data_dir = Path(data_dir).expanduser()
-        try:
-            n_classes = len(self._imagefolder_classes())
-        except MissingDataError as err:
+        train = self.data_dir / "train"
+        classes = [p for p in train.iterdir() if p.is_dir()] if train.is_dir() else []
+        n_classes = len(classes)
+        absent = next((s for s in ("train", "test") if not (self.data_dir / s).is_dir()), None)
+        err = None
+        if absent is not None:
+            err = MissingDataError(
+                f"imagefolder data_dir {self.data_dir} has no {absent}/ class folder"
+            )
+        elif not classes:
+            err = MissingDataError(f"imagefolder {train} has no class folders")
+        if err is not None:
+            if not n_classes:  # the class count comes from train/: a stand-in while it is missing
+                n_classes = STAND_IN_CLASSES
+                err.assumed = f"{STAND_IN_CLASSES} classes stood in for the class folders of train/"
             _data_missing(err)
-            n_classes = STAND_IN_CLASSES
         self.num_classes, self.input_shape = n_classes, (3, image_size, image_size)
         self.spec = None
-
-    def _imagefolder_classes(self) -> list[str]:
-        """The class folder names under ``train/`` (raises MissingDataError)."""
-        for split in ("train", "test"):
-            if not (self.data_dir / split).is_dir():
-                raise MissingDataError(
-                    f"imagefolder data_dir {self.data_dir} has no {split}/ class folder"
-                )
-        classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
-        if not classes:
-            raise MissingDataError(f"imagefolder {self.data_dir / 'train'} has no class folders")
-        return classes
 
     def _imagefolder(self, split: str, augment: bool) -> Dataset:
         from torchvision.datasets import ImageFolder

@@ -184,6 +184,8 @@ def test_missing_data_deferred_records_the_error_and_goes_on_checking(tmp_path):
     assert str(missing[0]) == f"imagefolder data_dir {tmp_path / 'no'} has no train/ class folder"
     assert "for dataset 'cifar10' does not exist" in str(missing[1])
     assert (dm.num_classes, dm.input_shape) == (STAND_IN_CLASSES, (3, 8, 8))
+    assert missing[0].assumed == "2 classes stood in for the class folders of train/"
+    assert missing[1].assumed is None
     assert (cifar.num_classes, cifar.input_shape) == (10, (3, 32, 32))
     # outside the context the same construction raises again, and the data is read when present
     with pytest.raises(MissingDataError, match="has no train/ class folder"):
@@ -192,6 +194,17 @@ def test_missing_data_deferred_records_the_error_and_goes_on_checking(tmp_path):
     with missing_data_deferred() as missing:
         dm = ImageDataModule("imagefolder", data_dir=str(tmp_path / "here"), image_size=8)
     assert missing == [] and dm.num_classes == 3  # the three class folders, not the stand-in
+    # train/ present, test/ missing: the class count comes from train/, no stand-in
+    make_image_folder(tmp_path / "half", classes=("a", "b", "c", "d"))
+    for f in (tmp_path / "half" / "test").rglob("*.png"):
+        f.unlink()
+    for d in sorted((tmp_path / "half" / "test").iterdir()):
+        d.rmdir()
+    (tmp_path / "half" / "test").rmdir()
+    with missing_data_deferred() as missing:
+        dm = ImageDataModule("imagefolder", data_dir=str(tmp_path / "half"), image_size=8)
+    assert dm.num_classes == 4 and len(missing) == 1 and missing[0].assumed is None
+    assert str(missing[0]) == f"imagefolder data_dir {tmp_path / 'half'} has no test/ class folder"
 
 
 def test_corrupt_file_found_at_setup(tmp_path):

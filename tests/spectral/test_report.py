@@ -819,6 +819,13 @@ def test_two_normalizations_at_different_shapes_leave_no_default_and_say_so():
     bound, reason = network_lipschitz_bound(model, input_shape=SHAPE)
     assert reason == ""
     assert max(jacobian_norm(model, torch.randn(*SHAPE).double()) for _ in range(3)) <= bound
+    # a refusal for another reason does not blame the shapes
+    squared = _Fn(lambda s, x: s.conv(x) * s.conv(x)).double()
+    apply_spectral_norm(squared, beta=1.0, input_shape=(2, 4, 4), include=["conv"])
+    apply_spectral_norm(squared, beta=1.0, input_shape=(6,), include=["fc"])
+    bound, reason = network_lipschitz_bound(squared.eval())
+    assert bound is None
+    assert reason == "no Lipschitz rule for mul: product of a tensor and a tensor"
 
 
 class _Fn(nn.Module):
