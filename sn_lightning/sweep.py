@@ -805,6 +805,13 @@ def _data_missing(
     return found
 
 
+def _cannot_start(
+    path: str | Path, missing: Iterable[tuple[dict[str, Any], Exception]]
+) -> list[str]:
+    """``run``'s error lines for runs whose data is missing here (:func:`_data_missing`)."""
+    return [f"{path}: run {params!r} cannot start: {_one_line(err)}" for params, err in missing]
+
+
 def _missing_data_note(err: Exception) -> str:
     """The note of a check made without the data: what is missing and what stood in for it."""
     assumed = getattr(err, "assumed", None)
@@ -891,7 +898,7 @@ def _validate(path: str | Path) -> tuple[list[str], list[tuple[dict[str, Any], E
             if line:
                 return [f"{path}: {line}"], []
         lines = _value_errors(parser, parse, cfg, runs[0] if runs else {})
-        missing = [] if lines else _data_missing(runs, parse)
+        missing = _data_missing(runs, parse)
     return [f"{path}: {line}" for line in lines], missing
 
 
@@ -1231,8 +1238,8 @@ def run_sweep(
     if count is None and method in ("random", "bayes"):
         raise SweepError(f"{path}: --count is required for method {method}")
     errors, missing = _validate(path)
-    if errors:
-        raise SweepError("\n".join(errors))
+    if errors:  # with the runs whose data is missing: all that stops this sweep at once
+        raise SweepError("\n".join(errors + ([] if dry_run else _cannot_start(path, missing))))
     config = sweep_config(cfg)
     out = Path(out or Path("runs") / "sweeps" / Path(path).stem).resolve()
     metric = (cfg.get("metric") or {}).get("name") or "val/acc"
@@ -1252,11 +1259,7 @@ def run_sweep(
 
         missing = _data_missing(_runs_to_check(config), parse_run)  # the options may set data.*
     if missing and not dry_run:  # Note [checking values without training]
-        raise SweepError(
-            "\n".join(
-                f"{path}: run {params!r} cannot start: {_one_line(err)}" for params, err in missing
-            )
-        )
+        raise SweepError("\n".join(_cannot_start(path, missing)))
     for _, err in missing:  # a dry run needs no data here
         _say(f"{path}: note: {_missing_data_note(err)}")
     if not dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv

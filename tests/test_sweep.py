@@ -873,10 +873,15 @@ def test_missing_torchvision_files_without_download_stop_a_run_and_with_download
         f"the data is not on this machine ({reason}); every value was checked without it, but "
         "not the files themselves"
     ]
-    # the model's values are checked without the files
+    # the model's values are checked without the files; run names both problems at once
     path = _cifar_sweep(tmp_path, [f"--data.data_dir={missing}"], {"model.beta": {"values": [-1]}})
     (error,) = sweep.validate_sweep(path, [])
     assert "parameters.model.beta: value -1 is rejected before training: beta" in error
+    assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{sweep.PROG}: error: {error}",
+        f"{sweep.PROG}: error: {path}: run {{'model.beta': -1}} cannot start: {reason}",
+    ]
     # with download=true (in the command, or after --) the runs fetch the files: no objection
     path = _cifar_sweep(tmp_path, [f"--data.data_dir={missing}", "--data.download=true"], beta)
     notes = []
