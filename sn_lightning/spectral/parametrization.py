@@ -720,10 +720,24 @@ def remove_bounded_spectral_norm(module: nn.Module, name: str = "weight") -> nn.
 
 def _remove(module: nn.Module, name: str) -> None:
     """Remove all parametrizations of ``module.<name>``, baking the eval-mode value in."""
+    _own_class(module)
     with eval_mode(module), torch.no_grad():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             _sync_running_var(module, ())
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before a removal edits the class.
+
+    ``torch.nn.utils.parametrize`` injects one class per module and keeps the parametrized
+    tensor as a property on it; ``copy.deepcopy`` shares that class between the copies, and
+    removing the parametrization deletes the property from the class, so the other copy would
+    lose its ``weight``. A fresh class with the same namespace keeps the copies apart.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 @contextlib.contextmanager

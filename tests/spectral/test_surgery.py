@@ -188,9 +188,29 @@ def test_deepcopy_and_remove_spectral_norm():
     fresh = build("tiny", seed=3).eval()
     fresh.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), expected)
+    # the copy still works, and keeps its own normalization (the classes were shared)
+    assert normalized_layers(clone)
+    clone.eval()
+    torch.testing.assert_close(clone(x), copy.deepcopy(clone)(x), rtol=0, atol=0)
+    remove_spectral_norm(copy.deepcopy(clone))
+    clone.train()
+    clone(x).sum().backward()  # training forward and backward: the fused path, too
 
 
-def test_per_layer_beta_mapping_first_match_wins():
+@pytest.mark.parametrize("backbone", ["tiny", "torchvision:resnet18"])
+def test_removal_on_a_copy_leaves_the_original_normalized(backbone):
+    torch.manual_seed(0)
+    model = apply_spectral_norm(build(backbone), beta=0.5, input_shape=SHAPE, batchnorm="bound")
+    x = torch.rand(2, *SHAPE)
+    expected = model.eval()(x)
+    export = remove_spectral_norm(copy.deepcopy(model))
+    torch.testing.assert_close(export(x), expected)
+    assert len(normalized_layers(model)) > 0
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
     model = apply_spectral_norm(
         build("torchvision:resnet18"),
         beta={"net.layer1.*": 0.5, "net.layer*": 2.0, "net.fc": math.inf},
