@@ -13,6 +13,7 @@ offline with a one-line warning; results.json also goes to the W&B run summary (
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import json
@@ -44,6 +45,7 @@ from sn_lightning.callbacks import (
     RobustEvaluation,
 )
 from sn_lightning.callbacks.robust_eval import attack_name
+from sn_lightning.config_keys import KeyIndex
 from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.evaluation import evaluate
@@ -62,8 +64,31 @@ class _OneLineErrorParser(LightningArgumentParser):
         if not getattr(self, "exit_on_error", True):
             super().error(message, ex)
         first = " ".join(str(message).split())  # collapse jsonargparse's multi-line explanations
-        sys.stderr.write(f"{self.prog}: error: {_plain_union_error(first)}\n")
+        sys.stderr.write(f"{self.prog}: error: {self._plain(first)}\n")
         raise SystemExit(2)
+
+    def _plain(self, message: str) -> str:
+        """The message in plain words; an unknown key gets suggestions and its section's keys."""
+        key = _unknown_key(message)
+        if key is None:
+            return _plain_parser_error(message)
+        try:
+            index = KeyIndex.from_config(self.get_defaults())
+        except Exception:  # the message as it is, rather than a second error
+            return message
+        return f"{message}; {index.explain(key)}" if not index.knows(key) else message
+
+
+def _unknown_key(message: str) -> str | None:
+    """The dotted key a jsonargparse 'unknown option' message names (flag or YAML), else None."""
+    flag = re.search(r"unrecognized arguments: --([\w.]+)", message)
+    if flag:
+        return flag.group(1)
+    group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+    if group:
+        return f"{group.group(1)}.{group.group(2)}"
+    option = re.search(r"Option '([\w.]+)' is not accepted", message)
+    return option.group(1) if option else None
 
 
 _TYPE_WORDS = {
@@ -76,19 +101,64 @@ _TYPE_WORDS = {
 }
 
 
-def _plain_union_error(message: str) -> str:
-    """A 'Does not validate against any of the Union subtypes' error as key, value and choices."""
-    key = re.search(r'Parser key "([^"]+)"', message)
-    given = re.search(r"Given value: (.*)$", message)
-    if not (key and given and "Does not validate against any of the Union subtypes" in message):
+def _type_words(types: str) -> str:
+    """``Literal[...]`` and ``<class ...>`` items of a jsonargparse message as words.
+
+    ``typing.Literal['linf', 'l2'], <class 'NoneType'>`` -> ``one of linf, l2 or null``.
+    """
+    values: list[str] = []
+    words = []
+    for item in re.findall(r"typing\.Literal\[[^\]]*\]|<class '[\w.]+'>", types):
+        if item.startswith("typing.Literal["):
+            try:
+                literal = ast.literal_eval(f"[{item[len('typing.Literal[') : -1]}]")
+            except (ValueError, SyntaxError):
+                return ""
+            values += [str(v) for v in literal if str(v) not in values]
+        else:
+            name = item[len("<class '") : -2]
+            words.append(_TYPE_WORDS.get(name, name.rsplit(".", 1)[-1]))
+    if values:
+        words.insert(0, f"one of {', '.join(values)}")
+    return " or ".join(words)
+
+
+def _plain_parser_error(message: str) -> str:
+    """A jsonargparse type error as ``--key: invalid value 'v'; expected ...`` (else unchanged).
+
+    Handles a single type (``Expected a <class 'float'>. Got value: x``), a union ('Does not
+    validate against any of the Union subtypes', string values only: another is e.g. a bad
+    init_arg of a valid class) and an init_arg of a class given as a nested flag
+    (``--adversarial.attack.init_args.norm=l3``: the error of the init_arg itself).
+    """
+    nested = re.search(
+        r"^Parser key \"([^\"]+)\": .*?Problem with given class_path '[\w.]+': "
+        r"(Parser key \".*?) - Expected a <class 'NoneType'> Given value type: "
+        r"<class 'jsonargparse\._util\.NestedArg'> Given value: NestedArg\(key='[\w.]+'",
+        message,
+    )
+    if nested:
+        inner = _plain_parser_error(nested.group(2))
+        if inner.startswith("--"):
+            return f"--{nested.group(1)}.init_args.{inner[2:]}"
         return message
-    if "Given value type: <class 'str'>" not in message:  # e.g. a bad init_arg of a valid class
+    single = re.fullmatch(
+        r"Parser key \"([^\"]+)\": Expected a (typing\.Literal\[[^\]]*\]|<class '[\w.]+'>)\. "
+        r"Got value: (.*)",
+        message,
+    )
+    if single:
+        key, types, value = single.groups()
+        words = _type_words(types)
+        return f"--{key}: invalid value {value!r}; expected {words}" if words else message
+    key = re.match(r'Parser key "([^"]+)":', message)
+    union = "Does not validate against any of the Union subtypes Subtypes: "
+    subtypes = re.search(re.escape(union) + r"\[(.*?)\] Errors:", message)
+    _, sep, value = message.rpartition(" Given value type: <class 'str'> Given value: ")
+    if not (key and subtypes and sep) or "Given value type:" in value:
         return message
-    subtypes = re.findall(r"<class '([\w.]+)'>", message.split("Errors:")[0])
-    if not subtypes:
-        return message
-    words = [_TYPE_WORDS.get(t, t.rsplit(".", 1)[-1]) for t in subtypes]
-    return f"--{key.group(1)}: invalid value {given.group(1)!r}; expected {' or '.join(words)}"
+    words = _type_words(subtypes.group(1))
+    return f"--{key.group(1)}: invalid value {value!r}; expected {words}" if words else message
 
 
 def config_error_in(err: BaseException) -> ConfigError | None:
@@ -133,6 +203,20 @@ def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
         return cli_class(**kwargs)
     except MisconfigurationException as err:
         raise ConfigError(f"trainer: {first_line(err)}") from err
+    except ValueError as err:  # e.g. an unknown strategy name, from the Trainer's connectors
+        if not _raised_in(err, "lightning.pytorch.trainer."):
+            raise
+        raise ConfigError(f"trainer: {first_line(err)}") from err
+
+
+def _raised_in(err: BaseException, module_prefix: str) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is in a module named ``module_prefix*``."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith(
+        module_prefix
+    )
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:

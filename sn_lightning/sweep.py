@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import difflib
 import fnmatch
 import importlib
 import inspect
@@ -56,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sn_lightning.config_keys import KeyIndex
 
 PROG = "python -m sn_lightning.sweep"
 FIT_MODULE = "sn_lightning.fit"
@@ -466,45 +467,6 @@ def _one_line(message: object, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@dataclass
-class _KeyIndex:
-    """The config keys of the base command, for 'unknown key' messages with suggestions."""
-
-    leaves: set[str]
-    children: dict[str, set[str]]
-
-    @classmethod
-    def from_config(cls, config: Any) -> _KeyIndex:
-        """Index the flattened keys (long and ``init_args``-less short forms) of a parsed config."""
-        leaves: set[str] = set()
-        for key in vars(config.as_flat()):
-            leaves.add(key)
-            leaves.add(key.replace(".init_args.", "."))
-        children: dict[str, set[str]] = {}
-        for key in leaves:
-            parts = key.split(".")
-            for depth in range(len(parts)):
-                children.setdefault(".".join(parts[:depth]), set()).add(parts[depth])
-        return cls(leaves, children)
-
-    def knows(self, key: str) -> bool:
-        """A leaf key or a section (``model``, ``adversarial.attack``)."""
-        return key in self.leaves or key in self.children
-
-    def explain(self, key: str) -> str:
-        """``did you mean ...? keys under 'section': ...``."""
-        close = difflib.get_close_matches(key, sorted(self.leaves), n=3, cutoff=0.85)
-        parts = key.split(".")
-        section = next(
-            ".".join(parts[:d])
-            for d in range(len(parts) - 1, -1, -1)
-            if ".".join(parts[:d]) in self.children
-        )
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        names = ", ".join(sorted(self.children[section]))
-        return f"{hint}keys under {section or 'the top level'!r}: {names}"
-
-
 class _FitParser:
     """The fit CLI's parser for one base command, parsing candidate runs without training."""
 
@@ -537,7 +499,7 @@ class _FitParser:
                 )
         finally:
             seed_log.setLevel(level)
-        self.parser, self.keys = cli.parser, _KeyIndex.from_config(cli.config)
+        self.parser, self.keys = cli.parser, KeyIndex.from_config(cli.config)
         self._instantiator = _CheckInstantiator()
         # jsonargparse >= 4.49 takes instantiators per call; older ones only per parser.
         method = getattr(self.parser, "instantiate", None)
@@ -655,9 +617,7 @@ def _reason(error: Exception) -> str:
     return _one_line(inner.split(" Given value type:")[0])
 
 
-def _parse_error(
-    error: Exception, assignment: Mapping[str, Any], keys: _KeyIndex, base: str
-) -> str:
+def _parse_error(error: Exception, assignment: Mapping[str, Any], keys: KeyIndex, base: str) -> str:
     """One line naming the bad key (with suggestions) or the bad value (with the parser's reason)."""
     if len(assignment) == 1:
         ((key, value),) = assignment.items()
@@ -669,7 +629,7 @@ def _parse_error(
 
 def _check_run(
     parse: Callable[[Mapping[str, Any]], Any],
-    keys: _KeyIndex,
+    keys: KeyIndex,
     assignment: Mapping[str, Any],
     base: str,
     metric: str | None,

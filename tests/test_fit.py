@@ -91,7 +91,29 @@ def test_resume_from_checkpoint(tmp_path):
         ),
         (["--model.lr=-0.1"], "lr must be positive, got -0.1"),
         (["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
-        (["--model.lrr=0.1"], "--model.lrr=0.1"),
+        (
+            ["--model.lrr=0.1"],
+            "unrecognized arguments: --model.lrr=0.1; did you mean model.lr? keys under 'model': "
+            "backbone, backbone_kwargs, beta,",
+        ),
+        (["--modell.beta=1"], "did you mean model.beta? keys under 'the top level': adversarial,"),
+        (
+            ["--trainer.precision=17"],
+            "--trainer.precision: invalid value '17'; expected one of 64, 32, 16, ",
+        ),
+        (
+            ["--adversarial.attack=PGD", "--adversarial.attack.init_args.norm=l3"],
+            "--adversarial.attack.init_args.norm: invalid value 'l3'; expected one of linf, l2",
+        ),
+        (
+            ["--adversarial.attack.init_args.eps=nan"],
+            "--adversarial.attack.init_args.eps: invalid value 'nan'; expected a number or null",
+        ),
+        (["--model.lr=nan"], "--model.lr: invalid value 'nan'; expected a number"),
+        (
+            ["--trainer.strategy=foo"],
+            "trainer: You selected an invalid strategy name: `strategy='foo'`",
+        ),
         (["--model.optimizer=rmsprop"], "rmsprop"),
         (
             ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"],
@@ -135,7 +157,7 @@ def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _fit(tmp_path, "--config", str(unknown))
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "betaa" in err[0]
+    assert len(err) == 1 and "'betaa'" in err[0] and "; did you mean model.beta? keys" in err[0]
 
 
 def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):
