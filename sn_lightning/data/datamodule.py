@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
-from sn_lightning.errors import ConfigError, MissingDataError
+from sn_lightning.errors import ConfigError, MissingDataError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -235,7 +235,14 @@ class ImageDataModule(L.LightningDataModule):
                 check_files(self.spec, self.data_dir)
             except ConfigError:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
-                self.spec.download(self.data_dir)
+                try:
+                    self.spec.download(self.data_dir)
+                except (OSError, RuntimeError) as err:  # no network, a proxy, a bad checksum
+                    raise ConfigError(
+                        f"download of {self.dataset!r} into {self.data_dir} failed "
+                        f"({first_line(err)}); put the files there (or set --data.data_dir to "
+                        "the folder holding them) and run again"
+                    ) from err
 
     def _n_val(self, n: int) -> int:
         k = round(self.val_size * n) if 0 < self.val_size < 1 else int(self.val_size)

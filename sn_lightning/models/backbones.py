@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sn_lightning.errors import ConfigError, choices_hint
+from sn_lightning.errors import ConfigError, choices_hint, first_line
 from sn_lightning.models import small
 from sn_lightning.models.normalize import InputNormalize
 
@@ -178,5 +178,12 @@ def create_backbone(
     except TypeError as err:
         raise ConfigError(
             f"backbone {name!r} rejected its arguments {sorted(kwargs)}: {err}"
+        ) from err
+    except (OSError, RuntimeError) as err:  # the weights' download (network, cache, checksum)
+        if not pretrained:
+            raise
+        raise ConfigError(
+            f"pretrained weights of {name!r} could not be loaded ({first_line(err)}); they "
+            "need network access or a filled cache, or pass --model.pretrained=false"
         ) from err
     return nn.Sequential(OrderedDict(normalize=InputNormalize(mean, std), net=net))

@@ -221,3 +221,23 @@ def test_batch_larger_than_train_set(tmp_path):
     dm.setup("fit")
     with pytest.raises(ConfigError, match="batch_size 64 exceeds the 25"):
         dm.train_dataloader()
+
+
+def test_a_failed_download_is_one_config_error(monkeypatch, tmp_path):
+    """download=true without network: one line saying where the files go, not a socket trace."""
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    dm = ImageDataModule("cifar10", data_dir=str(tmp_path / "c"), download=True)
+    with pytest.raises(ConfigError) as info:
+        dm.prepare_data()
+    assert str(info.value) == (
+        f"download of 'cifar10' into {tmp_path / 'c'} failed (<urlopen error [Errno -2] Name or "
+        "service not known>); put the files there (or set --data.data_dir to the folder holding "
+        "them) and run again"
+    )

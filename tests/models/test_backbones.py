@@ -113,3 +113,29 @@ def test_bad_kwargs_and_classes():
         create_backbone("digits_cnn", num_classes=10, in_chans=1, input_size=(8, 8), depth=3)
     with pytest.raises(ConfigError, match="num_classes must be a positive integer"):
         create_backbone("digits_cnn", num_classes=0)
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
+def test_pretrained_weights_that_cannot_be_fetched_are_one_config_error(monkeypatch, name):
+    """No network (the weights' download raises OSError): one line naming the way out."""
+    import timm
+    import torchvision
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained") or kwargs.get("weights"):
+            raise OSError("[Errno -2] Name or service not known")
+        return real(*args, **kwargs)
+
+    module, attr = (
+        (timm, "create_model") if name.startswith("timm") else (torchvision.models, "get_model")
+    )
+    real = getattr(module, attr)
+    monkeypatch.setattr(module, attr, offline)
+    with pytest.raises(ConfigError) as info:
+        create_backbone(name, num_classes=10, pretrained=True)
+    assert str(info.value) == (
+        f"pretrained weights of {name!r} could not be loaded ([Errno -2] Name or service not "
+        "known); they need network access or a filled cache, or pass --model.pretrained=false"
+    )
+    assert isinstance(info.value.__cause__, OSError)
+    assert create_backbone(name, num_classes=10)[1] is not None  # without weights: no download
