@@ -196,9 +196,18 @@ def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
     except RuntimeError as err:  # a shape mismatch
         raise ConfigError(f"{mismatch}: {' '.join(str(err).split())[:300]}") from err
     if result.missing_keys or result.unexpected_keys:
+        sn_in = [k for k in result.unexpected_keys if ".parametrizations." in k]
+        sn_out = [k for k in result.missing_keys if ".parametrizations." in k]
+        why = ""
+        if sn_in and not sn_out:
+            why = "the checkpoint's model has spectral normalization and this config's has not "
+        elif sn_out and not sn_in:
+            why = "this config adds spectral normalization the checkpoint's model has not "
+        why += "(model.beta, model.sn_*); " if why else ""
         raise ConfigError(
-            f"{mismatch}: {len(result.missing_keys)} missing keys {result.missing_keys[:3]}, "
-            f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}"
+            f"{mismatch}: {why}{len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected "
+            f"{result.unexpected_keys[:3]}"
         )
 
 
@@ -271,12 +280,16 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_curve(report, out / "robustness_curve.png")
     lines = [f"clean acc {report['clean_acc']:.4f} (n={report['n']})"]
+    certified = report["certified"].get("acc", {})
     for eps in report["pgd"]:
         aa = report.get("autoattack", {}).get(eps)
         lines.append(
             f"eps {eps}: PGD-{ev.steps} {report['pgd'][eps]:.4f}"
             + (f"  AutoAttack {aa:.4f}" if aa is not None else "")
+            + (f"  certified {certified[eps]:.4f}" if eps in certified else "")
         )
+    if "reason" in report["certified"]:
+        lines.append(f"certified: none ({report['certified']['reason']})")
     sys.stdout.write("\n".join([*lines, f"report: {out / 'evaluation.json'}"]) + "\n")
     report["out"] = str(out)
     return report

@@ -81,7 +81,7 @@ def test_certified_report_says_why_there_is_no_certificate():
     assert "BatchNorm2d" in report["reason"]
 
 
-def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path):
+def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path, capsys):
     config = str(ROOT / "configs" / "digits_crm.yaml")
     fit_main(
         ["--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2"]
@@ -103,6 +103,14 @@ def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path):
     for eps in ("0.1", "0.5"):
         assert cert[eps] <= pgd[eps] + 1e-9  # a certified point is never broken by an attack
     assert cert["0.5"] <= cert["0.1"] and cert["0.1"] > 0.5
+    # the console shows what evaluation.json holds, the certificate included
+    out = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(out) if line.startswith("clean acc "))
+    assert out[i : i + 3] == [
+        f"clean acc {report['clean_acc']:.4f} (n=100)",
+        f"eps 0.1: PGD-20 {pgd['0.1']:.4f}  certified {cert['0.1']:.4f}",
+        f"eps 0.5: PGD-20 {pgd['0.5']:.4f}  certified {cert['0.5']:.4f}",
+    ]
 
 
 def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
@@ -118,7 +126,12 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
         (["--eval.max_examples=-5"], "eval max_examples must be >= 1 or null (all), got -5"),
         (["--eval.max_examples=0"], "eval max_examples must be >= 1 or null (all), got 0"),
         (["--eval.device=gpu"], "unknown eval device 'gpu'; valid choices: auto, cpu, cuda"),
-        (["--model.beta=null"], "does not fit the model built from this config"),
+        (
+            ["--model.beta=null"],
+            "does not fit the model built from this config (pass the training run's config.yaml): "
+            "the checkpoint's model has spectral normalization and this config's has not "
+            "(model.beta, model.sn_*); ",
+        ),
         (["--model.backbone=sn_lightning:mlp1"], "does not fit the model built from this config"),
     ],
 )
