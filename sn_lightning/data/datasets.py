@@ -159,7 +159,7 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
         return
     if not folder.is_dir():
         raise MissingDataError(
-            f"data folder {folder} for dataset {spec.name!r} does not exist; set --data.data_dir "
+            f"data folder {folder.absolute()} for dataset {spec.name!r} does not exist; set --data.data_dir "
             f"to the folder holding the files{' or pass --data.download=true' if spec.download else ''}"
         )
     expected = {
@@ -177,6 +177,6 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
             found = (folder / name).is_file()
         if not found:
             raise MissingDataError(
-                f"data folder {folder} has no {name} for dataset {spec.name!r}; set --data.data_dir "
+                f"data folder {folder.absolute()} has no {name} for dataset {spec.name!r}; set --data.data_dir "
                 f"to the folder holding the files{' or pass --data.download=true' if spec.download else ''}"
             )
