@@ -522,7 +522,7 @@ class _FitParser:
         from sn_lightning.data.datamodule import missing_data_deferred
 
         self._instantiator.build_model = build_model
-        with missing_data_deferred():  # data files are checked per complete run: _data_missing
+        with missing_data_deferred():  # files are checked per complete run: _runs_without_data
             if self._per_call:
                 self.parser.instantiate(config, instantiators=[(self._instantiator, object, True)])
             else:
@@ -548,7 +548,7 @@ def _is_logger(class_type: type) -> bool:
 # folder stands in with STAND_IN_CLASSES classes); the model gets pretrained=False (no weights
 # download) and is built only for model.* and data.* keys (the data module's facts are linked
 # into it). The Trainer is not built: trainer.* values are only parsed. Whether a run's data is
-# here is asked of complete runs only (`_data_missing`; one value alone, e.g. data.dataset
+# here is asked of complete runs only (`_runs_without_data`; one value alone, e.g. data.dataset
 # without the data.data_dir another parameter sets, would point at the wrong folder): `validate`
 # and `run --dry-run` note it, `run` stops before the first run (with the options after --).
 # Nothing is downloaded: with download=true the files' absence is not an error (prepare_data
@@ -733,7 +733,7 @@ def _value_errors(
     return [f"run {dict(reference)!r} is rejected before training: {reason}"] if reason else []
 
 
-def _data_missing(
+def _runs_without_data(
     runs: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], Any]
 ) -> list[tuple[dict[str, Any], Exception]]:
     """Complete runs whose data files are not on this machine: ``(params, MissingDataError)``.
@@ -768,7 +768,7 @@ def _data_missing(
 def _cannot_start(
     path: str | Path, missing: Iterable[tuple[dict[str, Any], Exception]]
 ) -> list[str]:
-    """``run``'s error lines for runs whose data is missing here (:func:`_data_missing`)."""
+    """``run``'s error lines for runs whose data is missing here (:func:`_runs_without_data`)."""
     return [f"{path}: run {params!r} cannot start: {_one_line(err)}" for params, err in missing]
 
 
@@ -858,7 +858,7 @@ def _validate(path: str | Path) -> tuple[list[str], list[tuple[dict[str, Any], E
             if line:
                 return [f"{path}: {line}"], []
         lines = _value_errors(parser, parse, cfg, runs[0] if runs else {})
-        missing = _data_missing(runs, parse)
+        missing = _runs_without_data(runs, parse)
     return [f"{path}: {line}" for line in lines], missing
 
 
@@ -1217,7 +1217,8 @@ def run_sweep(
             )
             return parser.parse(fit_args([*command, *fit_overrides]))
 
-        missing = _data_missing(_runs_to_check(config), parse_run)  # the options may set data.*
+        # the options may set data.*: ask the runs again, with them
+        missing = _runs_without_data(_runs_to_check(config), parse_run)
     if missing and not dry_run:  # Note [checking values without training]
         raise SweepError("\n".join(_cannot_start(path, missing)))
     for _, err in missing:  # a dry run needs no data here

@@ -153,14 +153,18 @@ DATASETS: dict[str, DatasetSpec] = {
 DATASET_NAMES = (*DATASETS, "imagefolder")
 
 
+def _or_download(spec: DatasetSpec) -> str:
+    return " or pass --data.download=true" if spec.download else ""
+
+
 def check_files(spec: DatasetSpec, folder: Path) -> None:
     """Cheap existence check of a dataset's files (no parsing), so a wrong folder fails at once."""
     if spec.name == "digits":
         return
     if not folder.is_dir():
         raise MissingDataError(
-            f"data folder {folder.absolute()} for dataset {spec.name!r} does not exist; set --data.data_dir "
-            f"to the folder holding the files{' or pass --data.download=true' if spec.download else ''}"
+            f"data folder {folder.absolute()} for dataset {spec.name!r} does not exist; set "
+            f"--data.data_dir to the folder holding the files{_or_download(spec)}"
         )
     expected = {
         "mnist": [n for pair in readers.IDX_FILES.values() for n in pair],
@@ -177,6 +181,6 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
             found = (folder / name).is_file()
         if not found:
             raise MissingDataError(
-                f"data folder {folder.absolute()} has no {name} for dataset {spec.name!r}; set --data.data_dir "
-                f"to the folder holding the files{' or pass --data.download=true' if spec.download else ''}"
+                f"data folder {folder.absolute()} has no {name} for dataset {spec.name!r}; set "
+                f"--data.data_dir to the folder holding the files{_or_download(spec)}"
             )
