@@ -15,7 +15,8 @@ Conv2d/Linear); ``mul_floor`` (a parametrization ``W -> 1.0 * W`` on every Conv2
 cost of materializing a new weight and its gradient each step, which any parametrization pays);
 on CPU ``operator_sn_param`` (``batch_fold=False``: every layer rescales its weight through the
 parametrization instead of folding the power iteration into its batch); on CUDA
-``operator_sn_eager`` (``cuda_graph=False``).
+``operator_sn_layer_graphs`` (a CUDA graph pair per layer instead of one for the model: Note
+[one graph per model] in ``spectral/grouped.py``) and ``operator_sn_eager`` (``cuda_graph=False``).
 
     python -m benchmarks.sn_overhead --steps 30 --batch-size 128 --device cpu
 """
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from sn_lightning.spectral import apply_spectral_norm
+from sn_lightning.spectral import apply_spectral_norm, grouped
 
 try:  # Unix: page faults per step (allocator churn is the main noise source on small VMs)
     import resource
@@ -46,7 +47,7 @@ except ImportError:  # pragma: no cover - Windows
 
 VARIANTS = ("plain", "operator_sn", "torch_sn", "mul_floor")
 CPU_VARIANTS = (*VARIANTS, "operator_sn_param")
-CUDA_VARIANTS = (*VARIANTS, "operator_sn_eager")
+CUDA_VARIANTS = (*VARIANTS, "operator_sn_layer_graphs", "operator_sn_eager")
 
 
 class _Scale(nn.Module):
@@ -67,6 +68,8 @@ def build(variant: str, base: nn.Module, image_size: int, beta: float) -> nn.Mod
             cuda_graph=variant != "operator_sn_eager",
             batch_fold=variant != "operator_sn_param",
         )
+        if variant == "operator_sn_layer_graphs":  # per-layer graphs, not one for the model
+            grouped.uninstall(model)
     elif variant == "torch_sn":
         for m in list(model.modules()):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -78,14 +81,18 @@ def build(variant: str, base: nn.Module, image_size: int, beta: float) -> nn.Mod
     return model
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One SGD training step on a fixed batch."""
+def make_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bf16: bool = False
+) -> Callable[[], None]:
+    """One SGD training step on a fixed batch (``bf16``: the forward under bf16 autocast)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return step
@@ -111,6 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--beta", type=float, default=1.0, help="operator SN bound")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast forwards")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last model and inputs"
+    )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sn_overhead.json"))
@@ -122,9 +136,18 @@ def main(argv: list[str] | None = None) -> dict:
     base = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
     variants = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     steps = {
-        v: make_step(build(v, base, args.image_size, args.beta).to(device), x, y) for v in variants
+        v: make_step(
+            build(v, base, args.image_size, args.beta).to(device, memory_format=fmt),
+            x,
+            y,
+            bf16=args.bf16,
+        )
+        for v in variants
     }
 
     def sync() -> None:
@@ -153,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
             "image_size": args.image_size,
             "beta": args.beta,
             "device": str(device),
+            "bf16": args.bf16,
+            "channels_last": args.channels_last,
+            "cudnn_benchmark": args.cudnn_benchmark,
             "threads": torch.get_num_threads(),
             "steps": args.steps,
             "warmup": args.warmup,
@@ -170,13 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
         "times_s": times,
     }
     print(
-        f"{'variant':<17} {'median step (s)':>16} {'ratio of medians':>17} "
+        f"{'variant':<24} {'median step (s)':>16} {'ratio of medians':>17} "
         f"{'median round ratio':>19} {'95% CI':>14} {'faults/step':>12}"
     )
     for v in variants:
         lo, hi = result["round_ratio_ci95"][v]
         print(
-            f"{v:<17} {result['median_step_s'][v]:>16.4f} {result['ratio_of_medians'][v]:>17.3f} "
+            f"{v:<24} {result['median_step_s'][v]:>16.4f} {result['ratio_of_medians'][v]:>17.3f} "
             f"{result['median_round_ratio'][v]:>19.3f} {f'[{lo:.3f}, {hi:.3f}]':>14} "
             f"{result['minor_page_faults_per_step'][v]:>12.0f}"
         )

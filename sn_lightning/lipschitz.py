@@ -83,6 +83,7 @@ from sn_lightning.attacks.layerwise import LayerwisePerturbation
 from sn_lightning.models.normalize import InputNormalize
 from sn_lightning.modes import eval_mode
 from sn_lightning.spectral.fused import fused_forward
+from sn_lightning.spectral.grouped import is_group_hook
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
     LinearOp,
@@ -301,9 +302,10 @@ def _normalize_lipschitz(m: InputNormalize) -> float:
 #   with a global module forward hook (``register_module_forward_hook`` / ``_pre_hook``), is
 #   refused. Two hooks of this project are allowed because they change no value's Lipschitz
 #   constant: the BatchNorm pre-hook ``_sync_running_var`` (copies running_var into its bound's
-#   buffer, returns None) and :class:`~sn_lightning.attacks.LayerwisePerturbation`'s forward hook
+#   buffer, returns None), :class:`~sn_lightning.attacks.LayerwisePerturbation`'s forward hook
 #   (in training mode it adds a stored, detached delta that does not depend on the current input,
-#   a constant shift; in eval mode it returns None).
+#   a constant shift; in eval mode it returns None) and the spectral norms' grouped CUDA path
+#   (``spectral/grouped.py``: each layer gets the weight its parametrization would compute).
 
 
 def _is_layerwise_hook(hook: Any) -> bool:
@@ -311,6 +313,14 @@ def _is_layerwise_hook(hook: Any) -> bool:
     code = getattr(hook, "__code__", None)
     consts = LayerwisePerturbation._make_forward_hook.__code__.co_consts
     return any(c is code for c in consts if isinstance(c, types.CodeType))
+
+
+def _is_own_pre_hook(hook: Any) -> bool:
+    return hook is _sync_running_var or is_group_hook(hook)
+
+
+def _is_own_hook(hook: Any) -> bool:
+    return _is_layerwise_hook(hook) or is_group_hook(hook)
 
 
 def _forward_hook_problem(model: nn.Module) -> str | None:
@@ -329,8 +339,8 @@ def _forward_hook_problem(model: nn.Module) -> str | None:
         if "forward" in vars(m):
             return f"{where} has an instance-level forward, not its class's"
         for kind, hooks, allowed in (
-            ("forward pre-hook", m._forward_pre_hooks, lambda h: h is _sync_running_var),
-            ("forward hook", m._forward_hooks, _is_layerwise_hook),
+            ("forward pre-hook", m._forward_pre_hooks, _is_own_pre_hook),
+            ("forward hook", m._forward_hooks, _is_own_hook),
         ):
             for hook in hooks.values():
                 if not allowed(hook):

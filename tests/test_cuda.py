@@ -189,6 +189,27 @@ def _assert_same_state(a_model, b_model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _group_graphs(model):
+    """The captured graphs of the model's SpectralGroup hooks (grouped.py), all of them."""
+    from sn_lightning.spectral import grouped
+
+    groups = [
+        h.__self__
+        for h in model._forward_pre_hooks.values()
+        if isinstance(getattr(h, "__self__", None), grouped.SpectralGroup)
+    ]
+    return [g for group in groups for g in grouped._GRAPHS.get(group, {}).values()]
+
+
+def _use_path(model, grouped_path):
+    """Grouped graphs (the default) or, with the model's group hooks removed, per-layer graphs."""
+    from sn_lightning.spectral import grouped
+
+    if not grouped_path:
+        grouped.uninstall(model)
+    return model
+
+
 def _twin_models(**kwargs):
     """Two copies of one SN ResNet-18 on CUDA: CUDA-graph power iteration and eager."""
     torch.manual_seed(0)
@@ -213,18 +234,25 @@ def _sgd_steps(model, xs, y, two_forwards=False):
         opt.step()
 
 
+@pytest.mark.parametrize("grouped_path", [True, False], ids=["grouped", "per_layer"])
 @pytest.mark.parametrize("two_forwards", [False, True])
-def test_cuda_graph_power_iteration_matches_eager(two_forwards, exact_cuda):
+def test_cuda_graph_power_iteration_matches_eager(two_forwards, grouped_path, exact_cuda):
     from sn_lightning.spectral.parametrization import _GRAPHS
 
     graphed, eager = _twin_models()
+    _use_path(graphed, grouped_path)
     torch.manual_seed(1)
     xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(4)]
     y = torch.randint(0, 10, (8,), device="cuda")
     _sgd_steps(graphed, xs, y, two_forwards)
     _sgd_steps(eager, xs, y, two_forwards)
     norms = [p for _, _, p in _normalized_layers(graphed)]
-    assert all(_GRAPHS.get(p) and all(_GRAPHS[p].values()) for p in norms)  # graphs ran
+    if grouped_path:  # one graph pair for all 21 layers, no per-layer graph
+        graphs = _group_graphs(graphed)
+        assert len(graphs) == 1 and graphs[0].n == 21 and graphs[0].backward_graph is not None
+        assert not any(_GRAPHS.get(p) for p in norms)
+    else:
+        assert all(_GRAPHS.get(p) and all(_GRAPHS[p].values()) for p in norms)  # graphs ran
     _assert_same_state(graphed, eager)
     # eval forwards replay the no-update graph: no buffer changes
     before = {k: v.clone() for k, v in graphed.state_dict().items()}
@@ -268,13 +296,15 @@ def test_cuda_graph_recaptures_after_moves_and_reloads(exact_cuda):
     ids=["stride", "depthwise", "reflect", "conv1d", "conv3d", "transpose", "linear", "matrix",
          "bf16"],
 )  # fmt: skip
-def test_cuda_graph_layer_gradients_match_eager(make, shape, kwargs, exact_cuda):
+@pytest.mark.parametrize("grouped_path", [True, False], ids=["grouped", "per_layer"])
+def test_cuda_graph_layer_gradients_match_eager(make, shape, kwargs, grouped_path, exact_cuda):
     from sn_lightning.spectral.parametrization import _GRAPHS
 
     torch.manual_seed(0)
     layer = make()
     apply_spectral_norm(layer, beta=0.2, input_shape=shape, **kwargs)
     graphed, eager = copy.deepcopy(layer).cuda(), copy.deepcopy(layer).cuda()
+    _use_path(graphed, grouped_path)
     eager.parametrizations.weight[0].cuda_graph = False
     dtype = layer.parametrizations.weight.original.dtype
     x = torch.randn(3, *shape, device="cuda", dtype=dtype)
@@ -288,8 +318,12 @@ def test_cuda_graph_layer_gradients_match_eager(make, shape, kwargs, exact_cuda)
         tol = {"rtol": 2e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {}
         torch.testing.assert_close(grads[0], grads[1], **tol)
         _assert_same_state(graphed, eager)
-    graphs = _GRAPHS[graphed.parametrizations.weight[0]]
-    assert graphs and all(g.backward_graph is not None for g in graphs.values())
+    if grouped_path:
+        graphs = _group_graphs(graphed)
+        assert len(graphs) == 1 and graphs[0].backward_graph is not None
+    else:
+        graphs = _GRAPHS[graphed.parametrizations.weight[0]]
+        assert graphs and all(g.backward_graph is not None for g in graphs.values())
 
 
 def test_cuda_graph_backward_under_double_backprop_matches_eager(exact_cuda):
@@ -316,3 +350,66 @@ def test_cuda_graph_backward_under_double_backprop_matches_eager(exact_cuda):
         grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def benchmark_cudnn():
+    """cuDNN autotuning on (``Trainer(benchmark=True)``), TF32 off for close comparisons."""
+    flags = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    ) = flags
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Conv2d(5, 7, 3, stride=2, padding=1), (5, 13, 11)),
+        (lambda: nn.ConvTranspose2d(7, 5, 3, stride=2, padding=1), (7, 9, 5)),
+    ],
+    ids=["conv", "transpose"],
+)
+@pytest.mark.parametrize("grouped_path", [True, False], ids=["grouped", "per_layer"])
+def test_cuda_graphs_capture_under_cudnn_benchmark(make, shape, grouped_path, benchmark_cudnn):
+    """A training forward autotunes the adjoint convolution too: capture must not fail on it.
+
+    Shapes no other test uses, so cuDNN has not tuned them yet in this process.
+    """
+    import warnings
+
+    from sn_lightning.spectral.parametrization import _GRAPHS
+
+    torch.manual_seed(0)
+    # shapes no other test (or the other parametrization) uses: cuDNN tunes them here
+    shape = (shape[0], shape[1] + grouped_path, shape[2])
+    layer = make()
+    apply_spectral_norm(layer, beta=0.2, input_shape=shape)
+    graphed, eager = copy.deepcopy(layer).cuda(), copy.deepcopy(layer).cuda()
+    _use_path(graphed, grouped_path)
+    eager.parametrizations.weight[0].cuda_graph = False
+    x = torch.randn(3, *shape, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "CUDA graph capture ... failed" would raise here
+        for _ in range(2):  # capture, then replay
+            grads = []
+            for m in (graphed, eager):
+                m.zero_grad(set_to_none=True)
+                m(x).square().sum().backward()
+                grads.append(m.parametrizations.weight.original.grad)
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+            _assert_same_state(graphed, eager)
+    norm = graphed.parametrizations.weight[0]
+    if grouped_path:
+        graphs = _group_graphs(graphed)
+        assert len(graphs) == 1 and graphs[0] is not None and graphs[0].backward_graph is not None
+    else:
+        assert norm.cuda_graph and _GRAPHS[norm] and all(_GRAPHS[norm].values())

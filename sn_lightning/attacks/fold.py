@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from sn_lightning.spectral.grouped import is_group_hook
+
 __all__ = ["FoldedConv", "folded_view"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -76,7 +78,9 @@ class _View:
 
 
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+    """Has a hook that may change values (the spectral norms' grouped hooks do not)."""
+    hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    return bool(m._backward_hooks) or not all(is_group_hook(h) for h in hooks)
 
 
 def _signature(model: nn.Module) -> tuple[int, ...]:

@@ -166,13 +166,16 @@ class _IterationGraph:
         self.dtype = dtype = _float_dtype(weight.dtype)
         self.weight_ptr = weight.data_ptr()
 
-        def run(write: bool) -> tuple[Tensor, Tensor, Tensor]:
-            return norm._iterate(weight.detach().to(dtype), advance=write)
+        def run(store: bool) -> tuple[Tensor, Tensor, Tensor]:
+            return norm._iterate(weight.detach().to(dtype), advance=update, store=store)
 
+        # The warm-up runs every kernel the graph will hold (the adjoint too when updating:
+        # with cudnn.benchmark on, a first-seen shape is autotuned, which capture forbids) but
+        # stores nothing, so the capture still advances ``u`` exactly once.
         _warm_up(lambda: run(False), weight.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), _no_autocast("cuda"), torch.cuda.graph(self.graph):
-            u, v, sigma = run(update)
+            u, v, sigma = run(True)
             scale, kv = _coefficients(sigma, v, norm.beta)
             self.state = torch.cat(
                 [u.reshape(-1), kv.reshape(-1), sigma.reshape(1), scale.reshape(1)]
@@ -442,6 +445,9 @@ class BoundedSpectralNorm(nn.Module):
         self._fold_geometry: Any = None  # set by fused.install for plain Conv/Linear layers
         self.output_numel = 0
         self.frozen = False  # set by freeze_spectral_norm
+        # (original weight, rescaled weight) handed over by the model's grouped CUDA path for
+        # this forward (Note [one graph per model] in ``grouped``), else None.
+        self._pending: tuple[Tensor, Tensor] | None = None
         self.layer_type = type(layer).__name__
         self.input_shape = None if input_shape is None else tuple(int(i) for i in input_shape)
         # The whole network's input shape, set by apply_spectral_norm (the report's default).
@@ -493,16 +499,19 @@ class BoundedSpectralNorm(nn.Module):
         G = (v.mT @ u).reshape(W.shape[1], W.shape[0], *W.shape[2:]).transpose(0, 1)
         return out.add_(G, alpha=b)
 
-    def _iterate(self, W: Tensor, *, advance: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _iterate(
+        self, W: Tensor, *, advance: bool, store: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``(u, v, sigma)`` of one forward from the stored u (``ops._estimate``).
 
-        ``W`` is in the iteration dtype; with ``advance`` the next u is stored.
+        ``W`` is in the iteration dtype; with ``advance`` the next u is computed, and stored
+        unless ``store`` is False (a CUDA-graph warm-up).
         """
         u, v, sigma, u_next = _estimate(
             *self._operator(W), self.u.to(W.dtype), self.n_power_iterations, self.min_norm,
             advance=advance,
         )  # fmt: skip
-        if u_next is not None:
+        if u_next is not None and store:
             self.u.copy_(u_next)
         return u, v, sigma
 
@@ -515,6 +524,11 @@ class BoundedSpectralNorm(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return ``weight / max(1, sigma / beta)``; updates ``u`` only in unfrozen training."""
+        pending = self.__dict__.get("_pending")
+        if pending is not None:  # computed with the model's other layers (``grouped``)
+            self.__dict__["_pending"] = None
+            if pending[0] is weight:
+                return pending[1]
         update = self.training and not self.frozen
         dtype = _float_dtype(weight.dtype)
         with _no_autocast(weight.device.type):

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.modes import eval_mode
+from sn_lightning.spectral import grouped
 from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.ops import SUPPORTED_LAYERS
 from sn_lightning.spectral.parametrization import (
@@ -264,6 +265,7 @@ def apply_spectral_norm(
 
     convs = {n: m for n, m in layers.items() if not isinstance(m, nn.Linear)}
     shapes = _record_input_shapes(model, convs, input_shape) if convs else {}
+    members: list[tuple[nn.Module, BoundedSpectralNorm]] = []
     for name, m in layers.items():
         shape = shapes.get(name)
         if shape is None and name in convs:
@@ -286,6 +288,9 @@ def apply_spectral_norm(
         )
         p = _find(m, "weight", BoundedSpectralNorm)
         p.network_input_shape = input_shape  # the network bound's default (report.py)
+        members.append((m, p))
+    if members:  # on CUDA: all layers' iterations in one graph (Note [one graph per model])
+        grouped.install(model, members)
     for name, m in norms.items():
         b = _beta_for(name, beta)
         assert b is not None
@@ -310,6 +315,7 @@ def remove_spectral_norm(model: nn.Module) -> nn.Module:
     Afterwards ``model.state_dict()`` loads (``strict=True``) into the unmodified backbone and
     reproduces the normalized model's eval-mode outputs. Parameters keep their identity.
     """
+    grouped.uninstall(model)
     for m, p in normalized_layers(model).values():
         _remove(m, "weight")
         if isinstance(p, BoundedBatchNormScale):
