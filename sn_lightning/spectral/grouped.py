@@ -14,6 +14,8 @@ Note [one graph per model]
     is one autograd node, :class:`_GroupRescale`, whose backward copies the incoming weight
     gradients into static buffers with one ``_foreach_copy_``, replays one graph and returns
     the gradients. Values, gradients and ``u`` are the per-layer path's (tests/test_cuda.py).
+    ResNet-18, batch 128, H100: 1.29x a plain step against 2.11x with a graph pair per layer
+    (``python -m benchmarks.sn_overhead --device cuda``; README, Performance).
 
     Semantics: a forward of the model advances every grouped layer's ``u`` once, used or not; a
     layer called twice in one forward gets the grouped weight first and runs its own
