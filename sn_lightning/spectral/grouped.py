@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.fx._symbolic_trace import is_fx_tracing
 from torch.nn.utils import parametrize
 
 from sn_lightning.spectral.parametrization import (
@@ -47,6 +46,11 @@ from sn_lightning.spectral.parametrization import (
     _no_autocast,
     _warm_up,
 )
+
+try:  # newer torch: is_fx_tracing also counts torch.export, and warns
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # pragma: no cover - older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
 __all__ = ["SpectralGroup", "install", "is_group_hook", "uninstall"]
 
@@ -293,7 +297,7 @@ class SpectralGroup:
             or getattr(module, "_is_replica", False)
             or parametrize._cache_enabled
             or torch.compiler.is_compiling()
-            or is_fx_tracing()
+            or _fx_tracing()
             or torch.jit.is_tracing()
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         ):
