@@ -4,8 +4,7 @@ Note [one graph per model]
     Per-layer CUDA graphs (Note [CUDA graphs] in ``parametrization``) still cost the host about
     0.4 ms per layer and step: two replays, four copies, two clones and a Python autograd
     Function. A ResNet-18 step at 32 px is host-bound on an H100 even at batch 2048 (bf16), so
-    that host time is the step time SN adds (2.0x plain at batch 128), and at 224 px the
-    GPU does not hide it either (1.45x). :func:`install` therefore gives the model passed to
+    that host time is the step time SN adds (2.11x plain at batch 128). :func:`install` therefore gives the model passed to
     ``apply_spectral_norm`` a forward pre-hook that, once per forward of that model, replays one
     graph holding every CUDA layer's estimate and ``u`` update, writes the rescaled weights of
     all layers with one ``_foreach_mul`` and hands each layer its own through
@@ -15,7 +14,8 @@ Note [one graph per model]
     gradients into static buffers with one ``_foreach_copy_``, replays one graph and returns
     the gradients. Values, gradients and ``u`` are the per-layer path's (tests/test_cuda.py).
     ResNet-18, batch 128, H100: 1.29x a plain step against 2.11x with a graph pair per layer
-    (``python -m benchmarks.sn_overhead --device cuda``; README, Performance).
+    (``python -m benchmarks.sn_overhead --device cuda``; README, Performance); at 224 px the
+    step is GPU-bound and both paths cost about 1.2x.
 
     Semantics: a forward of the model advances every grouped layer's ``u`` once, used or not; a
     layer called twice in one forward gets the grouped weight first and runs its own
@@ -41,7 +41,6 @@ from torch.nn.utils import parametrize
 
 from sn_lightning.spectral.parametrization import (
     BoundedSpectralNorm,
-    _coefficients,
     _float_dtype,
     _no_autocast,
     _warm_up,
@@ -75,10 +74,7 @@ class _GroupGraph:
         def forward(store: bool) -> Tensor:
             us, kvs, sigmas, scales, us_full, kvs_full = [], [], [], [], [], []
             for norm, w in zip(norms, weights, strict=True):
-                u, v, sigma = norm._iterate(
-                    w.detach().to(_float_dtype(w.dtype)), advance=update, store=store
-                )
-                scale, kv = _coefficients(sigma, v, norm.beta)
+                u, kv, sigma, scale = norm._coefficient_state(w, update=update, store=store)
                 us_full.append(u)
                 kvs_full.append(kv)
                 us.append(u.reshape(-1))
@@ -119,13 +115,7 @@ class _GroupGraph:
         for i, (norm, w, g_buf) in enumerate(
             zip(self.norms, self.weights, self.g_bufs, strict=True)
         ):
-            u, kv, scale = self.member(state, i)
-            W = w.detach().to(_float_dtype(w.dtype))
-            g = g_buf.to(W.dtype)  # the buffer itself for float32 weights
-            dot = torch.vdot(g.reshape(-1), W.reshape(-1))
-            out = norm._scaled_sigma_grad(W, g, scale, dot, u, kv, inplace=True)
-            if out is not g_buf:
-                g_buf.copy_(out)
+            norm._rescale_grad(w, g_buf, *self.member(state, i), inplace=True)
 
     def grads(self, grads: tuple[Tensor | None, ...], state: Tensor) -> list[Tensor | None]:
         """The weights' gradients for the rescaled weights' gradients ``grads``."""
@@ -201,18 +191,10 @@ def _eager_grads(
     graph: _GroupGraph, grads: tuple[Tensor | None, ...], weights: tuple[Tensor, ...], state: Tensor
 ) -> list[Tensor | None]:
     """The per-layer formula, layer by layer (a gradient whose dtype or shape the graph lacks)."""
-    out: list[Tensor | None] = []
-    for i, (norm, g, w) in enumerate(zip(graph.norms, grads, weights, strict=True)):
-        if g is None:
-            out.append(None)
-            continue
-        u, kv, scale = graph.member(state, i)
-        W = w.detach().to(u.dtype)
-        g32 = g.to(u.dtype)
-        dot = torch.vdot(g32.reshape(-1), W.reshape(-1))
-        grad = norm._scaled_sigma_grad(W, g32, scale, dot, u, kv)
-        out.append(grad.to(w.dtype))
-    return out
+    return [
+        None if g is None else norm._rescale_grad(w, g, *graph.member(state, i))
+        for i, (norm, g, w) in enumerate(zip(graph.norms, grads, weights, strict=True))
+    ]
 
 
 # Captured graphs per group (outside the group, so deepcopy and pickling never see them), keyed

@@ -163,11 +163,10 @@ class _IterationGraph:
     """
 
     def __init__(self, norm: BoundedSpectralNorm, weight: Tensor, update: bool) -> None:
-        self.dtype = dtype = _float_dtype(weight.dtype)
         self.weight_ptr = weight.data_ptr()
 
-        def run(store: bool) -> tuple[Tensor, Tensor, Tensor]:
-            return norm._iterate(weight.detach().to(dtype), advance=update, store=store)
+        def run(store: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            return norm._coefficient_state(weight, update=update, store=store)
 
         # The warm-up runs every kernel the graph will hold (the adjoint too when updating:
         # with cudnn.benchmark on, a first-seen shape is autotuned, which capture forbids) but
@@ -175,12 +174,11 @@ class _IterationGraph:
         _warm_up(lambda: run(False), weight.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), _no_autocast("cuda"), torch.cuda.graph(self.graph):
-            u, v, sigma = run(True)
-            scale, kv = _coefficients(sigma, v, norm.beta)
+            u, kv, sigma, scale = run(True)
             self.state = torch.cat(
                 [u.reshape(-1), kv.reshape(-1), sigma.reshape(1), scale.reshape(1)]
             )
-        self.u_shape, self.v_shape = u.shape, v.shape
+        self.u_shape, self.v_shape = u.shape, kv.shape
         self.backward_graph: tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None = None
 
     def split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -202,12 +200,7 @@ class _IterationGraph:
 
         def run() -> None:
             u, kv, _, scale = self.split(saved)
-            W = weight.detach().to(self.dtype)
-            g = g_buf.to(self.dtype)  # the buffer itself for float32 weights
-            dot = torch.vdot(g.reshape(-1), W.reshape(-1))
-            out = norm._scaled_sigma_grad(W, g, scale, dot, u, kv, inplace=True)
-            if out is not g_buf:  # low-precision weights: back into the static buffer
-                g_buf.copy_(out)
+            norm._rescale_grad(weight, g_buf, u, kv, scale, inplace=True)
 
         _warm_up(run, weight.device)
         graph = torch.cuda.CUDAGraph()
@@ -326,7 +319,7 @@ class _BoundedRescale(torch.autograd.Function):
         beta: float,
         u: Tensor,
         v: Tensor,
-        grad_fn: Callable[..., Tensor],
+        norm: BoundedSpectralNorm,
         sigma_value: float | None,
         scale: Tensor | None,
         graph: _IterationGraph | None,
@@ -334,12 +327,12 @@ class _BoundedRescale(torch.autograd.Function):
     ) -> Tensor:
         """``v`` is v on CPU (``sigma_value`` given), else ``k v`` with ``scale``.
 
-        ``grad_fn(W, g, a, b, u, v)`` is ``a g + b dsigma/dW`` (the parametrization's
-        ``_scaled_sigma_grad``), with W the float32 weight, cast only in the backward.
+        ``norm`` computes the gradient (``_scaled_sigma_grad``, ``_rescale_grad``), with W the
+        float32 weight, cast only in the backward.
 
         A CUDA ``graph`` with its forward's ``state`` replays the backward (Note [CUDA graphs]).
         """
-        ctx.beta, ctx.grad_fn, ctx.sigma_value = beta, grad_fn, sigma_value
+        ctx.beta, ctx.norm, ctx.sigma_value = beta, norm, sigma_value
         ctx.graph, ctx.state = graph, state
         if sigma_value is not None:  # CPU: the caller already has sigma as a number
             ctx.save_for_backward(weight, u, v)
@@ -362,19 +355,14 @@ class _BoundedRescale(torch.autograd.Function):
             # CPU: forward only gets here with sigma > beta (otherwise it returns the weight)
             s = ctx.beta / sigma
             dot = float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
-            return ctx.grad_fn(weight, g, s, -s * dot / sigma, u, v), *none
+            return ctx.norm._scaled_sigma_grad(weight, g, s, -s * dot / sigma, u, v), *none
         if ctx.sigma_value is not None:
             weight, u, v = ctx.saved_tensors
             sigma = torch.tensor(ctx.sigma_value, dtype=u.dtype, device=u.device)
             scale, kv = _coefficients(sigma, v, ctx.beta)
         else:
             weight, u, kv, scale = ctx.saved_tensors
-        dot = torch.vdot(g.reshape(-1).to(u.dtype), weight.reshape(-1).to(u.dtype))
-        if g.dtype != u.dtype:
-            g = g.to(u.dtype)
-        # the 0-dim dot scales the small factor k v, never a weight-sized temporary
-        W = weight.to(u.dtype)  # the weight itself for float32
-        return ctx.grad_fn(W, g, scale, dot, u, kv).to(weight.dtype), *none
+        return ctx.norm._rescale_grad(weight, g, u, kv, scale), *none
 
 
 class BoundedSpectralNorm(nn.Module):
@@ -515,6 +503,45 @@ class BoundedSpectralNorm(nn.Module):
             self.u.copy_(u_next)
         return u, v, sigma
 
+    def _coefficient_state(
+        self, weight: Tensor, *, update: bool, store: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(u, k v, sigma, scale)`` of one forward as tensors (CUDA graphs; no host sync).
+
+        ``weight`` is the original weight in any dtype; see :meth:`_iterate` and
+        :func:`_coefficients`.
+        """
+        W = weight.detach().to(_float_dtype(weight.dtype))
+        u, v, sigma = self._iterate(W, advance=update, store=store)
+        scale, kv = _coefficients(sigma, v, self.beta)
+        return u, kv, sigma, scale
+
+    def _rescale_grad(
+        self,
+        weight: Tensor,
+        g: Tensor,
+        u: Tensor,
+        kv: Tensor,
+        scale: Tensor,
+        *,
+        inplace: bool = False,
+    ) -> Tensor:
+        """Gradient of ``W -> scale W`` (sigma a function of W) for the incoming gradient ``g``.
+
+        ``(u, k v, scale)`` as from :meth:`_coefficient_state`. Computed in ``u``'s dtype and
+        returned in the weight's; ``inplace``: into ``g`` (a contiguous CUDA-graph buffer).
+        The 0-dim dot scales the small factor ``k v``, never a weight-sized temporary.
+        """
+        W = weight.detach().to(u.dtype)  # the weight itself for float32
+        g32 = g.to(u.dtype)  # likewise: for float32 gradients the buffer itself
+        dot = torch.vdot(g32.reshape(-1), W.reshape(-1))
+        out = self._scaled_sigma_grad(W, g32, scale, dot, u, kv, inplace=inplace)
+        if not inplace:
+            return out.to(weight.dtype)
+        if out is not g:  # low-precision weights: back into the buffer
+            g.copy_(out)
+        return g
+
     def _operator(self, W: Tensor) -> tuple[LinearOp, LinearOp]:
         if self.method == "matrix":
             return linear_operator(
@@ -562,7 +589,7 @@ class BoundedSpectralNorm(nn.Module):
                 if graph is not None and not _capture_backward(graph, self, weight):
                     graph = None
                 return _BoundedRescale.apply(
-                    weight, self.beta, u, kv, self._scaled_sigma_grad, sigma_value, scale, graph,
+                    weight, self.beta, u, kv, self, sigma_value, scale, graph,
                     state,
                 )  # fmt: skip
             if sigma_value is not None:
