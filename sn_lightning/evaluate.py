@@ -21,8 +21,19 @@ from sn_lightning.attacks import PGD
 from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.evaluation import evaluate
-from sn_lightning.fit import SNLightningCLI, _OneLineErrorParser, build_cli, one_line_errors
+from sn_lightning.fit import (
+    SNLightningCLI,
+    _OneLineErrorParser,
+    build_cli,
+    one_line_errors,
+    quiet_lightning,
+)
 from sn_lightning.lit import SNClassifier
+
+DESCRIPTION = (
+    "Evaluate a checkpoint: clean, PGD-k, AutoAttack and certified accuracy per eps; write "
+    "evaluation.json and robustness_curve.png."
+)
 
 DEFAULT_EPS = {"linf": [2 / 255, 4 / 255, 8 / 255, 16 / 255], "l2": [0.25, 0.5, 1.0, 2.0]}
 
@@ -298,7 +309,7 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the report."""
     prog = "python -m sn_lightning.evaluate"
-    with one_line_errors(prog):
+    with quiet_lightning(), one_line_errors(prog):
         cli = build_cli(
             EvaluateCLI,
             model_class=SNClassifier,
@@ -307,7 +318,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             args=args,
             parser_class=_OneLineErrorParser,
             save_config_callback=None,
-            parser_kwargs={"prog": prog},
+            parser_kwargs={"prog": prog, "description": DESCRIPTION},
             auto_configure_optimizers=False,
             trainer_defaults={"logger": False, "enable_checkpointing": False},
             seed_everything_default=0,

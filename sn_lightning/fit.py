@@ -26,6 +26,7 @@ import socket
 import string
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
 
 RESULTS_FILE = "results.json"
+DESCRIPTION = (
+    "Train an image classifier with exact spectral normalization, adversarial or certified "
+    "training; evaluate it (clean, PGD and certified accuracy) and write results.json."
+)
 _OFFLINE_MODES = ("offline", "dryrun", "disabled")
 _log = logging.getLogger(__name__)
 
@@ -195,6 +200,43 @@ def one_line_errors(prog: str) -> Iterator[None]:
             raise
         sys.stderr.write(f"{prog}: error: {cause}\n")
         raise SystemExit(2) from None
+
+
+# Note [quiet runs]
+# Lightning prints lines on every run that say nothing about the run: two advertisements for its
+# cloud products ("Tip: ... litlogger", "... litmodels"), a note that `logger=True` is a CSVLogger
+# without tensorboard (the README says where metrics go), and, with torch >= 2.10, a
+# FutureWarning from its own pytree helper. `quiet_lightning` drops exactly these for the duration
+# of a `fit`/`evaluate` run; every other info line and warning is kept.
+_NOISE_WARNINGS = (
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+_TIP_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's "💡 Tip:" advertisements."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-run advertisements and known-harmless warnings (Note [quiet runs])."""
+    tips = _DropTips()
+    loggers = [logging.getLogger(name) for name in _TIP_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for pattern in _NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
 
 
 def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
@@ -696,7 +738,11 @@ def _final_extras(model: SNClassifier) -> dict[str, Any]:
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the results dict (empty on ranks other than 0)."""
     prog = "python -m sn_lightning.fit"
-    with one_line_errors(prog), _restored_environ("WANDB_RUN_ID", "WANDB_MODE"):
+    with (
+        quiet_lightning(),
+        one_line_errors(prog),
+        _restored_environ("WANDB_RUN_ID", "WANDB_MODE"),
+    ):
         cli = build_cli(
             SNLightningCLI,
             model_class=SNClassifier,
@@ -706,7 +752,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             parser_class=_OneLineErrorParser,
             save_config_callback=RunDirSaveConfig,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": prog},
+            parser_kwargs={"prog": prog, "description": DESCRIPTION},
             auto_configure_optimizers=False,
             seed_everything_default=0,
         )

@@ -299,3 +299,68 @@ def test_only_wrapped_config_errors_become_one_line():
     wrapped = ValueError("Does not validate: class_path='sn_lightning.attacks.PGD'")
     wrapped.__cause__ = ConfigError("steps must be >= 1, got 0")  # jsonargparse's `from`
     assert str(config_error_in(wrapped)) == "PGD: steps must be >= 1, got 0"
+
+
+def test_quiet_lightning_drops_only_the_known_noise(caplog):
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from sn_lightning.fit import quiet_lightning
+
+    tip = "\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging, try installing litlogger"
+    noise = [
+        "Starting from v1.9.0, `tensorboardX` has been removed as a dependency",
+        "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+    ]
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            rank_zero_info(tip)
+            rank_zero_info("GPU available: False, used: False")
+            for message in noise:
+                warnings.warn(message, FutureWarning, stacklevel=1)
+            warnings.warn("a warning about this run", UserWarning, stacklevel=1)
+        rank_zero_info(tip)  # outside the context: kept again
+        warnings.warn(noise[0], UserWarning, stacklevel=1)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["GPU available: False, used: False", tip]
+    assert [str(w.message) for w in seen] == ["a warning about this run", noise[0]]
+
+
+def test_a_run_prints_no_lightning_advertisements(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sn_lightning.fit",
+            "--config",
+            QUICKSTART,
+            "--trainer.max_epochs=1",
+            "--data.train_subset=64",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    for noise in ("Tip:", "litlogger", "litmodels", "tensorboardX", "LeafSpec"):
+        assert noise not in output
+    assert "GPU available: False" in output and "results: " in output
+
+
+@pytest.mark.parametrize("module", ["sn_lightning.fit", "sn_lightning.evaluate"])
+def test_help_describes_the_command(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Lightning Trainer command line tool" not in out
+    assert importlib.import_module(module).DESCRIPTION.split()[0] in out
