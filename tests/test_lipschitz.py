@@ -245,7 +245,8 @@ def test_sound_against_jacobian_global_and_pairwise(name):
             r = float((J[p] - J[q]).norm())
             assert r <= float(L[p, q]) * (1 + 1e-6), (p, q, r, float(L[p, q]))
             worst_p = max(worst_p, r / float(L[p, q]))
-    assert glob <= naive * (1 + 1e-9)
+    # large dense products get a certified bound, up to ~1e-6 above the exact norm
+    assert glob <= naive * (1 + 1e-6)
     assert 0 < worst_g <= 1
     assert 0 < worst_p <= 1
 

@@ -87,7 +87,8 @@ def test_conv2d_power_iteration_and_bounds_match_dense_svd(stride, pad, mode, di
     estimate = operator_norm(layer, shape, n_iter=500)
     assert estimate == pytest.approx(truth, rel=5e-3)
     assert estimate <= truth * (1 + 1e-5)  # power iteration approaches from below
-    assert operator_norm_upper_bound(layer, shape) >= truth * (1 - 1e-9)  # exact dense path
+    upper = operator_norm_upper_bound(layer, shape)  # exact dense path (Kronecker form)
+    assert truth * (1 - 1e-9) <= upper <= truth * (1 + 1e-9)
     fft = operator_norm_upper_bound(layer, shape, dense_max_dim=0)  # force the FFT bound
     assert fft >= truth * (1 - 1e-9)
 
@@ -133,7 +134,8 @@ def test_other_layers_match_dense_svd(layer, shape):
     torch.manual_seed(2)
     truth = dense_truth(layer, shape)
     assert operator_norm(layer, shape, n_iter=500) == pytest.approx(truth, rel=5e-3)
-    assert operator_norm_upper_bound(layer, shape) >= truth * (1 - 1e-9)
+    upper = operator_norm_upper_bound(layer, shape)  # exact dense path
+    assert truth * (1 - 1e-9) <= upper <= truth * (1 + 1e-9)
     if not isinstance(layer, nn.Linear):
         assert operator_norm_upper_bound(layer, shape, dense_max_dim=0) >= truth * (1 - 1e-9)
     spec = OperatorSpec.from_layer(layer, shape)
@@ -141,6 +143,97 @@ def test_other_layers_match_dense_svd(layer, shape):
     x = torch.randn(2, *spec.input_shape, dtype=torch.float64)
     y = torch.randn_like(op(x))
     assert float((op(x) * y).sum()) == pytest.approx(float((x * adjoint(y)).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        *[
+            (_make_conv(*case), (4, case[5], case[5]))
+            for case in GRID[::2]
+            if _make_conv(*case) is not None
+        ],
+        (nn.Conv1d(4, 4, 4, padding="same", dilation=2, groups=4, padding_mode="reflect"), (4, 10)),
+        (nn.Conv3d(2, 4, 3, stride=2, padding=1, padding_mode="circular"), (2, 5, 4, 3)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (4, 4, 5)),
+        (nn.ConvTranspose1d(3, 2, 5, stride=2, padding=2, output_padding=1), (3, 7)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
+)
+def test_dense_matrix_is_the_layers_jacobian(layer, shape):
+    """The Kronecker form (Note [Kronecker form]) against the layer's forward on the basis."""
+    torch.manual_seed(3)
+    ref = copy.deepcopy(layer).double().eval()
+    ref.bias = None
+    n = math.prod(shape)
+    with torch.no_grad():
+        J = ref(torch.eye(n, dtype=torch.float64).reshape(n, *shape)).reshape(n, -1).T
+    A = OperatorSpec.from_layer(layer, shape).dense_matrix(layer.weight.detach().double())
+    torch.testing.assert_close(A, J, rtol=0, atol=1e-12)
+
+
+def _exact_norm(A: torch.Tensor) -> float:
+    return float(torch.linalg.svdvals(A.double())[0])
+
+
+def _with_spectrum(s: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """An (m, n) float64 matrix with singular values s (len(s) = min(m, n))."""
+    gen = torch.Generator().manual_seed(4)
+    U, _ = torch.linalg.qr(torch.randn(m, len(s), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, len(s), generator=gen, dtype=torch.float64))
+    return U @ torch.diag(s) @ V.T
+
+
+def _large_matrices() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    top_cluster = 1 - torch.rand(1100, generator=gen, dtype=torch.float64) * 1e-3
+    top_cluster[0] = 1
+    flat = torch.full((1030,), 1 - 1e-12, dtype=torch.float64)
+    flat[0] = 1
+    return {
+        "wide": torch.randn(1100, 2500, generator=gen),
+        "tall": torch.randn(2500, 1030, generator=gen, dtype=torch.float64),
+        "top 0.1% cluster": _with_spectrum(top_cluster, 1100, 1500),
+        "flat": _with_spectrum(flat, 1500, 1030),
+        "rank 3": torch.randn(1024, 3, generator=gen) @ torch.randn(3, 1200, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("name", list(_large_matrices()))
+def test_certified_norm_bound_is_sound_and_tight(name):
+    from sn_lightning.spectral.ops import _norm_upper_bound
+
+    A = _large_matrices()[name]
+    truth = _exact_norm(A)
+    bound = _norm_upper_bound(A)
+    assert truth <= bound <= truth * (1 + 1e-6)
+    assert _norm_upper_bound(torch.zeros(1024, 1100)) == 0.0
+
+
+def test_certificate_refuses_an_underestimate_and_falls_back(monkeypatch):
+    """A Lanczos value 0.1% low cannot be certified: the exact eigvalsh runs instead."""
+    from sn_lightning.spectral import ops
+
+    A = _large_matrices()["wide"].double()
+    truth = _exact_norm(A)
+    monkeypatch.setattr(ops, "_lanczos_top", lambda G: truth**2 * 0.999)
+    calls = []
+    exact = ops._top_eigenvalue
+    monkeypatch.setattr(ops, "_top_eigenvalue", lambda G: calls.append(1) or exact(G))
+    bound = ops._norm_upper_bound(A)
+    assert calls == [1]
+    assert truth <= bound <= truth * (1 + 1e-9)
+
+
+def test_operators_up_to_2048_wide_get_the_exact_norm():
+    """512 channels on 2x2 maps (VGG's last stage at 32 px): the FFT bound is 1.5x the norm."""
+    torch.manual_seed(6)
+    layer = nn.Conv2d(128, 128, 3, padding=1, bias=False)
+    shape = (128, 4, 4)  # 2048 inputs and outputs
+    truth = dense_truth(layer, shape)
+    upper = operator_norm_upper_bound(layer, shape)
+    assert truth <= upper <= truth * (1 + 1e-6)
+    assert operator_norm_upper_bound(layer, shape, dense_max_dim=0) > 1.05 * upper
 
 
 def test_tiny_inputs_trimmed_taps_are_sound():
