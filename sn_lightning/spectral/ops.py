@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -572,27 +572,42 @@ def _lanczos_top(G: Tensor, max_steps: int = 160, rtol: float = 1e-13) -> float:
 
 
 def _certified_top_singular_value(A: Tensor) -> float:
-    """A rigorous upper bound of ``||A||_2`` for a real CPU matrix (Note [certified top eigenvalue])."""
+    """A rigorous upper bound of ``||A||_2`` for a real CPU matrix (Note [certified top eigenvalue]).
+
+    Raises:
+        ValueError: ``A`` has NaN or infinite entries (no bound exists).
+    """
     W = A.detach().to(torch.float64)
+    peak = float(W.abs().max())
+    if not math.isfinite(peak):
+        raise ValueError(f"cannot bound the norm of a {tuple(A.shape)} matrix with NaN/inf entries")
+    if peak == 0:
+        return 0.0
+    # Scale by a power of two so that max |W| is in [1/2, 1): no overflow, and underflow only in
+    # entries and products far below the peak, covered by `floor` (2^-1074 per rounded value).
+    exponent = math.frexp(peak)[1]
+    W = torch.ldexp(W, torch.tensor(-exponent, dtype=torch.float64))
     G = _smaller_gram(W)
     n, k = G.shape[0], max(W.shape)
+    floor = 2.0 * n * k * 2.0**-1074 + math.sqrt(W.numel()) * 2.0**-1074
     # ||W||_F^2 = trace(W W^T); each diagonal entry of fl(G) is within gamma_k of its value
-    frob2 = float(G.diagonal().sum()) * (1 + 2 * _gamma(k)) * (1 + _gamma(n))
-    if frob2 == 0:
-        return 0.0
+    frob2 = float(G.diagonal().sum()) * (1 + 2 * _gamma(k)) * (1 + _gamma(n)) + floor
+    gram_error = _gamma(k) * frob2 + floor
     lam = max(_lanczos_top(G), 0.0)
     for rel in (1e-9, 1e-6):
-        tau = lam * (1 + rel) + frob2 * 1e-30
+        tau = lam * (1 + rel)
         M = -G
         M.diagonal().add_(tau)
         R, info = torch.linalg.cholesky_ex(M)
         if int(info) == 0:
-            lam_max = tau + _gamma(n + 1) * float(torch.linalg.vector_norm(R)) ** 2
-            lam_max += _UNIT_ROUNDOFF * float(M.diagonal().abs().max())
-            return math.sqrt(lam_max + _gamma(k) * frob2) * (1 + 4 * _UNIT_ROUNDOFF)
-    # eigvalsh is backward stable: the eigenvalues of G + E, ||E||_2 a modest multiple of u ||G||_2
-    lam_max = float(_top_eigenvalue(G).clamp_min(0)) + _gamma(n) * float(G.norm())
-    return math.sqrt(lam_max + _gamma(k) * frob2) * (1 + 4 * _UNIT_ROUNDOFF)
+            # gamma_{n+2}: LAPACK may divide by multiplying with a reciprocal (one more rounding)
+            lam_max = tau + _gamma(n + 2) * float(torch.linalg.vector_norm(R)) ** 2
+            lam_max += _UNIT_ROUNDOFF * float(M.diagonal().abs().max()) + floor
+            return math.ldexp(math.sqrt(lam_max + gram_error) * (1 + 4 * _UNIT_ROUNDOFF), exponent)
+    # eigvalsh is backward stable: the eigenvalues of G + E with ||E||_2 <= p(n) u ||G||_2, p(n)
+    # a modest function of n that LAPACK leaves unspecified; n u ||G||_F is the usual allowance.
+    lam_max = float(_top_eigenvalue(G).clamp_min(0)) + _gamma(n) * float(G.norm()) + floor
+    return math.ldexp(math.sqrt(lam_max + gram_error) * (1 + 4 * _UNIT_ROUNDOFF), exponent)
 
 
 def _circular_bound(
@@ -681,7 +696,7 @@ def _trim_taps(
                 f"{tuple(pads)}, dilation {tuple(dilation)}"
             )
         used = [t for t in range(k) if any(lo <= i * s + d * t < lo + n for i in range(out))]
-        k0, k1 = min(used), max(used) + 1
+        k0, k1 = (min(used), max(used) + 1) if used else (0, k)  # none: A = 0, keep all
         if (k0, k1) == (0, k):
             taps.append((0, k))
             new_pads.append((lo, hi))
@@ -692,6 +707,45 @@ def _trim_taps(
         taps.append((k0, k1))
         new_pads.append((left, right))
     return (tuple(taps), tuple(new_pads)) if trimmed else None
+
+
+def _tap_reads(
+    spatial: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    kernel: Sequence[int],
+    dilation: Sequence[int],
+    stride: Sequence[int],
+    padding_mode: str,
+    out_size: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Which input pixel each (tap, output position) of a convolution reads (Note [Kronecker form]).
+
+    Returns long tensors ``(t, p, q)`` of equal length: tap ``t`` at output position ``p`` reads
+    input pixel ``q`` (flat indices; pairs that read zero padding are left out). The padded cells
+    of a grid of pixel indices hold the pixel they copy (reflect, replicate, circular) or -1.
+    ``out_size`` keeps only the first output positions per dim (a ConvTranspose's input grid,
+    when its output_padding gives the adjoint conv more windows than that).
+    """
+    n_pix = math.prod(spatial)
+    grid = torch.arange(n_pix, dtype=torch.float64).reshape(1, 1, *spatial)
+    flat = _flat_pads(pads)
+    if any(flat):
+        if padding_mode == "zeros":
+            grid = F.pad(grid, flat, value=-1.0)
+        else:
+            grid = F.pad(grid, flat, mode=padding_mode)
+    windows = grid[0, 0]
+    for i, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True)):
+        windows = windows.unfold(i, d * (k - 1) + 1, s)  # appends a window dim
+    if out_size is not None:
+        windows = windows[tuple(slice(0, n) for n in out_size)]
+    taps = windows[(Ellipsis, *[slice(None, None, d) for d in dilation])]  # (*out, *k)
+    n_taps = math.prod(kernel)
+    src = taps.reshape(-1, n_taps).long()  # (P, taps)
+    pos = torch.arange(src.shape[0]).unsqueeze(1).expand_as(src)
+    tap = torch.arange(n_taps).unsqueeze(0).expand_as(src)
+    keep = src >= 0
+    return tap[keep], pos[keep], src[keep]
 
 
 @dataclass(frozen=True)
@@ -899,40 +953,47 @@ class OperatorSpec:
         Note [Kronecker form]
             A convolution is ``A = sum_t M_t (x) S_t`` over kernel taps t: ``M_t`` the
             ``(C_out, C_in)`` channel matrix of tap t (block-diagonal over groups; the transposed
-            slice for ConvTranspose) and ``S_t`` the single-channel map of a one-hot kernel at t
-            (stride, dilation, padding and padding mode included), read off that map applied to
-            the identity basis of one channel. This costs ``n_out * n_in * taps`` multiply-adds,
-            against ``n_in`` applications of the whole layer for the Jacobian from the identity
-            basis (:func:`dense_operator_norm`, the tests' oracle): 0.03 s instead of 1.4 s for a
-            512-channel 3x3 conv on 2x2 maps.
+            slice for ConvTranspose) and ``S_t`` the 0/1 map "output position p of tap t reads
+            input pixel q" (stride, dilation, padding and padding mode included). Each row of
+            ``S_t`` has at most one 1 (a padded cell copies one pixel or is zero), so
+            :func:`_tap_reads` finds the pairs ``(p, q)`` by padding and windowing a grid of pixel
+            indices, and ``A`` is assembled by adding ``M_t`` at each pair: ``taps * P * C_out *
+            C_in / g`` additions, against ``n_in`` applications of the whole layer for the
+            Jacobian from the identity basis (:func:`dense_operator_norm`, the tests' oracle):
+            0.05-0.07 s instead of 1.6-1.8 s for a 512-channel 3x3 conv on 2x2 maps. A ConvTranspose is
+            the adjoint of the conv with its geometry from its output grid to its input grid.
         """
         if self.kind == "linear":
             return weight
-        g, k = self.groups, tuple(weight.shape[2:])
-        n_taps, spatial = math.prod(k), self.input_shape[1:]
-        one_channel = replace(self, input_shape=(1, *spatial), groups=1)
-        basis = torch.eye(math.prod(spatial), dtype=weight.dtype, device=weight.device)
-        basis = basis.reshape(-1, 1, *spatial)
-        maps = []
-        for t in range(n_taps):
-            onehot = weight.new_zeros(n_taps)
-            onehot[t] = 1
-            op, _ = one_channel.operator(onehot.reshape(1, 1, *k))
-            with torch.no_grad():
-                maps.append(op(basis).reshape(basis.shape[0], -1).mT)  # (P, Q)
-        S = torch.stack(maps)  # (taps, P, Q)
-        if self.kind == "conv":  # (C_out, C_in/g, *k)
-            M = weight.reshape(g, weight.shape[0] // g, weight.shape[1], n_taps)
-        else:  # ConvTranspose: (C_in, C_out/g, *k), output channel o reads W[i, o]
-            M = weight.reshape(g, weight.shape[0] // g, weight.shape[1], n_taps).transpose(1, 2)
-        blocks = torch.einsum("goit,tpq->gopiq", M, S)
-        n_out, n_in = g * blocks.shape[1] * blocks.shape[2], g * blocks.shape[3] * blocks.shape[4]
-        if g == 1:
-            return blocks.reshape(n_out, n_in)
-        A = weight.new_zeros(g, *blocks.shape[1:3], g, *blocks.shape[3:])
+        g = self.groups
+        kernel = tuple(weight.shape[2:])
+        n_taps = math.prod(kernel)
+        if self.kind == "conv":
+            c_out, c_in = weight.shape[0], weight.shape[1] * g
+            Wg = weight.reshape(g, c_out // g, c_in // g, n_taps)
+            out_spatial = self.output_shape(weight)[1:]
+            t, p, q = _tap_reads(
+                self.input_shape[1:], self.padding, kernel, self.dilation, self.stride,
+                self.padding_mode,
+            )  # fmt: skip
+        else:  # (C_in, C_out/g, *k): output channel o reads W[i, o]
+            c_in, c_out = weight.shape[0], weight.shape[1] * g
+            Wg = weight.reshape(g, c_in // g, c_out // g, n_taps).transpose(1, 2)
+            out_spatial = self.output_shape(weight)[1:]
+            t, q, p = _tap_reads(
+                out_spatial, self.padding, kernel, self.dilation, self.stride, "zeros",
+                self.input_shape[1:],
+            )  # fmt: skip
+        M = weight.new_zeros(g, c_out // g, g, c_in // g, n_taps)
         idx = torch.arange(g, device=weight.device)
-        A[idx, :, :, idx] = blocks
-        return A.reshape(n_out, n_in)
+        M[idx, :, idx] = Wg
+        M = M.reshape(c_out, c_in, n_taps).permute(2, 0, 1)  # (taps, C_out, C_in)
+        n_pos, n_pix = math.prod(out_spatial), math.prod(self.input_shape[1:])
+        A = weight.new_zeros(n_pos, n_pix, c_out, c_in)
+        A.index_put_(
+            (p.to(weight.device), q.to(weight.device)), M[t.to(weight.device)], accumulate=True
+        )
+        return A.permute(2, 0, 3, 1).reshape(c_out * n_pos, c_in * n_pix)
 
     def fft_bound(self, weight: Tensor) -> float:
         """The circular-embedding bound (Sedghi et al. 2019) with exact stride handling.

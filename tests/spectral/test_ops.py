@@ -157,6 +157,16 @@ def test_other_layers_match_dense_svd(layer, shape):
         (nn.Conv3d(2, 4, 3, stride=2, padding=1, padding_mode="circular"), (2, 5, 4, 3)),
         (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (4, 4, 5)),
         (nn.ConvTranspose1d(3, 2, 5, stride=2, padding=2, output_padding=1), (3, 7)),
+        # output_padding >= stride (allowed below the dilation): the adjoint conv has more windows
+        (
+            nn.ConvTranspose2d(2, 2, (2, 1), (2, 1), (0, 2), (0, 1), groups=2, dilation=(1, 2)),
+            (2, 2, 5),
+        ),
+        (nn.ConvTranspose2d(3, 6, (3, 1), (1, 3), (2, 0), (1, 0), groups=3, dilation=2), (3, 4, 6)),
+        # few channels, many taps; an operator that only ever reads padding (A = 0)
+        (nn.Conv2d(1, 6, 5), (1, 12, 12)),
+        (nn.Conv1d(1, 3, 16, stride=4, padding=3, padding_mode="circular"), (1, 40)),
+        (nn.Conv2d(3, 3, (1, 4), stride=(2, 1), padding=1, groups=3), (3, 1, 2)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
 )
@@ -210,13 +220,41 @@ def test_certified_norm_bound_is_sound_and_tight(name):
     assert _norm_upper_bound(torch.zeros(1024, 1100)) == 0.0
 
 
+@pytest.mark.parametrize("exponent", [-1000, -548, 0, 500, 1000])
+def test_certified_norm_bound_at_any_scale(exponent):
+    """Scaled by 2^exponent internally: no underflow to 0 at 1e-165, no overflow at 1e150."""
+    from sn_lightning.spectral.ops import _norm_upper_bound
+
+    A = _large_matrices()["wide"].double()
+    scale = torch.tensor(exponent, dtype=torch.float64)
+    truth = math.ldexp(_exact_norm(A), exponent)
+    assert truth <= _norm_upper_bound(torch.ldexp(A, scale)) <= truth * (1 + 1e-6)
+
+
+def test_certified_norm_bound_refuses_nan_and_inf():
+    from sn_lightning.spectral.ops import _norm_upper_bound
+
+    for bad in (float("nan"), float("inf")):
+        A = torch.randn(1024, 1030, dtype=torch.float64)
+        A[5, 7] = bad
+        with pytest.raises(ValueError, match=r"\(1024, 1030\) matrix with NaN/inf entries"):
+            _norm_upper_bound(A)
+
+
+def test_zero_operator_gets_a_zero_bound():
+    """Every tap reads padding only (stride 2 over a 1-row input padded by 1): A = 0."""
+    layer = nn.Conv2d(3, 3, (1, 4), stride=(2, 1), padding=1, groups=3)
+    assert operator_norm_upper_bound(layer, (3, 1, 2)) == 0.0
+    assert operator_norm_upper_bound(layer, (3, 1, 2), dense_max_dim=0) >= 0.0
+
+
 def test_certificate_refuses_an_underestimate_and_falls_back(monkeypatch):
     """A Lanczos value 0.1% low cannot be certified: the exact eigvalsh runs instead."""
     from sn_lightning.spectral import ops
 
     A = _large_matrices()["wide"].double()
     truth = _exact_norm(A)
-    monkeypatch.setattr(ops, "_lanczos_top", lambda G: truth**2 * 0.999)
+    monkeypatch.setattr(ops, "_lanczos_top", lambda G: 0.999 * float(torch.linalg.eigvalsh(G)[-1]))
     calls = []
     exact = ops._top_eigenvalue
     monkeypatch.setattr(ops, "_top_eigenvalue", lambda G: calls.append(1) or exact(G))
