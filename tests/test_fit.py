@@ -16,6 +16,13 @@ def _fit(tmp_path, *extra):
     return main(["--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}", *extra])
 
 
+def _fit_process(tmp_path, *extra) -> subprocess.CompletedProcess:
+    """The quickstart config with ``extra`` flags in a real ``python -m sn_lightning.fit``."""
+    command = [sys.executable, "-m", "sn_lightning.fit", "--config", QUICKSTART, *extra]
+    command.append(f"--trainer.default_root_dir={tmp_path}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
 def test_quickstart_config_end_to_end(tmp_path):
     results = _fit(tmp_path, "--trainer.max_epochs=3")
     path = Path(results["path"])
@@ -165,23 +172,12 @@ def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):
 
     make_idx_dataset(tmp_path / "d")
     (tmp_path / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sn_lightning.fit",
-            "--config",
-            QUICKSTART,
-            "--data.dataset=mnist",
-            f"--data.data_dir={tmp_path / 'd'}",
-            "--data.batch_size=8",
-            "--model.backbone=mlp1",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = _fit_process(
+        tmp_path,
+        "--data.dataset=mnist",
+        f"--data.data_dir={tmp_path / 'd'}",
+        "--data.batch_size=8",
+        "--model.backbone=mlp1",
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -331,22 +327,7 @@ def test_quiet_lightning_drops_only_the_known_noise(caplog):
 
 
 def test_a_run_prints_no_lightning_advertisements(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sn_lightning.fit",
-            "--config",
-            QUICKSTART,
-            "--trainer.max_epochs=1",
-            "--data.train_subset=64",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _fit_process(tmp_path, "--trainer.max_epochs=1", "--data.train_subset=64")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     for noise in ("Tip:", "litlogger", "litmodels", "tensorboardX", "LeafSpec"):
