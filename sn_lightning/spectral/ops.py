@@ -506,14 +506,17 @@ def _top_eigenvalue(G: Tensor) -> Tensor:
 #     G = fl(W W^T) in float64 (BLAS syrk on the CPU, half a GEMM's flops), a Lanczos estimate
 #     lam <= lambda_max(G), and a Cholesky factorization of M = fl(tau I - G) at
 #     tau = lam (1 + rel): if it succeeds, M + E = R^T R with |E| <= gamma_{n+1} |R^T| |R|
-#     (Demmel 1989; Higham, Accuracy and Stability, Thm 10.3), so
-#         lambda_max(G) <= tau + gamma_{n+1} ||R||_F^2 + u max_i |M_ii|
-#     (the second term also covers rounding tau - G_ii), and the rounding of the Gram matrix
-#     itself adds ||fl(W W^T) - W W^T||_2 <= gamma_k || |W| |W|^T ||_2 <= gamma_k ||W||_F^2
-#     (k the inner dimension). With u = 2^-53 the margins are ~1e-9 relative at n = 4096. A
-#     Cholesky is ~8x cheaper than the eigvalsh (0.55 s at n = 4096). When Lanczos has not
-#     converged far enough for the factorization to succeed at rel <= 1e-6 (a tight cluster at
-#     the top), the exact eigvalsh runs instead.
+#     (Demmel 1989; Higham, Accuracy and Stability, Thm 10.3; we take gamma_{n+2} in case LAPACK
+#     divides by multiplying with a reciprocal), so
+#         lambda_max(G) <= tau + gamma_{n+2} ||R||_F^2 + u max_i |M_ii|
+#     (the last term covers rounding tau - G_ii), and the rounding of the Gram matrix itself
+#     adds ||fl(W W^T) - W W^T||_2 <= gamma_k || |W| |W|^T ||_2 <= gamma_k ||W||_F^2 (k the
+#     inner dimension). W is first scaled by a power of two (exact) to max |W| in [1/2, 1), so
+#     nothing overflows and underflow adds at most 2^-1074 per rounded value (the `floor`
+#     term); NaN/inf entries raise. With u = 2^-53 the margins are ~1e-9 relative at
+#     n = 4096. A Cholesky is ~8x cheaper than the eigvalsh (0.55 s at n = 4096). When Lanczos
+#     has not converged far enough for the factorization to succeed at rel <= 1e-6 (a tight
+#     cluster at the top), the exact eigvalsh runs instead.
 CERTIFY_MIN_DIM = 1024
 _UNIT_ROUNDOFF = 2.0**-53
 
@@ -960,8 +963,9 @@ class OperatorSpec:
             indices, and ``A`` is assembled by adding ``M_t`` at each pair: ``taps * P * C_out *
             C_in / g`` additions, against ``n_in`` applications of the whole layer for the
             Jacobian from the identity basis (:func:`dense_operator_norm`, the tests' oracle):
-            0.05-0.07 s instead of 1.6-1.8 s for a 512-channel 3x3 conv on 2x2 maps. A ConvTranspose is
-            the adjoint of the conv with its geometry from its output grid to its input grid.
+            0.05-0.07 s instead of 1.6-1.8 s for a 512-channel 3x3 conv on 2x2 maps. A
+            ConvTranspose is the adjoint of the conv with its geometry from its output grid to
+            its input grid.
         """
         if self.kind == "linear":
             return weight
