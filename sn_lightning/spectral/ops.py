@@ -972,10 +972,10 @@ class OperatorSpec:
         g = self.groups
         kernel = tuple(weight.shape[2:])
         n_taps = math.prod(kernel)
+        out_spatial = self.output_shape(weight)[1:]
         if self.kind == "conv":
             c_out, c_in = weight.shape[0], weight.shape[1] * g
             Wg = weight.reshape(g, c_out // g, c_in // g, n_taps)
-            out_spatial = self.output_shape(weight)[1:]
             t, p, q = _tap_reads(
                 self.input_shape[1:], self.padding, kernel, self.dilation, self.stride,
                 self.padding_mode,
@@ -983,7 +983,6 @@ class OperatorSpec:
         else:  # (C_in, C_out/g, *k): output channel o reads W[i, o]
             c_in, c_out = weight.shape[0], weight.shape[1] * g
             Wg = weight.reshape(g, c_in // g, c_out // g, n_taps).transpose(1, 2)
-            out_spatial = self.output_shape(weight)[1:]
             t, q, p = _tap_reads(
                 out_spatial, self.padding, kernel, self.dilation, self.stride, "zeros",
                 self.input_shape[1:],

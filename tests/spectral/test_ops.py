@@ -245,7 +245,6 @@ def test_zero_operator_gets_a_zero_bound():
     """Every tap reads padding only (stride 2 over a 1-row input padded by 1): A = 0."""
     layer = nn.Conv2d(3, 3, (1, 4), stride=(2, 1), padding=1, groups=3)
     assert operator_norm_upper_bound(layer, (3, 1, 2)) == 0.0
-    assert operator_norm_upper_bound(layer, (3, 1, 2), dense_max_dim=0) >= 0.0
 
 
 def test_certificate_refuses_an_underestimate_and_falls_back(monkeypatch):
