@@ -619,7 +619,10 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
         return {}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     dm.setup("test")
-    device = model.device
+    # Lightning's teardown moved the module to the CPU; evaluate where it trained (GPU runs
+    # would otherwise attack every split on the CPU).
+    device = trainer.strategy.root_device
+    model.to(device)
     results: dict[str, Any] = {"train": evaluate(model, dm.train_eval_dataloader(), device)}
     if dm.val_set is not None:
         results["val"] = evaluate(model, dm.val_dataloader(), device)

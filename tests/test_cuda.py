@@ -141,10 +141,19 @@ def test_liplt_and_naive_bounds_on_gpu_equal_cpu(name, shape):
     assert float(naive_gpu) == pytest.approx(float(naive_cpu), rel=1e-3)
 
 
-def test_fit_on_gpu_with_bf16_sn_and_pgd(tmp_path):
-    from sn_lightning.fit import main
+def test_fit_on_gpu_with_bf16_sn_and_pgd(tmp_path, monkeypatch):
+    from sn_lightning import fit
 
-    results = main(
+    devices = []
+    real_evaluate = fit.evaluate
+
+    def evaluate(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device.type)
+        return real_evaluate(model, *args, **kwargs)
+
+    # Lightning's teardown moves the module to the CPU; the final evaluation must move it back.
+    monkeypatch.setattr(fit, "evaluate", evaluate)
+    results = fit.main(
         [
             "--config",
             str(ROOT / "configs" / "quickstart.yaml"),
@@ -160,6 +169,7 @@ def test_fit_on_gpu_with_bf16_sn_and_pgd(tmp_path):
     assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
     for entry in saved["adversarial"].values():
         assert 0 < entry["test"]["acc"] <= saved["test"]["acc"]
+    assert len(devices) >= 5 and set(devices) == {"cuda"}  # 2 clean + 2 x 2 adversarial splits
 
 
 @pytest.fixture

@@ -140,6 +140,14 @@ def test_resume_from_checkpoint(tmp_path):
             "--adversarial.attack: invalid value 'FOO'; expected an attack: FGM, PGD, WRM",
         ),
         (["--model.beta=abc"], "--model.beta: invalid value 'abc'; expected a number or null"),
+        (
+            ["--robust_eval.max_batches=-1"],
+            "robust_eval max_batches must be >= 1 or null (all), got -1",
+        ),
+        (
+            ["--robust_eval.final_max_examples=0"],
+            "robust_eval final_max_examples must be >= 1 or null (all), got 0",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):

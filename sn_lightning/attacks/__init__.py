@@ -8,6 +8,7 @@ input norm (``eps_rel``, resolved once with ``attack.resolve_eps(mean_input_norm
 # Attack base class and helpers
 from sn_lightning.attacks.base import Attack as Attack
 from sn_lightning.attacks.base import LabelMode as LabelMode
+from sn_lightning.attacks.base import in_attack as in_attack
 from sn_lightning.attacks.base import input_gradient as input_gradient
 from sn_lightning.attacks.base import mean_input_norm as mean_input_norm
 
@@ -52,6 +53,7 @@ __all__ = [
     "datagrad_fd_loss",
     "datagrad_penalty",
     "default_layerwise_layers",
+    "in_attack",
     "input_gradient",
     "mean_input_norm",
 ]

@@ -17,7 +17,9 @@
   step; ``fold_batchnorm = False`` on an instance turns it off);
 * grad mode is switched on (and inference mode off), so an attack can run inside a validation
   loop under ``torch.no_grad()`` or ``torch.inference_mode()``;
-* devices and dtypes come from ``x``; the output is detached, with ``x``'s dtype and device.
+* devices and dtypes come from ``x``; the output is detached, with ``x``'s dtype and device;
+* :func:`in_attack` is True during the call, so training-time hooks (layerwise perturbation)
+  neither perturb nor record the attack's own forwards and backwards, in any mode.
 
 Note [predicted labels for free]
     With ``labels="predicted"`` the labels are ``argmax f(x)`` on the clean input. When an attack's
@@ -31,6 +33,7 @@ Note [predicted labels for free]
 from __future__ import annotations
 
 import abc
+import contextvars
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -44,10 +47,16 @@ from sn_lightning.attacks.fold import folded_view
 from sn_lightning.attacks.threat import THREAT_MODELS, ThreatModel
 from sn_lightning.errors import ConfigError
 
-__all__ = ["Attack", "LabelMode", "input_gradient", "mean_input_norm"]
+__all__ = ["Attack", "LabelMode", "in_attack", "input_gradient", "mean_input_norm"]
 
 LabelMode = Literal["true", "predicted"]
 _LABEL_MODES = ("true", "predicted")
+_IN_ATTACK: contextvars.ContextVar[bool] = contextvars.ContextVar("sn_in_attack", default=False)
+
+
+def in_attack() -> bool:
+    """Whether an `Attack` call is running (in this thread / context)."""
+    return _IN_ATTACK.get()
 
 
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -102,12 +111,14 @@ def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             for m in model.modules()
             for name, b in m.named_buffers(recurse=False)
         ]
+    token = _IN_ATTACK.set(True)
     try:
         if eval_mode:
             model.eval()
         with torch.inference_mode(False), torch.enable_grad(), parametrize.cached():
             yield
     finally:
+        _IN_ATTACK.reset(token)
         for m, training in modes:
             m.training = training
         with torch.no_grad():

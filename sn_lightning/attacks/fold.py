@@ -54,16 +54,18 @@ class FoldedConv(nn.Module):
         w = conv.weight.detach()
         assert bn.running_var is not None
         assert bn.running_mean is not None
-        scale = torch.rsqrt(bn.running_var.to(torch.float32) + bn.eps)
+        # at least float32 (half weights), float64 for float64 models
+        dt = torch.promote_types(w.dtype, torch.float32)
+        scale = torch.rsqrt(bn.running_var.to(dt) + bn.eps)
         if bn.weight is not None:
-            scale = scale * bn.weight.detach().to(torch.float32)
-        shift = -bn.running_mean.to(torch.float32) * scale
+            scale = scale * bn.weight.detach().to(dt)
+        shift = -bn.running_mean.to(dt) * scale
         if conv.bias is not None:
-            shift = shift + conv.bias.detach().to(torch.float32) * scale
+            shift = shift + conv.bias.detach().to(dt) * scale
         if bn.bias is not None:
-            shift = shift + bn.bias.detach().to(torch.float32)
+            shift = shift + bn.bias.detach().to(dt)
         view = (-1,) + (1,) * (w.dim() - 1)
-        self.weight = (w.to(torch.float32) * scale.view(view)).to(w.dtype)
+        self.weight = (w.to(dt) * scale.view(view)).to(w.dtype)
         self.bias = shift.to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,8 +86,16 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def _signature(model: nn.Module) -> tuple[int, ...]:
-    """Changes when modules are added, replaced or hooked (the cached view is then rebuilt)."""
-    return tuple(id(m) * 2 + _hooked(m) for m in model.modules())
+    """Changes when modules, parameters or buffers are added, replaced or rebound, or hooked.
+
+    The cached view is then rebuilt. Tensors matter because the trace holds the parameters and
+    buffers of the modules it traced through (e.g. ``InputNormalize``'s mean and std) by
+    reference, and ``model.to(device)`` (Lightning's teardown moves the model to the CPU) or
+    ``load_state_dict(assign=True)`` rebind them to new tensors.
+    """
+    modules = (id(m) * 2 + _hooked(m) for m in model.modules())
+    tensors = (id(t) for t in (*model.parameters(), *model.buffers()))
+    return (*modules, -1, *tensors)
 
 
 def _build(model: nn.Module) -> _View | None:

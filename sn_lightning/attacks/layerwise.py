@@ -11,7 +11,7 @@ and one backward per step; no extra passes::
         loss; backward: keep g_l = dLoss/dh_l; optimizer step
         delta[l] = eps_l * sign(g_l) (or eps_l * g_l / ||g_l||_2 per example), detached;
                    zero if g_l is not finite (e.g. a GradScaler-skipped step)
-    eval mode: no perturbation, nothing recorded
+    eval mode, and inside an input attack (any mode): no perturbation, nothing recorded
 
 Sample i of batch t receives the perturbation computed for sample i of batch t-1 (usually from a
 different class, as in the paper); the staleness is intended. Use ``drop_last=True`` so batch
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from sn_lightning.attacks.base import in_attack
 from sn_lightning.errors import ConfigError
 
 __all__ = ["LayerwisePerturbation", "default_layerwise_layers"]
@@ -157,6 +158,8 @@ class LayerwisePerturbation:
     def _make_forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if not (self.enabled and module.training and isinstance(output, Tensor)):
+                return None
+            if in_attack():  # an input attack's forward, e.g. with eval_mode=False
                 return None
             delta = self.deltas.get(name)
             if delta is not None and delta.shape == output.shape:

@@ -16,7 +16,8 @@ class LayerwiseTraining(L.Callback):
     The outputs of the chosen hidden layers get ``eps * sign(g)`` (or the per-example
     l2-normalized gradient), with ``g`` the activation gradients kept from the previous
     mini-batch's backward pass: exactly one forward and one backward per step. Nothing is
-    perturbed in eval mode (validation, test, eval-mode attacks) or at the first step.
+    perturbed in eval mode (validation, test), inside input attacks (in any mode: the
+    stored perturbations stay those of the last training backward) or at the first step.
 
     Args:
         eps: perturbation size per layer in activation units; 0: off (this callback does nothing).

@@ -49,6 +49,12 @@ class RobustEvaluation(L.Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ConfigError(f"robust_eval every_n_epochs must be >= 1, got {every_n_epochs!r}")
+        for name, value in (
+            ("max_batches", max_batches),
+            ("final_max_examples", final_max_examples),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"robust_eval {name} must be >= 1 or null (all), got {value!r}")
         self.attacks = list(attacks or [])
         self.every_n_epochs, self.max_batches = every_n_epochs, max_batches
         self.final_max_examples = final_max_examples

@@ -134,3 +134,47 @@ def test_attack_uses_the_folded_view_and_finds_the_same_examples(resnet, monkeyp
     with torch.no_grad():
         agree = resnet(adv_fold).argmax(1) == resnet(adv_plain).argmax(1)
     assert agree.float().mean() >= 15 / 16
+
+
+def _normalized_cnn() -> nn.Module:
+    """InputNormalize (traced through: its mean/std are held by the trace) + Conv -> BN."""
+    from sn_lightning.models.normalize import InputNormalize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )  # fmt: skip
+    return _randomize_bn(nn.Sequential(InputNormalize([0.5], [0.25]), net))
+
+
+def test_view_follows_rebound_buffers_of_traced_through_modules():
+    # load_state_dict(assign=True) and model.to(device) rebind buffers to new tensors; a cached
+    # trace that kept the old mean/std computed another function (logits off by ~6).
+    model = _normalized_cnn()
+    x = torch.rand(4, 1, 8, 8)
+    assert folded_view(model) is not model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.mean"], state["0.std"] = torch.tensor([0.9]), torch.tensor([0.05])
+    model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(folded_view(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attack_after_a_device_move_runs_on_the_new_device():
+    # Lightning's teardown moves the module to the CPU after a GPU fit; the meta device stands in
+    # for the other device here (the cached view held the old device's buffers and raised).
+    model = _normalized_cnn()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    PGD("linf", eps=0.1, steps=2)(model, x, y)
+    model.to("meta")
+    x_adv = PGD("linf", eps=0.1, steps=2)(model, x.to("meta"), y.to("meta"))
+    assert x_adv.device.type == "meta" and x_adv.shape == x.shape
+
+
+def test_float64_model_folds_in_float64():
+    model = _normalized_cnn().double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = folded_view(model)(x), model(x)
+    assert (out - ref).abs().max() <= 1e-13 * ref.abs().max()

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sn_lightning.attacks import LayerwisePerturbation, default_layerwise_layers
+from sn_lightning.attacks import PGD, LayerwisePerturbation, default_layerwise_layers, in_attack
 from sn_lightning.errors import ConfigError
 from sn_lightning.models.normalize import InputNormalize
 
@@ -152,6 +152,26 @@ def test_no_perturbation_in_eval_mode_and_after_remove(batches):
     layerwise.remove()
     assert not layerwise.deltas
     torch.testing.assert_close(model(x), reference(x))
+
+
+def test_train_mode_attack_neither_perturbs_nor_records(batches):
+    # An input attack with eval_mode=False runs the model in training mode; its forwards must not
+    # be perturbed and its input gradients must not replace the training step's perturbations.
+    model, reference = _mlp(), _mlp()
+    layerwise = LayerwisePerturbation(model, eps=0.5)
+    (x, y), (x2, _) = batches[0], batches[1]
+    model.train()
+    reference.train()
+    F.cross_entropy(model(x), y).backward()
+    kept = {k: v.clone() for k, v in layerwise.deltas.items()}
+    assert kept
+    attack = PGD("linf", eps=0.1, steps=3, eval_mode=False)
+    torch.testing.assert_close(attack(model, x2, y), attack(reference, x2, y))
+    assert not in_attack()
+    assert kept.keys() == layerwise.deltas.keys()
+    for name, delta in kept.items():
+        assert torch.equal(layerwise.deltas[name], delta)
+    assert not torch.allclose(model(x), reference(x))  # still perturbed after the attack
 
 
 def test_nonfinite_gradients_give_no_perturbation(batches):
