@@ -335,16 +335,19 @@ class SNClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         """Sync the DDP ranks' state; log each layer's σ and the sound network bound (``sn/*``).
 
-        σ is each normalized layer's current estimate; the state is rank 0's buffers and LipLT
-        vectors (Note [DDP state]).
+        ``sn/<layer>/sigma``: the estimate for the layer in use, ``min(sigma_raw, beta)``;
+        ``sn/<layer>/sigma_raw``: that of the unnormalized weight (how hard the bound binds).
+        The state is rank 0's buffers and LipLT vectors (Note [DDP state]).
         """
         self._broadcast_state()
         if self.hparams.beta is None:
             return
-        from sn_lightning.spectral import spectral_norms
+        from sn_lightning.spectral import normalized_layers, spectral_norms
 
+        layers = normalized_layers(self.model)
         for name, sigma in spectral_norms(self.model).items():
-            self.log(f"sn/{name}/sigma", sigma, sync_dist=True)
+            self.log(f"sn/{name}/sigma", min(sigma, layers[name][1].beta), sync_dist=True)
+            self.log(f"sn/{name}/sigma_raw", sigma, sync_dist=True)
         bound = self.lipschitz_bound()
         if bound is not None:
             self.log("sn/lipschitz_bound", bound, sync_dist=True)
