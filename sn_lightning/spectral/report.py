@@ -574,6 +574,9 @@ def _network_bound(
     problem = _lipschitz_module()._forward_hook_problem(model)
     if problem is not None:  # lipschitz.py, Note [forward hooks]
         return None, f"{problem} (torch.fx traces no hooks)"
+    # Bounded BatchNorms read a copy of running_var that a training forward leaves stale (it is
+    # refreshed before each forward): a grown variance would otherwise give too low a bound.
+    sync_batchnorm_bounds(model)
     # The bound is the eval-mode network's: trace, record and propagate in eval mode (a forward
     # may branch on self.training), whatever mode the caller is in; the modes are restored.
     with eval_mode(model):

@@ -13,7 +13,7 @@ import fnmatch
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,14 @@ def _record_input_shapes(
     shapes: dict[str, tuple[int, ...]] = {}
 
     def hook(name: str):
-        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        def record(module: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
+            if len(args) > 1 or kwargs:  # ConvTranspose's output_size sets its output_padding
+                extra = [*(repr(type(a).__name__) for a in args[1:]), *map(repr, kwargs)]
+                raise ConfigError(
+                    f"layer {name!r} ({type(module).__name__}) is called with arguments besides "
+                    f"its input ({', '.join(extra)}); its map then depends on the call, which "
+                    "the spectral norm does not track: exclude it"
+                )
             shape = tuple(args[0].shape[1:])
             if name in shapes and shapes[name] != shape:
                 raise ConfigError(
@@ -93,7 +100,7 @@ def _record_input_shapes(
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
     with eval_mode(model):
         try:
             with torch.no_grad():

@@ -260,6 +260,24 @@ def test_batchnorm_rows():
     assert report.lipschitz_bound is not None
 
 
+def test_bounded_batchnorm_bound_follows_the_last_training_batch():
+    # The bound's gamma reads a copy of running_var that a training forward leaves stale; when
+    # the variance grew in the last batch the bound came out 3x below the eval network's norm.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4))
+        model[1].weight.fill_(3.0)
+    apply_spectral_norm(model, beta=1.0, input_shape=(4,), include=["1"], batchnorm="bound")
+    with torch.no_grad():
+        model(torch.randn(64, 4) * 0.5)
+        model(torch.randn(64, 4) * 10.0)  # the last training batch: running_var grows
+    model.eval()
+    bound, _ = network_lipschitz_bound(model)  # no eval forward in between
+    x = torch.zeros(4, dtype=torch.float64)
+    assert bound >= jacobian_norm(model.double(), x) * (1 - 1e-6)
+
+
 def test_subclasses_with_their_own_forward_have_no_rule():
     class BatchNormAct(nn.BatchNorm1d):
         def forward(self, x):

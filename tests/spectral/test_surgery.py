@@ -385,4 +385,20 @@ def test_twice_raises_and_shared_layers_with_two_shapes_raise():
 
     with pytest.raises(ValueError, match="several input shapes"):
         apply_spectral_norm(Twice(), beta=1.0, input_shape=SHAPE)
+
+    class Decoder(nn.Module):  # U-Net style: output_size sets the layer's output_padding
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.up = nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.up(self.conv(x), output_size=[2 * x.shape[-2], 2 * x.shape[-1]])
+
+    with pytest.raises(
+        ConfigError, match=r"layer 'up' \(ConvTranspose2d\) is called with .*output_size"
+    ):
+        apply_spectral_norm(Decoder(), beta=1.0, input_shape=SHAPE)
+    model = apply_spectral_norm(Decoder(), beta=1.0, input_shape=SHAPE, exclude=["up"])
+    assert list(normalized_layers(model)) == ["conv"]
     assert isinstance(BoundedSpectralNorm, type)
