@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import netrc
@@ -74,6 +75,9 @@ class _OneLineErrorParser(LightningArgumentParser):
 
     def _plain(self, message: str) -> str:
         """The message in plain words; an unknown key gets suggestions and its section's keys."""
+        in_class = _class_init_error(message)
+        if in_class is not None:
+            return in_class
         key = _unknown_key(message)
         if key is None:
             return _plain_parser_error(message)
@@ -126,6 +130,66 @@ def _type_words(types: str) -> str:
     if values:
         words.insert(0, f"one of {', '.join(values)}")
     return " or ".join(words)
+
+
+def _init_args(class_path: str) -> list[str]:
+    """The keyword arguments of the class at ``class_path`` (empty if it cannot be resolved)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def _class_init_error(message: str) -> str | None:
+    """A bad class or init_arg under a ``class_path`` key (attacks) in plain words, else None.
+
+    jsonargparse reports these as 'Does not validate against any of the Union subtypes' with the
+    class's own problem inside: an unknown class (``PDG``), an unknown init_arg (``epss``) or a
+    bad init_arg value (``norm: l3``), from a nested flag or a YAML file, for one class
+    (``adversarial.attack``) or a list of them (``robust_eval.attacks``).
+    """
+    key = re.match(r'Parser key "([^"]+)":', message)
+    union = re.search(
+        r"Does not validate against any of the Union subtypes Subtypes: \[(.*?)\] Errors: - "
+        r"(.*?) - Expected a <class 'NoneType'>",
+        message,
+    )
+    if key is None or union is None:
+        return None
+    subtypes, problem = union.groups()
+    is_list = "list[" in subtypes
+    flag = f"--{key.group(1)}"
+    unknown = re.fullmatch(r"Expected a dot import path string: (\S+)", problem)
+    given = re.match(r"Problem with given class_path '([\w.]+)': (.*)", problem)
+    if (
+        unknown is None
+        and given is not None
+        and re.search(
+            r"has no attribute|No module named|is not a subclass|does not correspond",
+            given.group(2),
+        )
+    ):
+        unknown = given
+    if unknown is not None:
+        words = _type_words(re.sub(r"list\[([\w.]+)\]", r"<class '\1'>", subtypes))
+        return f"{flag}: invalid value {unknown.group(1)!r}; expected {words}" if words else None
+    if given is None:
+        return None
+    class_path, inner = given.groups()
+    short = class_path.rsplit(".", 1)[-1]
+    option = re.fullmatch(r"Option '([\w.]+)' is not accepted", inner)
+    if option:
+        valid = _init_args(class_path)
+        listed = f"; valid: {', '.join(valid)}" if valid else ""
+        return f"{flag}: {short} has no option {option.group(1)!r}{listed}"
+    plain = _plain_parser_error(inner)
+    if not plain.startswith("--"):
+        return None
+    return f"{flag}: {short} {plain[2:]}" if is_list else f"{flag}.init_args.{plain[2:]}"
 
 
 def _plain_parser_error(message: str) -> str:

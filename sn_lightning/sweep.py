@@ -604,7 +604,12 @@ def logged_metric_names(config: Any) -> list[str]:
 
 def _reason(error: Exception) -> str:
     """The useful part of a jsonargparse message: the valid choices or the expected types."""
+    from sn_lightning.fit import _class_init_error
+
     text = _one_line(error, limit=100_000)
+    in_class = _class_init_error(text)  # an attack's class or init_arg
+    if in_class is not None:
+        return in_class.removeprefix("--")
     choices = re.findall(r"Expected a typing\.Literal\[([^\]]*)\]", text)
     if choices:
         return f"valid choices: {choices[-1]}"

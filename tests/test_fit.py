@@ -141,6 +141,18 @@ def test_resume_from_checkpoint(tmp_path):
         ),
         (["--model.beta=abc"], "--model.beta: invalid value 'abc'; expected a number or null"),
         (
+            ["--adversarial.attack.epss=0.1"],
+            "--adversarial.attack: PGD has no option 'epss'; valid: norm, eps, eps_rel, steps,",
+        ),
+        (
+            ["--robust_eval.attacks=[{class_path: PDG, init_args: {eps: 0.1}}]"],
+            "--robust_eval.attacks: invalid value 'PDG'; expected an attack: FGM, PGD, WRM",
+        ),
+        (
+            ["--robust_eval.attacks=[{class_path: PGD, init_args: {norm: l3, eps: 0.1}}]"],
+            "--robust_eval.attacks: PGD norm: invalid value 'l3'; expected one of linf, l2",
+        ),
+        (
             ["--robust_eval.max_batches=-1"],
             "robust_eval max_batches must be >= 1 or null (all), got -1",
         ),
@@ -173,6 +185,34 @@ def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
         _fit(tmp_path, "--config", str(unknown))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'betaa'" in err[0] and "; did you mean model.beta? keys" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("attack", "message"),
+    [
+        (
+            "class_path: sn_lightning.attacks.PDG\n    init_args: {eps: 0.1}",
+            "--adversarial.attack: invalid value 'sn_lightning.attacks.PDG'; expected an attack: "
+            "FGM, PGD, WRM (or a full class path) or null",
+        ),
+        (
+            "class_path: sn_lightning.attacks.PGD\n    init_args: {norm: l3, eps: 0.1}",
+            "--adversarial.attack.init_args.norm: invalid value 'l3'; expected one of linf, l2",
+        ),
+        (
+            "class_path: sn_lightning.attacks.FGM\n    init_args: {norm: l2, epss: 0.1}",
+            "--adversarial.attack: FGM has no option 'epss'; valid: norm, eps, eps_rel,",
+        ),
+    ],
+)
+def test_bad_attack_in_a_yaml_config_is_one_line(tmp_path, capsys, attack, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"adversarial:\n  attack:\n    {attack}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, "--config", str(config))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):

@@ -643,6 +643,10 @@ BAD_OPTIONS = {
     "'robust_eval.every_n_epochs': 1, 'trainer.max_epochs': 3}: unknown config key "
     "trainer.max_epochz; did you mean trainer.max_epochs? keys under 'trainer': ",
     "--model.beta=abc": "options after --: `--model.beta=abc` do not parse with run ",
+    "--adversarial.attack.epss=1": "options after --: `--adversarial.attack.epss=1` do not parse "
+    "with run {'adversarial.attack.init_args.eps': 0.05, 'model.beta': 1.0, "
+    "'robust_eval.every_n_epochs': 1, 'trainer.max_epochs': 3}: adversarial.attack: PGD has no "
+    "option 'epss'; valid: norm, eps, eps_rel, steps,",
 }
 
 
