@@ -153,6 +153,17 @@ def test_resume_from_checkpoint(tmp_path):
             "--robust_eval.attacks: PGD norm: invalid value 'l3'; expected one of linf, l2",
         ),
         (
+            ["--adversarial.attack.eps=8"],
+            "PGD: linf eps 8 >= 1 covers the whole [0, 1] pixel range; radii are in [0, 1] pixel "
+            "units (did you mean 8/255 = 0.03137?)",
+        ),
+        (["--adversarial.attack.step_size=0"], "PGD: step_size must be a finite number > 0, got 0"),
+        (
+            ["--data.train_subset=5000"],
+            "train_subset 5000 exceeds the 1293 training examples of digits (after the validation "
+            "split); use at most 1293, or null (all)",
+        ),
+        (
             ["--robust_eval.max_batches=-1"],
             "robust_eval max_batches must be >= 1 or null (all), got -1",
         ),

@@ -130,6 +130,17 @@ def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
                     m._buffers[name] = value
 
 
+def _check_linf(norm: str, eps: float, what: str = "") -> float:
+    """``eps``, unless an linf radius covers the whole [0, 1] pixel range (e.g. 8 for 8/255)."""
+    if norm == "linf" and eps >= 1.0:
+        given = f"{what} = {eps:g}" if what else f"{eps:g}"
+        raise ConfigError(
+            f"linf eps {given} >= 1 covers the whole [0, 1] pixel range; radii are in [0, 1] "
+            f"pixel units (did you mean {eps:g}/255 = {eps / 255:.4g}?)"
+        )
+    return eps
+
+
 def _check_positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -325,7 +336,7 @@ class _BallAttack(Attack):
                 f"the mean input l2 norm); got eps={eps!r}, eps_rel={eps_rel!r}"
             )
         self.norm = norm
-        self.eps = None if eps is None else _check_scalar("eps", eps)
+        self.eps = None if eps is None else _check_linf(norm, _check_scalar("eps", eps))
         self.eps_rel = None if eps_rel is None else _check_scalar("eps_rel", eps_rel)
         self.clip = bool(clip)
 
@@ -344,7 +355,9 @@ class _BallAttack(Attack):
         """
         c2 = _check_scalar("mean_input_norm", mean_input_norm, positive=True)
         if self.eps_rel is not None:
-            self.eps = self.eps_rel * c2
+            self.eps = _check_linf(
+                self.norm, self.eps_rel * c2, f"eps_rel {self.eps_rel:g} x {c2:.4g}"
+            )
         return self
 
     def threat_model(self) -> ThreatModel:

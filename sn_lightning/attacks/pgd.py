@@ -77,7 +77,9 @@ class PGD(_BallAttack):
     ) -> None:
         super().__init__(norm, eps, eps_rel, clip=clip, labels=labels, eval_mode=eval_mode)
         self.steps = _check_positive_int("steps", steps)
-        self.step_size = None if step_size is None else _check_scalar("step_size", step_size)
+        self.step_size = (
+            None if step_size is None else _check_scalar("step_size", step_size, positive=True)
+        )
         self.random_start = bool(random_start)
         self.restarts = _check_positive_int("restarts", restarts)
         if self.restarts > 1 and not self.random_start:

@@ -284,6 +284,7 @@ class ImageDataModule(L.LightningDataModule):
                 k = self._n_val(len(y_te))
                 x_va, y_va, x_te, y_te = x_te[:k], y_te[:k], x_te[k:], y_te[k:]
         if self.train_subset is not None:
+            self._check_subset(len(y_tr))
             x_tr, y_tr = x_tr[: self.train_subset], y_tr[: self.train_subset]
         aug = _augmentation(self.input_shape, self.spec.hflip) if self.augment else None
         self.train_set = TensorImages(x_tr, y_tr, aug)
@@ -308,8 +309,18 @@ class ImageDataModule(L.LightningDataModule):
                 self.val_set = Subset(train_eval, idx[-k:])
                 idx = idx[:-k]
         if self.train_subset is not None:
+            self._check_subset(len(idx))
             idx = idx[: self.train_subset]
         self.train_set, self.train_eval_set = Subset(train, idx), Subset(train_eval, idx)
+
+    def _check_subset(self, n: int) -> None:
+        """A ``train_subset`` larger than the training split is an error, not silently all of it."""
+        assert self.train_subset is not None
+        if self.train_subset > n:
+            raise ConfigError(
+                f"train_subset {self.train_subset} exceeds the {n} training examples of "
+                f"{self.dataset} (after the validation split); use at most {n}, or null (all)"
+            )
 
     def _loader(self, dataset: Dataset | None, *, train: bool = False) -> DataLoader:
         assert dataset is not None, "call setup() first"

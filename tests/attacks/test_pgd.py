@@ -103,7 +103,7 @@ def test_eps_rel_and_unresolved_call(model, batch):
     [
         ({"eps": 0.1, "steps": 0}, "steps must be >= 1, got 0"),
         ({"eps": 0.1, "steps": True}, "steps must be an int"),
-        ({"eps": 0.1, "step_size": -1.0}, "step_size must be .*>= 0, got -1.0"),
+        ({"eps": 0.1, "step_size": -1.0}, "step_size must be .*> 0, got -1.0"),
         ({"eps": 0.1, "restarts": 0}, "restarts must be >= 1, got 0"),
         ({"eps": 0.1, "restarts": 3}, "random_start=True"),
         ({"norm": "L2", "eps": 0.1}, r"'L2'.*valid norms"),
@@ -161,3 +161,17 @@ def test_close_to_autoattack_apgd_ce(model, digits, norm, eps):
     ours = PGD(norm, eps=eps, steps=100, step_size=eps / 8, random_start=True, restarts=5)
     acc_ours, acc_apgd = accuracy(model, ours(model, x, y), y), accuracy(model, x_apgd, y)
     assert acc_ours <= acc_apgd + 0.01, (acc_ours, acc_apgd)
+
+
+def test_linf_radius_covering_the_pixel_range_is_refused():
+    with pytest.raises(
+        ConfigError, match=r"linf eps 8 >= 1 covers .* \(did you mean 8/255 = 0\.03137\?\)"
+    ):
+        PGD("linf", eps=8)
+    relative = PGD("linf", eps_rel=0.05)
+    with pytest.raises(ConfigError, match=r"linf eps eps_rel 0\.05 x 30 = 1\.5 >= 1"):
+        relative.resolve_eps(30.0)
+    assert PGD("l2", eps=8).eps == 8.0  # l2 radii above 1 are meaningful
+    assert PGD("linf", eps=0.999).eps == 0.999
+    with pytest.raises(ConfigError, match="step_size must be a finite number > 0, got 0"):
+        PGD("linf", eps=0.1, step_size=0)
