@@ -34,7 +34,7 @@ def evaluate(
         batches: (x, y) pairs, e.g. a DataLoader.
         device: where to run; None: the model's parameter device.
         attack: ``attack(model, x, y) -> x_adv``; the numbers are then adversarial (robust).
-        max_examples: stop after about this many examples (whole batches); None: all.
+        max_examples: evaluate the first this many examples (at most); None: all.
 
     Returns:
         ``{"acc", "loss", "margin_mean", "margin_median", "n"}`` over all examples.
@@ -46,6 +46,8 @@ def evaluate(
     correct, loss, n, margins = 0, 0.0, 0, []
     try:
         for x, y in batches:
+            if max_examples is not None and n + len(y) > max_examples:  # the first rows only
+                x, y = x[: max_examples - n], y[: max_examples - n]
             x, y = x.to(device), y.to(device)
             if attack is not None:
                 x = attack(model, x, y)

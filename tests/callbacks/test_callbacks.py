@@ -2,6 +2,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sn_lightning.attacks import FGM, PGD
 from sn_lightning.callbacks import (
@@ -305,3 +306,15 @@ def test_attack_runs_under_the_trainer_precision_context(tmp_path):
         assert (seen - clean).abs().max() > eps / 2
     for layer in [m for m in model.modules() if hasattr(m, "u")]:
         assert layer.u.dtype == torch.float32  # power iteration stays in float32 under AMP
+
+
+def test_evaluate_max_examples_is_exact_and_counts_the_first_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = torch.rand(70, 1, 8, 8), torch.randint(0, 10, (70,))
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 70, 32)]
+    capped = evaluate(model, batches, max_examples=40)
+    first = evaluate(model, [(x[:40], y[:40])])
+    assert capped["n"] == 40
+    assert capped == pytest.approx(first)
+    assert evaluate(model, batches, max_examples=1000)["n"] == 70
