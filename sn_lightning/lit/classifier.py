@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -380,6 +381,36 @@ class SNClassifier(L.LightningModule):
 
         bound, _ = network_lipschitz_bound(self.model, input_shape=tuple(self.hparams.input_shape))
         return bound
+
+    def on_train_start(self) -> None:
+        """Re-plan a cosine schedule restored from a checkpoint of a run with another length.
+
+        ``--trainer.max_epochs=20 --ckpt_path=<epoch 15 of a 15-epoch run>`` restores the old
+        ``T_max``; past it the learning rate would climb again. The schedule is set to the cosine
+        over the new total at the restored step (exact: the scheduler's recursion continues from
+        the closed form).
+        """
+        if self.hparams.lr_schedule != "cosine":
+            return
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+                continue
+            if sched.T_max == total:
+                continue
+            old, sched.T_max = sched.T_max, total
+            step = min(sched.last_epoch, total)
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+                group["lr"] = (
+                    sched.eta_min
+                    + (base - sched.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+                )
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+            rank_zero_info(
+                f"cosine schedule re-planned from {old} to {total} steps at step {step} "
+                f"(lr {sched._last_lr[0]:.4g})"
+            )
 
     def configure_optimizers(self) -> Any:
         """The configured optimizer and, unless ``none``, its LR schedule."""

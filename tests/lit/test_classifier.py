@@ -1,3 +1,5 @@
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -66,6 +68,28 @@ def test_checkpoint_roundtrip(tmp_path):
     loaded.eval()
     assert torch.equal(model(x), loaded(x))
     assert loaded.hparams.backbone == "sn_lightning:digits_cnn"
+
+
+def test_resuming_with_more_epochs_replans_the_cosine_schedule(tmp_path):
+    # A 2-epoch run resumed to 4 epochs: the restored T_max (6 steps) would make the learning
+    # rate climb again after step 6; it must follow the cosine over 12 steps to 0 instead.
+    class Lr(L.Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_train_batch_start(self, trainer, *args):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    dm = ImageDataModule("digits", batch_size=64)
+    first = _trainer(tmp_path / "a", max_epochs=2)
+    first.fit(SNClassifier(lr=0.1), datamodule=dm)
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    record = Lr()
+    second = _trainer(tmp_path / "b", max_epochs=4, callbacks=[record])
+    second.fit(SNClassifier(lr=0.1), datamodule=dm, ckpt_path=ckpt)
+    expected = [0.1 * (1 + math.cos(math.pi * t / 12)) / 2 for t in range(6, 12)]
+    assert record.lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize(
