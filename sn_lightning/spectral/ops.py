@@ -968,10 +968,25 @@ class OperatorSpec:
         n_in, n_out = math.prod(self.input_shape), math.prod(out_shape)
         if _dense_ok(n_in, n_out, dense_max_dim):
             return _norm_upper_bound(self.dense_matrix(W))
+        g = self.groups
+        if (
+            g > 1
+            and _dense_ok(n_in // g, n_out // g, dense_max_dim)
+            and n_in * n_out // g <= 1 << 24
+        ):
+            # block diagonal over groups (depthwise: one small block per channel): the exact
+            # norm is the largest block's
+            blocks = self.dense_matrix(W, per_group=True)
+            if min(blocks.shape[1:]) >= CERTIFY_MIN_DIM:
+                return max(_norm_upper_bound(block) for block in blocks)
+            return float(_top_singular_value_bound(blocks).max())
         return self.fft_bound(W)
 
-    def dense_matrix(self, weight: Tensor) -> Tensor:
+    def dense_matrix(self, weight: Tensor, *, per_group: bool = False) -> Tensor:
         """The convolution as a dense ``(n_out, n_in)`` matrix (channel-major flattening).
+
+        ``per_group``: the ``(groups, n_out / groups, n_in / groups)`` diagonal blocks instead
+        (channels of group g and all positions); the matrix is their block diagonal.
 
         Note [Kronecker form]
             A convolution is ``A = sum_t M_t (x) S_t`` over kernel taps t: ``M_t`` the
@@ -988,7 +1003,7 @@ class OperatorSpec:
             its input grid.
         """
         if self.kind == "linear":
-            return weight
+            return weight.unsqueeze(0) if per_group else weight
         g = self.groups
         kernel = tuple(weight.shape[2:])
         n_taps = math.prod(kernel)
@@ -1007,16 +1022,14 @@ class OperatorSpec:
                 out_spatial, self.padding, kernel, self.dilation, self.stride, "zeros",
                 self.input_shape[1:],
             )  # fmt: skip
-        M = weight.new_zeros(g, c_out // g, g, c_in // g, n_taps)
-        idx = torch.arange(g, device=weight.device)
-        M[idx, :, idx] = Wg
-        M = M.reshape(c_out, c_in, n_taps).permute(2, 0, 1)  # (taps, C_out, C_in)
         n_pos, n_pix = math.prod(out_spatial), math.prod(self.input_shape[1:])
-        A = weight.new_zeros(n_pos, n_pix, c_out, c_in)
-        A.index_put_(
-            (p.to(weight.device), q.to(weight.device)), M[t.to(weight.device)], accumulate=True
-        )
-        return A.permute(2, 0, 3, 1).reshape(c_out * n_pos, c_in * n_pix)
+        co, ci = c_out // g, c_in // g
+        A = weight.new_zeros(g, n_pos, n_pix, co, ci)
+        dev = weight.device
+        values = Wg.permute(3, 0, 1, 2)[t.to(dev)]  # (pairs, g, co, ci)
+        A.permute(1, 2, 0, 3, 4).index_put_((p.to(dev), q.to(dev)), values, accumulate=True)
+        blocks = A.permute(0, 3, 1, 4, 2).reshape(g, co * n_pos, ci * n_pix)
+        return blocks if per_group else torch.block_diag(*blocks)
 
     def fft_bound(self, weight: Tensor) -> float:
         """The circular-embedding bound (Sedghi et al. 2019) with exact stride handling.

@@ -290,6 +290,24 @@ def test_operators_up_to_2048_wide_get_the_exact_norm():
     assert operator_norm_upper_bound(layer, shape, dense_max_dim=0) > 1.05 * upper
 
 
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        # EfficientNet-B0's 672-channel depthwise 5x5 at 2x2 (32 px): the FFT bound was 1.9x
+        (nn.Conv2d(672, 672, 5, padding=2, groups=672, bias=False), (672, 2, 2)),
+        (nn.Conv2d(64, 64, 3, padding=1, groups=4, bias=False), (64, 6, 6)),  # 2304 wide
+        (nn.ConvTranspose2d(64, 64, 3, padding=1, groups=4, bias=False), (64, 6, 6)),
+    ],
+)
+def test_grouped_operators_past_the_dense_size_get_the_exact_norm(layer, shape):
+    """Past 2048 rows and columns a grouped conv is still exact per block (block diagonal)."""
+    torch.manual_seed(7)
+    truth = dense_truth(layer, shape)
+    upper = operator_norm_upper_bound(layer, shape)
+    assert truth <= upper <= truth * (1 + 1e-8)
+    assert operator_norm_upper_bound(layer, shape, dense_max_dim=0) >= upper
+
+
 def test_tiny_inputs_trimmed_taps_are_sound():
     # ResNet-18 layer4 at 32 px: a 3x3 conv on a 1x1 map is its centre tap.
     torch.manual_seed(3)
