@@ -972,7 +972,7 @@ class OperatorSpec:
         if (
             g > 1
             and _dense_ok(n_in // g, n_out // g, dense_max_dim)
-            and n_in * n_out // g <= 1 << 24
+            and n_in * n_out // g <= 1 << 23
         ):
             # block diagonal over groups (depthwise: one small block per channel): the exact
             # norm is the largest block's
