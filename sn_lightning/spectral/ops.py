@@ -25,6 +25,7 @@ Note [power iteration is a lower bound]
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sn_lightning.errors import ConfigError
 from sn_lightning.modes import eval_mode
 
 __all__ = [
@@ -72,12 +74,32 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 # --------------------------------------------------------------------------- power iteration
 
 
+def _check_n_iter(n_iter: int) -> None:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+
+
+def check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints (one input, no batch dim), else ValueError."""
+    try:
+        shape = tuple(input_shape)  # type: ignore[arg-type]
+    except TypeError:
+        shape = ()
+    if not shape or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ConfigError(
+            f"input_shape must be a sequence of positive ints, one input without the batch dim "
+            f"(e.g. (3, 32, 32)), got {input_shape!r}"
+        )
+    return tuple(int(d) for d in shape)
+
+
 def _power_iteration(
     op: LinearOp, adjoint: LinearOp, u: Tensor, n_iter: int, min_norm: float = 1e-12
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Power iteration on A^T A; returns (u, v, sigma) with sigma = <A u, v> = ||A^T v||."""
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    _check_n_iter(n_iter)
     norm = torch.linalg.vector_norm  # not Tensor.norm: its Python wrapper costs ~10 us a call
     for _ in range(n_iter):
         v = op(u)
@@ -110,8 +132,7 @@ def _estimate(
         (:mod:`sn_lightning.spectral.fused`), and forwards that do not store (eval, frozen)
         need that product alone. ``sigma <= ||A||_2`` for any unit ``u``.
     """
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    _check_n_iter(n_iter)
     norm = torch.linalg.vector_norm
     if n_iter > 1:
         u, _, _ = _power_iteration(op, adjoint, u, n_iter - 1, min_norm)
@@ -800,6 +821,11 @@ class OperatorSpec:
             ValueError: unsupported layer type, or a missing or mismatched ``input_shape``.
         """
         if isinstance(layer, nn.Linear):
+            if input_shape is not None and check_input_shape(input_shape)[-1] != layer.in_features:
+                raise ValueError(
+                    f"input_shape {tuple(input_shape)} must end in in_features="
+                    f"{layer.in_features} for Linear"
+                )
             return cls("linear", (layer.in_features,))
         if not isinstance(layer, SUPPORTED_LAYERS):
             names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
@@ -811,7 +837,9 @@ class OperatorSpec:
                 f"{type(layer).__name__} needs input_shape (C, *spatial): its operator norm "
                 "depends on the input size"
             )
-        shape = tuple(int(i) for i in input_shape)
+        shape = check_input_shape(input_shape)
+        if any(s < 1 for s in _ntuple(layer.stride, nd)):
+            raise ValueError(f"stride must be >= 1, got {layer.stride}")
         if len(shape) != nd + 1 or shape[0] != layer.in_channels:
             raise ValueError(
                 f"input_shape {shape} must be (C={layer.in_channels}, *spatial) with {nd} spatial "
@@ -829,6 +857,13 @@ class OperatorSpec:
                 groups=layer.groups,
             )
         pads = _resolve_padding(layer.padding, layer.kernel_size, dilation, stride)
+        if layer.padding_mode in ("reflect", "circular"):
+            limit = (lambda n: n - 1) if layer.padding_mode == "reflect" else (lambda n: n)
+            if any(max(pad) > limit(n) for pad, n in zip(pads, shape[1:], strict=True)):
+                raise ValueError(
+                    f"{layer.padding_mode} padding {tuple(pads)} needs input sizes above it, got "
+                    f"input_shape {shape}"
+                )
         trim = None
         if layer.padding_mode == "zeros":
             trim = _trim_taps(shape[1:], pads, layer.kernel_size, dilation, stride)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -63,14 +64,21 @@ METHODS: tuple[str, ...] = ("operator", "matrix")
 
 
 def _check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0:
         raise ValueError(f"beta must be a number > 0 (math.inf: no bound), got {beta!r}")
     return float(beta)
 
 
 def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value: bool) -> bool:
+    """True/False only: ``bool("no")`` is True, so strings and numbers are refused."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -426,10 +434,10 @@ class BoundedSpectralNorm(nn.Module):
         self.method = method
         self.n_power_iterations = _check_int("n_power_iterations", n_power_iterations, 1)
         self.init_iterations = _check_int("init_iterations", init_iterations, 0)
-        self.detach_uv = bool(detach_uv)
+        self.detach_uv = _check_bool("detach_uv", detach_uv)
         self.min_norm = float(min_norm)
-        self.cuda_graph = bool(cuda_graph)
-        self.batch_fold = bool(batch_fold)
+        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
+        self.batch_fold = _check_bool("batch_fold", batch_fold)
         self._fold_geometry: Any = None  # set by fused.install for plain Conv/Linear layers
         self.output_numel = 0
         self.frozen = False  # set by freeze_spectral_norm

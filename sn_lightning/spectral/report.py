@@ -27,9 +27,11 @@ from sn_lightning.modes import eval_mode
 from sn_lightning.spectral.ops import (
     SUPPORTED_LAYERS,
     OperatorSpec,
+    _check_n_iter,
     _effective_weight,
     _float_dtype,
     _power_iteration,
+    check_input_shape,
 )
 from sn_lightning.spectral.parametrization import (
     BoundedBatchNormScale,
@@ -160,6 +162,9 @@ def spectral_norm_report(
     Returns:
         A :class:`SpectralNormReport`; ``str(report)`` is a table, ``report.as_dict()`` JSON.
     """
+    _check_n_iter(n_iter)
+    if input_shape is not None:
+        input_shape = check_input_shape(input_shape)
     sync_batchnorm_bounds(model)
     cache: dict[tuple[int, tuple[int, ...] | None], float] = {}
     rows: list[LayerReport] = []
@@ -552,7 +557,9 @@ def network_lipschitz_bound(
     Returns:
         ``(bound, "")`` or ``(None, reason)``.
     """
-    return _network_bound(model, input_shape, {})
+    return _network_bound(
+        model, None if input_shape is None else check_input_shape(input_shape), {}
+    )
 
 
 def _describe(node: fx.Node) -> str:

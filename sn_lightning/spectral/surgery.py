@@ -23,7 +23,7 @@ from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.modes import eval_mode
 from sn_lightning.spectral import grouped
 from sn_lightning.spectral.fused import fused_forward
-from sn_lightning.spectral.ops import SUPPORTED_LAYERS
+from sn_lightning.spectral.ops import SUPPORTED_LAYERS, check_input_shape
 from sn_lightning.spectral.parametrization import (
     METHODS,
     BoundedBatchNormScale,
@@ -118,22 +118,6 @@ def _record_input_shapes(
     return shapes
 
 
-def _check_input_shape(input_shape: object) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints (one input, no batch dim), else ConfigError."""
-    try:
-        shape = tuple(input_shape)  # type: ignore[arg-type]
-    except TypeError:
-        shape = ()
-    if not shape or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
-    ):
-        raise ConfigError(
-            f"input_shape must be a sequence of positive ints, one input without the batch dim "
-            f"(e.g. (3, 32, 32)), got {input_shape!r}"
-        )
-    return shape
-
-
 def _check_patterns(
     model: nn.Module,
     include: Sequence[str],
@@ -149,6 +133,8 @@ def _check_patterns(
         groups["beta"] = list(beta)
     for key, patterns in groups.items():
         for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise ConfigError(f"{key} patterns must be strings (fnmatch), got {pattern!r}")
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
                 raise ConfigError(
@@ -235,7 +221,7 @@ def apply_spectral_norm(
         raise ValueError(
             f"include/exclude must be sequences of patterns, got {include!r}, {exclude!r}"
         )
-    input_shape = _check_input_shape(input_shape)
+    input_shape = check_input_shape(input_shape)
     _check_patterns(model, include, exclude, beta, batchnorm)
 
     layers: dict[str, nn.Module] = {}

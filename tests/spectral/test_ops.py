@@ -409,3 +409,36 @@ def test_rescale_only_shrinks():
     W = torch.ones(2, 2)
     torch.testing.assert_close(rescale(W, torch.tensor(4.0), 2.0), W / 2)
     torch.testing.assert_close(rescale(W, torch.tensor(1.0), 2.0), W)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: operator_norm(nn.Conv2d(3, 4, 3), (3, 5.5, 5)), "input_shape must be a sequence"),
+        (lambda: operator_norm(nn.Conv2d(3, 4, 3), (3, "5", 5)), "input_shape must be a sequence"),
+        (lambda: operator_norm(nn.Linear(5, 3), (7,)), r"must end in in_features=5 for Linear"),
+        (lambda: operator_norm(nn.Conv2d(3, 4, 3), (3, 5, 5), n_iter=2.5), "n_iter must be an int"),
+        (
+            lambda: operator_norm_upper_bound(
+                nn.Conv2d(3, 4, 7, padding=3, padding_mode="reflect"), (3, 3, 3)
+            ),
+            r"reflect padding \(\(3, 3\), \(3, 3\)\) needs input sizes above it",
+        ),
+    ],
+)
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_numpy_numbers_and_strict_flags():
+    import numpy as np
+
+    from sn_lightning.spectral import bounded_spectral_norm
+
+    conv = bounded_spectral_norm(nn.Conv2d(3, 4, 3), input_shape=(3, 5, 5), beta=np.float32(0.5))
+    assert conv.parametrizations.weight[0].beta == 0.5
+    for flag in ("detach_uv", "batch_fold", "cuda_graph"):
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'no'"):
+            bounded_spectral_norm(nn.Conv2d(3, 4, 3), input_shape=(3, 5, 5), **{flag: "no"})
+    assert operator_norm(nn.Linear(5, 3), (2, 5)) > 0  # a token sequence of 5-dim inputs
