@@ -269,12 +269,14 @@ def one_line_errors(prog: str) -> Iterator[None]:
 # Note [quiet runs]
 # Lightning prints lines on every run that say nothing about the run: two advertisements for its
 # cloud products ("Tip: ... litlogger", "... litmodels"), a note that `logger=True` is a CSVLogger
-# without tensorboard (the README says where metrics go), and, with torch >= 2.10, a
-# FutureWarning from its own pytree helper. `quiet_lightning` drops exactly these for the duration
+# without tensorboard (the README says where metrics go), with torch >= 2.10 a FutureWarning
+# from its own pytree helper, and with data.val_size=0 a warning that the (empty, as asked)
+# validation loader is empty. `quiet_lightning` drops exactly these for the duration
 # of a `fit`/`evaluate` run; every other info line and warning is kept.
 _NOISE_WARNINGS = (
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Total length of `list` across ranks is zero",  # data.val_size=0: no validation, as asked
 )
 _TIP_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 

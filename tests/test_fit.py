@@ -368,6 +368,7 @@ def test_quiet_lightning_drops_only_the_known_noise(caplog):
     noise = [
         "Starting from v1.9.0, `tensorboardX` has been removed as a dependency",
         "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+        "Total length of `list` across ranks is zero. Please make sure this was your intention.",
     ]
     caplog.set_level(logging.INFO)
     with warnings.catch_warnings(record=True) as seen:
