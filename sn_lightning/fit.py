@@ -155,7 +155,8 @@ def _class_init_error(message: str) -> str | None:
     key = re.match(r'Parser key "([^"]+)":', message)
     union = re.search(
         r"Does not validate against any of the Union subtypes Subtypes: \[(.*?)\] Errors: - "
-        r"(.*?) - Expected a <class 'NoneType'>",
+        r"(.*) - Expected a <class 'NoneType'> Given value type: "
+        r"<class '(?:dict|list|str|jsonargparse\._util\.NestedArg)'>",
         message,
     )
     if key is None or union is None:

@@ -169,7 +169,7 @@ def test_fit_on_gpu_with_bf16_sn_and_pgd(tmp_path, monkeypatch):
     assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
     for entry in saved["adversarial"].values():
         assert 0 < entry["test"]["acc"] <= saved["test"]["acc"]
-    assert len(devices) >= 5 and set(devices) == {"cuda"}  # 2 clean + 2 x 2 adversarial splits
+    assert len(devices) == 9 and set(devices) == {"cuda"}  # 3 clean + 2 attacks x 3 splits
 
 
 @pytest.fixture

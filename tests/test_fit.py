@@ -149,6 +149,10 @@ def test_resume_from_checkpoint(tmp_path):
             "--robust_eval.attacks: invalid value 'PDG'; expected an attack: FGM, PGD, WRM",
         ),
         (
+            ["--robust_eval.attacks=[{class_path: PGD, init_args: {norm: linf, eps: abc}}]"],
+            "--robust_eval.attacks: PGD eps: invalid value 'abc'; expected a number or null",
+        ),
+        (
             ["--robust_eval.attacks=[{class_path: PGD, init_args: {norm: l3, eps: 0.1}}]"],
             "--robust_eval.attacks: PGD norm: invalid value 'l3'; expected one of linf, l2",
         ),
@@ -209,6 +213,10 @@ def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
         (
             "class_path: sn_lightning.attacks.PGD\n    init_args: {norm: l3, eps: 0.1}",
             "--adversarial.attack.init_args.norm: invalid value 'l3'; expected one of linf, l2",
+        ),
+        (  # an init_arg that is itself optional: its own "Expected a NoneType" inside
+            "class_path: PGD\n    init_args: {norm: linf, eps: abc}",
+            "--adversarial.attack.init_args.eps: invalid value 'abc'; expected a number or null",
         ),
         (
             "class_path: sn_lightning.attacks.FGM\n    init_args: {norm: l2, epss: 0.1}",

@@ -130,13 +130,14 @@ def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
                     m._buffers[name] = value
 
 
-def _check_linf(norm: str, eps: float, what: str = "") -> float:
+def _check_linf(norm: str, eps: float, given: str = "", hint: str = "") -> float:
     """``eps``, unless an linf radius covers the whole [0, 1] pixel range (e.g. 8 for 8/255)."""
     if norm == "linf" and eps >= 1.0:
-        given = f"{what} = {eps:g}" if what else f"{eps:g}"
+        given = given or f"{eps:g}"
+        hint = hint or f"did you mean {eps:g}/255 = {eps / 255:.4g}?"
         raise ConfigError(
             f"linf eps {given} >= 1 covers the whole [0, 1] pixel range; radii are in [0, 1] "
-            f"pixel units (did you mean {eps:g}/255 = {eps / 255:.4g}?)"
+            f"pixel units ({hint})"
         )
     return eps
 
@@ -356,7 +357,10 @@ class _BallAttack(Attack):
         c2 = _check_scalar("mean_input_norm", mean_input_norm, positive=True)
         if self.eps_rel is not None:
             self.eps = _check_linf(
-                self.norm, self.eps_rel * c2, f"eps_rel {self.eps_rel:g} x {c2:.4g}"
+                self.norm,
+                self.eps_rel * c2,
+                f"eps_rel {self.eps_rel:g} x mean input norm {c2:.4g} = {self.eps_rel * c2:g}",
+                f"use eps_rel below 1 / {c2:.4g} = {1 / c2:.4g}, an absolute eps, or norm l2",
             )
         return self
 

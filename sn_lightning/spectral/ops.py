@@ -513,7 +513,7 @@ def _top_singular_value_bound(A: Tensor) -> Tensor:
     ``||fl(G) - G||_2 <= gamma_k ||A||_F^2`` (k the inner dimension, ``2k + 2`` for complex
     products), and eigvalsh's backward error, ``gamma_n ||G||_F <= gamma_n ||A||_F^2`` (the
     allowance of Note [certified top eigenvalue]'s fallback). Without it the result can be
-    ~1e-15 below the norm; with it, ~n u ||A||_F^2 / ||A||_2^2 above (<= 5e-10 at n = 2048).
+    ~1e-15 below the norm; with it, at most ``(n^2 + n k) u / 2`` above (~1e-9 for n = 2048).
     """
     A = A.detach().to(torch.complex128 if A.is_complex() else torch.float64)
     n, k = min(A.shape[-2:]), max(A.shape[-2:])
@@ -676,8 +676,9 @@ def _circular_bound(
         t = d * torch.arange(W.shape[2 + i], dtype=torch.int64) + off
         r, q = torch.remainder(t, s), torch.div(t, s, rounding_mode="floor")
         n_f = M // 2 + 1 if i == nd - 1 else M
-        f = torch.arange(n_f, dtype=torch.float64)
-        angle = 2 * math.pi * torch.outer(f, q.to(torch.float64)) / M  # (F, K)
+        f = torch.arange(n_f, dtype=torch.int64)
+        # f q mod M exactly in integers: the angle is then in [0, 2 pi), rounded to ~6 pi u
+        angle = 2 * math.pi * torch.remainder(torch.outer(f, q), M).to(torch.float64) / M
         P = torch.zeros(n_f, s, len(t), dtype=torch.complex128)
         P[:, r, torch.arange(len(t))] = torch.polar(torch.ones_like(angle), angle)
         phases.append(P.to(W.device))
@@ -695,10 +696,14 @@ def _circular_bound(
         chunk = [phases[0][start : start + step], *phases[1:]]
         What = torch.einsum(spec, Wg, *chunk).reshape(-1, c_out, n_inner)
         best = max(best, float(_top_singular_value_bound(What).max()))
-    # Each entry of What sums the K taps times rounded unit phases: its error is at most
-    # gamma_{K+3} sum_k |W_k[o, c]|, so ||What - exact||_2 <= gamma_{K+3} sqrt(K) ||W||_F.
+    # Each entry of What sums the K taps times computed unit phases. Per dim a phase is off by
+    # at most (6 pi + 3) u (the angle in [0, 2 pi) to ~6 pi u, cos/sin and polar to ~3 u), the
+    # einsum's products of nd phases and its sum add gamma_{K+nd}: the entry's error is at most
+    # (gamma_{K+nd} + nd (6 pi + 4) u) sum_k |W_k[o, c]|, so ||What - exact||_2 <= that factor
+    # times sqrt(K) ||W||_F (Cauchy-Schwarz over taps, Frobenius over entries).
     taps = math.prod(W.shape[2:])
-    return best + _gamma(taps + 3) * math.sqrt(taps) * float(torch.linalg.vector_norm(W))
+    factor = _gamma(taps + nd) + nd * (6 * math.pi + 4) * _UNIT_ROUNDOFF
+    return best + factor * math.sqrt(taps) * float(torch.linalg.vector_norm(W)) * (1 + 1e-6)
 
 
 def _pad_norm(spatial: Sequence[int], pads: Sequence[tuple[int, int]], mode: str) -> float:

@@ -169,7 +169,10 @@ def test_linf_radius_covering_the_pixel_range_is_refused():
     ):
         PGD("linf", eps=8)
     relative = PGD("linf", eps_rel=0.05)
-    with pytest.raises(ConfigError, match=r"linf eps eps_rel 0\.05 x 30 = 1\.5 >= 1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"linf eps eps_rel 0\.05 x mean input norm 30 = 1\.5 >= 1 .*\(use eps_rel below 1 / 30 = 0\.03333, an absolute eps, or norm l2\)",
+    ):
         relative.resolve_eps(30.0)
     assert PGD("l2", eps=8).eps == 8.0  # l2 radii above 1 are meaningful
     assert PGD("linf", eps=0.999).eps == 0.999

@@ -442,3 +442,15 @@ def test_numpy_numbers_and_strict_flags():
         with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'no'"):
             bounded_spectral_norm(nn.Conv2d(3, 4, 3), input_shape=(3, 5, 5), **{flag: "no"})
     assert operator_norm(nn.Linear(5, 3), (2, 5)) > 0  # a token sequence of 5-dim inputs
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_circular_fft_bound_is_the_norm_and_never_below_it(stride):
+    # With circular padding and s | n the FFT bound is the exact norm, so its rounding margin
+    # (phases reduced exactly mod M, then an explicit allowance) is all that keeps it above.
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = nn.Conv2d(6, 5, 3, stride=stride, padding=1, padding_mode="circular", bias=False)
+        truth = dense_truth(layer, (6, 8, 8))
+        fft = operator_norm_upper_bound(layer, (6, 8, 8), dense_max_dim=0)
+        assert truth <= fft <= truth * (1 + 1e-8), (seed, fft / truth - 1)
