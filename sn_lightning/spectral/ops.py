@@ -826,7 +826,7 @@ class OperatorSpec:
             ValueError: unsupported layer type, or a missing or mismatched ``input_shape``.
         """
         if isinstance(layer, nn.Linear):
-            if input_shape is not None and check_input_shape(input_shape)[-1] != layer.in_features:
+            if input_shape and check_input_shape(input_shape)[-1] != layer.in_features:
                 raise ValueError(
                     f"input_shape {tuple(input_shape)} must end in in_features="
                     f"{layer.in_features} for Linear"
