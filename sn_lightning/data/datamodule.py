@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -66,6 +66,26 @@ class TensorImages(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return x, self.y[i]
+
+
+def _same_classes(split: Any, train: Any, name: str) -> Any:
+    """``split`` (an ImageFolder) with train/'s class indices: each folder numbers its own classes.
+
+    A split that lacks a class of train/ keeps the others' indices; a class train/ does not
+    have is an error (its images would be scored against another class).
+    """
+    unknown = sorted(set(split.classes) - set(train.classes))
+    if unknown:
+        raise ConfigError(
+            f"imagefolder {name}/ has class folders that train/ lacks: {unknown}; train/ has "
+            f"{train.classes}"
+        )
+    if split.classes != train.classes:
+        index = [train.class_to_idx[c] for c in split.classes]
+        split.samples = [(path, index[target]) for path, target in split.samples]
+        split.imgs, split.targets = split.samples, [t for _, t in split.samples]
+        split.classes, split.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return split
 
 
 def _augmentation(input_shape: tuple[int, int, int], hflip: bool) -> torch.nn.Module:
@@ -246,6 +266,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def _n_val(self, n: int) -> int:
         k = round(self.val_size * n) if 0 < self.val_size < 1 else int(self.val_size)
+        if k == 0:
+            raise ConfigError(
+                f"val_size {self.val_size} of {n} {self.val_source} examples rounds to no "
+                "validation example; use a larger fraction or count, or 0 (no validation)"
+            )
         if k >= n:
             raise ConfigError(
                 f"val_size {self.val_size} leaves no {self.val_source} examples (of {n})"
@@ -297,12 +322,12 @@ class ImageDataModule(L.LightningDataModule):
             self._imagefolder("train", self.augment),
             self._imagefolder("train", False),
         )
-        self.test_set = self._imagefolder("test", False)
+        self.test_set = _same_classes(self._imagefolder("test", False), train, "test")
         idx = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(self.seed)
         ).tolist()
         if (self.data_dir / "val").is_dir():
-            self.val_set = self._imagefolder("val", False)
+            self.val_set = _same_classes(self._imagefolder("val", False), train, "val")
         else:
             k = self._n_val(len(idx)) if self.val_size else 0
             if k:

@@ -103,6 +103,31 @@ def test_imagefolder(tmp_path):
     assert len(dm.train_set) == 15 and len(dm.val_set) == 3
 
 
+def test_imagefolder_splits_use_train_class_indices(tmp_path):
+    # ImageFolder numbers each split's own folders: a test/ without "dog" gave "emu" index 1
+    # (train's "dog") and its images were scored against the wrong class.
+    import shutil
+
+    make_image_folder(tmp_path)
+    shutil.rmtree(tmp_path / "test" / "dog")
+    dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4)
+    dm.setup("fit")
+    assert dm.test_set.class_to_idx == {"cat": 0, "dog": 1, "emu": 2}
+    _, y = _all(dm.test_dataloader())
+    assert sorted(set(y.tolist())) == [0, 2] and int((y == 2).sum()) == 6
+    (tmp_path / "test" / "yak").mkdir()
+    (tmp_path / "test" / "emu" / "0.png").rename(tmp_path / "test" / "yak" / "0.png")
+    dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4)
+    with pytest.raises(ConfigError, match=r"test/ has class folders that train/ lacks: \['yak'\]"):
+        dm.setup("fit")
+
+
+def test_val_size_that_rounds_to_no_example_is_refused():
+    dm = ImageDataModule("digits", batch_size=8, val_size=0.0001)
+    with pytest.raises(ConfigError, match=r"val_size 0\.0001 of 1437 train examples rounds to no"):
+        dm.setup("fit")
+
+
 def test_augmentation_off_by_default_on_when_asked():
     dm = ImageDataModule("digits", batch_size=16)
     dm.setup("fit")
