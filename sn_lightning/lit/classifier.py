@@ -392,7 +392,7 @@ class SNClassifier(L.LightningModule):
         """
         if self.hparams.lr_schedule != "cosine":
             return
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._total_steps()
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
@@ -411,6 +411,10 @@ class SNClassifier(L.LightningModule):
                 f"cosine schedule re-planned from {old} to {total} steps at step {step} "
                 f"(lr {sched._last_lr[0]:.4g})"
             )
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run (the cosine schedule's length)."""
+        return max(1, int(self.trainer.estimated_stepping_batches))
 
     def configure_optimizers(self) -> Any:
         """The configured optimizer and, unless ``none``, its LR schedule."""
@@ -431,8 +435,7 @@ class SNClassifier(L.LightningModule):
         if hp.lr_schedule == "none":
             return opt
         if hp.lr_schedule == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self._total_steps())
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.lr_step_epochs, gamma=hp.lr_gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
