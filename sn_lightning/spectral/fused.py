@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
-from sn_lightning.spectral.ops import _power_iteration
+from sn_lightning.spectral.ops import _power_iteration, _transforms_active
 
 __all__ = ["FOLD_RATIO", "fused_forward", "supports_fold"]
 
@@ -265,7 +265,7 @@ def _fold_norm(layer: nn.Module, x: Tensor) -> Any:
         return None
     if not (x.dtype == W.dtype == norm.u.dtype) or torch.compiler.is_compiling():
         return None
-    if forward_ad._current_level >= 0:  # forward-mode AD: _FoldedLayer has no jvp
+    if forward_ad._current_level >= 0 or _transforms_active():  # _FoldedLayer has no jvp/vmap
         return None
     if norm.spec.kind == "linear":
         if x.dim() < 1 or x.shape[-1] != W.shape[1]:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from sn_lightning.spectral.ops import _transforms_active
 from sn_lightning.spectral.parametrization import (
     BoundedSpectralNorm,
     _float_dtype,
@@ -280,6 +281,7 @@ class SpectralGroup:
             or parametrize._cache_enabled
             or torch.compiler.is_compiling()
             or _fx_tracing()
+            or _transforms_active()
             or torch.jit.is_tracing()
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         ):

@@ -74,6 +74,15 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 # --------------------------------------------------------------------------- power iteration
 
 
+def _transforms_active() -> bool:
+    """True inside a ``torch.func`` transform (``jvp``, ``jacrev``, ``vmap``, ``grad`` ...).
+
+    Custom ``autograd.Function`` fast paths and in-place buffer writes step aside there.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def _check_n_iter(n_iter: int) -> None:
     if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 1:
         raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")

@@ -17,6 +17,12 @@ Note [buffer updates]
     more image of its own batch and, when a backward follows, advances ``u`` during that
     backward (:mod:`sn_lightning.spectral.fused`): same values, fewer passes.
 
+Note [torch.func]
+    Inside a ``torch.func`` transform (``jvp``, ``jacrev``, ``vmap``, ``grad``) the rescale is
+    plain autograd through ``sigma = <A_W u, v>`` (what ``_BoundedRescale`` computes, which has
+    no ``setup_context`` and so cannot run there), the CPU fold and the CUDA group step aside,
+    and a training forward raises (storing ``u`` writes a captured buffer).
+
 Note [float32 under autocast]
     Power iteration runs with autocast disabled, in ``promote_types(weight.dtype, float32)``:
     bf16/fp16 iterates lose the top singular value to rounding. ``u`` is created in float32. On
@@ -48,6 +54,7 @@ from sn_lightning.spectral.ops import (
     _estimate,
     _float_dtype,
     _power_iteration,
+    _transforms_active,
     linear_operator,
 )
 
@@ -565,6 +572,13 @@ class BoundedSpectralNorm(nn.Module):
             if pending[0] is weight:
                 return pending[1]
         update = self.training and not self.frozen
+        transforms = _transforms_active()
+        if transforms and update:
+            raise RuntimeError(
+                "a training-mode forward of a spectrally normalized layer updates its power-"
+                "iteration vector u in place, which torch.func transforms cannot do; call "
+                "model.eval() or run under sn_lightning.spectral.freeze_spectral_norm(model)"
+            )
         dtype = _float_dtype(weight.dtype)
         with _no_autocast(weight.device.type):
             if not self.detach_uv:
@@ -580,7 +594,8 @@ class BoundedSpectralNorm(nn.Module):
                 if update:
                     self.u.copy_(u.detach())
                 return weight / torch.clamp(sigma / self.beta, min=1.0).to(weight.dtype)
-            graph, state = _iteration_graph(self, weight, update), None
+            graph = None if transforms else _iteration_graph(self, weight, update)
+            state = None
             if graph is not None:
                 state = graph()
                 u, kv, sigma, scale = graph.split(state)
@@ -591,6 +606,10 @@ class BoundedSpectralNorm(nn.Module):
                 sigma_value, scale = _host_sigma(sigma), None
             if math.isinf(self.beta) or (sigma_value is not None and sigma_value <= self.beta):
                 return weight
+            if transforms:  # autograd through sigma = <A_W u, v>: what _BoundedRescale computes
+                A = self._operator(weight.to(dtype))[0]
+                sigma_w = torch.vdot(A(u).reshape(-1), kv.reshape(-1))
+                return weight / torch.clamp(sigma_w / self.beta, min=1.0).to(weight.dtype)
             if sigma_value is None and scale is None:  # eager on an accelerator
                 scale, kv = _coefficients(sigma, kv, self.beta)
             if torch.is_grad_enabled() and weight.requires_grad:
@@ -695,7 +714,11 @@ def _sync_running_var(bn: nn.Module, args: Any) -> None:
     if parametrize.is_parametrized(bn, "weight"):
         for p in bn.parametrizations.weight:
             if isinstance(p, BoundedBatchNormScale):
-                p.running_var.copy_(bn.running_var)
+                if _transforms_active():  # torch.func refuses writes to captured buffers
+                    with torch._C._DisableFuncTorch():
+                        p.running_var.copy_(bn.running_var)
+                else:
+                    p.running_var.copy_(bn.running_var)
 
 
 def sync_batchnorm_bounds(model: nn.Module) -> None:
