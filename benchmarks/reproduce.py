@@ -119,6 +119,9 @@ def plan(budget: Budget, groups: Sequence[str]) -> list[Run]:
         "--trainer.enable_checkpointing=false",
         "--trainer.logger=false",
         "--data.num_workers=0",
+        # The paper's schedule alone (one power iteration a step), as the stored runs were made:
+        # they predate the classifier's refresh of u (README, Spectral normalization).
+        "--model.sn_refresh_iterations=0",
     ]
     if budget.train_subset is not None:
         common.append(f"--data.train_subset={budget.train_subset}")

@@ -17,6 +17,7 @@ from sn_lightning.spectral import apply_spectral_norm as apply_spectral_norm
 from sn_lightning.spectral import freeze_spectral_norm as freeze_spectral_norm
 from sn_lightning.spectral import operator_norm as operator_norm
 from sn_lightning.spectral import plain_state_dict as plain_state_dict
+from sn_lightning.spectral import refresh_spectral_norm as refresh_spectral_norm
 from sn_lightning.spectral import remove_spectral_norm as remove_spectral_norm
 from sn_lightning.spectral import spectral_norm_report as spectral_norm_report
 from sn_lightning.spectral import spectral_norms as spectral_norms
@@ -38,6 +39,7 @@ __all__ = [
     "list_backbones",
     "operator_norm",
     "plain_state_dict",
+    "refresh_spectral_norm",
     "remove_spectral_norm",
     "spectral_norm_report",
     "spectral_norms",

@@ -690,6 +690,7 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
     # would otherwise attack every split on the CPU).
     device = trainer.strategy.root_device
     model.to(device)
+    model.refresh_spectral_norm()  # a no-op unless training stopped after the last epoch end
     results: dict[str, Any] = {"train": evaluate(model, dm.train_eval_dataloader(), device)}
     if dm.val_set is not None:
         results["val"] = evaluate(model, dm.val_dataloader(), device)

@@ -25,6 +25,7 @@ def test_plan_covers_the_grid_once_and_expresses_no_sn_by_omission():
     assert "--trainer.num_sanity_val_steps=0" in sn.args
     assert "--model.beta=1.6" in sn.args
     assert "--data.train_subset=1000" in sn.args
+    assert "--model.sn_refresh_iterations=0" in sn.args  # the paper's schedule, as stored
 
 
 def test_planned_arguments_reach_the_model(tmp_path):
@@ -43,6 +44,7 @@ def test_planned_arguments_reach_the_model(tmp_path):
 
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["model"]["beta"] == 4.0
+    assert cfg["model"]["sn_refresh_iterations"] == 0
     assert cfg["model"]["backbone"] == "sn_lightning:elu_net"
     attack = cfg["adversarial"]["attack"]
     assert attack["class_path"] == "sn_lightning.attacks.PGD"

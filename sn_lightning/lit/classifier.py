@@ -85,6 +85,10 @@ class SNClassifier(L.LightningModule):
         sn_batch_fold: on CPU, training forwards of plain Conv/Linear layers compute the power
             iteration inside their own batch and rescale the output (same values, less time);
             false always rescales the weight.
+        sn_refresh_iterations: power-iteration rounds that converge every layer's ``u`` for the
+            current weights before each validation and at each epoch end (checkpoints and the
+            final evaluation then hold layers within beta; one round per step lags behind fast
+            training: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
         crm_r0: only points whose certified radius is below this are penalized (R0).
@@ -124,6 +128,7 @@ class SNClassifier(L.LightningModule):
         sn_detach: bool = True,
         sn_cuda_graph: bool = True,
         sn_batch_fold: bool = True,
+        sn_refresh_iterations: int = 100,
         crm_lambda: float = 0.0,
         crm_r0: float = 0.2,
         crm_t: float = 5.0,
@@ -175,6 +180,7 @@ class SNClassifier(L.LightningModule):
         for key, value, least in (
             ("sn_power_iterations", sn_power_iterations, 1),
             ("sn_init_iterations", sn_init_iterations, 0),
+            ("sn_refresh_iterations", sn_refresh_iterations, 0),
         ):
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"{key} must be an integer >= {least}, got {value!r}")
@@ -227,6 +233,7 @@ class SNClassifier(L.LightningModule):
                 ) from err
         self._lip_state: dict[str, Any] = {}
         self._certified_L: Tensor | None = None
+        self._refreshed_at: int | None = None  # global step of the last refresh_spectral_norm
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -312,8 +319,27 @@ class SNClassifier(L.LightningModule):
                 self.model, tuple(self.hparams.input_shape), pairwise=True, certify=True
             )
 
+    def refresh_spectral_norm(self) -> None:
+        """Converge every layer's ``u`` (``sn_refresh_iterations`` rounds) once per optimizer step.
+
+        Runs before each validation and at each epoch end, ahead of ModelCheckpoint, so what is
+        validated, checkpointed and finally evaluated holds layers within beta. Skipped when no
+        optimizer step ran since the last refresh: the checkpoint and the model stay identical.
+        """
+        n = self.hparams.sn_refresh_iterations
+        if self.hparams.beta is None or not n:
+            return
+        step = self.trainer.global_step if self._trainer is not None else None
+        if step is not None and step == self._refreshed_at:
+            return
+        from sn_lightning.spectral import refresh_spectral_norm
+
+        refresh_spectral_norm(self.model, n)
+        self._refreshed_at = step
+
     def on_validation_epoch_start(self) -> None:
-        """Compute the sound pairwise bound once per validation epoch when certifying."""
+        """Refresh ``u``; compute the sound pairwise bound once per validation epoch when certifying."""
+        self.refresh_spectral_norm()
         if self.hparams.certify_eps and not self.trainer.sanity_checking:
             self._certified_L = self.certified_lipschitz().to(self.device)
 
@@ -334,13 +360,14 @@ class SNClassifier(L.LightningModule):
         self._eval_step(batch, "test", self.test_acc)
 
     def on_train_epoch_end(self) -> None:
-        """Sync the DDP ranks' state; log each layer's σ and the sound network bound (``sn/*``).
+        """Sync the DDP ranks' state, refresh ``u``; log each layer's σ and the network bound (``sn/*``).
 
         ``sn/<layer>/sigma``: the estimate for the layer in use, ``min(sigma_raw, beta)``;
         ``sn/<layer>/sigma_raw``: that of the unnormalized weight (how hard the bound binds).
         The state is rank 0's buffers and LipLT vectors (Note [DDP state]).
         """
         self._broadcast_state()
+        self.refresh_spectral_norm()
         if self.hparams.beta is None:
             return
         from sn_lightning.spectral import normalized_layers, spectral_norms

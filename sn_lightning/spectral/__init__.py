@@ -21,6 +21,7 @@ from sn_lightning.spectral.parametrization import BoundedBatchNormScale as Bound
 from sn_lightning.spectral.parametrization import BoundedSpectralNorm as BoundedSpectralNorm
 from sn_lightning.spectral.parametrization import bounded_spectral_norm as bounded_spectral_norm
 from sn_lightning.spectral.parametrization import freeze_spectral_norm as freeze_spectral_norm
+from sn_lightning.spectral.parametrization import refresh_spectral_norm as refresh_spectral_norm
 from sn_lightning.spectral.parametrization import (
     remove_bounded_spectral_norm as remove_bounded_spectral_norm,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "operator_norm_upper_bound",
     "plain_state_dict",
     "power_iteration",
+    "refresh_spectral_norm",
     "remove_bounded_spectral_norm",
     "remove_spectral_norm",
     "rescale",

@@ -105,6 +105,7 @@ def test_resuming_with_more_epochs_replans_the_cosine_schedule(tmp_path):
         ({"crm_r0": float("nan")}, "need crm_lambda >= 0, crm_r0 > 0"),
         ({"sn_power_iterations": 0}, "sn_power_iterations must be an integer >= 1, got 0"),
         ({"sn_init_iterations": -5}, "sn_init_iterations must be an integer >= 0, got -5"),
+        ({"sn_refresh_iterations": 1.5}, "sn_refresh_iterations must be an integer >= 0, got 1.5"),
         (
             {"backbone": "sn_lightning:mlp1", "backbone_kwargs": {"width": -5}},
             r"backbone 'sn_lightning:mlp1' \(backbone_kwargs \{'width': -5\}\) cannot be built",
@@ -145,6 +146,37 @@ def test_beta_bounds_every_layer_and_logs_sigma(tmp_path):
     for name, (layer, _) in layers.items():
         true = operator_norm(layer, shapes.get(name), n_iter=500)  # the normalized weight
         assert true <= 1.0 * (1 + 1e-2), (name, true)
+
+
+def test_refresh_keeps_the_trained_model_within_beta(tmp_path):
+    """Adam at lr 0.01 moves the weights faster than one power iteration a step follows: without
+    the refresh the trained model's layers end above beta; with it, the last checkpoint and the
+    model after fit hold the same converged u and every layer is within beta (dense oracle)."""
+    from sn_lightning.spectral import normalized_layers, operator_norm
+
+    shapes = {"net.0": (1, 8, 8), "net.2": (32, 8, 8)}
+    worst = {}
+    for refresh in (0, 300):
+        torch.manual_seed(0)
+        model = SNClassifier(
+            beta=1.0, optimizer="adam", lr=0.01, lr_schedule="none", sn_refresh_iterations=refresh
+        )
+        trainer = _trainer(
+            tmp_path / str(refresh), limit_train_batches=20, enable_checkpointing=True
+        )
+        trainer.fit(model, datamodule=ImageDataModule("digits", batch_size=32))
+        model.eval()
+        layers = normalized_layers(model.model)
+        worst[refresh] = max(
+            operator_norm(layer, shapes.get(name), n_iter=1000)
+            for name, (layer, _) in layers.items()
+        )
+        saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+        for key, value in model.state_dict().items():
+            if key.endswith(".u"):
+                assert torch.equal(saved["state_dict"][key], value), key
+    assert worst[0] > 1.03, worst  # the lag
+    assert worst[300] <= 1.0 + 2e-3, worst
 
 
 def test_no_beta_means_no_parametrization():

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -15,9 +16,11 @@ from sn_lightning.spectral import (
     BoundedSpectralNorm,
     apply_spectral_norm,
     bounded_spectral_norm,
+    dense_operator_norm,
     freeze_spectral_norm,
     operator_norm,
     parametrization,
+    refresh_spectral_norm,
     remove_bounded_spectral_norm,
 )
 from sn_lightning.spectral.ops import _power_iteration
@@ -330,6 +333,45 @@ def test_sigma_has_no_side_effects():
     s50 = p.sigma(layer.parametrizations.weight.original, 50)
     assert torch.equal(_state(layer), u0)
     assert float(s1) <= float(s50) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["operator", "matrix"])
+def test_refresh_converges_u_for_moved_weights_and_touches_nothing_else(method):
+    """Weights moved after the last power iteration (fast training): the eval weight is over
+    beta until ``refresh_spectral_norm``. Oracle: the dense operator / reshaped-kernel SVD."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU())
+    model.append(nn.Sequential(nn.Flatten(), nn.Linear(5 * 4 * 4, 3)))
+    apply_spectral_norm(model, beta=0.5, input_shape=(3, 8, 8), method=method)
+    model.train()
+    model(torch.randn(4, 3, 8, 8))  # BatchNorm statistics away from their init
+    conv, linear = model[0], model[3][1]
+    with torch.no_grad():  # a large step that u has not followed
+        for layer in (conv, linear):
+            W = layer.parametrizations.weight.original
+            W.add_(torch.randn_like(W) * 2.0)
+
+    def true_norm(layer):  # of the weight an eval forward uses
+        W = layer.weight.detach().double()
+        if method == "matrix" or layer is linear:
+            return float(torch.linalg.matrix_norm(W.flatten(1), 2))
+
+        def conv_map(x):
+            return F.conv2d(x, W, stride=2, padding=1)
+
+        return float(dense_operator_norm(conv_map, (3, 8, 8)))
+
+    model.eval()
+    assert max(true_norm(conv), true_norm(linear)) > 0.5 * 1.05  # the stale u misses the move
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert refresh_spectral_norm(model, n_iter=300) is model
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"0.parametrizations.weight.0.u", "3.1.parametrizations.weight.0.u"}
+    for layer in (conv, linear):
+        assert true_norm(layer) == pytest.approx(0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="n_iter must be an int >= 1, got 0"):
+        refresh_spectral_norm(model, n_iter=0)
 
 
 def test_infinite_beta_never_rescales():
