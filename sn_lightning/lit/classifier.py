@@ -322,20 +322,40 @@ class SNClassifier(L.LightningModule):
     def refresh_spectral_norm(self) -> None:
         """Converge every layer's ``u`` (``sn_refresh_iterations`` rounds) once per optimizer step.
 
-        Runs before each validation and at each epoch end, ahead of ModelCheckpoint, so what is
-        validated, checkpointed and finally evaluated holds layers within beta. Skipped when no
-        optimizer step ran since the last refresh: the checkpoint and the model stay identical.
+        Only while fitting (not in the sanity check, ``validate`` or ``test``): before each
+        validation, at each epoch end ahead of ModelCheckpoint, and before a checkpoint saved at
+        another moment (``every_n_train_steps``), so what is validated, checkpointed and finally
+        evaluated holds a converged ``u``. Skipped when no optimizer step ran since the last
+        refresh: the checkpoint and the model stay identical.
         """
         n = self.hparams.sn_refresh_iterations
-        if self.hparams.beta is None or not n:
+        if self.hparams.beta is None or not n or self._trainer is None:
             return
-        step = self.trainer.global_step if self._trainer is not None else None
-        if step is not None and step == self._refreshed_at:
+        if self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
+            return
+        step = self.trainer.global_step
+        if step == self._refreshed_at:
             return
         from sn_lightning.spectral import refresh_spectral_norm
 
         refresh_spectral_norm(self.model, n)
         self._refreshed_at = step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refresh ``u`` for checkpoints saved mid-epoch and store when it was last refreshed."""
+        before = self._refreshed_at
+        self.refresh_spectral_norm()
+        if self._refreshed_at != before and "state_dict" in checkpoint:
+            for key, value in self.state_dict().items():
+                if key.endswith(".u") and key in checkpoint["state_dict"]:
+                    checkpoint["state_dict"][key] = value.detach().clone()
+        checkpoint["sn_refreshed_at"] = self._refreshed_at
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the refresh step; checkpoints from before the refresh keep the paper's schedule."""
+        self._refreshed_at = checkpoint.get("sn_refreshed_at")
+        if "sn_refresh_iterations" not in checkpoint.get("hyper_parameters", {}):
+            self.hparams.sn_refresh_iterations = 0
 
     def on_validation_epoch_start(self) -> None:
         """Refresh ``u``; compute the sound pairwise bound once per validation epoch when certifying."""

@@ -370,8 +370,12 @@ class _BoundedRescale(torch.autograd.Function):
             sigma = ctx.sigma_value
             # CPU: forward only gets here with sigma > beta (otherwise it returns the weight)
             s = ctx.beta / sigma
-            dot = float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
-            return ctx.norm._scaled_sigma_grad(weight, g, s, -s * dot / sigma, u, v), *none
+            try:
+                dot = float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
+            except RuntimeError:  # a vmapped backward (is_grads_batched): no host read
+                dot = None
+            if dot is not None:
+                return ctx.norm._scaled_sigma_grad(weight, g, s, -s * dot / sigma, u, v), *none
         if ctx.sigma_value is not None:
             weight, u, v = ctx.saved_tensors
             sigma = torch.tensor(ctx.sigma_value, dtype=u.dtype, device=u.device)
@@ -604,7 +608,9 @@ class BoundedSpectralNorm(nn.Module):
             else:
                 with torch.no_grad():
                     u, kv, sigma = self._iterate(weight.detach().to(dtype), advance=update)
-                sigma_value, scale = _host_sigma(sigma), None
+                # under torch.func sigma may be batched (vmap over weights): no host read
+                sigma_value = None if transforms else _host_sigma(sigma)
+                scale = None
             if math.isinf(self.beta) or (sigma_value is not None and sigma_value <= self.beta):
                 return weight
             if transforms:  # autograd through sigma = <A_W u, v>: what _BoundedRescale computes
@@ -694,8 +700,14 @@ class BoundedBatchNormScale(nn.Module):
         self.register_buffer("running_var", bn.running_var.detach().clone(), persistent=False)
 
     def scale(self, gamma: Tensor) -> Tensor:
-        """``s = max_i |gamma_i| / sqrt(running_var_i + eps)`` (a 0-dim tensor)."""
-        return (gamma.abs() / torch.sqrt(self.running_var.to(gamma.dtype) + self.eps)).max()
+        """``s = max_i |gamma_i| / sqrt(running_var_i + eps)`` (a 0-dim tensor).
+
+        Under ``torch.func`` the BatchNorm's own running_var is read (handed over by the pre-hook
+        for one read): the copy cannot be written there (it may be batched by ``vmap``).
+        """
+        var = self.__dict__.pop("_live_var", None)
+        var = self.running_var if var is None else var
+        return (gamma.abs() / torch.sqrt(var.to(gamma.dtype) + self.eps)).max()
 
     def forward(self, gamma: Tensor) -> Tensor:
         """Return ``gamma / max(1, s / beta)``."""
@@ -715,10 +727,10 @@ def _sync_running_var(bn: nn.Module, args: Any) -> None:
     if parametrize.is_parametrized(bn, "weight"):
         for p in bn.parametrizations.weight:
             if isinstance(p, BoundedBatchNormScale):
-                if _transforms_active():  # torch.func refuses writes to captured buffers
-                    with torch._C._DisableFuncTorch():
-                        p.running_var.copy_(bn.running_var)
+                if _transforms_active():  # torch.func: no writes to captured buffers
+                    p.__dict__["_live_var"] = bn.running_var
                 else:
+                    p.__dict__.pop("_live_var", None)
                     p.running_var.copy_(bn.running_var)
 
 
@@ -820,10 +832,13 @@ def refresh_spectral_norm(model: nn.Module, n_iter: int = 50) -> nn.Module:
     One round per training step lags behind weights that move fast: the reference's ELU-Net on
     Fashion-MNIST (Adam 1e-3, beta 1) ends 3 epochs with layers at 1.02-1.17 beta (exact norms),
     because eval forwards rescale by the sigma of a ``u`` that trails the weights. 50 rounds from
-    the stored ``u`` bring them to <= 1.0004 beta. Only the ``u`` buffers change (no forward runs,
-    BatchNorm statistics are untouched); the classifier refreshes before each validation and at
-    each epoch end (``model.sn_refresh_iterations``, default 100), so checkpoints and the final
-    evaluation hold a converged ``u``.
+    the stored ``u`` bring them to <= 1.0004 beta. Power iteration approaches sigma from below, so
+    a layer whose top singular values nearly tie may stay a little above beta; the report's upper
+    bound is the guarantee. Only the ``u`` buffers change (no forward runs, BatchNorm statistics
+    are untouched; layers inside :func:`freeze_spectral_norm` are skipped). While fitting, the
+    classifier refreshes before each validation, at each epoch end and before a checkpoint
+    (``model.sn_refresh_iterations``, default 100), so checkpoints and the final evaluation hold
+    a converged ``u``.
 
     Args:
         model: a model with layers from :func:`apply_spectral_norm` / :func:`bounded_spectral_norm`.
@@ -832,7 +847,7 @@ def refresh_spectral_norm(model: nn.Module, n_iter: int = 50) -> nn.Module:
     n_iter = _check_int("n_iter", n_iter, 1)
     for module in model.modules():
         norm = _find(module, "weight", BoundedSpectralNorm)
-        if norm is None:
+        if norm is None or norm.frozen:  # freeze_spectral_norm: no u updates
             continue
         W = module.parametrizations.weight.original
         dtype = _float_dtype(W.dtype)

@@ -179,6 +179,50 @@ def test_refresh_keeps_the_trained_model_within_beta(tmp_path):
     assert worst[300] <= 1.0 + 2e-3, worst
 
 
+def test_refresh_runs_only_while_fitting_and_before_mid_epoch_checkpoints(tmp_path):
+    """The sanity check and ``trainer.validate`` leave u alone; a step-interval checkpoint holds a
+    refreshed u; a checkpoint from before the refresh existed loads with the paper's schedule."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from sn_lightning.spectral import normalized_layers, operator_norm
+
+    def us(module):
+        return {k: v.clone() for k, v in module.state_dict().items() if k.endswith(".u")}
+
+    class AtTrainStart(Callback):
+        def on_fit_start(self, trainer, module):
+            self.fit_start = us(module)
+
+        def on_train_start(self, trainer, module):
+            self.train_start = us(module)
+
+    torch.manual_seed(0)
+    model = SNClassifier(beta=1.0, optimizer="adam", lr=0.01, lr_schedule="none")
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=15, save_top_k=-1)
+    snap = AtTrainStart()
+    trainer = _trainer(tmp_path, limit_train_batches=20, callbacks=[steps, snap])
+    trainer.fit(model, datamodule=ImageDataModule("digits", batch_size=32))
+    assert all(torch.equal(snap.fit_start[k], v) for k, v in snap.train_start.items())
+
+    path = tmp_path / "steps" / "epoch=0-step=15.ckpt"
+    mid = SNClassifier.load_from_checkpoint(path).eval()
+    shapes = {"net.0": (1, 8, 8), "net.2": (32, 8, 8)}
+    for name, (layer, _) in normalized_layers(mid.model).items():
+        assert operator_norm(layer, shapes.get(name), n_iter=1000) <= 1.0 + 2e-2, name
+    assert torch.load(path, weights_only=False)["sn_refreshed_at"] == 15
+
+    before = us(model)
+    trainer.validate(model, datamodule=ImageDataModule("digits", batch_size=32), verbose=False)
+    assert all(torch.equal(before[k], v) for k, v in us(model).items())
+
+    old = torch.load(path, weights_only=False)  # as written before sn_refresh_iterations
+    del old["hyper_parameters"]["sn_refresh_iterations"], old["sn_refreshed_at"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert (
+        SNClassifier.load_from_checkpoint(tmp_path / "old.ckpt").hparams.sn_refresh_iterations == 0
+    )
+
+
 def test_no_beta_means_no_parametrization():
     from torch.nn.utils import parametrize
 

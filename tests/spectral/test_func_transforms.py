@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
 
 from sn_lightning.spectral import (
     apply_spectral_norm,
@@ -123,3 +123,39 @@ def test_training_forward_under_a_transform_raises_and_frozen_runs():
         out, _ = jvp(model, (x,), (x,))
     torch.testing.assert_close(out, remove_spectral_norm(copy.deepcopy(model)).eval()(x))
     assert torch.equal(model.state_dict()[u], before[u])
+
+
+@pytest.mark.parametrize("batchnorm", ["leave", "bound"])
+def test_vmap_over_an_ensemble_of_normalized_models(batchnorm):
+    """``stack_module_state`` + ``vmap``: sigma and the BatchNorm statistics are batched, so
+    nothing may be read on the host or written into the module's buffers."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh())
+        model.append(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)))
+        with torch.no_grad():
+            model[0].weight.mul_(4)
+            model[1].running_var.uniform_(0.05, 0.2)  # the BatchNorm bound binds
+        apply_spectral_norm(model, beta=0.7, input_shape=(3, 4, 4), batchnorm=batchnorm)
+        models.append(model.eval())
+    x = torch.randn(2, 3, 4, 4)
+    ref = torch.stack([remove_spectral_norm(copy.deepcopy(m)).eval()(x) for m in models])
+    params, buffers = stack_module_state(models)
+    before = _states(models[0])
+    out = vmap(lambda p, b: functional_call(models[0], (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    after = _states(models[0])
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    copy.deepcopy(models[0])  # nothing batched left behind on the modules
+
+
+def test_batched_backward_through_the_rescale():
+    """``torch.autograd.grad(..., is_grads_batched=True)``: the custom backward runs vmapped."""
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    W = model[0].parametrizations.weight.original
+    basis = torch.eye(10).reshape(10, 2, 5)
+    batched = torch.autograd.grad(model(x), W, basis, is_grads_batched=True)[0]
+    rows = torch.stack([torch.autograd.grad(model(x), W, e)[0] for e in basis])
+    torch.testing.assert_close(batched, rows, rtol=1e-5, atol=1e-7)

@@ -372,6 +372,12 @@ def test_refresh_converges_u_for_moved_weights_and_touches_nothing_else(method):
         assert true_norm(layer) == pytest.approx(0.5, rel=1e-4)
     with pytest.raises(ValueError, match="n_iter must be an int >= 1, got 0"):
         refresh_spectral_norm(model, n_iter=0)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(-1.5)
+    with freeze_spectral_norm(model):  # no u updates, also not from a refresh
+        refresh_spectral_norm(model)
+    assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items() if k.endswith(".u"))
 
 
 def test_infinite_beta_never_rescales():
