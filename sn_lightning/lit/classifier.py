@@ -85,10 +85,11 @@ class SNClassifier(L.LightningModule):
         sn_batch_fold: on CPU, training forwards of plain Conv/Linear layers compute the power
             iteration inside their own batch and rescale the output (same values, less time);
             false always rescales the weight.
-        sn_refresh_iterations: power-iteration rounds that converge every layer's ``u`` for the
-            current weights before each validation and at each epoch end (checkpoints and the
-            final evaluation then hold layers within beta; one round per step lags behind fast
-            training: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
+        sn_refresh_iterations: while fitting, power-iteration rounds that converge every layer's
+            ``u`` for the current weights before each validation, at each epoch end and before a
+            mid-epoch checkpoint (one round per step lags behind fast training; validated,
+            checkpointed and final models then hold their layers at beta to the accuracy of the
+            power iteration: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
         crm_r0: only points whose certified radius is below this are penalized (R0).

@@ -473,12 +473,20 @@ class BoundedSpectralNorm(nn.Module):
         u = torch.randn(u_shape, device=weight.device, dtype=_float_dtype(weight.dtype))
         self.register_buffer("u", u / u.norm().clamp_min(self.min_norm))
         if self.init_iterations:
-            with torch.no_grad(), _no_autocast(weight.device.type):
-                W = weight.to(_float_dtype(weight.dtype))
-                u, _, _ = _power_iteration(
-                    *self._operator(W), self.u.to(W.dtype), self.init_iterations, self.min_norm
-                )
-            self.u.copy_(u)
+            self.converge(weight, self.init_iterations)
+
+    @torch.no_grad()
+    def converge(self, weight: Tensor, n_iter: int) -> None:
+        """Advance the stored ``u`` by ``n_iter`` full rounds on ``weight`` (the unnormalized one).
+
+        The warm-up at registration and :func:`refresh_spectral_norm`; nothing else changes.
+        """
+        with _no_autocast(weight.device.type):
+            W = weight.detach().to(_float_dtype(weight.dtype))
+            u, _, _ = _power_iteration(
+                *self._operator(W), self.u.to(W.dtype), n_iter, self.min_norm
+            )
+        self.u.copy_(u)
 
     def _scaled_sigma_grad(
         self,
@@ -849,13 +857,7 @@ def refresh_spectral_norm(model: nn.Module, n_iter: int = 50) -> nn.Module:
         norm = _find(module, "weight", BoundedSpectralNorm)
         if norm is None or norm.frozen:  # freeze_spectral_norm: no u updates
             continue
-        W = module.parametrizations.weight.original
-        dtype = _float_dtype(W.dtype)
-        with _no_autocast(W.device.type):
-            u, _, _ = _power_iteration(
-                *norm._operator(W.detach().to(dtype)), norm.u.to(dtype), n_iter, norm.min_norm
-            )
-        norm.u.copy_(u)
+        norm.converge(module.parametrizations.weight.original, n_iter)
     return model
 
 
