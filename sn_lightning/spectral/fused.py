@@ -189,7 +189,9 @@ class _FoldedLayer(torch.autograd.Function):
         x, W, bias, X = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         none = (None, None, None)
-        if torch.is_grad_enabled():  # create_graph (double backward): recompute with autograd
+        # create_graph (double backward) or a vmapped backward (is_grads_batched: no out= or host
+        # reads on the batched gradient): recompute with autograd
+        if torch.is_grad_enabled() or _is_batched(g):
             if ctx.defer:
                 with torch.no_grad():
                     _advance(ctx.norm, ctx.norm._operator(W)[1](ctx.v))
@@ -216,6 +218,13 @@ class _FoldedLayer(torch.autograd.Function):
             else:
                 grad_w = geo.weight_grad(G[:n], X[:n], W)
         return (gX[:n].view(x.shape) if need_x else None), grad_w, grad_b, *none
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is vmapped: ``torch.func.vmap`` or the older vmap of ``is_grads_batched``."""
+    functorch = torch._C._functorch
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    return bool(functorch.is_batchedtensor(t) or (legacy is not None and legacy(t)))
 
 
 def _advance(norm: Any, w: Tensor) -> None:

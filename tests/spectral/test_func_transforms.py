@@ -159,3 +159,36 @@ def test_batched_backward_through_the_rescale():
     batched = torch.autograd.grad(model(x), W, basis, is_grads_batched=True)[0]
     rows = torch.stack([torch.autograd.grad(model(x), W, e)[0] for e in basis])
     torch.testing.assert_close(batched, rows, rtol=1e-5, atol=1e-7)
+
+
+def test_batched_backward_through_the_cpu_fold(monkeypatch):
+    """``is_grads_batched`` in training mode, where CPU layers fold ``A u`` into their batch.
+
+    Oracle: one ordinary backward per basis row, each from the same state; ``u`` advances once,
+    as after one ordinary backward.
+    """
+    from sn_lightning.spectral import fused
+
+    model = _model().train()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)  # the registration resolution: the fold runs
+    folded = []
+    apply = fused._FoldedLayer.apply
+    monkeypatch.setattr(fused._FoldedLayer, "apply", lambda *a: folded.append(1) or apply(*a))
+    W = model[3].parametrizations.weight.original
+    start = copy.deepcopy(model.state_dict())
+    basis = torch.eye(10).reshape(10, 2, 5)
+    rows = []
+    for e in basis:
+        model.load_state_dict(start)
+        rows.append(torch.autograd.grad(model(x), (x, W), e))
+    after_one = _states(model)
+    model.load_state_dict(start)
+    folded.clear()
+    gx, gw = torch.autograd.grad(model(x), (x, W), basis, is_grads_batched=True)
+    assert len(folded) == 2  # conv 2 and the linear layer fold; conv 1 (output 4.7x its
+    # weight, over FOLD_RATIO) rescales its weight through the parametrization
+    torch.testing.assert_close(gx, torch.stack([r[0] for r in rows]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, torch.stack([r[1] for r in rows]), rtol=1e-5, atol=1e-6)
+    after = _states(model)
+    for k in after:
+        torch.testing.assert_close(after[k], after_one[k], rtol=1e-5, atol=1e-7)
