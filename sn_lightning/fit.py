@@ -63,7 +63,15 @@ _log = logging.getLogger(__name__)
 
 
 class _OneLineErrorParser(LightningArgumentParser):
-    """Parser errors (unknown key, bad value, malformed YAML) as one line, no usage dump, exit 2."""
+    """Parser errors (unknown key, bad value, malformed YAML) as one line, no usage dump, exit 2.
+
+    Flags must be spelled out: argparse's prefix matching would take ``--trainer.max_epoch``
+    as ``max_epochs`` and ``--adversarial.eps`` as ``eps_warmup_epochs``, silently.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
         """Print one line and exit 2; raise as usual where jsonargparse handles the error itself."""
@@ -75,7 +83,7 @@ class _OneLineErrorParser(LightningArgumentParser):
 
     def _plain(self, message: str) -> str:
         """The message in plain words; an unknown key gets suggestions and its section's keys."""
-        in_class = _class_init_error(message)
+        in_class = _class_init_error(message) or _unset_class_error(message)
         if in_class is not None:
             return in_class
         key = _unknown_key(message)
@@ -110,6 +118,13 @@ _TYPE_WORDS = {
 }
 
 
+_LIST_WORDS = {
+    "list[float]": "a list of numbers like [0.1, 0.2]",
+    "list[int]": "a list of integers like [1, 2]",
+    "list[str]": "a list like ['layer1.*', 'fc']",
+}
+
+
 def _type_words(types: str) -> str:
     """``Literal[...]`` and ``<class ...>`` items of a jsonargparse message as words.
 
@@ -117,8 +132,10 @@ def _type_words(types: str) -> str:
     """
     values: list[str] = []
     words = []
-    for item in re.findall(r"typing\.Literal\[[^\]]*\]|<class '[\w.]+'>", types):
-        if item.startswith("typing.Literal["):
+    for item in re.findall(r"typing\.Literal\[[^\]]*\]|<class '[\w.]+'>|list\[\w+\]", types):
+        if item.startswith("list["):
+            words.append(_LIST_WORDS.get(item, "a list like [a, b]"))
+        elif item.startswith("typing.Literal["):
             try:
                 literal = ast.literal_eval(f"[{item[len('typing.Literal[') : -1]}]")
             except (ValueError, SyntaxError):
@@ -224,11 +241,36 @@ def _plain_parser_error(message: str) -> str:
     key = re.match(r'Parser key "([^"]+)":', message)
     union = "Does not validate against any of the Union subtypes Subtypes: "
     subtypes = re.search(re.escape(union) + r"\[(.*?)\] Errors:", message)
-    _, sep, value = message.rpartition(" Given value type: <class 'str'> Given value: ")
-    if not (key and subtypes and sep) or "Given value type:" in value:
+    given = re.search(r" Given value type: <class '(\w+)'> Given value: (.*)$", message)
+    if not (key and subtypes and given) or "Given value type:" in given.group(2):
         return message
+    kind, value = given.groups()
+    if kind != "str" and re.search(r"<class '\w+\.[\w.]+'>", subtypes.group(1)):
+        return message  # a class key (attacks): _class_init_error's case
     words = _type_words(subtypes.group(1))
-    return f"--{key.group(1)}: invalid value {value!r}; expected {words}" if words else message
+    if not words:
+        return message
+    hint = ""
+    if key.group(1) == "model.beta" and kind == "dict":
+        hint = "; a per-layer beta mapping is for apply_spectral_norm(model, beta={...}) in Python"
+    return f"--{key.group(1)}: invalid value {value!r}; expected {words}{hint}"
+
+
+def _unset_class_error(message: str) -> str | None:
+    """An init_arg flag for a class key that is still null (``--adversarial.attack.eps`` alone)."""
+    found = re.match(
+        r'Parser key "([^"]+)": .*Expected an instantiatable class, but ([\w.]+) is abstract'
+        r".*NestedArg\(key='([\w.]+)'",
+        message,
+    )
+    if found is None:
+        return None
+    key, base, arg = found.groups()
+    words = next(
+        (w for k, w in _TYPE_WORDS.items() if k.rsplit(".", 1)[-1] == base.rsplit(".", 1)[-1]), ""
+    )
+    choice = f" to {words}" if words else ""
+    return f"--{key}.{arg}: no class is set for --{key}; set --{key} first{choice}"
 
 
 def config_error_in(err: BaseException) -> ConfigError | None:

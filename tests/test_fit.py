@@ -175,6 +175,37 @@ def test_resume_from_checkpoint(tmp_path):
             ["--robust_eval.final_max_examples=0"],
             "robust_eval final_max_examples must be >= 1 or null (all), got 0",
         ),
+        # a unique prefix of a key is not that key (argparse would take it silently)
+        (
+            ["--trainer.max_epoch=3"],
+            "unrecognized arguments: --trainer.max_epoch=3; did you mean trainer.max_epochs",
+        ),
+        (["--adversarial.eps=3"], "unrecognized arguments: --adversarial.eps=3; keys under"),
+        (
+            ["--model.sn_include=net.0"],
+            "--model.sn_include: invalid value 'net.0'; expected a list like ['layer1.*', 'fc'] "
+            "or null",
+        ),
+        (
+            ["--data.mean=0.5"],
+            "--data.mean: invalid value '0.5'; expected a list of numbers like [0.1, 0.2] or null",
+        ),
+        (
+            ['--model.beta={"net.0": 1.0}'],
+            "--model.beta: invalid value \"{'net.0': 1.0}\"; expected a number or null; a "
+            "per-layer beta mapping is for apply_spectral_norm",
+        ),
+        (
+            ["--adversarial.attack=null", "--adversarial.attack.eps=0.1"],
+            "--adversarial.attack.eps: no class is set for --adversarial.attack; set "
+            "--adversarial.attack first to an attack: FGM, PGD, WRM",
+        ),
+        (["--model.sn_include=[]"], "sn_include [] names no layer; give fnmatch patterns"),
+        (
+            ["--adversarial.attack.norm=l2", "--adversarial.attack.eps=8"],
+            "PGD: l2 eps 8 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs, covers "
+            "every input",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):

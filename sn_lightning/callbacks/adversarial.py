@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from sn_lightning.attacks import Attack
@@ -22,7 +26,24 @@ def resolve_attack(attack: Attack, trainer: L.Trainer) -> Attack:
                 f"{attack!r} has a relative radius but the data module cannot give its scale"
             )
         attack.resolve_eps(dm.mean_input_norm())
+    _check_l2_radius(attack, trainer)
     return attack
+
+
+def _check_l2_radius(attack: Attack, trainer: L.Trainer) -> None:
+    """Refuse an l2 radius that covers the whole [0, 1] input box (diameter ``sqrt(C H W)``)."""
+    eps = getattr(attack, "eps", None)
+    if getattr(attack, "norm", None) != "l2" or eps is None or not getattr(attack, "clip", True):
+        return
+    shape = getattr(trainer.lightning_module, "hparams", {}).get("input_shape")
+    if shape is None:
+        return
+    diameter = math.sqrt(math.prod(shape))
+    if eps >= diameter:
+        raise ConfigError(
+            f"{type(attack).__name__}: l2 eps {eps:g} >= {diameter:.4g}, the diameter of the [0, 1] box of "
+            f"{tuple(shape)} inputs, covers every input; radii are in [0, 1] pixel units"
+        )
 
 
 class AdversarialTraining(L.Callback):
@@ -55,6 +76,13 @@ class AdversarialTraining(L.Callback):
             raise ConfigError(
                 f"start_epoch and eps_warmup_epochs must be >= 0, got {start_epoch}, {eps_warmup_epochs}"
             )
+        if attack is None and (mix > 0 or start_epoch > 0 or eps_warmup_epochs > 0):
+            warnings.warn(
+                "adversarial.attack is null (clean training), so mix, start_epoch and "
+                "eps_warmup_epochs have no effect",
+                UserWarning,
+                stacklevel=2,
+            )
         self.attack, self.mix = attack, mix
         self.start_epoch, self.eps_warmup_epochs = start_epoch, eps_warmup_epochs
         self._clean: Tensor | None = None
@@ -63,6 +91,13 @@ class AdversarialTraining(L.Callback):
         """Resolve a relative radius; claim the training objective when mixing clean loss in."""
         if self.attack is None:
             return
+        max_epochs = trainer.max_epochs
+        if stage == "fit" and max_epochs is not None and 0 < max_epochs <= self.start_epoch:
+            rank_zero_warn(
+                f"adversarial start_epoch {self.start_epoch} >= trainer.max_epochs {max_epochs}: "
+                "this run trains on clean inputs only",
+                category=UserWarning,
+            )
         resolve_attack(self.attack, trainer)
         if self.mix > 0:
             pl_module.set_objective(self._mixed_objective, owner=self)

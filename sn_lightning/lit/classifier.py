@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -185,6 +187,13 @@ class SNClassifier(L.LightningModule):
         ):
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"{key} must be an integer >= {least}, got {value!r}")
+        if sn_include is not None and len(sn_include) == 0:
+            raise ConfigError(
+                "sn_include [] names no layer; give fnmatch patterns (e.g. ['layer1.*']) or null "
+                "(every Conv/Linear layer)"
+            )
+        if beta is None:
+            _warn_unused_sn_options(locals())
         self.save_hyperparameters()
         c, h, w = input_shape
         try:
@@ -214,7 +223,7 @@ class SNClassifier(L.LightningModule):
                 beta=beta,
                 input_shape=tuple(input_shape),
                 method=sn_method,
-                include=tuple(sn_include or ("*",)),
+                include=("*",) if sn_include is None else tuple(sn_include),
                 exclude=tuple(sn_exclude or ()),
                 n_power_iterations=sn_power_iterations,
                 init_iterations=sn_init_iterations,
@@ -430,6 +439,16 @@ class SNClassifier(L.LightningModule):
         bound, _ = network_lipschitz_bound(self.model, input_shape=tuple(self.hparams.input_shape))
         return bound
 
+    def setup(self, stage: str) -> None:
+        """Before fitting: warn when the CRM term would never switch on."""
+        hp, max_epochs = self.hparams, self.trainer.max_epochs
+        if stage == "fit" and hp.crm_lambda > 0 and 0 < (max_epochs or -1) <= hp.crm_start_epoch:
+            rank_zero_warn(
+                f"crm_start_epoch {hp.crm_start_epoch} >= trainer.max_epochs {max_epochs}: this "
+                "run never uses the CRM term",
+                category=UserWarning,
+            )
+
     def on_train_start(self) -> None:
         """Re-plan a cosine schedule restored from a checkpoint of a run with another length.
 
@@ -487,3 +506,16 @@ class SNClassifier(L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.lr_step_epochs, gamma=hp.lr_gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _warn_unused_sn_options(args: dict[str, Any]) -> None:
+    """Warn about spectral-norm keys set away from their defaults while ``beta`` is null."""
+    defaults = inspect.signature(SNClassifier.__init__).parameters
+    changed = [k for k in defaults if k.startswith("sn_") and args[k] != defaults[k].default]
+    if changed:
+        warnings.warn(
+            f"model.beta is null (no spectral normalization), so {', '.join(changed)} "
+            "have no effect",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,3 +1,5 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -318,3 +320,18 @@ def test_evaluate_max_examples_is_exact_and_counts_the_first_examples():
     assert capped["n"] == 40
     assert capped == pytest.approx(first)
     assert evaluate(model, batches, max_examples=1000)["n"] == 70
+
+
+def test_options_without_an_attack_warn():
+    with pytest.warns(UserWarning, match="adversarial.attack is null .* have no effect"):
+        AdversarialTraining(None, mix=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdversarialTraining(None)  # the defaults: silent
+
+
+def test_start_epoch_past_the_run_warns(tmp_path):
+    model = RecordingClassifier(lr=0.05)
+    callback = AdversarialTraining(FGM("linf", eps=0.1), start_epoch=2)
+    with pytest.warns(UserWarning, match=r"start_epoch 2 >= trainer\.max_epochs 2: this run"):
+        _fit(model, [callback], tmp_path, steps=1, epochs=2, limit_val_batches=0)

@@ -3,6 +3,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError
@@ -283,3 +284,19 @@ def test_backbone_that_cannot_take_the_data_fails_before_training():
         _check_backbone(net, "custom", (1, 8, 8), 10)
     assert net.training and net[2].num_batches_tracked == 0  # mode restored, no stats touched
     _check_backbone(net, "custom", (1, 8, 8), 7)
+
+
+def test_sn_options_without_beta_warn_and_empty_include_is_refused():
+    with pytest.warns(UserWarning, match=r"model.beta is null .*sn_method, sn_include have no"):
+        SNClassifier(beta=None, sn_method="matrix", sn_include=["net.*"])
+    with pytest.raises(ConfigError, match=r"sn_include \[\] names no layer"):
+        SNClassifier(beta=1.0, sn_include=[])
+    model = SNClassifier(beta=1.0, sn_include=None)  # null: every Conv/Linear layer
+    assert all(hasattr(m, "parametrizations") for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_crm_that_never_starts_warns(tmp_path):
+    model = SNClassifier(backbone="mlp2", crm_lambda=1.0, crm_start_epoch=2)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"crm_start_epoch 2 >= trainer\.max_epochs 2: this run"):
+        trainer.fit(model, datamodule=ImageDataModule("digits"))
