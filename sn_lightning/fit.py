@@ -401,6 +401,7 @@ class SNLightningCLI(LightningCLI):
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from"
         )
+        _count_before_fraction(parser)
 
     def before_instantiate_classes(self) -> None:
         """Give each configured WandbLogger a run id, a save_dir and, if W&B is unreachable, offline."""
@@ -415,6 +416,24 @@ class SNLightningCLI(LightningCLI):
 # process's environment. The id is fixed in the config before instantiation (and exported, so DDP
 # ranks read the same one); only rank 0 starts the W&B run (WandbLogger's rank_zero_experiment) and
 # only rank 0 writes to its summary. `main` restores WANDB_RUN_ID / WANDB_MODE when it returns.
+
+
+_BATCH_LIMITS = tuple(f"trainer.limit_{s}_batches" for s in ("train", "val", "test", "predict"))
+
+
+def _count_before_fraction(parser: LightningArgumentParser) -> None:
+    """Read ``--trainer.limit_*_batches=1`` as one batch, not 100 %.
+
+    Lightning types these ``float | int | None``, so jsonargparse tries float first and turns
+    ``1`` into ``1.0``, which Lightning reads as the whole epoch. Trying int first keeps integers
+    as counts and ``0.5`` a fraction (the order is jsonargparse's ``_typehint``; left alone if
+    that ever changes).
+    """
+    for action in parser._actions:
+        if action.dest in _BATCH_LIMITS and getattr(action, "_typehint", None) == (
+            float | int | None
+        ):
+            action._typehint = int | float | None
 
 
 def _is_wandb_logger(class_path: object) -> bool:

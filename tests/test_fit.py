@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sn_lightning.fit import main
 
@@ -444,3 +445,20 @@ def test_help_describes_the_command(module, capsys):
     words = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
     assert "Lightning Trainer command line tool" not in words
     assert importlib.import_module(module).DESCRIPTION in words
+
+
+def test_batch_limits_keep_integers_as_counts(tmp_path, capsys):
+    """``limit_train_batches=1`` is one batch; Lightning's ``float | int`` would make it 100 %."""
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(
+            tmp_path,
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=0.5",
+            "--trainer.limit_test_batches=3",
+            "--print_config",
+        )
+    assert exit_info.value.code == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["limit_train_batches"] == 1 and isinstance(trainer["limit_train_batches"], int)
+    assert trainer["limit_val_batches"] == 0.5
+    assert trainer["limit_test_batches"] == 3 and isinstance(trainer["limit_test_batches"], int)
