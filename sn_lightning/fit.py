@@ -72,6 +72,12 @@ class _OneLineErrorParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self._argv: list[str] = []
+
+    def parse_args(self, args: Sequence[str] | None = None, *a: Any, **kw: Any) -> Namespace:  # type: ignore[override]
+        """As jsonargparse's; remembers the arguments so that errors can name a config file."""
+        self._argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+        return super().parse_args(args, *a, **kw)
 
     def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
         """Print one line and exit 2; raise as usual where jsonargparse handles the error itself."""
@@ -86,6 +92,8 @@ class _OneLineErrorParser(LightningArgumentParser):
         in_class = _class_init_error(message) or _unset_class_error(message)
         if in_class is not None:
             return in_class
+        if message.startswith(("Problems parsing config", "Unexpected config")):
+            return malformed_config(self._argv) or message
         key = _unknown_key(message)
         if key is None:
             return _plain_parser_error(message)
@@ -94,6 +102,37 @@ class _OneLineErrorParser(LightningArgumentParser):
         except Exception:  # the message as it is, rather than a second error
             return message
         return f"{message}; {index.explain(key)}" if not index.knows(key) else message
+
+
+def malformed_config(argv: Sequence[str]) -> str | None:
+    """``--config <file>: ...`` for the first ``--config`` file that is not a YAML mapping.
+
+    jsonargparse reports a YAML syntax error against ``"<unicode string>"``, without the file.
+    """
+    import yaml
+
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        try:
+            if not Path(path).is_file():
+                continue  # missing (jsonargparse says so)
+        except (OSError, ValueError):  # an inline YAML string too long or odd for a path
+            continue
+        try:
+            with Path(path).open(encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"--config {path}: malformed YAML{where}: {problem}"
+        except (OSError, UnicodeDecodeError) as err:
+            return f"--config {path}: cannot be read: {err}"
+        if loaded is not None and not isinstance(loaded, dict):
+            kind = type(loaded).__name__
+            return f"--config {path}: expected a mapping of keys (model:, data:, trainer: ...), got a {kind}"
+    return None
 
 
 def _unknown_key(message: str) -> str | None:

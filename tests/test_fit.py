@@ -225,7 +225,18 @@ def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
     bad.write_text("model:\n  lr: [1\n")
     with pytest.raises(SystemExit):
         _fit(tmp_path, "--config", str(bad))
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"python -m sn_lightning.fit: error: --config {bad}: malformed YAML at line 3, "
+        "column 1: expected ',' or ']', but got '<stream end>'"
+    ]
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, f"--config={listed}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--config {listed}: expected a mapping of keys" in err[0], err
+    assert "got a list" in err[0]
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("model:\n  betaa: 1.0\n")
     with pytest.raises(SystemExit):

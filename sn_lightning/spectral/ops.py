@@ -728,6 +728,24 @@ def _dense_ok(n_in: int, n_out: int, dense_max_dim: int) -> bool:
     return min(n_in, n_out) <= dense_max_dim and n_in * n_out <= (1 << 23)
 
 
+def _check_fits(
+    spatial: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    kernel: Sequence[int],
+    dilation: Sequence[int],
+    padding_mode: str,
+) -> None:
+    """Raise ValueError when the padded input is smaller than the dilated kernel (no output)."""
+    if any(
+        n + lo + hi < d * (k - 1) + 1
+        for n, (lo, hi), k, d in zip(spatial, pads, kernel, dilation, strict=True)
+    ):
+        raise ValueError(
+            f"input size {tuple(spatial)} is too small for kernel {tuple(kernel)}, "
+            f"{padding_mode} padding {tuple(pads)}, dilation {tuple(dilation)}: the layer has no output"
+        )
+
+
 def _trim_taps(
     spatial: Sequence[int],
     pads: Sequence[tuple[int, int]],
@@ -747,12 +765,7 @@ def _trim_taps(
     """
     taps, new_pads, trimmed = [], [], False
     for n, (lo, hi), k, d, s in zip(spatial, pads, kernel, dilation, stride, strict=True):
-        out = (n + lo + hi - d * (k - 1) - 1) // s + 1
-        if out < 1:
-            raise ValueError(
-                f"input size {tuple(spatial)} is too small for kernel {tuple(kernel)}, padding "
-                f"{tuple(pads)}, dilation {tuple(dilation)}"
-            )
+        out = (n + lo + hi - d * (k - 1) - 1) // s + 1  # >= 1: checked by _check_fits
         used = [t for t in range(k) if any(lo <= i * s + d * t < lo + n for i in range(out))]
         k0, k1 = (min(used), max(used) + 1) if used else (0, k)  # none: A = 0, keep all
         if (k0, k1) == (0, k):
@@ -878,6 +891,7 @@ class OperatorSpec:
                     f"{layer.padding_mode} padding {tuple(pads)} is too wide for input_shape "
                     f"{shape}"
                 )
+        _check_fits(shape[1:], pads, layer.kernel_size, dilation, layer.padding_mode)
         trim = None
         if layer.padding_mode == "zeros":
             trim = _trim_taps(shape[1:], pads, layer.kernel_size, dilation, stride)

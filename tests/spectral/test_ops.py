@@ -432,6 +432,23 @@ def test_bad_arguments_are_named(call, message):
         call()
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_input_smaller_than_the_kernel_is_named_for_every_padding_mode(mode):
+    conv = nn.Conv2d(3, 4, 5, padding=1, padding_mode=mode)
+    message = (
+        rf"input size \(2, 2\) is too small for kernel \(5, 5\), {mode} padding "
+        r"\(\(1, 1\), \(1, 1\)\), dilation \(1, 1\): the layer has no output"
+    )
+    for call in (operator_norm, operator_norm_upper_bound):
+        with pytest.raises(ValueError, match=message):
+            call(conv, (3, 2, 2))
+    # one pixel more and the layer has a 1x1 output: the norm is the dense operator's
+    fits = (3, 3, 3)
+    dense = dense_truth(conv, fits)  # the layer's own forward on the identity basis
+    assert operator_norm(conv, fits) == pytest.approx(dense, rel=5e-3)
+    assert operator_norm_upper_bound(conv, fits) >= dense * (1 - 1e-6)
+
+
 def test_numpy_numbers_and_strict_flags():
     import numpy as np
 
