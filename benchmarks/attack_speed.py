@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from benchmarks._machine import cpu_name
 from sn_lightning.attacks import PGD
 
 
@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(num_classes=10{', spectral norm' if args.spectral_norm else ''}), {size}x{size}, "
         f"batch {args.batch_size}",
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "torchattacks": torchattacks.__version__,
         "threads": torch.get_num_threads(),

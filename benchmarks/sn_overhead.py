@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from benchmarks._machine import cpu_name
 from sn_lightning.spectral import apply_spectral_norm, grouped
 
 try:  # Unix: page faults per step (allocator churn is the main noise source on small VMs)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup,
             "torch": torch.__version__,
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            "processor": cpu_name(),
         },
         "median_step_s": {v: statistics.median(t) for v, t in times.items()},
         "ratio_of_medians": {

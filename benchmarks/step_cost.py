@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from benchmarks._machine import cpu_name
 from sn_lightning.attacks import (
     FGM,
     PGD,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "median_seconds": {n: statistics.median(t) for n, t in times.items()},

@@ -24,3 +24,17 @@ def test_median_ci_brackets_the_median_and_narrows_with_more_rounds() -> None:
 def test_median_ci_is_deterministic() -> None:
     ratios = [1.05, 1.2, 0.98, 1.07, 1.11, 1.02, 1.09]
     assert median_ci(ratios) == median_ci(ratios)
+
+
+def test_cpu_name_reads_the_model_name(tmp_path, monkeypatch) -> None:
+    import benchmarks._machine as machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) X\n")
+    real_path = machine.Path
+    monkeypatch.setattr(machine, "Path", lambda p: real_path(info) if p == "/proc/cpuinfo" else p)
+    assert machine.cpu_name() == "Intel(R) Xeon(R) X"
+    monkeypatch.setattr(machine, "Path", lambda p: real_path(tmp_path / "missing"))
+    monkeypatch.setattr(machine.platform, "processor", lambda: "")
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    assert machine.cpu_name() == "x86_64"
