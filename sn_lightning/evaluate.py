@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor, nn
 
 from sn_lightning.attacks import PGD
+from sn_lightning.attacks.base import check_l2_radius, check_linf
 from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.evaluation import evaluate
@@ -242,6 +243,12 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
         raise ConfigError(f"eval eps must all be > 0, got {eps_list}")
     device = _device(ev.device)
     model: SNClassifier = cli.model
+    shape = model.hparams.get("input_shape")
+    for eps in eps_list:  # before the checkpoint and the data load
+        if ev.norm == "linf":
+            check_linf("linf", eps)
+        elif shape is not None:
+            check_l2_radius(eps, tuple(shape), "eval")
     _load_weights(model, ckpt_path)
     model.to(device).eval()
     dm: ImageDataModule = cli.datamodule

@@ -392,14 +392,34 @@ def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
     try:
         return cli_class(**kwargs)
     except MisconfigurationException as err:
-        raise ConfigError(f"trainer: {first_line(err)}") from err
-    except ValueError as err:  # e.g. an unknown strategy name, from the Trainer's connectors
-        if not _raised_in(err, "lightning.pytorch.trainer."):
+        raise ConfigError(f"trainer: {_trainer_message(err)}") from err
+    except (ValueError, TypeError, ImportError) as err:
+        # an unknown strategy name, devices=-3, accelerator=tpu without torch_xla: raised by the
+        # Trainer's connectors or the accelerators they build
+        if not _raised_in(err, _TRAINER_MODULES):
             raise
-        raise ConfigError(f"trainer: {first_line(err)}") from err
+        raise ConfigError(f"trainer: {_trainer_message(err)}") from err
 
 
-def _raised_in(err: BaseException, module_prefix: str) -> bool:
+_TRAINER_MODULES = (
+    "lightning.pytorch.trainer.",
+    "lightning.pytorch.accelerators.",
+    "lightning.fabric.accelerators.",
+)
+_TRAINER_HINTS = {
+    "No supported gpu backend found": "valid here: --trainer.accelerator=cpu or auto",
+    "value is not a valid input using": "devices takes a count >= 1, a list of device indices or auto",
+}
+
+
+def _trainer_message(err: BaseException) -> str:
+    """Lightning's first line for a bad trainer key, with the valid choices where it names none."""
+    line = first_line(err)
+    hint = next((h for key, h in _TRAINER_HINTS.items() if key in line), None)
+    return f"{line.rstrip('.!')}; {hint}" if hint else line
+
+
+def _raised_in(err: BaseException, module_prefix: str | tuple[str, ...]) -> bool:
     """Whether the innermost frame of ``err``'s traceback is in a module named ``module_prefix*``."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:

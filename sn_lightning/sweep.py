@@ -1228,8 +1228,6 @@ def run_sweep(
         raise SweepError("\n".join(_cannot_start(path, missing)))
     for _, err in missing:  # a dry run needs no data here
         _say(f"{path}: note: {_missing_data_note(err)}")
-    if not dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv
-        out.mkdir(parents=True, exist_ok=True)
     noted: set[str] = set()
     runs = read_csv(out / RUNS_CSV, metric)
     if runs:
@@ -1249,15 +1247,20 @@ def run_sweep(
             break
         run = LocalRun(run_id=_new_run_id(), params=proposal[0])
         run_dir = out / run.run_id
-        run.command = agent_command(
-            cfg,
-            run.params,
-            run_id=run.run_id,
-            sweep_id=sweep_id,
-            wandb_dir=out,
-            inline_json=dry_run,
-        )
-        run.command += [f"--trainer.default_root_dir={run_dir}", *fit_overrides]
+
+        def command(inline_json: bool, run: LocalRun = run, run_dir: Path = run_dir) -> list[str]:
+            argv = agent_command(
+                cfg,
+                run.params,
+                run_id=run.run_id,
+                sweep_id=sweep_id,
+                wandb_dir=out,
+                inline_json=inline_json,
+            )
+            return [*argv, f"--trainer.default_root_dir={run_dir}", *fit_overrides]
+
+        # checked with the values inline: a rejected first run leaves no files behind
+        run.command = command(inline_json=True)
         if parser is not None:
             run.used = _used_values(parser, run, fit_overrides, check=started == 0)
             changed = [k for k, v in run.used.items() if v != run.params[k] and k not in noted]
@@ -1269,10 +1272,12 @@ def run_sweep(
                 )
         started += 1
         runs.append(run)
-        if dry_run:
+        if dry_run:  # a dry run writes nothing: no folder, no JSON files, no runs.csv
             run.status = "dry-run"
             _say(shlex.join(run.command))
             continue
+        run.command = command(inline_json=False)  # the agent's form: ${args_json_file} a file
+        out.mkdir(parents=True, exist_ok=True)
         _start(run, cfg, out, sweep_id, wandb_mode, metric)
         shown = " ".join(f"{k}={_label(k, v)}" for k, v in run.used.items() if k in _swept(cfg))
         value = "n/a" if run.metric is None else f"{run.metric:.4f}"

@@ -133,6 +133,12 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
             "(model.beta, model.sn_*); ",
         ),
         (["--model.backbone=sn_lightning:mlp1"], "does not fit the model built from this config"),
+        (
+            ["--eval.norm=l2", "--eval.eps=[0.5, 10]"],
+            "eval: l2 eps 10 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs, covers "
+            "every input",
+        ),
+        (["--eval.eps=[0.1, 8]"], "linf eps 8 >= 1 covers the whole [0, 1] pixel range"),
     ],
 )
 def test_evaluate_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, message):

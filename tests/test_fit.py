@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import subprocess
@@ -5,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sn_lightning.fit import main
@@ -98,6 +100,23 @@ def test_resume_from_checkpoint(tmp_path):
             "/nonexistent for dataset 'mnist' does not exist",
         ),
         (["--model.lr=-0.1"], "lr must be positive, got -0.1"),
+        (["--trainer.devices=-3"], "trainer: `devices` selected with `CPUAccelerator` should be"),
+        (
+            ["--trainer.devices=0"],
+            "devices takes a count >= 1, a list of device indices or auto",
+        ),
+        pytest.param(
+            ["--trainer.accelerator=gpu"],
+            "trainer: No supported gpu backend found; valid here: --trainer.accelerator=cpu or auto",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+        ),
+        pytest.param(
+            ["--trainer.accelerator=tpu"],
+            "trainer: Requirement 'torch_xla",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch_xla") is not None, reason="torch_xla is there"
+            ),
+        ),
         (["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
         (
             ["--model.lrr=0.1"],

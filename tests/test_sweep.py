@@ -662,7 +662,7 @@ def test_bad_options_after_dashdash_fail_before_any_run(monkeypatch, tmp_path, c
         captured = capsys.readouterr()
         (line,) = captured.err.splitlines()
         assert line.startswith(f"python -m sn_lightning.sweep: error: {BAD_OPTIONS[option]}"), line
-        assert fake.calls == [] and not (out / "runs.csv").exists()
+        assert fake.calls == [] and not out.exists()  # no folder, no runs.csv, no JSON files
 
 
 # -- the digits sweep end to end ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import contextvars
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -130,7 +131,7 @@ def _attack_context(model: nn.Module, eval_mode: bool) -> Iterator[None]:
                     m._buffers[name] = value
 
 
-def _check_linf(norm: str, eps: float, given: str = "", hint: str = "") -> float:
+def check_linf(norm: str, eps: float, given: str = "", hint: str = "") -> float:
     """``eps``, unless an linf radius covers the whole [0, 1] pixel range (e.g. 8 for 8/255)."""
     if norm == "linf" and eps >= 1.0:
         given = given or f"{eps:g}"
@@ -140,6 +141,19 @@ def _check_linf(norm: str, eps: float, given: str = "", hint: str = "") -> float
             f"pixel units ({hint})"
         )
     return eps
+
+
+def check_l2_radius(eps: float, input_shape: tuple[int, ...], who: str) -> None:
+    """Refuse an l2 radius that covers the whole [0, 1] input box (diameter ``sqrt(C H W)``).
+
+    ``input_shape``: one input, no batch dim; ``who`` names the radius in the error.
+    """
+    diameter = math.sqrt(math.prod(input_shape))
+    if eps >= diameter:
+        raise ConfigError(
+            f"{who}: l2 eps {eps:g} >= {diameter:.4g}, the diameter of the [0, 1] box of "
+            f"{tuple(input_shape)} inputs, covers every input; radii are in [0, 1] pixel units"
+        )
 
 
 def _check_positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -337,7 +351,7 @@ class _BallAttack(Attack):
                 f"the mean input l2 norm); got eps={eps!r}, eps_rel={eps_rel!r}"
             )
         self.norm = norm
-        self.eps = None if eps is None else _check_linf(norm, _check_scalar("eps", eps))
+        self.eps = None if eps is None else check_linf(norm, _check_scalar("eps", eps))
         self.eps_rel = None if eps_rel is None else _check_scalar("eps_rel", eps_rel)
         self.clip = bool(clip)
 
@@ -356,7 +370,7 @@ class _BallAttack(Attack):
         """
         c2 = _check_scalar("mean_input_norm", mean_input_norm, positive=True)
         if self.eps_rel is not None:
-            self.eps = _check_linf(
+            self.eps = check_linf(
                 self.norm,
                 self.eps_rel * c2,
                 f"eps_rel {self.eps_rel:g} x mean input norm {c2:.4g} = {self.eps_rel * c2:g}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import lightning as L
@@ -10,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from sn_lightning.attacks import Attack
+from sn_lightning.attacks.base import check_l2_radius
 from sn_lightning.errors import ConfigError
 
 
@@ -31,19 +31,13 @@ def resolve_attack(attack: Attack, trainer: L.Trainer) -> Attack:
 
 
 def _check_l2_radius(attack: Attack, trainer: L.Trainer) -> None:
-    """Refuse an l2 radius that covers the whole [0, 1] input box (diameter ``sqrt(C H W)``)."""
+    """Refuse an l2 radius that covers the whole [0, 1] input box of the module's inputs."""
     eps = getattr(attack, "eps", None)
     if getattr(attack, "norm", None) != "l2" or eps is None or not getattr(attack, "clip", True):
         return
     shape = getattr(trainer.lightning_module, "hparams", {}).get("input_shape")
-    if shape is None:
-        return
-    diameter = math.sqrt(math.prod(shape))
-    if eps >= diameter:
-        raise ConfigError(
-            f"{type(attack).__name__}: l2 eps {eps:g} >= {diameter:.4g}, the diameter of the [0, 1] box of "
-            f"{tuple(shape)} inputs, covers every input; radii are in [0, 1] pixel units"
-        )
+    if shape is not None:
+        check_l2_radius(eps, tuple(shape), type(attack).__name__)
 
 
 class AdversarialTraining(L.Callback):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -182,6 +183,11 @@ class ImageDataModule(L.LightningDataModule):
             self.num_classes, self.input_shape = spec.num_classes, spec.input_shape
             default_mean, default_std = spec.mean, spec.std
             self.data_dir = Path(data_dir or spec.default_dir or ".").expanduser()
+            if data_dir is not None and dataset == "digits":
+                rank_zero_warn(
+                    f"data.data_dir={data_dir!r} is not used: dataset 'digits' is bundled with "
+                    "scikit-learn (no files)"
+                )
             if not download:
                 try:
                     check_files(spec, self.data_dir)
@@ -273,7 +279,7 @@ class ImageDataModule(L.LightningDataModule):
             )
         if k >= n:
             raise ConfigError(
-                f"val_size {self.val_size} leaves no {self.val_source} examples (of {n})"
+                f"val_size {self.val_size:g} leaves no {self.val_source} examples (of {n})"
             )
         return k
 

@@ -515,7 +515,7 @@ def _warn_unused_sn_options(args: dict[str, Any]) -> None:
     if changed:
         warnings.warn(
             f"model.beta is null (no spectral normalization), so {', '.join(changed)} "
-            "have no effect",
+            f"{'has' if len(changed) == 1 else 'have'} no effect",
             UserWarning,
             stacklevel=3,
         )

@@ -128,6 +128,12 @@ def test_val_size_that_rounds_to_no_example_is_refused():
         dm.setup("fit")
 
 
+def test_val_size_that_takes_every_example_is_refused():
+    dm = ImageDataModule("digits", batch_size=8, val_size=5000.0)
+    with pytest.raises(ConfigError, match=r"^val_size 5000 leaves no train examples \(of 1437\)"):
+        dm.setup("fit")
+
+
 def test_augmentation_off_by_default_on_when_asked():
     dm = ImageDataModule("digits", batch_size=16)
     dm.setup("fit")
@@ -189,6 +195,19 @@ def test_download_goes_through_torchvision(tmp_path, monkeypatch):
 def test_bad_input(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ImageDataModule(**kwargs)
+
+
+def test_a_data_dir_for_the_bundled_digits_warns(tmp_path, recwarn):
+    dm = ImageDataModule("digits", data_dir=str(tmp_path / "nowhere"))
+    messages = [str(w.message) for w in recwarn]
+    assert any(
+        "data.data_dir=" in m and "is not used: dataset 'digits' is bundled" in m for m in messages
+    )
+    dm.setup("fit")  # still the bundled data; nothing is created at data_dir
+    assert dm.input_shape == (1, 8, 8) and not (tmp_path / "nowhere").exists()
+    recwarn.clear()
+    ImageDataModule("digits")
+    assert not any("is not used" in str(w.message) for w in recwarn)
 
 
 def test_missing_file_in_existing_folder(tmp_path):

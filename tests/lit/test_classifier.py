@@ -289,6 +289,8 @@ def test_backbone_that_cannot_take_the_data_fails_before_training():
 def test_sn_options_without_beta_warn_and_empty_include_is_refused():
     with pytest.warns(UserWarning, match=r"model.beta is null .*sn_method, sn_include have no"):
         SNClassifier(beta=None, sn_method="matrix", sn_include=["net.*"])
+    with pytest.warns(UserWarning, match=r"model.beta is null .*, so sn_method has no effect"):
+        SNClassifier(beta=None, sn_method="matrix")
     with pytest.raises(ConfigError, match=r"sn_include \[\] names no layer"):
         SNClassifier(beta=1.0, sn_include=[])
     model = SNClassifier(beta=1.0, sn_include=None)  # null: every Conv/Linear layer
