@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -109,8 +110,6 @@ def malformed_config(argv: Sequence[str]) -> str | None:
 
     jsonargparse reports a YAML syntax error against ``"<unicode string>"``, without the file.
     """
-    import yaml
-
     paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
     paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
     for path in paths:

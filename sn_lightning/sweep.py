@@ -1247,20 +1247,10 @@ def run_sweep(
             break
         run = LocalRun(run_id=_new_run_id(), params=proposal[0])
         run_dir = out / run.run_id
-
-        def command(inline_json: bool, run: LocalRun = run, run_dir: Path = run_dir) -> list[str]:
-            argv = agent_command(
-                cfg,
-                run.params,
-                run_id=run.run_id,
-                sweep_id=sweep_id,
-                wandb_dir=out,
-                inline_json=inline_json,
-            )
-            return [*argv, f"--trainer.default_root_dir={run_dir}", *fit_overrides]
-
+        ids = {"run_id": run.run_id, "sweep_id": sweep_id, "wandb_dir": out}
+        tail = [f"--trainer.default_root_dir={run_dir}", *fit_overrides]
         # checked with the values inline: a rejected first run leaves no files behind
-        run.command = command(inline_json=True)
+        run.command = [*agent_command(cfg, run.params, **ids, inline_json=True), *tail]
         if parser is not None:
             run.used = _used_values(parser, run, fit_overrides, check=started == 0)
             changed = [k for k, v in run.used.items() if v != run.params[k] and k not in noted]
@@ -1276,7 +1266,7 @@ def run_sweep(
             run.status = "dry-run"
             _say(shlex.join(run.command))
             continue
-        run.command = command(inline_json=False)  # the agent's form: ${args_json_file} a file
+        run.command = [*agent_command(cfg, run.params, **ids), *tail]  # the agent's JSON file
         out.mkdir(parents=True, exist_ok=True)
         _start(run, cfg, out, sweep_id, wandb_mode, metric)
         shown = " ".join(f"{k}={_label(k, v)}" for k, v in run.used.items() if k in _swept(cfg))
