@@ -13,11 +13,19 @@ class DumpState(L.Callback):
 
     ``rank<r>.pt``: the state dict (parameters, SN vectors, BN statistics) plus the CRM LipLT
     power-iteration vectors (kept outside the state dict); ``extras_rank<r>.json``: the shapes of
-    the layerwise perturbations held for the next step.
+    the layerwise perturbations held for the next step, the first training batch's labels and
+    the training sampler's shard.
     """
 
     def __init__(self, out: str) -> None:
         self.out = out
+        self.first_labels: list[int] | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+    ) -> None:
+        if self.first_labels is None:
+            self.first_labels = batch[1].tolist()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
@@ -32,7 +40,12 @@ class DumpState(L.Callback):
             if layerwise is None or layerwise.perturbation is None
             else layerwise.perturbation.deltas
         )
-        extras = {"layerwise_deltas": {name: list(d.shape) for name, d in deltas.items()}}
+        sampler = trainer.train_dataloader.sampler
+        extras = {
+            "layerwise_deltas": {name: list(d.shape) for name, d in deltas.items()},
+            "first_labels": self.first_labels,
+            "shard": [getattr(sampler, "rank", None), getattr(sampler, "num_replicas", None)],
+        }
         (Path(self.out) / f"extras_rank{trainer.global_rank}.json").write_text(json.dumps(extras))
 
 

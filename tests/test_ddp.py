@@ -124,6 +124,10 @@ def test_ddp_sn_pgd_layerwise_keeps_ranks_identical(tmp_path):
     state = _assert_state_identical(tmp_path)
     assert any(k.endswith("running_mean") for k in state)
     extras = json.loads((tmp_path / "extras_rank0.json").read_text())
+    other = json.loads((tmp_path / "extras_rank1.json").read_text())
+    # each rank trains on its own half of the shuffled split (the data module's VisitSampler)
+    assert (extras["shard"], other["shard"]) == ([0, 2], [1, 2])
+    assert extras["first_labels"] != other["first_labels"]
     # each rank keeps its own batch-shaped deltas (batch 32, drop_last), for layer1 .. layer4
     assert sorted(extras["layerwise_deltas"]) == [f"net.layer{i}" for i in range(1, 5)]
     assert {shape[0] for shape in extras["layerwise_deltas"].values()} == {32}

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
+from sn_lightning.data.sampling import SeededVisits, VisitSampler
 from sn_lightning.errors import ConfigError, MissingDataError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,7 +124,7 @@ class ImageDataModule(L.LightningDataModule):
         mean: per-channel mean for the model's input normalization; None: the dataset's.
         std: per-channel std for the model's input normalization; None: the dataset's.
         num_workers: DataLoader workers.
-        seed: seed of the split and of the training shuffle.
+        seed: seed of the split, the training shuffle and the augmentation.
     """
 
     def __init__(
@@ -206,6 +207,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"mean must be finite and std positive and finite, got {self.mean} and {self.std}"
             )
         self.train_set: Dataset | None = None
+        self._sampler: VisitSampler | None = None
+        self._passes = 0  # training passes started, restored from a checkpoint
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_eval_set: Dataset | None = None
@@ -353,25 +356,63 @@ class ImageDataModule(L.LightningDataModule):
                 f"{self.dataset} (after the validation split); use at most {n}, or null (all)"
             )
 
-    def _loader(self, dataset: Dataset | None, *, train: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset | None) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        if train and len(dataset) < self.batch_size:
-            raise ConfigError(
-                f"batch_size {self.batch_size} exceeds the {len(dataset)} training examples (drop_last)"
-            )
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
+            batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
+    def _train_sampler(self) -> VisitSampler:
+        """The one training sampler of this module, sharded for the trainer's ranks."""
+        assert self.train_set is not None, "call setup() first"
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = self._sampler
+        if sampler is None or (sampler.num_replicas, sampler.rank) != (world, rank):
+            passes = self._passes if sampler is None else sampler.passes
+            sampler = VisitSampler(
+                self.train_set, seed=self.seed, num_replicas=world, rank=rank, passes=passes
+            )
+            self._sampler = sampler
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training passes started (Note [exact resume] in ``sampling``)."""
+        return {"train_passes": self._sampler.passes if self._sampler is not None else self._passes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training order of a checkpoint (a checkpoint without it: from pass 0)."""
+        self._passes = int(state_dict.get("train_passes", 0))
+        if self._sampler is not None:
+            self._sampler.passes = self._passes
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches, last incomplete batch dropped."""
-        return self._loader(self.train_set, train=True)
+        """Shuffled training batches, last incomplete batch dropped.
+
+        Seeded so that a run resumed at an epoch boundary repeats the order and augmentation
+        (Note [exact resume] in ``sampling``).
+        """
+        sampler = self._train_sampler()
+        if sampler.num_samples < self.batch_size:
+            per_rank = (
+                f" per rank ({sampler.num_replicas} ranks)" if sampler.num_replicas > 1 else ""
+            )
+            raise ConfigError(
+                f"batch_size {self.batch_size} exceeds the {sampler.num_samples} training "
+                f"examples{per_rank} (drop_last); use at most {sampler.num_samples}"
+            )
+        return DataLoader(
+            SeededVisits(self.train_set),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; [] when val_size is 0."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.models import create_backbone
 from sn_lightning.modes import eval_mode
@@ -448,6 +450,17 @@ class SNClassifier(L.LightningModule):
                 "run never uses the CRM term",
                 category=UserWarning,
             )
+
+    def on_train_epoch_start(self) -> None:
+        """Reseed the global RNGs from (seed_everything, epoch, rank).
+
+        Random attack starts and dropout of a resumed run then repeat the uninterrupted run's
+        (Note [exact resume] in ``sn_lightning.data.sampling``). Without a seed
+        (``seed_everything: false``) nothing changes.
+        """
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            reseed_global_rngs(derive_seed(int(seed), self.current_epoch, self.global_rank))
 
     def on_train_start(self) -> None:
         """Re-plan a cosine schedule restored from a checkpoint of a run with another length.

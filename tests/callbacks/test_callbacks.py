@@ -90,7 +90,9 @@ def test_training_batch_equals_an_independent_fgm_step(tmp_path):
     fresh.load_state_dict(state)
     fresh.eval()
     x = before.batches[0].requires_grad_(True)
-    y = next(iter(x0.train_dataloader()))[1]
+    first_pass = ImageDataModule("digits", batch_size=32)  # x0's first pass, which training used
+    first_pass.setup("fit")
+    y = next(iter(first_pass.train_dataloader()))[1]
     (g,) = torch.autograd.grad(F.cross_entropy(fresh(x), y, reduction="sum"), x)
     expected = (x + eps * g.sign()).clamp(0, 1)
     torch.testing.assert_close(model.seen[0], expected.detach(), rtol=0, atol=1e-6)

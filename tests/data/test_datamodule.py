@@ -36,8 +36,18 @@ def test_train_loader_drops_last_and_is_seeded():
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert all(len(b[1]) == 100 for b in batches) and len(batches) == 1293 // 100
-    again = list(dm.train_dataloader())
-    assert torch.equal(batches[0][1], again[0][1])
+    second_pass = list(dm.train_dataloader())  # the next epoch: another order
+    assert not torch.equal(batches[0][1], second_pass[0][1])
+    assert dm.state_dict() == {"train_passes": 2}
+    twin = ImageDataModule("digits", batch_size=100, val_size=0.1, seed=3)
+    twin.setup("fit")
+    for a, b in zip(batches, twin.train_dataloader(), strict=True):  # same seed, same pass
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    resumed = ImageDataModule("digits", batch_size=100, val_size=0.1, seed=3)
+    resumed.load_state_dict({"train_passes": 1})  # a checkpoint saved after one epoch
+    resumed.setup("fit")
+    for a, b in zip(second_pass, resumed.train_dataloader(), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert len(_all(dm.train_eval_dataloader())[1]) == 1293  # full split for the gap
 
 
@@ -263,7 +273,9 @@ def test_batch_larger_than_train_set(tmp_path):
     make_svhn(tmp_path)
     dm = ImageDataModule("svhn", data_dir=str(tmp_path), batch_size=64, val_size=5)
     dm.setup("fit")
-    with pytest.raises(ConfigError, match="batch_size 64 exceeds the 25"):
+    with pytest.raises(
+        ConfigError, match=r"batch_size 64 exceeds the 25 training examples .*use at most 25"
+    ):
         dm.train_dataloader()
 
 
