@@ -26,6 +26,7 @@ from sn_lightning.fit import (
     SNLightningCLI,
     _OneLineErrorParser,
     build_cli,
+    held_startup_lines,
     one_line_errors,
     quiet_lightning,
 )
@@ -223,8 +224,8 @@ def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
         )
 
 
-def run(cli: EvaluateCLI) -> dict[str, Any]:
-    """Load the checkpoint, attack the test set, write the report and the plot."""
+def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
+    """The checkpoint path, radii and device, checked before the checkpoint and the data load."""
     cfg = cli.config
     ev = cfg.eval
     if cfg.ckpt_path is None:
@@ -249,6 +250,14 @@ def run(cli: EvaluateCLI) -> dict[str, Any]:
             check_linf("linf", eps)
         elif shape is not None:
             check_l2_radius(eps, tuple(shape), "eval")
+    return ckpt_path, eps_list, device
+
+
+def run(cli: EvaluateCLI) -> dict[str, Any]:
+    """Load the checkpoint, attack the test set, write the report and the plot."""
+    ev = cli.config.eval
+    ckpt_path, eps_list, device = check_eval(cli)
+    model: SNClassifier = cli.model
     _load_weights(model, ckpt_path)
     model.to(device).eval()
     dm: ImageDataModule = cli.datamodule
@@ -317,19 +326,22 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the report."""
     prog = "python -m sn_lightning.evaluate"
     with quiet_lightning(), one_line_errors(prog):
-        cli = build_cli(
-            EvaluateCLI,
-            model_class=SNClassifier,
-            datamodule_class=ImageDataModule,
-            run=False,
-            args=args,
-            parser_class=_OneLineErrorParser,
-            save_config_callback=None,
-            parser_kwargs={"prog": prog, "description": DESCRIPTION},
-            auto_configure_optimizers=False,
-            trainer_defaults={"logger": False, "enable_checkpointing": False},
-            seed_everything_default=0,
-        )
+        with held_startup_lines() as release:
+            cli = build_cli(
+                EvaluateCLI,
+                model_class=SNClassifier,
+                datamodule_class=ImageDataModule,
+                run=False,
+                args=args,
+                parser_class=_OneLineErrorParser,
+                save_config_callback=None,
+                parser_kwargs={"prog": prog, "description": DESCRIPTION},
+                auto_configure_optimizers=False,
+                trainer_defaults={"logger": False, "enable_checkpointing": False},
+                seed_everything_default=0,
+            )
+            check_eval(cli)
+            release()
         return run(cli)
 
 

@@ -386,6 +386,50 @@ def quiet_lightning() -> Iterator[None]:
             logger.removeFilter(tips)
 
 
+class _HoldRecords(logging.Filter):
+    """Keeps the records a handler would emit, and lets none through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(r is record for r in self.records):
+            self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def held_startup_lines() -> Iterator[Any]:
+    """Hold Lightning's start-up lines ("Seed set to 0", "GPU available: ...") until released.
+
+    Yields ``release()``: it prints the held lines and lets later ones through. A bad config
+    found before it is called (the CLI's trainer keys, :func:`check_run`) stops the run with its
+    one line alone; the held lines are dropped.
+    """
+    hold = _HoldRecords()
+    handlers = [
+        h
+        for name in ("lightning.pytorch", "lightning.fabric")
+        for h in logging.getLogger(name).handlers
+    ]
+    for handler in handlers:
+        handler.addFilter(hold)
+
+    def release() -> None:
+        for handler in handlers:
+            handler.removeFilter(hold)
+        records, hold.records = hold.records, []
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+
+    try:
+        yield release
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+
+
 def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
     """``cli_class(**kwargs)``, with Lightning's errors on bad trainer keys as a ConfigError."""
     try:
@@ -775,6 +819,12 @@ def _check_strategy(trainer: Trainer, model: SNClassifier) -> None:
         )
 
 
+def check_run(cli: SNLightningCLI) -> None:
+    """The checks that need the built trainer and model, before anything starts."""
+    _check_strategy(cli.trainer, cli.model)
+    check_ckpt_path(cli.config.ckpt_path)
+
+
 def run(cli: SNLightningCLI) -> dict[str, Any]:
     """Fit, then evaluate on the full train / val / test splits; write results.json (rank 0).
 
@@ -782,8 +832,7 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     the W&B run is finished when this returns.
     """
     trainer = cli.trainer
-    _check_strategy(trainer, cli.model)
-    check_ckpt_path(cli.config.ckpt_path)
+    check_run(cli)
     _start_wandb(trainer)
     try:
         results = _fit_and_evaluate(cli)
@@ -933,19 +982,22 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         one_line_errors(prog),
         _restored_environ("WANDB_RUN_ID", "WANDB_MODE"),
     ):
-        cli = build_cli(
-            SNLightningCLI,
-            model_class=SNClassifier,
-            datamodule_class=ImageDataModule,
-            run=False,
-            args=args,
-            parser_class=_OneLineErrorParser,
-            save_config_callback=RunDirSaveConfig,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": prog, "description": DESCRIPTION},
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-        )
+        with held_startup_lines() as release:
+            cli = build_cli(
+                SNLightningCLI,
+                model_class=SNClassifier,
+                datamodule_class=ImageDataModule,
+                run=False,
+                args=args,
+                parser_class=_OneLineErrorParser,
+                save_config_callback=RunDirSaveConfig,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": prog, "description": DESCRIPTION},
+                auto_configure_optimizers=False,
+                seed_everything_default=0,
+            )
+            check_run(cli)
+            release()
         return run(cli)
 
 

@@ -87,6 +87,34 @@ def test_resume_from_checkpoint(tmp_path):
     assert logged == {"1"}, epochs  # resumed run trained only the second epoch
 
 
+def test_resume_at_an_epoch_boundary_is_bit_exact(tmp_path):
+    """Resuming from epoch 0's checkpoint repeats the uninterrupted run exactly: shuffle,
+    augmentation in 2 DataLoader workers, PGD's random starts (Note [exact resume])."""
+    common = (
+        "--trainer.max_epochs=2",
+        "--data.num_workers=2",
+        "--data.augment=true",
+        "--adversarial.attack.init_args.random_start=true",
+        "--robust_eval.every_n_epochs=100",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_top_k=-1",
+    )
+    straight = _fit(tmp_path / "a", *common)
+    ckpts = sorted((tmp_path / "a").rglob("epoch=*.ckpt"))
+    assert [c.name.split("-")[0] for c in ckpts] == ["epoch=0", "epoch=1"]
+    resumed = _fit(tmp_path / "b", *common, f"--ckpt_path={ckpts[0]}")
+    (end,) = (tmp_path / "b").rglob("epoch=1*.ckpt")
+    a = torch.load(ckpts[1], map_location="cpu", weights_only=False)
+    b = torch.load(end, map_location="cpu", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["ImageDataModule"] == b["ImageDataModule"] == {"train_passes": 2}
+    for split in ("train", "test"):
+        assert straight[split] == resumed[split]
+    assert straight["lipschitz_bound"] == resumed["lipschitz_bound"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -463,6 +491,26 @@ def test_a_run_prints_no_lightning_advertisements(tmp_path):
     for noise in ("Tip:", "litlogger", "litmodels", "tensorboardX", "LeafSpec"):
         assert noise not in output
     assert "GPU available: False" in output and "results: " in output
+    assert output.count("Seed set to 0") == 1  # held while the CLI is checked, then printed once
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("sn_lightning.fit", ["--trainer.devices=-3"], "trainer: `devices` selected with"),
+        ("sn_lightning.fit", ["--ckpt_path=/nonexistent.ckpt"], "is not a file"),
+        ("sn_lightning.evaluate", ["--ckpt_path=/nonexistent.ckpt"], "does not exist"),
+    ],
+)
+def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
+    tmp_path, module, args, message
+):
+    """Lightning's "Seed set to 0" and "GPU available" lines are dropped when the run stops."""
+    command = [sys.executable, "-m", module, "--config", QUICKSTART, *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    (line,) = (proc.stdout + proc.stderr).strip().splitlines()
+    assert line.startswith(f"python -m {module}: error: ") and message in line
 
 
 @pytest.mark.parametrize("module", ["sn_lightning.fit", "sn_lightning.evaluate"])
