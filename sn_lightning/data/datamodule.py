@@ -370,11 +370,22 @@ class ImageDataModule(L.LightningDataModule):
         assert self.train_set is not None, "call setup() first"
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # trainer.overfit_batches: the same first batches every epoch, as Lightning's own
+        shuffle = trainer is None or not trainer.overfit_batches
         sampler = self._sampler
-        if sampler is None or (sampler.num_replicas, sampler.rank) != (world, rank):
+        if sampler is None or (sampler.num_replicas, sampler.rank, sampler.shuffle) != (
+            world,
+            rank,
+            shuffle,
+        ):
             passes = self._passes if sampler is None else sampler.passes
             sampler = VisitSampler(
-                self.train_set, seed=self.seed, num_replicas=world, rank=rank, passes=passes
+                self.train_set,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+                passes=passes,
+                shuffle=shuffle,
             )
             self._sampler = sampler
         return sampler

@@ -61,7 +61,7 @@ class VisitSampler(DistributedSampler):
     """Seeded shuffle yielding ``(index, visit seed)``; one shard of it per rank.
 
     Pass p (counted in :attr:`passes`, from 0) is a permutation of the ``len(dataset)``
-    indices drawn from ``derive_seed(seed, p)``, padded by repeating its start to a multiple of
+    indices drawn from ``derive_seed(seed, p)`` (with ``shuffle=False``: the indices in order), padded by repeating its start to a multiple of
     ``num_replicas`` (as ``DistributedSampler`` with ``drop_last=False``); rank r takes positions
     r, r + num_replicas, ... Every position gets its own visit seed from the same generator.
     ``set_epoch`` is accepted and ignored: the order follows the pass count (Note [exact resume]).
@@ -75,15 +75,16 @@ class VisitSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         passes: int = 0,
+        shuffle: bool = True,
     ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.passes = passes
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         n = len(self.dataset)  # type: ignore[arg-type]
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.passes))
         self.passes += 1
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         seeds = torch.randint(0, 2**62, (self.total_size,), generator=g)
         if self.total_size > n:
             order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
@@ -104,7 +105,9 @@ class SeededVisits(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        if isinstance(key, int):  # another sampler's plain index: the process's own stream
+            return self.dataset[key]
         index, seed = key
         generator = torch.default_generator
         state = generator.get_state()
