@@ -337,3 +337,23 @@ def test_start_epoch_past_the_run_warns(tmp_path):
     callback = AdversarialTraining(FGM("linf", eps=0.1), start_epoch=2)
     with pytest.warns(UserWarning, match=r"start_epoch 2 >= trainer\.max_epochs 2: this run"):
         _fit(model, [callback], tmp_path, steps=1, epochs=2, limit_val_batches=0)
+
+
+def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path):
+    """Lightning's overfit_batches turns shuffling off; the data module's own sampler follows."""
+
+    class Labels(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.current_epoch, batch[1].tolist()))
+
+    labels, dm = Labels(), ImageDataModule("digits", batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's notes on overfitting
+        _fit(SNClassifier(), [labels], tmp_path, steps=1.0, epochs=2, dm=dm, overfit_batches=2)
+    first = [y for epoch, y in labels.seen if epoch == 0]
+    second = [y for epoch, y in labels.seen if epoch == 1]
+    assert len(first) == 2 and first == second
+    assert first[0] + first[1] == dm.train_set.y[:32].tolist()  # the split's first 32, in order

@@ -1,4 +1,3 @@
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -298,39 +297,3 @@ def test_a_failed_download_is_one_config_error(monkeypatch, tmp_path):
         "service not known>); put the files there (or set --data.data_dir to the folder holding "
         "them) and run again"
     )
-
-
-def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path):
-    """Lightning's overfit_batches turns shuffling off; the data module's own sampler follows."""
-    import lightning as L
-
-    from sn_lightning.lit import SNClassifier
-
-    class Labels(L.Callback):
-        def __init__(self):
-            self.seen = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.seen.append((trainer.current_epoch, batch[1].tolist()))
-
-    labels = Labels()
-    dm = ImageDataModule("digits", batch_size=16)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        max_epochs=2,
-        overfit_batches=2,
-        callbacks=[labels],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning's notes on overfitting
-        trainer.fit(SNClassifier(), datamodule=dm)
-    first = [y for epoch, y in labels.seen if epoch == 0]
-    second = [y for epoch, y in labels.seen if epoch == 1]
-    assert len(first) == 2 and first == second
-    ordered = dm.train_set.y[:32].tolist()  # the split's first 32 examples, in order
-    assert first[0] + first[1] == ordered
