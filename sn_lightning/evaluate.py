@@ -253,10 +253,14 @@ def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
     return ckpt_path, eps_list, device
 
 
-def run(cli: EvaluateCLI) -> dict[str, Any]:
-    """Load the checkpoint, attack the test set, write the report and the plot."""
+def run(
+    cli: EvaluateCLI, ckpt_path: Path, eps_list: list[float], device: torch.device
+) -> dict[str, Any]:
+    """Load the checkpoint, attack the test set, write the report and the plot.
+
+    ``ckpt_path``, ``eps_list``, ``device``: as :func:`check_eval` returns them.
+    """
     ev = cli.config.eval
-    ckpt_path, eps_list, device = check_eval(cli)
     model: SNClassifier = cli.model
     _load_weights(model, ckpt_path)
     model.to(device).eval()
@@ -340,9 +344,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                 trainer_defaults={"logger": False, "enable_checkpointing": False},
                 seed_everything_default=0,
             )
-            check_eval(cli)
+            checked = check_eval(cli)
             release()
-        return run(cli)
+        return run(cli, *checked)
 
 
 if __name__ == "__main__":

@@ -61,10 +61,11 @@ class VisitSampler(DistributedSampler):
     """Seeded shuffle yielding ``(index, visit seed)``; one shard of it per rank.
 
     Pass p (counted in :attr:`passes`, from 0) is a permutation of the ``len(dataset)``
-    indices drawn from ``derive_seed(seed, p)`` (with ``shuffle=False``: the indices in order), padded by repeating its start to a multiple of
-    ``num_replicas`` (as ``DistributedSampler`` with ``drop_last=False``); rank r takes positions
-    r, r + num_replicas, ... Every position gets its own visit seed from the same generator.
-    ``set_epoch`` is accepted and ignored: the order follows the pass count (Note [exact resume]).
+    indices drawn from ``derive_seed(seed, p)`` (``shuffle=False``: the indices in order),
+    padded by repeating its start to a multiple of ``num_replicas`` (as ``DistributedSampler``
+    with ``drop_last=False``); rank r takes positions r, r + num_replicas, ... Every position
+    gets its own visit seed from the same generator. ``set_epoch`` is accepted and ignored: the
+    order follows the pass count (Note [exact resume]).
     """
 
     def __init__(
