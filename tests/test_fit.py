@@ -87,9 +87,21 @@ def test_resume_from_checkpoint(tmp_path):
     assert logged == {"1"}, epochs  # resumed run trained only the second epoch
 
 
-def test_resume_at_an_epoch_boundary_is_bit_exact(tmp_path):
-    """Resuming from epoch 0's checkpoint repeats the uninterrupted run exactly: shuffle,
-    augmentation in 2 DataLoader workers, PGD's random starts (Note [exact resume])."""
+def _assert_same_checkpoint(a_path: Path, b_path: Path) -> dict:
+    a = torch.load(a_path, map_location="cpu", weights_only=False)
+    b = torch.load(b_path, map_location="cpu", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["global_step"] == b["global_step"]
+    assert a["ImageDataModule"] == b["ImageDataModule"]
+    return a
+
+
+def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
+    """Resuming from epoch 0's end, from its batch 20 of 40 (mid-epoch) and from its last batch
+    (saved before the epoch's end) repeats the uninterrupted run exactly: shuffle, augmentation
+    in 2 DataLoader workers, PGD's random starts (Note [exact resume])."""
     common = (
         "--trainer.max_epochs=2",
         "--data.num_workers=2",
@@ -98,21 +110,31 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(tmp_path):
         "--robust_eval.every_n_epochs=100",
         "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.every_n_train_steps=20",
+        "--trainer.callbacks.filename=mid-{step}",
     )
     straight = _fit(tmp_path / "a", *common)
-    ckpts = sorted((tmp_path / "a").rglob("epoch=*.ckpt"))
-    assert [c.name.split("-")[0] for c in ckpts] == ["epoch=0", "epoch=1"]
-    resumed = _fit(tmp_path / "b", *common, f"--ckpt_path={ckpts[0]}")
-    (end,) = (tmp_path / "b").rglob("epoch=1*.ckpt")
-    a = torch.load(ckpts[1], map_location="cpu", weights_only=False)
-    b = torch.load(end, map_location="cpu", weights_only=False)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    assert a["ImageDataModule"] == b["ImageDataModule"] == {"train_passes": 2}
-    for split in ("train", "test"):
-        assert straight[split] == resumed[split]
-    assert straight["lipschitz_bound"] == resumed["lipschitz_bound"]
+    ends = sorted((tmp_path / "a").rglob("epoch=*.ckpt"))
+    assert [c.name.split("-")[0] for c in ends] == ["epoch=0", "epoch=1"]
+    mids = {c.name: c for c in (tmp_path / "a").rglob("mid-*.ckpt")}
+    assert sorted(mids) == [f"mid-step={k}.ckpt" for k in (20, 40, 60, 80)]
+    loops = torch.load(mids["mid-step=20.ckpt"], weights_only=False)["loops"]
+    # the next batch to train: batch 20 of pass 0 (of 32 examples, on one rank)
+    position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
+    assert loops["fit_loop"]["state_dict"]["combined_loader"] == [position]
+    assert torch.load(mids["mid-step=20.ckpt"], weights_only=False)["ImageDataModule"] == position
+    for name, start in (("boundary", ends[0]), ("mid", mids["mid-step=20.ckpt"]),
+                        ("last", mids["mid-step=40.ckpt"])):  # fmt: skip
+        resumed = _fit(tmp_path / name, *common, f"--ckpt_path={start}")
+        (end,) = (tmp_path / name).rglob("epoch=1*.ckpt")
+        final = _assert_same_checkpoint(ends[1], end)
+        assert final["ImageDataModule"] == {"train_pass": 2, "train_batch": 0}
+        assert final["global_step"] == 80
+        for split in ("train", "test"):
+            assert straight[split] == resumed[split], name
+        assert straight["lipschitz_bound"] == resumed["lipschitz_bound"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
-from sn_lightning.data.sampling import SeededVisits, VisitSampler
+from sn_lightning.data.sampling import ResumableLoader, SeededVisits, VisitSampler
 from sn_lightning.errors import ConfigError, MissingDataError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -208,7 +208,9 @@ class ImageDataModule(L.LightningDataModule):
             )
         self.train_set: Dataset | None = None
         self._sampler: VisitSampler | None = None
-        self._passes = 0  # training passes started, restored from a checkpoint
+        # the next training batch, restored from a checkpoint: batch k of pass p (Note [exact
+        # resume] in ``sampling``), with the batch size and ranks that k counts in
+        self._resume: dict[str, int] = {"train_pass": 0, "train_batch": 0}
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_eval_set: Dataset | None = None
@@ -373,38 +375,70 @@ class ImageDataModule(L.LightningDataModule):
         # trainer.overfit_batches: the same first batches every epoch, as Lightning's own
         shuffle = trainer is None or not trainer.overfit_batches
         sampler = self._sampler
-        if sampler is None or (sampler.num_replicas, sampler.rank, sampler.shuffle) != (
+        if sampler is not None and (sampler.num_replicas, sampler.rank, sampler.shuffle) == (
             world,
             rank,
             shuffle,
         ):
-            passes = self._passes if sampler is None else sampler.passes
-            sampler = VisitSampler(
-                self.train_set,
-                seed=self.seed,
-                num_replicas=world,
-                rank=rank,
-                passes=passes,
-                shuffle=shuffle,
-            )
-            self._sampler = sampler
-        return sampler
+            return sampler
+        new = VisitSampler(
+            self.train_set, seed=self.seed, num_replicas=world, rank=rank, shuffle=shuffle
+        )
+        self._sampler = new
+        if sampler is None or sampler.start > 0:  # new, or a restored position still unused
+            self._apply_resume()
+        else:  # the same place in the training order
+            new.resume_pass(sampler.passes, 0)
+        return new
+
+    def _apply_resume(self) -> None:
+        """Point the sampler at the restored next batch (a no-op before it exists)."""
+        sampler, state = self._sampler, self._resume
+        if sampler is None:
+            return
+        batch = state["train_batch"]
+        if batch > 0:
+            then = (state.get("train_batch_size"), state.get("train_ranks"))
+            if then != (self.batch_size, sampler.num_replicas):
+                raise ConfigError(
+                    f"the checkpoint resumes mid-epoch at training batch {batch} of batch_size "
+                    f"{then[0]} on {then[1]} rank(s); this run has batch_size {self.batch_size} "
+                    f"on {sampler.num_replicas}: resume with the checkpoint's, or from an "
+                    "end-of-epoch checkpoint"
+                )
+        sampler.resume_pass(state["train_pass"], batch * self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """The training passes started (Note [exact resume] in ``sampling``)."""
-        return {"train_passes": self._sampler.passes if self._sampler is not None else self._passes}
+        """The next training batch: batch ``train_batch`` of pass ``train_pass``.
+
+        A finished pass reads as batch 0 of the next one (Note [exact resume] in ``sampling``).
+        """
+        sampler = self._sampler
+        if sampler is None:
+            return dict(self._resume)
+        started, (trained, total) = sampler.passes, self._batches_trained()
+        if started > 0 and trained is not None and trained < total:  # type: ignore[operator]
+            return {
+                "train_pass": started - 1,
+                "train_batch": trained,
+                "train_batch_size": self.batch_size,
+                "train_ranks": sampler.num_replicas,
+            }
+        return {"train_pass": started, "train_batch": 0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training order of a checkpoint (a checkpoint without it: from pass 0)."""
-        self._passes = int(state_dict.get("train_passes", 0))
-        if self._sampler is not None:
-            self._sampler.passes = self._passes
+        state = {key: int(value) for key, value in state_dict.items()}
+        if "train_pass" not in state:  # a checkpoint of an earlier version: passes started
+            state = {"train_pass": state.get("train_passes", 0), "train_batch": 0}
+        self._resume = state
+        self._apply_resume()
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, last incomplete batch dropped.
 
-        Seeded so that a run resumed at an epoch boundary repeats the order and augmentation
-        (Note [exact resume] in ``sampling``).
+        Seeded and resumable, so that a run resumed from a checkpoint, mid-epoch included,
+        repeats the order and augmentation (Note [exact resume] in ``sampling``).
         """
         sampler = self._train_sampler()
         if sampler.num_samples < self.batch_size:
@@ -415,7 +449,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"batch_size {self.batch_size} exceeds the {sampler.num_samples} training "
                 f"examples{per_rank} (drop_last); use at most {sampler.num_samples}"
             )
-        return DataLoader(
+        return ResumableLoader(
             SeededVisits(self.train_set),
             batch_size=self.batch_size,
             sampler=sampler,
@@ -423,6 +457,22 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
+            state=self.state_dict,
+            load=self.load_state_dict,
+        )
+
+    def _batches_trained(self) -> tuple[int, float] | tuple[None, None]:
+        """Batches of the current epoch whose training step has run, and the epoch's length.
+
+        The trainer's counts (Lightning's loader runs one batch ahead of training); None
+        without a trainer.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return None, None
+        return (
+            trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            trainer.num_training_batches,
         )
 
     def val_dataloader(self) -> DataLoader | list:

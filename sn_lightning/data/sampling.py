@@ -1,41 +1,47 @@
 """A training order and augmentation that a resumed run repeats exactly (Note [exact resume]).
 
 Note [exact resume]
-    A run resumed from a checkpoint saved at the end of epoch k should train epochs k+1, ...
-    exactly as the uninterrupted run did. Three random streams feed a training epoch, and none
-    of them lives in a Lightning checkpoint: the shuffle, the augmentation (drawn inside
-    DataLoader workers, whose seeds come from when the workers were started) and the global
-    RNG of the training step (random attack starts, dropout). So:
+    A run resumed from a checkpoint, saved at an epoch's end or in the middle of one, should
+    continue exactly as the uninterrupted run did. Three random streams feed a training step,
+    and none of them lives in a Lightning checkpoint: the shuffle, the augmentation (drawn
+    inside DataLoader workers, whose seeds come from when the workers were started) and the
+    global RNG of the training step (random attack starts, dropout). So:
 
-    - :class:`VisitSampler` draws pass p's permutation from ``derive_seed(seed, p)``, where p
-      counts the passes started; the data module saves p in the checkpoint
-      (``ImageDataModule.state_dict``). It yields ``(index, visit seed)`` pairs, one seed per
-      visit of an example, and :class:`SeededVisits` runs the dataset's random transforms
-      under that seed, whichever worker (or the main process) loads it and whenever. It is a
-      ``DistributedSampler``, so Lightning keeps it under DDP, and it shards one permutation
-      over the ranks as DistributedSampler does.
-    - The classifier reseeds the global RNGs at every training epoch's start from
-      ``derive_seed(seed_everything, epoch, rank)``.
+    - :class:`VisitSampler` draws pass p's permutation from ``derive_seed(seed, p)`` and yields
+      ``(index, visit seed)`` pairs, one seed per visit of an example; :class:`SeededVisits`
+      runs the dataset's random transforms under that seed, whichever worker (or the main
+      process) loads it and whenever. It is a ``DistributedSampler``, so Lightning keeps it
+      under DDP, and it shards one permutation over the ranks as DistributedSampler does.
+    - The data module saves the next batch to train, batch k of pass p, in the checkpoint
+      (``ImageDataModule.state_dict``; a finished pass reads as batch 0 of the next). k is the
+      trainer's count of batches trained, not the loader's, which runs one batch ahead of
+      training (Lightning prefetches to spot the last batch). On resume the sampler starts
+      pass p at batch k without loading the batches before it. Lightning restores the data
+      module before it builds the first training iterator; :class:`ResumableLoader` also
+      hands the same state to Lightning's loader interface, which tells Lightning the loader
+      resumes mid-epoch.
+    - :class:`~sn_lightning.lit.classifier.ReseedEachBatch` reseeds the global RNGs before
+      every training batch's other hooks from ``derive_seed(seed_everything, epoch, batch
+      index, rank)``.
 
     A pass is counted when its iteration starts, which is when the DataLoader creates its
     iterator: Lightning creates the first epoch's iterator before it restores a checkpoint's
-    epoch, so the epoch number (``set_epoch``) is not yet right then, while the restored count
-    is. Resumption is exact at epoch boundaries; a checkpoint saved mid-epoch restarts that
-    epoch's data with the next permutation.
+    epoch, so the epoch number (``set_epoch``) is not yet right then, while the restored
+    position is.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["SeededVisits", "VisitSampler", "derive_seed", "reseed_global_rngs"]
+__all__ = ["ResumableLoader", "SeededVisits", "VisitSampler", "derive_seed", "reseed_global_rngs"]
 
 _SEED_BITS = 63
 
@@ -65,7 +71,8 @@ class VisitSampler(DistributedSampler):
     padded by repeating its start to a multiple of ``num_replicas`` (as ``DistributedSampler``
     with ``drop_last=False``); rank r takes positions r, r + num_replicas, ... Every position
     gets its own visit seed from the same generator. ``set_epoch`` is accepted and ignored: the
-    order follows the pass count (Note [exact resume]).
+    order follows the pass count (Note [exact resume]). :attr:`start` (set by
+    :meth:`resume_pass`) makes the next pass begin at that position of this rank's shard.
     """
 
     def __init__(
@@ -80,6 +87,16 @@ class VisitSampler(DistributedSampler):
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.passes = passes
+        self.start = 0
+
+    def resume_pass(self, pass_index: int, start: int) -> None:
+        """Make the next iteration pass ``pass_index``, from position ``start`` of this shard."""
+        if pass_index < 0 or not 0 <= start <= self.num_samples:
+            raise ValueError(
+                f"cannot resume pass {pass_index} at position {start}: a pass index is >= 0 and "
+                f"a position in [0, {self.num_samples}]"
+            )
+        self.passes, self.start = pass_index, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -89,7 +106,10 @@ class VisitSampler(DistributedSampler):
         seeds = torch.randint(0, 2**62, (self.total_size,), generator=g)
         if self.total_size > n:
             order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
-        shard = slice(self.rank, self.total_size, self.num_replicas)
+        shard = slice(
+            self.rank + self.start * self.num_replicas, self.total_size, self.num_replicas
+        )
+        self.start = 0
         return iter(list(zip(order[shard].tolist(), seeds[shard].tolist(), strict=True)))
 
 
@@ -117,3 +137,33 @@ class SeededVisits(Dataset):
             return self.dataset[index]
         finally:
             generator.set_state(state)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that tells Lightning it resumes mid-epoch (Note [exact resume]).
+
+    Its ``state_dict`` / ``load_state_dict`` (Lightning's loader interface) are those of the
+    object that owns the training order, the data module: ``state`` returns the next batch to
+    train, ``load`` points the sampler there. Lightning saves the loader's state and loads it
+    back when it resumes mid-epoch, except where ``configure_optimizers`` reads
+    ``trainer.estimated_stepping_batches``, which builds the loader before the checkpoint's
+    loops are restored; the data module's own state, restored earlier, covers that case.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        state: Callable[[], dict[str, int]],
+        load: Callable[[dict[str, int]], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._state, self._load = state, load
+
+    def state_dict(self) -> dict[str, int]:
+        """The next training batch (see the data module's ``state_dict``)."""
+        return self._state()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next iteration start at that batch."""
+        self._load(state_dict)

@@ -1,6 +1,8 @@
+import random
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,11 @@ from sn_lightning.callbacks import (
     attack_name,
 )
 from sn_lightning.data import ImageDataModule
+from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
 from sn_lightning.errors import ConfigError
 from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
+from sn_lightning.lit.classifier import ReseedEachBatch
 
 
 class Snapshot(L.Callback):
@@ -357,3 +361,35 @@ def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path):
     second = [y for epoch, y in labels.seen if epoch == 1]
     assert len(first) == 2 and first == second
     assert first[0] + first[1] == dm.train_set.y[:32].tolist()  # the split's first 32, in order
+
+
+class Draws(L.Callback):
+    """Draws from the three global RNGs at on_train_batch_start (listed before any other)."""
+
+    def __init__(self):
+        self.draws = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rngs = (float(torch.rand(())), float(np.random.rand()), random.random())
+        self.draws.append((trainer.current_epoch, batch_idx, rngs))
+
+
+def test_global_rngs_are_reseeded_before_every_other_callback_each_batch(tmp_path, monkeypatch):
+    """ReseedEachBatch goes first even before a user's own first callback (Note [exact resume])."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # as seed_everything(5) sets it
+    draws = Draws()
+    trainer = _fit(SNClassifier(), [draws], tmp_path, steps=3, epochs=2, limit_val_batches=0)
+    assert isinstance(trainer.callbacks[0], ReseedEachBatch)
+    assert [d[:2] for d in draws.draws] == [(e, b) for e in range(2) for b in range(3)]
+    for epoch, batch_idx, rngs in draws.draws:
+        reseed_global_rngs(derive_seed(5, epoch, batch_idx, 0))
+        assert (float(torch.rand(())), float(np.random.rand()), random.random()) == rngs
+    monkeypatch.delenv("PL_GLOBAL_SEED")  # seed_everything: false leaves the streams alone
+    unseeded = Draws()
+    torch.manual_seed(0)
+    _fit(SNClassifier(), [unseeded], tmp_path, steps=2, limit_val_batches=0)
+    assert unseeded.draws[0][2][0] != unseeded.draws[1][2][0]
+    torch.manual_seed(0)
+    repeat = Draws()
+    _fit(SNClassifier(), [repeat], tmp_path, steps=2, limit_val_batches=0)
+    assert [d[2][0] for d in repeat.draws] == [d[2][0] for d in unseeded.draws]

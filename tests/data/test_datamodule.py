@@ -38,16 +38,34 @@ def test_train_loader_drops_last_and_is_seeded():
     assert all(len(b[1]) == 100 for b in batches) and len(batches) == 1293 // 100
     second_pass = list(dm.train_dataloader())  # the next epoch: another order
     assert not torch.equal(batches[0][1], second_pass[0][1])
-    assert dm.state_dict() == {"train_passes": 2}
+    assert dm.state_dict() == {"train_pass": 2, "train_batch": 0}  # next: batch 0 of pass 2
     twin = ImageDataModule("digits", batch_size=100, val_size=0.1, seed=3)
     twin.setup("fit")
     for a, b in zip(batches, twin.train_dataloader(), strict=True):  # same seed, same pass
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     resumed = ImageDataModule("digits", batch_size=100, val_size=0.1, seed=3)
-    resumed.load_state_dict({"train_passes": 1})  # a checkpoint saved after one epoch
+    resumed.load_state_dict({"train_passes": 1})  # an earlier version's checkpoint, epoch 1
     resumed.setup("fit")
     for a, b in zip(second_pass, resumed.train_dataloader(), strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # mid-epoch: batch 3 of pass 1 comes next; the batches before it are not loaded again
+    mid = ImageDataModule("digits", batch_size=100, val_size=0.1, seed=3)
+    mid.setup("fit")
+    mid.load_state_dict(
+        {"train_pass": 1, "train_batch": 3, "train_batch_size": 100, "train_ranks": 1}
+    )
+    rest = list(mid.train_dataloader())
+    assert len(rest) == len(second_pass) - 3
+    for a, b in zip(second_pass[3:], rest, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert len(list(mid.train_dataloader())) == len(batches)  # the next pass is whole
+    other = ImageDataModule("digits", batch_size=50, val_size=0.1, seed=3)
+    other.load_state_dict(
+        {"train_pass": 1, "train_batch": 3, "train_batch_size": 100, "train_ranks": 1}
+    )
+    other.setup("fit")
+    with pytest.raises(ConfigError, match="training batch 3 of batch_size 100 on 1 rank"):
+        other.train_dataloader()
     assert len(_all(dm.train_eval_dataloader())[1]) == 1293  # full split for the gap
 
 

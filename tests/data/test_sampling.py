@@ -50,6 +50,21 @@ def test_ranks_take_disjoint_shards_of_one_padded_permutation(n, world):
     assert interleaved[:n] == order  # rank r holds positions r, r + world, ... of one order
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_resumed_pass_is_the_tail_of_that_pass_on_every_rank(world):
+    for rank in range(world):
+        whole = VisitSampler(range(20), seed=4, num_replicas=world, rank=rank, passes=2)
+        full = list(whole)
+        resumed = VisitSampler(range(20), seed=4, num_replicas=world, rank=rank)
+        resumed.resume_pass(2, 3)
+        assert list(resumed) == full[3:] and resumed.passes == 3
+        assert list(resumed) == list(whole)  # the start applies once: pass 3, whole
+    with pytest.raises(ValueError, match="cannot resume pass 0 at position 21"):
+        VisitSampler(range(20), seed=4).resume_pass(0, 21)
+    with pytest.raises(ValueError, match="cannot resume pass -1"):
+        VisitSampler(range(20), seed=4).resume_pass(-1, 0)
+
+
 def _random_crops() -> TensorImages:
     x = torch.arange(20 * 3 * 8 * 8, dtype=torch.float32).reshape(20, 3, 8, 8) / 3840
     return TensorImages(x, torch.arange(20) % 10, v2.RandomCrop(8, padding=2))
