@@ -423,3 +423,15 @@ def test_cuda_graphs_capture_under_cudnn_benchmark(make, shape, grouped_path, be
         assert len(graphs) == 1 and graphs[0] is not None and graphs[0].backward_graph is not None
     else:
         assert norm.cuda_graph and _GRAPHS[norm] and all(_GRAPHS[norm].values())
+
+
+def test_reseed_global_rngs_seeds_the_initialized_gpu_like_manual_seed():
+    from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
+
+    torch.zeros(1, device="cuda")  # CUDA initialized, as in a GPU training step
+    seed = derive_seed(5, 1, 7, 0)
+    reseed_global_rngs(seed)
+    ours = (torch.rand(8, device="cuda").cpu(), torch.rand(8))
+    torch.manual_seed(seed)
+    theirs = (torch.rand(8, device="cuda").cpu(), torch.rand(8))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

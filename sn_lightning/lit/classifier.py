@@ -57,7 +57,7 @@ class ReseedEachBatch(L.Callback):
 
     Random attack starts and dropout of a run resumed from any checkpoint, mid-epoch included,
     then repeat the uninterrupted run's (Note [exact resume] in ``sn_lightning.data.sampling``;
-    about 0.1 ms a batch). It must run before the other callbacks' ``on_train_batch_start``
+    about 35 µs a batch). It must run before the other callbacks' ``on_train_batch_start``
     (the attack of :class:`~sn_lightning.callbacks.AdversarialTraining` draws there), so
     :meth:`SNClassifier.setup` puts it first. Without a seed (``seed_everything: false``)
     nothing changes.

@@ -104,3 +104,5 @@ def test_reseed_global_rngs_seeds_python_numpy_and_torch():
     draws = (random.random(), np.random.rand(), torch.rand(()).item())
     reseed_global_rngs(derive_seed(3, 4))
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == draws
+    torch.manual_seed(derive_seed(3, 4))  # torch's own seeding: the same CPU stream
+    assert torch.rand(()).item() == draws[2]
