@@ -30,13 +30,14 @@ RESNET = (
 RESULT_KEYS = {"train", "val", "test", "gap", "adversarial", "settings", "lipschitz_bound"}
 
 
-def _fit_ddp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    callbacks = json.dumps(
-        [
-            {"class_path": f"tests.ddp_helpers.{name}", "init_args": {"out": str(tmp_path)}}
-            for name in ("DumpState", "DumpMetrics")
-        ]
-    )
+def _fit_ddp(
+    tmp_path: Path, *args: str, callbacks: tuple[dict, ...] = ()
+) -> subprocess.CompletedProcess:
+    dumps = [
+        {"class_path": f"tests.ddp_helpers.{name}", "init_args": {"out": str(tmp_path)}}
+        for name in ("DumpState", "DumpMetrics")
+    ]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [
             sys.executable,
@@ -48,7 +49,7 @@ def _fit_ddp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
             "--trainer.strategy=ddp",
             "--trainer.max_epochs=2",
             f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.callbacks={callbacks}",
+            f"--trainer.callbacks={json.dumps([*dumps, *callbacks])}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -207,3 +208,35 @@ def test_ddp_crm_wrm_certified_keeps_ranks_identical(tmp_path):
             metrics[f"val/certified_acc/{eps}"], saved["certified"]["eps"][eps]["val"], abs_tol=1e-6
         )
     assert any(k.startswith("train_attack/wrm_") for k in saved["adversarial"])
+
+
+@pytest.mark.ddp
+def test_ddp_resume_mid_epoch_is_bit_exact_on_both_ranks(tmp_path):
+    """Resuming a 2-rank run from batch 3 of 6 repeats each rank's uninterrupted training:
+    its shard of the shuffle, augmentation and PGD random starts (Note [exact resume])."""
+    common = (
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--trainer.limit_train_batches=6",
+        "--data.augment=true",
+        "--adversarial.attack.init_args.random_start=true",
+        "--robust_eval.every_n_epochs=100",
+        "--robust_eval.final_max_examples=64",
+    )
+    every_3 = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "mid-{step}"},
+    }
+    _fit_ddp(tmp_path / "a", *common, callbacks=(every_3,))
+    (mid,) = (tmp_path / "a").rglob("mid-step=3.ckpt")
+    position = torch.load(mid, weights_only=False)["ImageDataModule"]
+    assert position == {"train_pass": 0, "train_batch": 3, "train_batch_size": 32, "train_ranks": 2}
+    _fit_ddp(tmp_path / "b", *common, f"--ckpt_path={mid}", callbacks=(every_3,))
+    for run in ("a", "b"):
+        _assert_state_identical(tmp_path / run)
+    for rank in (0, 1):
+        straight = torch.load(tmp_path / "a" / f"rank{rank}.pt")
+        resumed = torch.load(tmp_path / "b" / f"rank{rank}.pt")
+        assert straight.keys() == resumed.keys()
+        for key, value in straight.items():
+            assert torch.equal(value, resumed[key]), (rank, key)
