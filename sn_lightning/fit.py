@@ -21,6 +21,7 @@ import json
 import logging
 import netrc
 import os
+import pickle
 import re
 import secrets
 import socket
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -823,6 +825,54 @@ def check_run(cli: SNLightningCLI) -> None:
     """The checks that need the built trainer and model, before anything starts."""
     _check_strategy(cli.trainer, cli.model)
     check_ckpt_path(cli.config.ckpt_path)
+    _check_data(cli)
+
+
+def _check_data(cli: SNLightningCLI) -> None:
+    """The training split against batch_size and a checkpoint's position, before anything runs.
+
+    Skipped where the files are still to be downloaded (Lightning's ``prepare_data``, rank 0
+    only): the data module then raises the same errors inside the fit.
+    """
+    dm = cli.datamodule
+    if not isinstance(dm, ImageDataModule) or not dm.files_present():
+        return
+    dm.check_fit(cli.trainer.world_size, _checkpoint_state(cli.config.ckpt_path, dm))
+
+
+def _checkpoint_state(ckpt_path: str | None, dm: ImageDataModule) -> dict[str, Any] | None:
+    """The data module's state in a local checkpoint file, or None.
+
+    Loaded as Lightning will load it (torch's default ``weights_only``), memory-mapped where the
+    file allows (no tensor is read).
+
+    Raises:
+        ConfigError: the file is not a checkpoint torch can load.
+    """
+    if ckpt_path is None or not Path(ckpt_path).expanduser().is_file():
+        return None  # none, or one of Lightning's keywords / URLs
+    path = Path(ckpt_path).expanduser()
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True)
+        except RuntimeError as err:  # a legacy (not zip) file cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(path, map_location="cpu")
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        # torch's messages are a page of advice; the cause is one sentence of it
+        text = str(err)
+        if "WeightsUnpickler error:" in text:
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+            cause = f"weights-only unpickler: {detail[0] if detail else 'refused'}"
+        else:
+            cause = first_line(err).split(". ")[0]
+        raise ConfigError(
+            f"ckpt_path {ckpt_path!r} is not a checkpoint that torch.load reads as Lightning "
+            f"loads it ({cause})"
+        ) from err
+    state = checkpoint.get(type(dm).__qualname__) if isinstance(checkpoint, dict) else None
+    return state if isinstance(state, dict) else None
 
 
 def run(cli: SNLightningCLI) -> dict[str, Any]:

@@ -522,12 +522,34 @@ def test_a_run_prints_no_lightning_advertisements(tmp_path):
         ("sn_lightning.fit", ["--trainer.devices=-3"], "trainer: `devices` selected with"),
         ("sn_lightning.fit", ["--ckpt_path=/nonexistent.ckpt"], "is not a file"),
         ("sn_lightning.evaluate", ["--ckpt_path=/nonexistent.ckpt"], "does not exist"),
+        (
+            "sn_lightning.fit",
+            ["--data.batch_size=2000"],
+            "batch_size 2000 exceeds the 1293 training examples (drop_last); use at most 1293",
+        ),
+        (
+            "sn_lightning.fit",
+            ["--ckpt_path={tmp}/garbage.ckpt"],
+            "garbage.ckpt' is not a checkpoint that torch.load reads as Lightning loads it "
+            "(weights-only unpickler: Unsupported operand",
+        ),
+        (
+            "sn_lightning.fit",
+            ["--ckpt_path={tmp}/mid.ckpt", "--data.batch_size=16"],
+            "the checkpoint resumes mid-epoch at training batch 20 of batch_size 32 on 1 rank(s); "
+            "this run has batch_size 16 on 1",
+        ),
     ],
 )
 def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
     tmp_path, module, args, message
 ):
-    """Lightning's "Seed set to 0" and "GPU available" lines are dropped when the run stops."""
+    """Lightning's "Seed set to 0" and "GPU available" lines are dropped when the run stops;
+    the data checks (batch size, a checkpoint's file and its mid-epoch position) run first."""
+    (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
+    position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
+    torch.save({"ImageDataModule": position}, tmp_path / "mid.ckpt")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     command = [sys.executable, "-m", module, "--config", QUICKSTART, *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2

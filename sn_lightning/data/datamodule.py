@@ -396,17 +396,55 @@ class ImageDataModule(L.LightningDataModule):
         sampler, state = self._sampler, self._resume
         if sampler is None:
             return
+        self._check_resume(state, sampler.num_replicas)
+        sampler.resume_pass(state["train_pass"], state["train_batch"] * self.batch_size)
+
+    def _check_resume(self, state: dict[str, int], ranks: int) -> None:
+        """A mid-epoch position counts batches of its batch size and ranks: they must be ours."""
         batch = state["train_batch"]
-        if batch > 0:
-            then = (state.get("train_batch_size"), state.get("train_ranks"))
-            if then != (self.batch_size, sampler.num_replicas):
-                raise ConfigError(
-                    f"the checkpoint resumes mid-epoch at training batch {batch} of batch_size "
-                    f"{then[0]} on {then[1]} rank(s); this run has batch_size {self.batch_size} "
-                    f"on {sampler.num_replicas}: resume with the checkpoint's, or from an "
-                    "end-of-epoch checkpoint"
-                )
-        sampler.resume_pass(state["train_pass"], batch * self.batch_size)
+        if batch == 0:
+            return
+        then = (state.get("train_batch_size"), state.get("train_ranks"))
+        if then != (self.batch_size, ranks):
+            raise ConfigError(
+                f"the checkpoint resumes mid-epoch at training batch {batch} of batch_size "
+                f"{then[0]} on {then[1]} rank(s); this run has batch_size {self.batch_size} "
+                f"on {ranks}: resume with the checkpoint's, or from an end-of-epoch checkpoint"
+            )
+
+    def _check_batch_size(self, per_rank: int, ranks: int) -> None:
+        if per_rank < self.batch_size:
+            where = f" per rank ({ranks} ranks)" if ranks > 1 else ""
+            raise ConfigError(
+                f"batch_size {self.batch_size} exceeds the {per_rank} training examples{where} "
+                f"(drop_last); use at most {per_rank}"
+            )
+
+    def files_present(self) -> bool:
+        """Whether :meth:`setup` can run now, without the download ``prepare_data`` does."""
+        if self.spec is None:
+            return True  # an image folder, checked when the module was built
+        try:
+            check_files(self.spec, self.data_dir)
+        except MissingDataError:
+            return False
+        return True
+
+    def check_fit(self, ranks: int = 1, checkpoint_state: dict[str, Any] | None = None) -> None:
+        """Checks before fitting, on the loaded splits.
+
+        ``batch_size`` must be within each rank's share of the training split, and a
+        checkpoint's mid-epoch position (this module's ``checkpoint_state``) resumable with this
+        ``batch_size`` and number of ``ranks``.
+
+        Raises:
+            ConfigError: naming the value and the limit.
+        """
+        self.setup("fit")
+        assert self.train_set is not None
+        self._check_batch_size(math.ceil(len(self.train_set) / ranks), ranks)
+        if checkpoint_state:
+            self._check_resume(self._normalized(checkpoint_state), ranks)
 
     def state_dict(self) -> dict[str, Any]:
         """The next training batch: batch ``train_batch`` of pass ``train_pass``.
@@ -428,11 +466,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training order of a checkpoint (a checkpoint without it: from pass 0)."""
+        self._resume = self._normalized(state_dict)
+        self._apply_resume()
+
+    @staticmethod
+    def _normalized(state_dict: dict[str, Any]) -> dict[str, int]:
         state = {key: int(value) for key, value in state_dict.items()}
         if "train_pass" not in state:  # a checkpoint of an earlier version: passes started
             state = {"train_pass": state.get("train_passes", 0), "train_batch": 0}
-        self._resume = state
-        self._apply_resume()
+        return state
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, last incomplete batch dropped.
@@ -441,14 +483,7 @@ class ImageDataModule(L.LightningDataModule):
         repeats the order and augmentation (Note [exact resume] in ``sampling``).
         """
         sampler = self._train_sampler()
-        if sampler.num_samples < self.batch_size:
-            per_rank = (
-                f" per rank ({sampler.num_replicas} ranks)" if sampler.num_replicas > 1 else ""
-            )
-            raise ConfigError(
-                f"batch_size {self.batch_size} exceeds the {sampler.num_samples} training "
-                f"examples{per_rank} (drop_last); use at most {sampler.num_samples}"
-            )
+        self._check_batch_size(sampler.num_samples, sampler.num_replicas)
         return ResumableLoader(
             SeededVisits(self.train_set),
             batch_size=self.batch_size,

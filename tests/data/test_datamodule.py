@@ -59,6 +59,7 @@ def test_train_loader_drops_last_and_is_seeded():
     for a, b in zip(second_pass[3:], rest, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert len(list(mid.train_dataloader())) == len(batches)  # the next pass is whole
+    assert len(_all(dm.train_eval_dataloader())[1]) == 1293  # full split for the gap
     other = ImageDataModule("digits", batch_size=50, val_size=0.1, seed=3)
     other.load_state_dict(
         {"train_pass": 1, "train_batch": 3, "train_batch_size": 100, "train_ranks": 1}
@@ -66,7 +67,21 @@ def test_train_loader_drops_last_and_is_seeded():
     other.setup("fit")
     with pytest.raises(ConfigError, match="training batch 3 of batch_size 100 on 1 rank"):
         other.train_dataloader()
-    assert len(_all(dm.train_eval_dataloader())[1]) == 1293  # full split for the gap
+
+
+def test_check_fit_takes_each_ranks_share_and_the_checkpoints_position():
+    dm = ImageDataModule("digits", batch_size=700, val_size=0.1)
+    dm.check_fit(ranks=1)  # 1293 examples: one batch
+    with pytest.raises(ConfigError, match=r"the 647 training examples per rank \(2 ranks\)"):
+        dm.check_fit(ranks=2)
+    mid = {"train_pass": 3, "train_batch": 1, "train_batch_size": 700, "train_ranks": 1}
+    dm.check_fit(ranks=1, checkpoint_state=mid)
+    dm.check_fit(ranks=1, checkpoint_state={"train_passes": 4})  # an earlier version's
+    small = ImageDataModule("digits", batch_size=300, val_size=0.1)
+    small.check_fit(ranks=3)  # 431 a rank
+    saved_on_one = {**mid, "train_batch_size": 300}
+    with pytest.raises(ConfigError, match=r"batch_size 300 on 1 rank.*has batch_size 300 on 3"):
+        small.check_fit(ranks=3, checkpoint_state=saved_on_one)
 
 
 @pytest.mark.parametrize("compress", [True, False])
