@@ -94,46 +94,51 @@ def _assert_same_checkpoint(a_path: Path, b_path: Path) -> dict:
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     assert a["global_step"] == b["global_step"]
-    assert a["ImageDataModule"] == b["ImageDataModule"]
     return a
 
 
 def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
-    """Resuming from epoch 0's end, from its batch 20 of 40 (mid-epoch) and from its last batch
-    (saved before the epoch's end) repeats the uninterrupted run exactly: shuffle, augmentation
-    in 2 DataLoader workers, PGD's random starts (Note [exact resume])."""
+    """Resuming from epoch 0's end, from its batch 20 of 40 (saved before that batch's
+    validation, and after it) and from its last batch (saved before the epoch's end) repeats
+    the uninterrupted run exactly: shuffle, augmentation in 2 DataLoader workers, PGD's random
+    starts (Note [exact resume])."""
     common = (
         "--trainer.max_epochs=2",
+        "--trainer.val_check_interval=20",  # validation at batches 20 and 40 of each epoch
         "--data.num_workers=2",
         "--data.augment=true",
         "--adversarial.attack.init_args.random_start=true",
         "--robust_eval.every_n_epochs=100",
-        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks+=ModelCheckpoint",  # saves after each validation
         "--trainer.callbacks.save_top_k=-1",
-        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks+=ModelCheckpoint",  # saves after a training batch
         "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.every_n_train_steps=20",
         "--trainer.callbacks.filename=mid-{step}",
     )
     straight = _fit(tmp_path / "a", *common)
-    ends = sorted((tmp_path / "a").rglob("epoch=*.ckpt"))
-    assert [c.name.split("-")[0] for c in ends] == ["epoch=0", "epoch=1"]
-    mids = {c.name: c for c in (tmp_path / "a").rglob("mid-*.ckpt")}
-    assert sorted(mids) == [f"mid-step={k}.ckpt" for k in (20, 40, 60, 80)]
-    loops = torch.load(mids["mid-step=20.ckpt"], weights_only=False)["loops"]
+    saved = {c.name: c for c in (tmp_path / "a").rglob("*.ckpt")}
+    after_val = [f"epoch={k // 40 - (k % 40 == 0)}-step={k}.ckpt" for k in (20, 40, 60, 80)]
+    assert sorted(saved) == sorted([*after_val, *(f"mid-step={k}.ckpt" for k in (20, 40, 60, 80))])
+    loops = torch.load(saved["mid-step=20.ckpt"], weights_only=False)["loops"]
     # the next batch to train: batch 20 of pass 0 (of 32 examples, on one rank)
     position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
     assert loops["fit_loop"]["state_dict"]["combined_loader"] == [position]
-    assert torch.load(mids["mid-step=20.ckpt"], weights_only=False)["ImageDataModule"] == position
-    for name, start in (("boundary", ends[0]), ("mid", mids["mid-step=20.ckpt"]),
-                        ("last", mids["mid-step=40.ckpt"])):  # fmt: skip
-        resumed = _fit(tmp_path / name, *common, f"--ckpt_path={start}")
-        (end,) = (tmp_path / name).rglob("epoch=1*.ckpt")
-        final = _assert_same_checkpoint(ends[1], end)
-        assert final["ImageDataModule"] == {"train_pass": 2, "train_batch": 0}
+    for name in ("mid-step=20.ckpt", "epoch=0-step=20.ckpt"):
+        assert torch.load(saved[name], weights_only=False)["ImageDataModule"] == position
+    final_name = "epoch=1-step=80.ckpt"
+    # saved after the last batch's validation, before the epoch's end: the epoch's (empty) rest
+    last = torch.load(saved[final_name], weights_only=False)["ImageDataModule"]
+    assert last == {**position, "train_pass": 1, "train_batch": 40}
+    for start in ("epoch=0-step=40.ckpt", "mid-step=20.ckpt", "epoch=0-step=20.ckpt",
+                  "mid-step=40.ckpt"):  # fmt: skip
+        run = tmp_path / start.removesuffix(".ckpt")
+        resumed = _fit(run, *common, f"--ckpt_path={saved[start]}")
+        (end,) = run.rglob(final_name)
+        final = _assert_same_checkpoint(saved[final_name], end)
         assert final["global_step"] == 80
         for split in ("train", "test"):
-            assert straight[split] == resumed[split], name
+            assert straight[split] == resumed[split], start
         assert straight["lipschitz_bound"] == resumed["lipschitz_bound"]
 
 

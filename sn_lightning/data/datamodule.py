@@ -101,6 +101,29 @@ def _augmentation(input_shape: tuple[int, int, int], hflip: bool) -> torch.nn.Mo
     return v2.Compose(steps)
 
 
+def _next_training_batch(trainer: L.Trainer) -> tuple[int, int]:
+    """(epoch, batch) of the next training batch, as Lightning resumes from a checkpoint now.
+
+    Lightning's counts, not the loader's (it runs one batch ahead of training to spot the last
+    batch): ``processed`` batches have run their training step. Between epochs (from
+    ``on_train_epoch_end`` on) the next batch is the next epoch's first. Saved in the last
+    batch's ``on_train_batch_end``, Lightning closes that epoch on resume: also the next
+    epoch's first. Otherwise (mid-epoch, or a validation run after the last batch) the
+    epoch goes on at batch ``processed``, possibly an empty rest. tests/test_fit.py checks
+    every save point of ``ModelCheckpoint``.
+    """
+    fit = trainer.fit_loop
+    epochs, batches = fit.epoch_progress.current, fit.epoch_loop.batch_progress.current
+    if epochs.processed == epochs.ready:  # between epochs
+        return epochs.processed, 0
+    closed_on_resume = (
+        batches.processed >= trainer.num_training_batches and batches.completed < batches.processed
+    )
+    if closed_on_resume:
+        return epochs.processed + 1, 0
+    return epochs.processed, batches.processed
+
+
 class ImageDataModule(L.LightningDataModule):
     """Image classification data in [0, 1] pixel space (normalization lives in the model).
 
@@ -449,20 +472,23 @@ class ImageDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The next training batch: batch ``train_batch`` of pass ``train_pass``.
 
-        A finished pass reads as batch 0 of the next one (Note [exact resume] in ``sampling``).
+        Pass e is epoch e's. Read off the trainer's counts as Lightning will resume from them
+        (Note [exact resume] in ``sampling``); without a trainer, batch 0 of the next pass.
         """
-        sampler = self._sampler
+        sampler, trainer = self._sampler, self.trainer
         if sampler is None:
             return dict(self._resume)
-        started, (trained, total) = sampler.passes, self._batches_trained()
-        if started > 0 and trained is not None and trained < total:  # type: ignore[operator]
-            return {
-                "train_pass": started - 1,
-                "train_batch": trained,
-                "train_batch_size": self.batch_size,
-                "train_ranks": sampler.num_replicas,
-            }
-        return {"train_pass": started, "train_batch": 0}
+        if trainer is None:
+            return {"train_pass": sampler.passes, "train_batch": 0}
+        pass_index, batch = _next_training_batch(trainer)
+        if batch == 0:
+            return {"train_pass": pass_index, "train_batch": 0}
+        return {
+            "train_pass": pass_index,
+            "train_batch": batch,
+            "train_batch_size": self.batch_size,
+            "train_ranks": sampler.num_replicas,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training order of a checkpoint (a checkpoint without it: from pass 0)."""
@@ -494,20 +520,6 @@ class ImageDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             state=self.state_dict,
             load=self.load_state_dict,
-        )
-
-    def _batches_trained(self) -> tuple[int, float] | tuple[None, None]:
-        """Batches of the current epoch whose training step has run, and the epoch's length.
-
-        The trainer's counts (Lightning's loader runs one batch ahead of training); None
-        without a trainer.
-        """
-        trainer = self.trainer
-        if trainer is None:
-            return None, None
-        return (
-            trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-            trainer.num_training_batches,
         )
 
     def val_dataloader(self) -> DataLoader | list:

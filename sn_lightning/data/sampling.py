@@ -12,14 +12,17 @@ Note [exact resume]
       runs the dataset's random transforms under that seed, whichever worker (or the main
       process) loads it and whenever. It is a ``DistributedSampler``, so Lightning keeps it
       under DDP, and it shards one permutation over the ranks as DistributedSampler does.
-    - The data module saves the next batch to train, batch k of pass p, in the checkpoint
-      (``ImageDataModule.state_dict``; a finished pass reads as batch 0 of the next). k is the
-      trainer's count of batches trained, not the loader's, which runs one batch ahead of
-      training (Lightning prefetches to spot the last batch). On resume the sampler starts
-      pass p at batch k without loading the batches before it. Lightning restores the data
-      module before it builds the first training iterator; :class:`ResumableLoader` also
-      hands the same state to Lightning's loader interface, which tells Lightning the loader
-      resumes mid-epoch.
+    - The data module saves the next batch to train, batch k of pass p (epoch p's pass), in
+      the checkpoint (``ImageDataModule.state_dict``), read off the trainer's counts as
+      Lightning will resume from them: between epochs the next epoch's batch 0; saved after
+      the last batch's training step, also the next epoch's batch 0 (Lightning closes that
+      epoch on resume); otherwise batch k of the epoch, k the batches whose training step has
+      run (after the last batch's validation: k = all, an empty rest). The loader's own count
+      runs one batch ahead (Lightning prefetches to spot the last batch). On resume the
+      sampler starts pass p at batch k without loading the batches before it. Lightning
+      restores the data module before it builds the first training iterator;
+      :class:`ResumableLoader` also hands the same state to Lightning's loader interface,
+      which tells Lightning the loader resumes mid-epoch.
     - :class:`~sn_lightning.lit.classifier.ReseedEachBatch` reseeds the global RNGs before
       every training batch's other hooks from ``derive_seed(seed_everything, epoch, batch
       index, rank)``.
