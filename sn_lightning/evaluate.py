@@ -23,8 +23,10 @@ from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.evaluation import evaluate
 from sn_lightning.fit import (
+    SEED_ENVIRON,
     SNLightningCLI,
     _OneLineErrorParser,
+    _restored_environ,
     build_cli,
     held_startup_lines,
     one_line_errors,
@@ -329,7 +331,7 @@ def run(
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the report."""
     prog = "python -m sn_lightning.evaluate"
-    with quiet_lightning(), one_line_errors(prog):
+    with quiet_lightning(), one_line_errors(prog), _restored_environ(*SEED_ENVIRON):
         with held_startup_lines() as release:
             cli = build_cli(
                 EvaluateCLI,

@@ -700,8 +700,15 @@ def _finish_wandb(trainer: Trainer, exit_code: int) -> None:
         logger.experiment.finish(exit_code=exit_code)  # started by `_start_wandb`
 
 
+# Set by Lightning's ``seed_everything`` (the CLI's ``seed_everything`` key) and read by
+# ``ReseedEachBatch`` and DDP ranks: restored when an entry point returns, so a later
+# ``seed_everything: false`` run in the same process is not reseeded from this run's seed.
+SEED_ENVIRON = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
 @contextlib.contextmanager
 def _restored_environ(*names: str) -> Iterator[None]:
+    """Put the environment variables ``names`` back as they were on entry."""
     saved = {name: os.environ.get(name) for name in names}
     try:
         yield
@@ -1030,7 +1037,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     with (
         quiet_lightning(),
         one_line_errors(prog),
-        _restored_environ("WANDB_RUN_ID", "WANDB_MODE"),
+        _restored_environ("WANDB_RUN_ID", "WANDB_MODE", *SEED_ENVIRON),
     ):
         with held_startup_lines() as release:
             cli = build_cli(

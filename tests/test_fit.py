@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
 
 
-def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path):
+def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     results = _fit(
         tmp_path,
         "--trainer.max_epochs=1",
@@ -58,6 +60,9 @@ def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path):
     settings = results["settings"]
     assert settings["model"]["lr"] == 0.02 and settings["model"]["optimizer"] == "adam"
     assert settings["data"]["batch_size"] == 64 and settings["seed_everything"] == 3
+    # the run's seed does not outlive it: a later seed_everything: false run in this process
+    # would otherwise be reseeded from seed 3 by ReseedEachBatch
+    assert "PL_GLOBAL_SEED" not in os.environ
 
 
 def test_print_config_does_not_train(tmp_path, capsys):
