@@ -214,9 +214,11 @@ def test_certified_norm_bound_is_sound_and_tight(name):
     from sn_lightning.spectral.ops import _norm_upper_bound
 
     A = _large_matrices()[name]
+    before = A.clone()
     truth = _exact_norm(A)
     bound = _norm_upper_bound(A)
     assert truth <= bound <= truth * (1 + 1e-6)
+    assert torch.equal(A, before)  # scaled on a copy, float64 inputs ("tall", "flat") included
     assert _norm_upper_bound(torch.zeros(1024, 1100)) == 0.0
 
 
