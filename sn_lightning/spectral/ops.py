@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from sn_lightning.errors import ConfigError
 from sn_lightning.modes import eval_mode
@@ -43,6 +45,7 @@ __all__ = [
     "conv_operator",
     "conv_transpose_operator",
     "dense_operator_norm",
+    "forward_kind",
     "linear_operator",
     "operator_norm",
     "operator_norm_upper_bound",
@@ -69,6 +72,63 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
 DENSE_MAX_DIM = 2048
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+# Note [subclass forwards]
+#     A subclass of a supported layer that overrides ``forward`` (or a convolution's
+#     ``_conv_forward``) may compute another map (timm's StdConv2d standardizes its weight first),
+#     so its operator is unknown unless its forward is one of these, found by (module, class) so
+#     that timm is never imported here: timm's ``Linear`` is the base's map (it only casts dtypes
+#     under TorchScript); timm's ``Conv2dSame`` (tf_* EfficientNets and other TensorFlow ports)
+#     is TensorFlow's 'SAME' zero padding, computed from the input size at each call with the odd
+#     pixel on the right and bottom, then an unpadded convolution (its ``padding`` attribute is 0
+#     and unused).
+_KNOWN_FORWARDS: dict[tuple[str, str], str] = {
+    ("timm.layers.linear", "Linear"): "base",
+    ("timm.layers.conv2d_same", "Conv2dSame"): "tf_same",
+}
+
+
+def forward_kind(layer: nn.Module) -> str | None:
+    """How a supported layer maps its input (Note [subclass forwards]).
+
+    Returns ``"base"`` (the torch layer's own map), ``"tf_same"`` (timm's ``Conv2dSame``) or None
+    (a subclass whose forward is unknown, or not a supported layer).
+    """
+    base = next((b for b in SUPPORTED_LAYERS if isinstance(layer, b)), None)
+    if base is None:
+        return None
+    cls = type(layer)
+    if parametrize.is_parametrized(layer):
+        # torch.nn.utils.parametrize injects a subclass; the layer's map is its base class's
+        # (the injected class may carry this package's fused training forward, the same map)
+        cls = cls.__bases__[0]
+    if base is not nn.Linear and cls._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
+        return None
+    if cls.forward is base.forward:
+        return "base"
+    for (module, name), kind in _KNOWN_FORWARDS.items():
+        known = getattr(sys.modules.get(module), name, None)
+        if isinstance(known, type) and isinstance(layer, known) and cls.forward is known.forward:
+            return kind
+    return None
+
+
+def tf_same_padding(
+    spatial: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[tuple[int, int], ...]:
+    """TensorFlow 'SAME' (left, right) zero padding per spatial dim: output ``ceil(n / s)``.
+
+    The total ``max((ceil(n / s) - 1) s + (k - 1) d + 1 - n, 0)`` is split with the odd pixel on
+    the right, as timm's ``pad_same``.
+    """
+    pads = []
+    for n, k, s, d in zip(spatial, kernel_size, stride, dilation, strict=True):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
 
 
 # --------------------------------------------------------------------------- power iteration
@@ -885,7 +945,17 @@ class OperatorSpec:
                 dilation=dilation,
                 groups=layer.groups,
             )
-        pads = _resolve_padding(layer.padding, layer.kernel_size, dilation, stride)
+        kind = forward_kind(layer)
+        if kind is None:
+            raise ValueError(
+                f"{type(layer).__name__} changes the forward of {type(layer).__mro__[1].__name__}, "
+                "so its operator is unknown; subclasses with a known operator: timm's Conv2dSame "
+                "and Linear"
+            )
+        if kind == "tf_same":
+            pads = tf_same_padding(shape[1:], layer.kernel_size, stride, dilation)
+        else:
+            pads = _resolve_padding(layer.padding, layer.kernel_size, dilation, stride)
         if layer.padding_mode in ("reflect", "circular"):  # torch: reflect < n, circular <= n
             slack = 1 if layer.padding_mode == "reflect" else 0
             if any(max(pad) > n - slack for pad, n in zip(pads, shape[1:], strict=True)):

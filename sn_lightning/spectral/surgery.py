@@ -22,8 +22,7 @@ from torch.nn.utils import parametrize
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.modes import eval_mode
 from sn_lightning.spectral import grouped
-from sn_lightning.spectral.fused import fused_forward
-from sn_lightning.spectral.ops import SUPPORTED_LAYERS, check_input_shape
+from sn_lightning.spectral.ops import SUPPORTED_LAYERS, check_input_shape, forward_kind
 from sn_lightning.spectral.parametrization import (
     METHODS,
     BoundedBatchNormScale,
@@ -64,12 +63,15 @@ def _beta_for(name: str, beta: float | Mapping[str, float]) -> float | None:
 
 
 def _overrides_forward(module: nn.Module) -> bool:
-    """True for subclasses (e.g. timm's StdConv2d, Conv2dSame) that change what the layer computes."""
-    for base in SUPPORTED_LAYERS + _BATCHNORMS:
-        if isinstance(module, base):
-            # fused_forward: our own training forward of a normalized plain layer (same map)
-            return type(module).forward not in (base.forward, fused_forward)
-    return False
+    """True for subclasses (e.g. timm's StdConv2d, BatchNormAct2d) that change what the layer computes.
+
+    Conv/Linear subclasses with a known forward (timm's Conv2dSame and Linear) are not: their
+    operator is known (Note [subclass forwards] in ``ops``).
+    """
+    if isinstance(module, SUPPORTED_LAYERS):
+        return forward_kind(module) is None
+    base = next((b for b in _BATCHNORMS if isinstance(module, b)), None)
+    return base is not None and type(module).forward is not base.forward
 
 
 def _record_input_shapes(

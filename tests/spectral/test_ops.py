@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from timm.layers import Conv2dSame, StdConv2d
+from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from sn_lightning.spectral import (
@@ -30,6 +32,15 @@ def dense_truth(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
     with torch.no_grad():
         J = ref(basis).reshape(n, -1)
     return float(torch.linalg.svdvals(J)[0])
+
+
+TIMM_LAYERS = [
+    (Conv2dSame(4, 6, 3, stride=2), (4, 7, 8)),  # totals 2 and 1
+    (Conv2dSame(4, 4, 5, stride=2, groups=4), (4, 9, 10)),  # depthwise, as in tf_efficientnet
+    (Conv2dSame(3, 4, 4, stride=3, dilation=2), (3, 10, 11)),
+    (Conv2dSame(2, 3, 2), (2, 6, 5)),  # even kernel, stride 1: one pixel on the right
+    (TimmLinear(9, 5), (9,)),
+]
 
 
 def _conv_grid() -> list[tuple]:
@@ -127,6 +138,9 @@ def test_conv2d_adjoint_is_exact(stride, pad, mode, dil, groups, size):
         (nn.Conv2d(128, 64, 3, stride=2, padding=1), (128, 2, 2)),
         (nn.Conv2d(96, 96, 3, padding=1, padding_mode="replicate"), (96, 1, 2)),
         (nn.Conv1d(256, 64, 5, padding=2), (256, 2)),
+        # timm's subclasses with a known operator (Note [subclass forwards]): TensorFlow 'SAME'
+        # padding from the input size (odd totals: the extra pixel right/bottom), and Linear
+        *TIMM_LAYERS,
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
 )
@@ -167,6 +181,7 @@ def test_other_layers_match_dense_svd(layer, shape):
         (nn.Conv2d(1, 6, 5), (1, 12, 12)),
         (nn.Conv1d(1, 3, 16, stride=4, padding=3, padding_mode="circular"), (1, 40)),
         (nn.Conv2d(3, 3, (1, 4), stride=(2, 1), padding=1, groups=3), (3, 1, 2)),
+        *TIMM_LAYERS[:-1],
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
 )
@@ -391,11 +406,13 @@ def test_parametrized_layers_use_the_weight_in_use():
     [
         (nn.BatchNorm2d(3), "unsupported layer type BatchNorm2d; supported: Linear, Conv1d"),
         (nn.Conv2d(3, 3, 3), "needs input_shape"),
+        # weight standardization in forward: another map than the raw weight's
+        (StdConv2d(3, 3, 3), "StdConv2d changes the forward of Conv2d, so its operator is unknown"),
     ],
 )
 def test_bad_layers_raise(layer, message):
     with pytest.raises(ValueError, match=message):
-        operator_norm(layer, None)
+        operator_norm(layer, None if type(layer) is nn.Conv2d else (3, 5, 5))
 
 
 def test_bad_input_shape_raises():

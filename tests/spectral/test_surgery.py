@@ -11,6 +11,8 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.layers import Conv2dSame
+from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from sn_lightning.errors import ConfigError
@@ -64,6 +66,10 @@ BACKBONES = {
         "vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=32
     ),
     "timm:regnetx_002": lambda: timm.create_model("regnetx_002", num_classes=10, pretrained=False),
+    # TensorFlow port: timm's Conv2dSame (dynamic 'SAME' padding) and timm's Linear head
+    "timm:tf_mobilenetv3_small_minimal_100": lambda: timm.create_model(
+        "tf_mobilenetv3_small_minimal_100", num_classes=10, pretrained=False
+    ),
 }
 SLOW_BACKBONES = {
     "torchvision:densenet121": lambda: torchvision.models.densenet121(num_classes=10),
@@ -92,12 +98,12 @@ def _check_backbone(name: str, forwards: int = 25) -> None:
         model, beta=beta, input_shape=SHAPE, n_power_iterations=5, init_iterations=100
     )
     layers = normalized_layers(model)
+    plain = (nn.Conv2d.forward, nn.Linear.forward, Conv2dSame.forward, TimmLinear.forward)
     n_layers = sum(
-        isinstance(m, (nn.Conv2d, nn.Linear))
-        and type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
+        isinstance(m, (nn.Conv2d, nn.Linear)) and type(m).forward in plain
         for m in build(name).modules()
     )
-    assert len(layers) == n_layers  # every plain Conv/Linear
+    assert len(layers) == n_layers  # every plain Conv/Linear and timm's known subclasses
     x = torch.rand(2, *SHAPE)
 
     # eval forwards change no buffer
@@ -152,6 +158,21 @@ def test_backbone_layers_are_bounded_and_export(name):
 @pytest.mark.parametrize("name", list(SLOW_BACKBONES))
 def test_slow_backbones(name):
     _check_backbone(name, forwards=80)
+
+
+def test_timm_same_padding_layers_are_normalized_at_their_padding():
+    """Conv2dSame: u has the real input size; the operator includes the dynamic 'SAME' padding."""
+    from sn_lightning.spectral.ops import tf_same_padding
+
+    model = build("timm:tf_mobilenetv3_small_minimal_100")
+    same = {n for n, m in model.named_modules() if type(m) is Conv2dSame}
+    assert len(same) == 5
+    apply_spectral_norm(model, beta=1.0, input_shape=SHAPE)
+    layers = normalized_layers(model)
+    assert same <= set(layers) and type(layers["net.classifier"][0]).__bases__[0] is TimmLinear
+    _, p = layers["net.conv_stem"]  # 3x3 stride 2 on 32x32: TF pads (0, 1) per dim
+    assert p.input_shape == SHAPE and p.spec.padding == ((0, 1), (0, 1))
+    assert tf_same_padding((32, 32), (3, 3), (2, 2), (1, 1)) == ((0, 1), (0, 1))
 
 
 def test_recorded_shapes_are_the_real_resolutions():
