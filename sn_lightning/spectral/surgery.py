@@ -347,6 +347,18 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 break
         else:
             plain[key] = value
+    # The per-module versions that load_state_dict hands to _load_from_state_dict (BatchNorm,
+    # torchvision's MNASNet check theirs), less the parametrization containers' own entries.
+    containers = {
+        pre[: pre.rindex("parametrizations.") + len("parametrizations")] for pre in values
+    }
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        plain._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k, v)
+            for k, v in metadata.items()
+            if not any(k == c or k.startswith(c + ".") for c in containers)
+        )
     return plain
 
 

@@ -160,6 +160,21 @@ def test_slow_backbones(name):
     _check_backbone(name, forwards=80)
 
 
+def test_plain_state_dict_keeps_the_module_versions():
+    """torchvision's MNASNet refuses a state dict without its version (``_metadata``)."""
+    net = torchvision.models.mnasnet0_5(num_classes=10)
+    fresh = copy.deepcopy(net)
+    apply_spectral_norm(net, beta=1.0, input_shape=SHAPE)
+    plain = plain_state_dict(net)
+    assert plain._metadata["layers.0"] == fresh.state_dict()._metadata["layers.0"]
+    assert not [k for k in plain._metadata if "parametrizations" in k]
+    assert set(plain._metadata) == set(fresh.state_dict()._metadata)
+    fresh.load_state_dict(plain, strict=True)
+    x = torch.rand(2, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_timm_same_padding_layers_are_normalized_at_their_padding():
     """Conv2dSame: u has the real input size; the operator includes the dynamic 'SAME' padding."""
     from sn_lightning.spectral.ops import tf_same_padding
