@@ -24,8 +24,8 @@ Note [power iteration in the batch]
 
     The fold is skipped, and the parametrization path runs, for eval and frozen forwards,
     accelerators (CUDA graphs there), autocast, dtype mismatches, ``method="matrix"``,
-    ``detach_uv=False``, non-zero or asymmetric padding, inputs at another resolution than
-    ``u``, ``parametrize.cached()``, ``torch.compile``, an input that needs no gradient while
+    ``detach_uv=False``, grouped convolutions (ops Note [blocks]), non-zero or asymmetric
+    padding, inputs at another resolution than ``u``, ``parametrize.cached()``, ``torch.compile``, an input that needs no gradient while
     the weight does (a first layer: the fold reads ``<g, A x>`` off the input gradient), and
     layers whose batch output is over ``FOLD_RATIO`` times their weight (rescaling the output
     would then cost more than rescaling the weight).
@@ -115,6 +115,8 @@ def _geometry(norm: Any) -> _Geometry | None:
     if spec.kind != "conv" or spec.padding_mode != "zeros":
         return None
     if any(lo != hi for lo, hi in spec.padding):
+        return None
+    if spec.groups > 1:  # per-group iteration (ops Note [blocks]): the parametrization's path
         return None
     return _Geometry(
         "conv", spec.stride, tuple(lo for lo, _ in spec.padding), spec.dilation, spec.groups

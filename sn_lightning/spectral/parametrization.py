@@ -55,6 +55,7 @@ from sn_lightning.spectral.ops import (
     _float_dtype,
     _power_iteration,
     _transforms_active,
+    _unit_blocks,
     linear_operator,
 )
 
@@ -471,7 +472,7 @@ class BoundedSpectralNorm(nn.Module):
             self.spec = OperatorSpec("linear", (weight.numel() // weight.shape[self.matrix_dim],))
             u_shape = self.spec.u_shape
         u = torch.randn(u_shape, device=weight.device, dtype=_float_dtype(weight.dtype))
-        self.register_buffer("u", u / u.norm().clamp_min(self.min_norm))
+        self.register_buffer("u", _unit_blocks(u, self.blocks, self.min_norm)[0])
         if self.init_iterations:
             self.converge(weight, self.init_iterations)
 
@@ -484,7 +485,7 @@ class BoundedSpectralNorm(nn.Module):
         with _no_autocast(weight.device.type):
             W = weight.detach().to(_float_dtype(weight.dtype))
             u, _, _ = _power_iteration(
-                *self._operator(W), self.u.to(W.dtype), n_iter, self.min_norm
+                *self._operator(W), self.u.to(W.dtype), n_iter, self.min_norm, self.blocks
             )
         self.u.copy_(u)
 
@@ -525,7 +526,7 @@ class BoundedSpectralNorm(nn.Module):
         """
         u, v, sigma, u_next = _estimate(
             *self._operator(W), self.u.to(W.dtype), self.n_power_iterations, self.min_norm,
-            advance=advance,
+            advance=advance, blocks=self.blocks,
         )  # fmt: skip
         if u_next is not None and store:
             self.u.copy_(u_next)
@@ -603,6 +604,7 @@ class BoundedSpectralNorm(nn.Module):
                     self.u.clone().to(dtype),
                     self.n_power_iterations,
                     self.min_norm,
+                    self.blocks,
                 )
                 if update:
                     self.u.copy_(u.detach())
@@ -639,6 +641,15 @@ class BoundedSpectralNorm(nn.Module):
             assert scale is not None
             return weight * scale.to(weight.dtype)
 
+    @property
+    def blocks(self) -> int:
+        """Groups with their own power iteration: the conv's groups for "operator", else 1.
+
+        ops Note [blocks]: each group's part of ``u`` is a unit vector and sigma is the largest
+        group's estimate.
+        """
+        return self.spec.blocks
+
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Identity: assigning ``layer.weight = W`` stores W as the unnormalized weight."""
         return weight
@@ -660,12 +671,13 @@ class BoundedSpectralNorm(nn.Module):
             W = weight.detach().to(dtype)
             if not self.detach_uv:
                 _, _, sigma = _power_iteration(
-                    *self._operator(W), self.u.to(dtype), n, self.min_norm
+                    *self._operator(W), self.u.to(dtype), n, self.min_norm, self.blocks
                 )
             else:
                 _, _, sigma, _ = _estimate(
-                    *self._operator(W), self.u.to(dtype), n, self.min_norm, advance=False
-                )
+                    *self._operator(W), self.u.to(dtype), n, self.min_norm, advance=False,
+                    blocks=self.blocks,
+                )  # fmt: skip
         return sigma
 
     def extra_repr(self) -> str:

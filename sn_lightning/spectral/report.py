@@ -140,7 +140,7 @@ def _fresh_sigma(layer: nn.Module, p: BoundedSpectralNorm, W: Tensor, n_iter: in
         gen = torch.Generator(device=W.device).manual_seed(0)
         u = torch.randn(spec.u_shape, generator=gen, device=W.device, dtype=W.dtype)
     with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
-        _, _, sigma = _power_iteration(*spec.operator(W), u, n_iter)
+        _, _, sigma = _power_iteration(*spec.operator(W), u, n_iter, blocks=spec.blocks)
     return float(sigma)
 
 

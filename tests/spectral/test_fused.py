@@ -19,14 +19,14 @@ from sn_lightning.spectral import (
 
 LAYERS = [
     (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
-    (lambda: nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6, bias=False), (6, 5, 4)),
-    (lambda: nn.Conv2d(8, 8, 3, padding="same", groups=4), (8, 5, 5)),
+    (lambda: nn.Conv2d(6, 6, 3, padding=2, dilation=2, bias=False), (6, 5, 4)),
+    (lambda: nn.Conv2d(8, 8, 3, padding="same"), (8, 5, 5)),
     (lambda: nn.Conv2d(128, 64, 3, padding=1), (128, 2, 2)),  # im2col + GEMM adjoint
     (lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2), (4, 9)),
     (lambda: nn.Conv3d(2, 3, 3, padding=1), (2, 3, 3, 3)),
     (lambda: nn.Linear(5, 7), None),
 ]
-IDS = ["strided", "dilated-depthwise", "same-grouped", "gemm", "conv1d", "conv3d", "linear"]
+IDS = ["strided", "dilated", "same", "gemm", "conv1d", "conv3d", "linear"]
 DEFAULT_RATIO = fused.FOLD_RATIO
 
 
@@ -74,6 +74,20 @@ def test_fold_equals_the_parametrization(make, shape, beta):
     u, u_ref = folded.parametrizations.weight[0].u, param.parametrizations.weight[0].u
     torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
     assert float(u.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_grouped_convolutions_take_the_parametrization():
+    """Per-group power iteration (ops Note [blocks]): no fold; u holds a unit vector per group."""
+    torch.manual_seed(0)
+    layer = bounded_spectral_norm(
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4), input_shape=(8, 5, 5), beta=0.1
+    )
+    assert layer.parametrizations.weight[0]._fold_geometry is None
+    y = layer(torch.randn(3, 8, 5, 5, requires_grad=True))
+    assert type(y.grad_fn).__name__ != "_FoldedLayerBackward"
+    y.sum().backward()
+    u = layer.parametrizations.weight[0].u
+    torch.testing.assert_close(u.reshape(4, -1).norm(dim=1), torch.ones(4))
 
 
 @pytest.mark.parametrize(("make", "shape"), LAYERS[:1] + LAYERS[-1:], ids=["conv", "linear"])

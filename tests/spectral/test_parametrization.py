@@ -140,13 +140,22 @@ def test_amp_keeps_power_iteration_in_float32():
 
 
 def _reference_weight(layer, u0):
-    """W / max(1, <A u, v>/beta) with u = u0 (unit) and v = A u / ||A u||, by plain autograd."""
+    """W / max(1, <A u, v>/beta) with u = u0 (unit) and v = A u / ||A u||, by plain autograd.
+
+    A grouped convolution is block diagonal: u0 unit in each group, sigma the largest group's
+    ||A_g u_g|| and v that group's unit A_g u_g, zero elsewhere (ops Note [blocks]).
+    """
     p = layer.parametrizations.weight[0]
     W = layer.parametrizations.weight.original
     op, _ = p._operator(W)
-    u = u0 / u0.norm()
+    groups = layer.groups if p.method == "operator" and not isinstance(layer, nn.Linear) else 1
+    u = u0.reshape(groups, -1)
+    u = (u / u.norm(dim=1, keepdim=True)).reshape(u0.shape)
     with torch.no_grad():
-        v = op(u) / op(u).norm()
+        Au = op(u).reshape(groups, -1)
+        norms = Au.norm(dim=1)
+        top = (norms == norms.max()).to(Au.dtype)
+        v = (Au / norms[:, None] * top[:, None]).reshape(op(u).shape)
     sigma = torch.sum(op(u) * v)
     return W / torch.clamp(sigma / p.beta, min=1.0)
 
@@ -435,3 +444,48 @@ def test_tf32_off_switches_both_flags_and_restores_them():
         assert cudnn.allow_tf32 and not matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def _dense_norm(layer, shape):
+    """||A||_2 of the layer in use (bias removed) from its forward on the identity basis."""
+    n = math.prod(shape)
+    with torch.no_grad():
+        basis = torch.eye(n).reshape(n, *shape)
+        J = (layer(basis) - layer(torch.zeros(1, *shape))).reshape(n, -1).double()
+    return float(torch.linalg.svdvals(J)[0])
+
+
+@pytest.mark.parametrize("weights", ["spread", "equal"])
+def test_depthwise_groups_keep_their_own_iteration(weights):
+    """A block-diagonal conv: no group's part of u dies, and one grown later is found at once.
+
+    One iteration on the whole operator let the weaker channels' part of u underflow to exact
+    zeros (16 of 64 after registration here), so a channel grown past the others by training
+    stayed invisible and the layer's norm stayed above beta for good (ops Note [blocks]).
+    """
+    torch.manual_seed(0)
+    shape, beta = (16, 4, 4), 1.0
+    layer = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    if weights == "spread":
+        with torch.no_grad():
+            layer.weight.mul_(torch.linspace(0.05, 1.0, 16).view(-1, 1, 1, 1))
+    _sn(layer, shape, beta=beta, init_iterations=300)
+    p = layer.parametrizations.weight[0]
+    blocks = p.u.reshape(16, -1).norm(dim=1)
+    torch.testing.assert_close(blocks, torch.ones(16))  # every group alive, unit
+    x = torch.randn(4, *shape)
+    for channel in (0, 7, 3):  # each in turn grown past the others, as a large SGD step could
+        with torch.no_grad():
+            layer.parametrizations.weight.original[channel] *= 40
+        layer.train()
+        with torch.no_grad():
+            for _ in range(3):
+                layer(x)
+        layer.eval()
+        assert _dense_norm(layer, shape) <= beta * (1 + 1e-3), channel
+        # the estimate is the strongest group's own norm, not a blend of groups
+        raw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        with torch.no_grad():
+            raw.weight.copy_(layer.parametrizations.weight.original)
+        sigma = float(p.sigma(layer.parametrizations.weight.original))
+        assert sigma == pytest.approx(_dense_norm(raw, shape), rel=1e-3)
