@@ -31,6 +31,7 @@ from sn_lightning.fit import (
     held_startup_lines,
     one_line_errors,
     quiet_lightning,
+    state_dict_mismatch,
 )
 from sn_lightning.lit import SNClassifier
 
@@ -204,26 +205,13 @@ def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
         raise ConfigError(f"cannot read checkpoint {ckpt_path}: {first_line(err)}") from err
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
-    mismatch = f"checkpoint {ckpt_path} does not fit the model built from this config (pass the "
-    mismatch += "training run's config.yaml)"
-    try:
-        result = model.load_state_dict(state["state_dict"], strict=False)
-    except RuntimeError as err:  # a shape mismatch
-        raise ConfigError(f"{mismatch}: {' '.join(str(err).split())[:300]}") from err
-    if result.missing_keys or result.unexpected_keys:
-        sn_in = [k for k in result.unexpected_keys if ".parametrizations." in k]
-        sn_out = [k for k in result.missing_keys if ".parametrizations." in k]
-        why = ""
-        if sn_in and not sn_out:
-            why = "the checkpoint's model has spectral normalization and this config's has not "
-        elif sn_out and not sn_in:
-            why = "this config adds spectral normalization the checkpoint's model has not "
-        why += "(model.beta, model.sn_*); " if why else ""
+    why = state_dict_mismatch(model, state["state_dict"])
+    if why is not None:
         raise ConfigError(
-            f"{mismatch}: {why}{len(result.missing_keys)} missing keys "
-            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected "
-            f"{result.unexpected_keys[:3]}"
+            f"checkpoint {ckpt_path} does not fit the model built from this config (pass the "
+            f"training run's config.yaml): {why}"
         )
+    model.load_state_dict(state["state_dict"])
 
 
 def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:

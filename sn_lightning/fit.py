@@ -378,14 +378,32 @@ def quiet_lightning() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in _TIP_LOGGERS]
     for logger in loggers:
         logger.addFilter(tips)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         with warnings.catch_warnings():
             for pattern in _NOISE_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
+        warnings.formatwarning = formatwarning
         for logger in loggers:
             logger.removeFilter(tips)
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """``file:line: Category: message`` without Python's echo of the source line.
+
+    A configuration warning is raised where jsonargparse instantiates the class, so the echoed
+    line would be jsonargparse's ``return class_type(*args, **kwargs)``.
+    """
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
 class _HoldRecords(logging.Filter):
@@ -475,15 +493,24 @@ def _raised_in(err: BaseException, module_prefix: str | tuple[str, ...]) -> bool
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
-    """A checkpoint path must name a file (Lightning's keywords and URLs pass through)."""
-    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or "://" in ckpt_path:
+    """A checkpoint path must name a file (Lightning's keywords and URLs pass through).
+
+    ``best`` names the best checkpoint of a fit that ran in this process, so it resumes nothing.
+    """
+    if ckpt_path == "best":
+        raise ConfigError(
+            "ckpt_path 'best' names the best checkpoint of an earlier fit in this process; to "
+            "resume, pass the .ckpt file (e.g. <run dir>/checkpoints/epoch=...ckpt) or last / hpc"
+        )
+    if ckpt_path is None or ckpt_path in ("last", "hpc") or "://" in ckpt_path:
         return
     if ckpt_path.startswith("registry"):
         return
     if not Path(ckpt_path).expanduser().is_file():
-        raise ConfigError(
-            f"ckpt_path {ckpt_path!r} is not a file (a .ckpt path, or last / best / hpc)"
-        )
+        raise ConfigError(f"ckpt_path {ckpt_path!r} is not a file (a .ckpt path, or last / hpc)")
+
+
+_SEED_MAX = 2**32 - 1  # numpy's range, which Lightning's seed_everything enforces
 
 
 class SNLightningCLI(LightningCLI):
@@ -506,6 +533,26 @@ class SNLightningCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from"
         )
         _count_before_fraction(parser)
+
+    def _set_seed(self) -> None:
+        """``seed_everything``: an int in [0, 2^32 - 1], false, or true for a random seed.
+
+        Lightning 2 seeds ``true`` with 0 (its ``seed_everything(None)``); here it draws one.
+        DDP ranks re-run this argv in the launching process's environment and take its seed
+        from ``PL_GLOBAL_SEED``, as Lightning's own ``true`` does.
+        """
+        key = f"{self.subcommand}.seed_everything" if self.subcommand else "seed_everything"
+        seed = self.config.get(key)
+        if seed is True:
+            env = os.environ.get("PL_GLOBAL_SEED")
+            seed = int(env) if env is not None else secrets.randbelow(_SEED_MAX + 1)
+            self.config[key] = seed
+        elif seed is not False and not 0 <= seed <= _SEED_MAX:
+            raise ConfigError(
+                f"seed_everything {seed} is out of range; valid: an int in [0, {_SEED_MAX}], "
+                "true (a random seed) or false (no seeding)"
+            )
+        super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
         """Give each configured WandbLogger a run id, a save_dir and, if W&B is unreachable, offline."""
@@ -832,10 +879,48 @@ def check_run(cli: SNLightningCLI) -> None:
     """The checks that need the built trainer and model, before anything starts."""
     _check_strategy(cli.trainer, cli.model)
     check_ckpt_path(cli.config.ckpt_path)
-    _check_data(cli)
+    checkpoint = _read_checkpoint(cli.config.ckpt_path)
+    _check_data(cli, checkpoint)
+    if checkpoint is not None:
+        why = state_dict_mismatch(cli.model, checkpoint.get("state_dict"))
+        if why is not None:
+            raise ConfigError(
+                f"checkpoint {cli.config.ckpt_path} does not fit the model built from this config "
+                f"(resume with the training run's config.yaml): {why}"
+            )
 
 
-def _check_data(cli: SNLightningCLI) -> None:
+def state_dict_mismatch(model: torch.nn.Module, state_dict: object) -> str | None:
+    """Why ``state_dict`` does not load strictly into ``model`` (keys, shapes), or None if it does.
+
+    Compares without loading anything; a spectral-norm difference is named as such.
+    """
+    if not isinstance(state_dict, dict):
+        return "it has no 'state_dict' (not a Lightning checkpoint)"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        sn_in = [k for k in unexpected if ".parametrizations." in k]
+        sn_out = [k for k in missing if ".parametrizations." in k]
+        why = ""
+        if sn_in and not sn_out:
+            why = "the checkpoint's model has spectral normalization and this config's has not "
+        elif sn_out and not sn_in:
+            why = "this config adds spectral normalization the checkpoint's model has not "
+        why += "(model.beta, model.sn_*); " if why else ""
+        return (
+            f"{why}{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}"
+        )
+    for key, value in own.items():
+        theirs = state_dict[key]
+        if isinstance(theirs, torch.Tensor) and theirs.shape != value.shape:
+            return f"{key} has shape {tuple(theirs.shape)} there and {tuple(value.shape)} here"
+    return None
+
+
+def _check_data(cli: SNLightningCLI, checkpoint: dict[str, Any] | None) -> None:
     """The training split against batch_size and a checkpoint's position, before anything runs.
 
     Skipped where the files are still to be downloaded (Lightning's ``prepare_data``, rank 0
@@ -844,20 +929,21 @@ def _check_data(cli: SNLightningCLI) -> None:
     dm = cli.datamodule
     if not isinstance(dm, ImageDataModule) or not dm.files_present():
         return
-    dm.check_fit(cli.trainer.world_size, _checkpoint_state(cli.config.ckpt_path, dm))
+    state = checkpoint.get(type(dm).__qualname__) if checkpoint is not None else None
+    dm.check_fit(cli.trainer.world_size, state if isinstance(state, dict) else None)
 
 
-def _checkpoint_state(ckpt_path: str | None, dm: ImageDataModule) -> dict[str, Any] | None:
-    """The data module's state in a local checkpoint file, or None.
+def _read_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
+    """A local checkpoint file's contents, or None (no path, or one of Lightning's keywords / URLs).
 
     Loaded as Lightning will load it (torch's default ``weights_only``), memory-mapped where the
-    file allows (no tensor is read).
+    file allows (tensors are read only where compared).
 
     Raises:
         ConfigError: the file is not a checkpoint torch can load.
     """
     if ckpt_path is None or not Path(ckpt_path).expanduser().is_file():
-        return None  # none, or one of Lightning's keywords / URLs
+        return None
     path = Path(ckpt_path).expanduser()
     try:
         try:
@@ -878,8 +964,7 @@ def _checkpoint_state(ckpt_path: str | None, dm: ImageDataModule) -> dict[str, A
             f"ckpt_path {ckpt_path!r} is not a checkpoint that torch.load reads as Lightning "
             f"loads it ({cause})"
         ) from err
-    state = checkpoint.get(type(dm).__qualname__) if isinstance(checkpoint, dict) else None
-    return state if isinstance(state, dict) else None
+    return checkpoint if isinstance(checkpoint, dict) else {}
 
 
 def run(cli: SNLightningCLI) -> dict[str, Any]:
@@ -939,6 +1024,7 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
         summary[f"final/{name}/gap"] = entry["gap"]
     for logger in trainer.loggers:
         logger.log_metrics(summary, step=trainer.global_step)
+        logger.save()  # the fit has ended, so nothing else flushes a CSV/TensorBoard logger now
     # The last logged value of every metric (what a W&B sweep reads from the run summary).
     results["metrics"] = {**logged, **summary}
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,13 @@ def test_quickstart_config_end_to_end(tmp_path):
         assert entry["gap"] == pytest.approx(entry["train"]["acc"] - entry["test"]["acc"])
     assert saved["settings"]["model"]["beta"] == 2.0
     assert saved["lipschitz_bound"] is not None and saved["lipschitz_bound"] > 0
+    # the final numbers reach the default CSV logger too (written after the fit ended)
+    rows = (path.parent / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert float(last[header.index("final/test_acc")]) == pytest.approx(saved["test"]["acc"])
+    assert float(last[header.index("final/pgd20_linf_0.1/gap")]) == pytest.approx(
+        adv["pgd20_linf_0.1"]["gap"]
+    )
 
 
 def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path, monkeypatch):
@@ -63,6 +70,21 @@ def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path, monkeypatch):
     # the run's seed does not outlive it: a later seed_everything: false run in this process
     # would otherwise be reseeded from seed 3 by ReseedEachBatch
     assert "PL_GLOBAL_SEED" not in os.environ
+
+
+def test_seed_everything_true_draws_a_seed_and_ddp_ranks_take_the_launchers(tmp_path, monkeypatch):
+    """Lightning 2 seeds ``true`` with 0; here it is a random draw, and a DDP rank (launched with
+    the first process's PL_GLOBAL_SEED in its environment) takes that seed instead."""
+    import sn_lightning.fit as fit
+
+    quick = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.train_subset=64"]
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    monkeypatch.setattr(fit.secrets, "randbelow", lambda n: 12345 if n == 2**32 else -1)
+    drawn = _fit(tmp_path / "a", *quick, "--seed_everything=true")
+    assert drawn["settings"]["seed_everything"] == 12345
+    monkeypatch.setenv("PL_GLOBAL_SEED", "777")
+    rank = _fit(tmp_path / "b", *quick, "--seed_everything=true")
+    assert rank["settings"]["seed_everything"] == 777
 
 
 def test_print_config_does_not_train(tmp_path, capsys):
@@ -549,6 +571,24 @@ def test_a_run_prints_no_lightning_advertisements(tmp_path):
             "the checkpoint resumes mid-epoch at training batch 20 of batch_size 32 on 1 rank(s); "
             "this run has batch_size 16 on 1",
         ),
+        (
+            "sn_lightning.fit",
+            ["--ckpt_path={tmp}/other.ckpt"],
+            "other.ckpt does not fit the model built from this config (resume with the training "
+            "run's config.yaml): ",
+        ),
+        ("sn_lightning.fit", ["--ckpt_path=best"], "ckpt_path 'best' names the best checkpoint"),
+        (
+            "sn_lightning.fit",
+            ["--model.backbone=sn_lightning:mini_alexnet", "--model.backbone_kwargs={act: foo}"],
+            "backbone 'sn_lightning:mini_alexnet' (backbone_kwargs {'act': 'foo'}) cannot be built "
+            "for inputs of shape (1, 8, 8): unknown key 'foo'",
+        ),
+        (
+            "sn_lightning.fit",
+            ["--seed_everything=-1"],
+            "seed_everything -1 is out of range; valid: an int in [0, 4294967295], true",
+        ),
     ],
 )
 def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
@@ -559,6 +599,7 @@ def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
     (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
     position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
     torch.save({"ImageDataModule": position}, tmp_path / "mid.ckpt")
+    torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 3)}}, tmp_path / "other.ckpt")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     command = [sys.executable, "-m", module, "--config", QUICKSTART, *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
@@ -594,3 +635,16 @@ def test_batch_limits_keep_integers_as_counts(tmp_path, capsys):
     assert trainer["limit_train_batches"] == 1 and isinstance(trainer["limit_train_batches"], int)
     assert trainer["limit_val_batches"] == 0.5
     assert trainer["limit_test_batches"] == 3 and isinstance(trainer["limit_test_batches"], int)
+
+
+def test_warnings_print_on_one_line_inside_the_cli():
+    """Python echoes a warning's source line; for a config warning that is jsonargparse's code."""
+    import warnings
+
+    from sn_lightning.fit import quiet_lightning
+
+    before = warnings.formatwarning
+    with quiet_lightning():
+        text = warnings.formatwarning("mix has no effect", UserWarning, "x.py", 3, "return cls()")
+    assert text == "x.py:3: UserWarning: mix has no effect\n"
+    assert warnings.formatwarning is before

@@ -232,10 +232,12 @@ class SNClassifier(L.LightningModule):
             )
         except ConfigError:
             raise
-        except (RuntimeError, ValueError, TypeError, AssertionError) as err:
+        except (RuntimeError, ValueError, TypeError, AssertionError, LookupError) as err:
+            # a KeyError's text is the bare key (e.g. an unknown activation name)
+            cause = f"unknown key {err}" if isinstance(err, KeyError) else first_line(err)
             raise ConfigError(
                 f"backbone {backbone!r} (backbone_kwargs {backbone_kwargs or {}}) cannot be "
-                f"built for inputs of shape {tuple(input_shape)}: {first_line(err)}"
+                f"built for inputs of shape {tuple(input_shape)}: {cause}"
             ) from err
         _check_backbone(self.model, backbone, tuple(input_shape), num_classes)
         if beta is not None:
