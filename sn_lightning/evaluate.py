@@ -49,6 +49,9 @@ class EvaluateCLI(SNLightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The fit keys (so the same config works) and the evaluation's own."""
         super().add_arguments_to_parser(parser)
+        for action in parser._actions:  # the fit CLI's key, another meaning here
+            if action.dest == "ckpt_path":
+                action.help = "checkpoint to evaluate (required)"
         parser.add_argument("--eval.norm", type=Literal["linf", "l2"], default="linf")
         parser.add_argument(
             "--eval.eps", type=list[float] | None, default=None, help="radii in [0, 1] pixel units"

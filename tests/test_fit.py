@@ -618,6 +618,8 @@ def test_help_describes_the_command(module, capsys):
     words = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
     assert "Lightning Trainer command line tool" not in words
     assert importlib.import_module(module).DESCRIPTION in words
+    meaning = "checkpoint to resume from" if module.endswith("fit") else "checkpoint to evaluate"
+    assert f"--ckpt_path CKPT_PATH {meaning}" in words
 
 
 def test_batch_limits_keep_integers_as_counts(tmp_path, capsys):
