@@ -855,8 +855,8 @@ def refresh_spectral_norm(model: nn.Module, n_iter: int = 50) -> nn.Module:
     the stored ``u`` bring them to <= 1.0004 beta. Power iteration approaches sigma from below, so
     a layer whose top singular values nearly tie may stay a little above beta (timm LeViT-128S's
     ``stem.conv3`` at random init after five SGD steps: 1.016 beta after 100 rounds); the
-    report's upper bound is the guarantee. Only the ``u`` buffers change (no forward runs, BatchNorm statistics
-    are untouched; layers inside :func:`freeze_spectral_norm` are skipped). While fitting, the
+    report's upper bound is the guarantee. Only the ``u`` buffers change (no forward runs,
+    BatchNorm statistics are untouched; layers inside :func:`freeze_spectral_norm` are skipped). While fitting, the
     classifier refreshes before each validation, at each epoch end and before a checkpoint
     (``model.sn_refresh_iterations``, default 100), so checkpoints and the final evaluation hold
     a converged ``u``.

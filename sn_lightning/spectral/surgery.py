@@ -330,10 +330,12 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = model.state_dict()
     plain: dict[str, Tensor] = OrderedDict()
     values: dict[str, Tensor] = {}
+    containers: set[str] = set()  # the modules holding parametrizations ("a.parametrizations")
     with eval_mode(model), torch.no_grad():
         for name, m in model.named_modules():
             if parametrize.is_parametrized(m):
                 prefix = f"{name}." if name else ""
+                containers.add(f"{prefix}parametrizations")
                 for tensor_name in m.parametrizations:
                     values[f"{prefix}parametrizations.{tensor_name}."] = (
                         getattr(m, tensor_name).detach().clone()
@@ -349,9 +351,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
             plain[key] = value
     # The per-module versions that load_state_dict hands to _load_from_state_dict (BatchNorm,
     # torchvision's MNASNet check theirs), less the parametrization containers' own entries.
-    containers = {
-        pre[: pre.rindex("parametrizations.") + len("parametrizations")] for pre in values
-    }
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
         plain._metadata = OrderedDict(  # type: ignore[attr-defined]
