@@ -205,7 +205,10 @@ def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as err:  # unpickling errors have many types
-        raise ConfigError(f"cannot read checkpoint {ckpt_path}: {first_line(err)}") from err
+        raise ConfigError(
+            f"{ckpt_path} is not a checkpoint torch.load can read (a .ckpt file that a training "
+            f"run wrote): {first_line(err)}"
+        ) from err
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
     why = state_dict_mismatch(model, state["state_dict"])
@@ -218,7 +221,12 @@ def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
 
 
 def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
-    """The checkpoint path, radii and device, checked before the checkpoint and the data load."""
+    """The checkpoint path, radii and device, checked; then the checkpoint's weights, loaded.
+
+    Everything a user can get wrong is found here, before Lightning's start-up lines print:
+    the radii and settings before the checkpoint is read, then a file that is not a checkpoint
+    or one of another model.
+    """
     cfg = cli.config
     ev = cfg.eval
     if cfg.ckpt_path is None:
@@ -243,19 +251,20 @@ def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
             check_linf("linf", eps)
         elif shape is not None:
             check_l2_radius(eps, tuple(shape), "eval")
+    _load_weights(model, ckpt_path)
     return ckpt_path, eps_list, device
 
 
 def run(
     cli: EvaluateCLI, ckpt_path: Path, eps_list: list[float], device: torch.device
 ) -> dict[str, Any]:
-    """Load the checkpoint, attack the test set, write the report and the plot.
+    """Attack the test set with the loaded checkpoint, write the report and the plot.
 
-    ``ckpt_path``, ``eps_list``, ``device``: as :func:`check_eval` returns them.
+    ``ckpt_path``, ``eps_list``, ``device``: as :func:`check_eval` returns them (it loaded the
+    weights).
     """
     ev = cli.config.eval
     model: SNClassifier = cli.model
-    _load_weights(model, ckpt_path)
     model.to(device).eval()
     dm: ImageDataModule = cli.datamodule
     dm.prepare_data()

@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import secrets
-import socket
 import string
 import sys
 import time
@@ -43,6 +42,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from sn_lightning._net import unreachable_reason
 from sn_lightning.callbacks import (
     AdversarialTraining,
     DataGrad,
@@ -155,6 +155,9 @@ _TYPE_WORDS = {
     "str": "a string",
     "NoneType": "null",
     "sn_lightning.attacks.base.Attack": "an attack: FGM, PGD, WRM (or a full class path)",
+    "lightning.pytorch.callbacks.callback.Callback": (
+        "a callback class path (e.g. lightning.pytorch.callbacks.EarlyStopping)"
+    ),
 }
 
 
@@ -162,7 +165,23 @@ _LIST_WORDS = {
     "list[float]": "a list of numbers like [0.1, 0.2]",
     "list[int]": "a list of integers like [1, 2]",
     "list[str]": "a list like ['layer1.*', 'fc']",
+    "list[sn_lightning.attacks.base.Attack]": (
+        "a list of attacks (FGM, PGD, WRM or full class paths; append one with "
+        "--robust_eval.attacks+=PGD)"
+    ),
+    "list[lightning.pytorch.callbacks.callback.Callback]": "a list of callbacks",
+    "dict[str, typing.Any]": "a mapping like {drop_rate: 0.1}",
 }
+
+
+_NON_FINITE = ("nan", "inf", "infinity", ".nan", ".inf")
+
+
+def _finite(words: str, value: str) -> str:
+    """``a number`` -> ``a finite number`` where the refused value is nan or inf."""
+    if value.strip().strip("'\"").lower().lstrip("+-") in _NON_FINITE:
+        return words.replace("a number", "a finite number", 1)
+    return words
 
 
 def _type_words(types: str) -> str:
@@ -172,8 +191,11 @@ def _type_words(types: str) -> str:
     """
     values: list[str] = []
     words = []
-    for item in re.findall(r"typing\.Literal\[[^\]]*\]|<class '[\w.]+'>|list\[\w+\]", types):
-        if item.startswith("list["):
+    pattern = r"typing\.Literal\[[^\]]*\]|<class '[\w.]+'>|list\[[\w.]+\]|dict\[[\w., ]+\]"
+    for item in re.findall(pattern, types):
+        if item.startswith("dict["):
+            words.append(_LIST_WORDS.get(item, "a mapping like {key: value}"))
+        elif item.startswith("list["):
             words.append(_LIST_WORDS.get(item, "a list like [a, b]"))
         elif item.startswith("typing.Literal["):
             try:
@@ -276,7 +298,7 @@ def _plain_parser_error(message: str) -> str:
     )
     if single:
         key, types, value = single.groups()
-        words = _type_words(types)
+        words = _finite(_type_words(types), value)
         return f"--{key}: invalid value {value!r}; expected {words}" if words else message
     key = re.match(r'Parser key "([^"]+)":', message)
     union = "Does not validate against any of the Union subtypes Subtypes: "
@@ -287,7 +309,7 @@ def _plain_parser_error(message: str) -> str:
     kind, value = given.groups()
     if kind != "str" and re.search(r"<class '\w+\.[\w.]+'>", subtypes.group(1)):
         return message  # a class key (attacks): _class_init_error's case
-    words = _type_words(subtypes.group(1))
+    words = _finite(_type_words(subtypes.group(1)), value)
     if not words:
         return message
     hint = ""
@@ -654,14 +676,7 @@ def wandb_unreachable_reason(timeout: float = 3.0) -> str | None:
     host = parsed.hostname or url
     if not _has_wandb_credentials(host):
         return f"no W&B API key for {host} (set WANDB_API_KEY or run `wandb login`)"
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "ALL_PROXY")):
-        return None
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as err:
-        return f"cannot reach {url} ({type(err).__name__}: {err})"
+    return unreachable_reason(url, timeout)
 
 
 @rank_zero_only
@@ -875,12 +890,45 @@ def _check_strategy(trainer: Trainer, model: SNClassifier) -> None:
         )
 
 
+def _check_training_length(trainer: Trainer) -> None:
+    """A run that would train nothing (and report an untrained model) is a config error."""
+    limit = trainer.limit_train_batches
+    for key, value in (
+        ("max_epochs", trainer.max_epochs),
+        ("max_steps", trainer.max_steps),
+        ("limit_train_batches", limit),
+    ):
+        if value == 0:
+            raise ConfigError(
+                f"trainer.{key} 0 trains nothing, and the results would be those of an untrained "
+                f"model; give it a count >= 1 (or, to evaluate a checkpoint, use "
+                f"python -m sn_lightning.evaluate --ckpt_path ...)"
+            )
+
+
+def _check_callbacks(cli: SNLightningCLI) -> None:
+    """Each of our callbacks' settings against the model and the data (``check_config``)."""
+    for callback in cli.trainer.callbacks:
+        check = getattr(callback, "check_config", None)
+        if callable(check):
+            check(cli.model, cli.datamodule)
+    robust = _callback(cli.trainer, RobustEvaluation)
+    dm = cli.datamodule
+    if robust is not None and robust.attacks and getattr(dm, "val_size", None) == 0:
+        _warn(
+            "data.val_size is 0 (no validation split), so robust_eval reports no per-epoch "
+            "numbers; its final train/test evaluation still runs"
+        )
+
+
 def check_run(cli: SNLightningCLI) -> None:
     """The checks that need the built trainer and model, before anything starts."""
     _check_strategy(cli.trainer, cli.model)
+    _check_training_length(cli.trainer)
     check_ckpt_path(cli.config.ckpt_path)
     checkpoint = _read_checkpoint(cli.config.ckpt_path)
     _check_data(cli, checkpoint)
+    _check_callbacks(cli)
     if checkpoint is not None:
         why = state_dict_mismatch(cli.model, checkpoint.get("state_dict"))
         if why is not None:

@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -1363,8 +1363,16 @@ def _start(
 
 
 # -- command line -------------------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (no usage block), exit 2; ``--help`` as usual."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("validate", help="check sweep YAMLs offline (schema, keys, values)")
     check.add_argument("sweeps", nargs="+", help="sweep YAML files")

@@ -216,9 +216,28 @@ def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
         ),
         (
             ["--adversarial.attack.init_args.eps=nan"],
-            "--adversarial.attack.init_args.eps: invalid value 'nan'; expected a number or null",
+            "--adversarial.attack.init_args.eps: invalid value 'nan'; expected a finite number or "
+            "null",
         ),
-        (["--model.lr=nan"], "--model.lr: invalid value 'nan'; expected a number"),
+        (["--model.lr=nan"], "--model.lr: invalid value 'nan'; expected a finite number"),
+        (["--model.lr=-inf"], "--model.lr: invalid value '-inf'; expected a finite number"),
+        (
+            ["--robust_eval.attacks=PGD"],
+            "--robust_eval.attacks: invalid value 'PGD'; expected a list of attacks (FGM, PGD, WRM "
+            "or full class paths; append one with --robust_eval.attacks+=PGD) or null",
+        ),
+        (
+            ["--model.backbone_kwargs=[1, 2]"],
+            "--model.backbone_kwargs: invalid value '[1, 2]'; expected a mapping like "
+            "{drop_rate: 0.1} or null",
+        ),
+        (
+            ["--trainer.callbacks+=Foo"],
+            "--trainer.callbacks: invalid value 'Foo'; expected a list of callbacks or a callback "
+            "class path (e.g. lightning.pytorch.callbacks.EarlyStopping) or null",
+        ),
+        (["--model.momentum=1.5"], "momentum must be in [0, 1), got 1.5"),
+        (["--data.val_size=1.0"], "val_size 1.0 is ambiguous: a fraction must be in (0, 1)"),
         (
             ["--trainer.strategy=foo"],
             "trainer: You selected an invalid strategy name: `strategy='foo'`",
@@ -589,6 +608,28 @@ def test_a_run_prints_no_lightning_advertisements(tmp_path):
             ["--seed_everything=-1"],
             "seed_everything -1 is out of range; valid: an int in [0, 4294967295], true",
         ),
+        # settings checked against the model and the data (the callbacks' check_config)
+        (
+            "sn_lightning.fit",
+            ["--adversarial.attack.norm=l2", "--adversarial.attack.eps=100"],
+            "PGD: l2 eps 100 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs",
+        ),
+        (
+            "sn_lightning.fit",
+            ["--layerwise.eps=0.01", '--layerwise.layers=["nomatch"]'],
+            "layer pattern 'nomatch' matches no module; names: normalize, net, net.0",
+        ),
+        ("sn_lightning.fit", ["--trainer.max_epochs=0"], "trainer.max_epochs 0 trains nothing"),
+        (
+            "sn_lightning.evaluate",
+            ["--ckpt_path={tmp}/garbage.ckpt"],
+            "garbage.ckpt is not a checkpoint torch.load can read",
+        ),
+        (
+            "sn_lightning.evaluate",
+            ["--ckpt_path={tmp}/other.ckpt"],
+            "other.ckpt does not fit the model built from this config (pass the training run's",
+        ),
     ],
 )
 def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
@@ -606,6 +647,43 @@ def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
     assert proc.returncode == 2
     (line,) = (proc.stdout + proc.stderr).strip().splitlines()
     assert line.startswith(f"python -m {module}: error: ") and message in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trainer.limit_train_batches=0"], "trainer.limit_train_batches 0 trains nothing"),
+        (["--trainer.max_steps=0"], "trainer.max_steps 0 trains nothing"),
+        (
+            ["--adversarial.attack.eps=null", "--adversarial.attack.eps_rel=50"],
+            "linf eps eps_rel 50 x mean input norm 3.864 = 193.198 >= 1",
+        ),
+        (
+            [
+                "--robust_eval.attacks+=FGM",
+                "--robust_eval.attacks.norm=l2",
+                "--robust_eval.attacks.eps=20",
+            ],
+            "FGM: l2 eps 20 >= 8, the diameter",
+        ),
+    ],
+)
+def test_a_run_that_cannot_train_as_asked_stops_before_it_starts(tmp_path, capsys, args, message):
+    """Checked in check_run, before the trainer writes anything (no run directory)."""
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("error:") == 1 and message in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_robust_eval_without_a_validation_split_warns(tmp_path, caplog):
+    results = _fit(
+        tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.val_size=0"
+    )
+    assert "robust_eval reports no per-epoch numbers" in caplog.text
+    assert results["adversarial"]["pgd20_linf_0.1"]["test"]["n"] == 360  # the final one ran
 
 
 @pytest.mark.parametrize("module", ["sn_lightning.fit", "sn_lightning.evaluate"])

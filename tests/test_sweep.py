@@ -930,3 +930,25 @@ def test_data_values_split_across_parameters_are_checked_together(monkeypatch, t
     monkeypatch.setattr(sweep, "_execute", fake)
     assert sweep.main(["run", str(path), "--out", str(tmp_path / "o")]) == 0
     assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["run", "configs/sweeps/x.yaml", "--count", "abc"],
+            "python -m sn_lightning.sweep run: error: argument --count: invalid int value: 'abc'; "
+            "see python -m sn_lightning.sweep run --help",
+        ),
+        (
+            ["frob"],
+            "python -m sn_lightning.sweep: error: argument command: invalid choice: 'frob' "
+            "(choose from 'validate', 'run'); see python -m sn_lightning.sweep --help",
+        ),
+    ],
+)
+def test_a_usage_error_is_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == message

@@ -23,6 +23,7 @@ from sn_lightning.attacks.fgm import FGM as FGM
 # Hidden-layer perturbation (layerwise adversarial training)
 from sn_lightning.attacks.layerwise import LayerwisePerturbation as LayerwisePerturbation
 from sn_lightning.attacks.layerwise import default_layerwise_layers as default_layerwise_layers
+from sn_lightning.attacks.layerwise import layerwise_layers as layerwise_layers
 
 # Linf / L2 ball attacks: multi-step
 from sn_lightning.attacks.pgd import PGD as PGD
@@ -55,5 +56,6 @@ __all__ = [
     "default_layerwise_layers",
     "in_attack",
     "input_gradient",
+    "layerwise_layers",
     "mean_input_norm",
 ]

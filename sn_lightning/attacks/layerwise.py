@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from sn_lightning.attacks.base import in_attack
 from sn_lightning.errors import ConfigError
 
-__all__ = ["LayerwisePerturbation", "default_layerwise_layers"]
+__all__ = ["LayerwisePerturbation", "default_layerwise_layers", "layerwise_layers"]
 
 _MODES = ("sign", "l2")
 
@@ -83,6 +83,28 @@ def default_layerwise_layers(model: nn.Module) -> list[str]:
     return [prefix + n for n, _ in children[:-1]]
 
 
+def layerwise_layers(model: nn.Module, layers: Sequence[str] | str | None = None) -> list[str]:
+    """The module names that ``layers`` (fnmatch patterns; None: the default stages) choose.
+
+    Returns:
+        Names as in ``model.named_modules()``, each once, in the order the patterns match them.
+
+    Raises:
+        ConfigError: a pattern matches no module (the message lists some names).
+    """
+    if layers is None:
+        return default_layerwise_layers(model)
+    modules = [n for n, _ in model.named_modules() if n and not _is_internal(n)]
+    names: list[str] = []
+    for pattern in [layers] if isinstance(layers, str) else list(layers):
+        matched = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            some = ", ".join(modules[:12])
+            raise ConfigError(f"layer pattern {pattern!r} matches no module; names: {some}")
+        names += [n for n in matched if n not in names]
+    return names
+
+
 class LayerwisePerturbation:
     """Perturb hidden activations with the previous step's activation gradients.
 
@@ -123,18 +145,8 @@ class LayerwisePerturbation:
         if mode not in _MODES:
             raise ConfigError(f"mode must be one of {list(_MODES)}, got {mode!r}")
         self.mode = mode
-        modules = {n: m for n, m in model.named_modules() if n and not _is_internal(n)}
-        if layers is None:
-            names = default_layerwise_layers(model)
-        else:
-            patterns = [layers] if isinstance(layers, str) else list(layers)
-            names = []
-            for pattern in patterns:
-                matched = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
-                if not matched:
-                    some = ", ".join(list(modules)[:12])
-                    raise ConfigError(f"layer pattern {pattern!r} matches no module; names: {some}")
-                names += [n for n in matched if n not in names]
+        modules = dict(model.named_modules())
+        names = layerwise_layers(model, layers)
         self.layers: list[str] = names
         self.eps: dict[str, float] = {n: self._eps_for(n, eps) for n in names}
         self.deltas: dict[str, Tensor] = {}

@@ -13,31 +13,48 @@ from sn_lightning.attacks.base import check_l2_radius
 from sn_lightning.errors import ConfigError
 
 
-def resolve_attack(attack: Attack, trainer: L.Trainer) -> Attack:
+def resolve_attack(attack: Attack, datamodule: object, input_shape: object) -> Attack:
     """Turn a relative radius (``eps_rel``/``gamma_rel``) into an absolute one, once, from the data.
 
     The scale is the mean l2 norm of the full, unaugmented training split (PAPERS 1.5's C2),
-    computed identically on every rank.
+    computed identically on every rank. ``input_shape``: one input (no batch dim) or None.
+
+    Raises:
+        ConfigError: the data module cannot give the scale, or the radius covers every input.
     """
     if not attack.is_resolved:
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "mean_input_norm"):
+        if datamodule is None or not hasattr(datamodule, "mean_input_norm"):
             raise ConfigError(
                 f"{attack!r} has a relative radius but the data module cannot give its scale"
             )
-        attack.resolve_eps(dm.mean_input_norm())
-    _check_l2_radius(attack, trainer)
+        attack.resolve_eps(datamodule.mean_input_norm())
+    check_attack_radius(attack, input_shape)
     return attack
 
 
-def _check_l2_radius(attack: Attack, trainer: L.Trainer) -> None:
-    """Refuse an l2 radius that covers the whole [0, 1] input box of the module's inputs."""
+def check_attack_radius(attack: Attack, input_shape: object) -> None:
+    """Refuse an absolute l2 radius that covers the whole [0, 1] box of ``input_shape`` inputs."""
     eps = getattr(attack, "eps", None)
     if getattr(attack, "norm", None) != "l2" or eps is None or not getattr(attack, "clip", True):
         return
-    shape = getattr(trainer.lightning_module, "hparams", {}).get("input_shape")
-    if shape is not None:
-        check_l2_radius(eps, tuple(shape), type(attack).__name__)
+    if input_shape is not None:
+        check_l2_radius(eps, tuple(input_shape), type(attack).__name__)  # type: ignore[arg-type]
+
+
+def check_attack_config(attack: Attack, model: L.LightningModule, datamodule: object) -> None:
+    """Before training: resolve a relative radius where the data is on disk, check the l2 radius.
+
+    Where the files are still to be downloaded (``prepare_data``), a relative radius is resolved,
+    and checked, in ``setup`` instead.
+    """
+    shape = _input_shape(model)
+    files_present = getattr(datamodule, "files_present", None)
+    if attack.is_resolved or (files_present is not None and files_present()):
+        resolve_attack(attack, datamodule, shape)
+
+
+def _input_shape(model: L.LightningModule) -> object:
+    return getattr(model, "hparams", {}).get("input_shape")
 
 
 class AdversarialTraining(L.Callback):
@@ -85,16 +102,34 @@ class AdversarialTraining(L.Callback):
         """Resolve a relative radius; claim the training objective when mixing clean loss in."""
         if self.attack is None:
             return
-        max_epochs = trainer.max_epochs
-        if stage == "fit" and max_epochs is not None and 0 < max_epochs <= self.start_epoch:
+        if stage == "fit":
+            self._warn_about_epochs(trainer.max_epochs)
+        resolve_attack(self.attack, trainer.datamodule, _input_shape(pl_module))
+        if self.mix > 0:
+            pl_module.set_objective(self._mixed_objective, owner=self)
+
+    def check_config(self, model: L.LightningModule, datamodule: object) -> None:
+        """The attack's radius against the data, before the trainer starts (fit's ``check_run``)."""
+        if self.attack is not None:
+            check_attack_config(self.attack, model, datamodule)
+
+    def _warn_about_epochs(self, max_epochs: int | None) -> None:
+        if max_epochs is None or max_epochs <= 0:
+            return
+        if max_epochs <= self.start_epoch:
             rank_zero_warn(
                 f"adversarial start_epoch {self.start_epoch} >= trainer.max_epochs {max_epochs}: "
                 "this run trains on clean inputs only",
                 category=UserWarning,
             )
-        resolve_attack(self.attack, trainer)
-        if self.mix > 0:
-            pl_module.set_objective(self._mixed_objective, owner=self)
+        elif self.start_epoch + self.eps_warmup_epochs > max_epochs:
+            reached = (max_epochs - self.start_epoch) / self.eps_warmup_epochs
+            rank_zero_warn(
+                f"adversarial start_epoch {self.start_epoch} + eps_warmup_epochs "
+                f"{self.eps_warmup_epochs} > trainer.max_epochs {max_epochs}: the perturbation "
+                f"reaches only {reached:.0%} of eps by the end of training",
+                category=UserWarning,
+            )
 
     def _warmup_factor(self, trainer: L.Trainer, batch_idx: int) -> float:
         if self.eps_warmup_epochs == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import lightning as L
@@ -41,6 +42,12 @@ class DataGrad(L.Callback):
             raise ConfigError(f"unknown datagrad norm {norm!r}; valid choices: l1, l2")
         if form == "fd" and not 0 < lam <= phi and lam > 0:
             raise ConfigError(f"datagrad form fd needs 0 < lam <= phi, got lam={lam}, phi={phi}")
+        if lam == 0 and (norm, form, phi) != ("l1", "exact", 0.1):
+            warnings.warn(
+                "datagrad.lam is 0 (off), so norm, form and phi have no effect",
+                UserWarning,
+                stacklevel=2,
+            )
         self.lam, self.norm, self.form, self.phi = lam, norm, form, phi
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import lightning as L
 
-from sn_lightning.attacks import LayerwisePerturbation
+from sn_lightning.attacks import LayerwisePerturbation, layerwise_layers
 from sn_lightning.errors import ConfigError
 
 
@@ -35,8 +36,19 @@ class LayerwiseTraining(L.Callback):
     ) -> None:
         if eps < 0:
             raise ConfigError(f"layerwise eps must be >= 0 (0 = off), got {eps!r}")
+        if eps == 0 and (layers is not None or mode != "sign"):
+            warnings.warn(
+                "layerwise.eps is 0 (off), so layers and mode have no effect",
+                UserWarning,
+                stacklevel=2,
+            )
         self.eps, self.layers, self.mode = eps, layers, mode
         self.perturbation: LayerwisePerturbation | None = None
+
+    def check_config(self, model: L.LightningModule, datamodule: object) -> None:
+        """The layer patterns against the backbone, before the trainer starts (fit's ``check_run``)."""
+        if self.eps > 0:
+            layerwise_layers(model.model, self.layers)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Register the hooks on the backbone (once)."""

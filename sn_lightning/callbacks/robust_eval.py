@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from sn_lightning.attacks import Attack
-from sn_lightning.callbacks.adversarial import resolve_attack
+from sn_lightning.callbacks.adversarial import check_attack_config, resolve_attack
 from sn_lightning.errors import ConfigError
 
 
@@ -65,7 +65,12 @@ class RobustEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve relative radii once."""
         for attack in self.attacks:
-            resolve_attack(attack, trainer)
+            resolve_attack(attack, trainer.datamodule, pl_module.hparams.get("input_shape"))
+
+    def check_config(self, model: L.LightningModule, datamodule: object) -> None:
+        """The attacks' radii against the data, before the trainer starts (fit's ``check_run``)."""
+        for attack in self.attacks:
+            check_attack_config(attack, model, datamodule)
 
     def named_attacks(self) -> dict[str, Attack]:
         """``{attack_name: attack}``."""

@@ -157,7 +157,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
-        val_size: float = 0.1,
+        val_size: int | float = 0.1,
         val_source: Literal["train", "test"] = "train",
         train_subset: int | None = None,
         augment: bool = False,
@@ -186,6 +186,13 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}"
             )
+        if isinstance(val_size, float) and val_size == 1.0:
+            raise ConfigError(
+                "val_size 1.0 is ambiguous: a fraction must be in (0, 1) (1.0 would leave nothing "
+                "to train on), a count is an integer (1 for one example)"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ConfigError(f"data seed must be an integer in [0, 2^63 - 1], got {seed!r}")
         if val_source not in ("train", "test"):
             raise ConfigError(f"unknown val_source {val_source!r}; valid choices: train, test")
         if train_subset is not None and train_subset < 1:

@@ -173,33 +173,23 @@ class SNClassifier(L.LightningModule):
             )
         if not lr > 0:
             raise ConfigError(f"lr must be positive, got {lr!r}")
-        if (
-            not 0 <= weight_decay < math.inf
-            or not 0 <= momentum < 1
-            or not 0 <= label_smoothing < 1
+        for key, value, ok, valid in (
+            ("weight_decay", weight_decay, 0 <= weight_decay < math.inf, ">= 0 and finite"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+            ("lr_step_epochs", lr_step_epochs, lr_step_epochs >= 1, "an integer >= 1"),
+            ("lr_gamma", lr_gamma, 0 < lr_gamma <= 1, "in (0, 1]"),
+            ("crm_lambda", crm_lambda, 0 <= crm_lambda < math.inf, ">= 0 and finite"),
+            ("crm_r0", crm_r0, 0 < crm_r0 < math.inf, "> 0 and finite"),
+            ("crm_t", crm_t, 0 < crm_t < math.inf, "> 0 and finite"),
+            ("crm_start_epoch", crm_start_epoch, crm_start_epoch >= 0, "an integer >= 0"),
+            ("lip_n_iter", lip_n_iter, lip_n_iter >= 1, "an integer >= 1"),
         ):
-            raise ConfigError(
-                f"need weight_decay >= 0, 0 <= momentum < 1, 0 <= label_smoothing < 1; got "
-                f"{weight_decay!r}, {momentum!r}, {label_smoothing!r}"
-            )
-        if lr_step_epochs < 1 or not 0 < lr_gamma <= 1:
-            raise ConfigError(
-                f"need lr_step_epochs >= 1 and 0 < lr_gamma <= 1, got {lr_step_epochs}, {lr_gamma}"
-            )
+            if not ok:
+                raise ConfigError(f"{key} must be {valid}, got {value!r}")
         if beta is not None and not beta > 0:
             raise ConfigError(
                 f"beta must be positive or null (no spectral normalization), got {beta!r}"
-            )
-        if not (
-            0 <= crm_lambda < math.inf
-            and 0 < crm_r0 < math.inf
-            and 0 < crm_t < math.inf
-            and crm_start_epoch >= 0
-            and lip_n_iter >= 1
-        ):
-            raise ConfigError(
-                f"need crm_lambda >= 0, crm_r0 > 0, crm_t > 0, crm_start_epoch >= 0, lip_n_iter >= 1; "
-                f"got {crm_lambda}, {crm_r0}, {crm_t}, {crm_start_epoch}, {lip_n_iter}"
             )
         if certify_eps is not None and not all(0 < e < math.inf for e in certify_eps):
             raise ConfigError(f"certify_eps must all be finite and > 0, got {certify_eps}")

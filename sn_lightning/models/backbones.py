@@ -7,13 +7,15 @@ under it, else timm (timm's own convention for unprefixed names).
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from sn_lightning._net import unreachable_reason
 from sn_lightning.errors import ConfigError, choices_hint, first_line
 from sn_lightning.models import small
 from sn_lightning.models.normalize import InputNormalize
@@ -115,9 +117,10 @@ def _create_net(
             raise ConfigError(
                 f"unknown timm backbone {name!r}; {choices_hint(name, timm.list_models())}"
             )
-        return timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
+        with _hub_offline_if_unreachable(pretrained):
+            return timm.create_model(
+                name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+            )
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
@@ -125,12 +128,77 @@ def _create_net(
         raise ConfigError(
             f"unknown torchvision classification backbone {name!r}; {choices_hint(name, names)}"
         )
-    net = torchvision.models.get_model(
-        name, weights="DEFAULT" if pretrained else None, num_classes=num_classes, **kwargs
-    )
+    if not pretrained:
+        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    else:  # the weights fix the head's classes (ImageNet's 1000); a new head replaces it
+        categories = len(torchvision.models.get_model_weights(name).DEFAULT.meta["categories"])
+        net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+        if num_classes != categories:
+            replace_heads(net, categories, num_classes)
     if in_chans != 3:
         _adapt_first_conv(net, in_chans)
     return net
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(pretrained: bool) -> Iterator[None]:
+    """Hugging Face Hub in offline mode (cache only) while its server cannot be reached.
+
+    Without it, an uncached download is retried for about a minute before it fails; cached
+    weights load either way. Uses ``huggingface_hub.constants.HF_HUB_OFFLINE``, which the hub
+    reads on each request (``HF_HUB_OFFLINE=1`` in the environment does the same from the start).
+    """
+    if not pretrained:
+        yield
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or unreachable_reason(constants.ENDPOINT) is None:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def replace_heads(net: nn.Module, old_classes: int, num_classes: int) -> list[str]:
+    """Give a pretrained torchvision classifier ``num_classes`` outputs: new, untrained heads.
+
+    The heads are the Linear (and SqueezeNet's 1x1 Conv2d) layers with ``old_classes`` outputs:
+    the classifier and GoogLeNet's / Inception's auxiliary ones, in every torchvision
+    classification model (tests/models). Returns their names.
+
+    Raises:
+        ConfigError: no layer has ``old_classes`` outputs.
+    """
+    heads = [
+        name
+        for name, m in net.named_modules()
+        if (isinstance(m, nn.Linear) and m.out_features == old_classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == old_classes)
+    ]
+    if not heads:
+        raise ConfigError(
+            f"cannot find the {old_classes}-class head of {type(net).__name__} to give it "
+            f"{num_classes} classes; pass --model.pretrained=false"
+        )
+    for name in heads:
+        old = net.get_submodule(name)
+        factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+        if isinstance(old, nn.Linear):
+            new: nn.Module = nn.Linear(
+                old.in_features, num_classes, bias=old.bias is not None, **factory
+            )
+        else:
+            assert isinstance(old, nn.Conv2d)
+            new = nn.Conv2d(
+                old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,  # type: ignore[arg-type]
+                old.dilation, old.groups, old.bias is not None, old.padding_mode, **factory,
+            )  # fmt: skip
+        net.set_submodule(name, new)
+    return heads
 
 
 def create_backbone(

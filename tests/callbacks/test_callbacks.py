@@ -336,6 +336,42 @@ def test_options_without_an_attack_warn():
         AdversarialTraining(None)  # the defaults: silent
 
 
+def test_strength_zero_options_warn():
+    """datagrad and layerwise options have no effect while their strength is 0 (off)."""
+    with pytest.warns(UserWarning, match=r"datagrad\.lam is 0 \(off\), so norm, form and phi"):
+        DataGrad(lam=0.0, norm="l2")
+    with pytest.warns(UserWarning, match=r"layerwise\.eps is 0 \(off\), so layers and mode"):
+        LayerwiseTraining(eps=0.0, layers=["net.1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DataGrad(), LayerwiseTraining()  # the defaults: silent
+        DataGrad(lam=0.1, norm="l2"), LayerwiseTraining(eps=0.1, mode="l2")
+
+
+def test_check_config_checks_against_the_model_and_the_data():
+    """What fit's check_run asks each callback before the trainer starts (tests/test_fit.py)."""
+    model, dm = SNClassifier(input_shape=[1, 8, 8]), ImageDataModule("digits", batch_size=32)
+    LayerwiseTraining(eps=0.1, layers=["net.*"]).check_config(model, dm)
+    with pytest.raises(ConfigError, match="layer pattern 'nomatch' matches no module"):
+        LayerwiseTraining(eps=0.1, layers=["nomatch"]).check_config(model, dm)
+    LayerwiseTraining(eps=0.0).check_config(model, dm)  # off: nothing to match
+    with pytest.raises(ConfigError, match=r"PGD: l2 eps 9 >= 8, the diameter"):
+        AdversarialTraining(PGD("l2", eps=9.0, steps=1)).check_config(model, dm)
+    # a relative radius is resolved from the data here, once, then checked
+    attack = FGM("l2", eps_rel=0.5)
+    RobustEvaluation([attack]).check_config(model, dm)
+    assert attack.is_resolved and attack.eps == pytest.approx(0.5 * dm.mean_input_norm())
+    with pytest.raises(ConfigError, match=r"linf eps eps_rel 50 x mean input norm"):
+        AdversarialTraining(PGD("linf", eps_rel=50.0, steps=1)).check_config(model, dm)
+
+
+def test_eps_warmup_past_the_run_warns(tmp_path):
+    model = RecordingClassifier(lr=0.05)
+    callback = AdversarialTraining(FGM("linf", eps=0.1), start_epoch=1, eps_warmup_epochs=4)
+    with pytest.warns(UserWarning, match=r"eps_warmup_epochs 4 > trainer\.max_epochs 2: .* 25%"):
+        _fit(model, [callback], tmp_path, steps=1, epochs=2, limit_val_batches=0)
+
+
 def test_start_epoch_past_the_run_warns(tmp_path):
     model = RecordingClassifier(lr=0.05)
     callback = AdversarialTraining(FGM("linf", eps=0.1), start_epoch=2)

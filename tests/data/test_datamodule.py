@@ -171,6 +171,12 @@ def test_val_size_that_rounds_to_no_example_is_refused():
         dm.setup("fit")
 
 
+def test_val_size_one_is_one_example():
+    dm = ImageDataModule("digits", batch_size=8, val_size=1)
+    dm.setup("fit")
+    assert len(dm.val_set) == 1 and len(dm.train_set) == 1436
+
+
 def test_val_size_that_takes_every_example_is_refused():
     dm = ImageDataModule("digits", batch_size=8, val_size=5000.0)
     with pytest.raises(ConfigError, match=r"^val_size 5000 leaves no train examples \(of 1437\)"):
@@ -233,6 +239,8 @@ def test_download_goes_through_torchvision(tmp_path, monkeypatch):
             "image_size applies to dataset 'imagefolder' only",
         ),
         ({"dataset": "digits", "val_size": float("nan")}, "val_size"),
+        ({"dataset": "digits", "val_size": 1.0}, r"val_size 1\.0 is ambiguous: a fraction"),
+        ({"dataset": "digits", "seed": -1}, r"data seed must be an integer in \[0, 2\^63 - 1\]"),
     ],
 )
 def test_bad_input(kwargs, match):

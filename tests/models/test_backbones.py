@@ -139,3 +139,99 @@ def test_pretrained_weights_that_cannot_be_fetched_are_one_config_error(monkeypa
     )
     assert isinstance(info.value.__cause__, OSError)
     assert create_backbone(name, num_classes=10)[1] is not None  # without weights: no download
+
+
+@pytest.mark.parametrize(
+    ("name", "heads"),
+    [
+        ("resnet18", ["fc"]),
+        ("squeezenet1_1", ["classifier.1"]),  # a 1x1 Conv2d head
+        ("googlenet", ["fc"]),  # the auxiliary heads are dropped after loading (aux_logits off)
+    ],
+)
+def test_pretrained_torchvision_weights_get_a_new_head_for_the_classes(monkeypatch, name, heads):
+    """torchvision refuses ``num_classes`` != 1000 with weights; the backbone keeps the weights
+    and gets new heads (here the "download" hands out a seeded model's state_dict)."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": True, "init_weights": True} if name == "googlenet" else {}
+    source = torchvision.models.get_model(name, weights=None, num_classes=1000, **kwargs)
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: source.state_dict())
+    net = create_backbone(f"torchvision:{name}", num_classes=7, pretrained=True).net
+    x = torch.rand(2, 3, 64, 64)
+    assert net.eval()(x).shape == (2, 7)
+    mine, theirs = net.state_dict(), source.state_dict()
+    changed = sorted({k.rsplit(".", 1)[0] for k in mine if not torch.equal(mine[k], theirs[k])})
+    assert changed == heads  # every other weight is the pretrained one
+    for head in heads:
+        layer = net.get_submodule(head)
+        assert (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == 7
+
+
+@pytest.mark.slow
+def test_every_torchvision_classifier_has_exactly_its_heads_replaced():
+    """The rule behind replace_heads (the layers with 1000 outputs) on every torchvision model."""
+    import warnings
+
+    import torchvision
+
+    from sn_lightning.models.backbones import replace_heads
+
+    expected_aux = {
+        "googlenet": ["aux1.fc2", "aux2.fc2", "fc"],
+        "inception_v3": ["AuxLogits.fc", "fc"],
+    }
+    for name in torchvision.models.list_models(module=torchvision.models):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GoogLeNet / Inception init notes
+            net = torchvision.models.get_model(name, weights=None, num_classes=1000)
+        heads = replace_heads(net, 1000, 5)
+        assert len(heads) == (len(expected_aux[name]) if name in expected_aux else 1), name
+        if name in expected_aux:
+            assert heads == expected_aux[name]
+        outputs = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+        assert getattr(outputs, "out_features", getattr(outputs, "out_channels", None)) == 5, name
+
+
+def test_timm_weights_come_from_the_cache_only_while_the_hub_is_unreachable(monkeypatch):
+    """An uncached download is otherwise retried for about a minute before it fails."""
+    import timm
+    from huggingface_hub import constants
+
+    import sn_lightning.models.backbones as backbones
+
+    seen = []
+
+    def create_model(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise OSError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(backbones, "unreachable_reason", lambda url: f"cannot reach {url}")
+    with pytest.raises(ConfigError, match="pretrained weights of 'timm:resnet18' could not be"):
+        create_backbone("timm:resnet18", num_classes=10, pretrained=True)
+    monkeypatch.setattr(backbones, "unreachable_reason", lambda url: None)
+    with pytest.raises(ConfigError):
+        create_backbone("timm:resnet18", num_classes=10, pretrained=True)
+    assert seen == [True, False] and constants.HF_HUB_OFFLINE is False  # restored
+
+
+def test_unreachable_reason_is_one_tcp_connection(monkeypatch):
+    import socket
+
+    from sn_lightning._net import unreachable_reason
+
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert unreachable_reason(f"http://127.0.0.1:{port}") is None
+    reason = unreachable_reason(f"http://127.0.0.1:{port}", timeout=1.0)  # closed now
+    assert reason is not None and reason.startswith(f"cannot reach http://127.0.0.1:{port} (")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert unreachable_reason(f"http://127.0.0.1:{port}") is None  # the proxy connects, not us
