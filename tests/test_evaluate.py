@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sn_lightning.evaluate import main as evaluate_main
 from sn_lightning.fit import main as fit_main
@@ -150,6 +151,17 @@ def test_evaluate_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, mes
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 3)}}, other)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--config", QUICKSTART, f"--ckpt_path={other}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"checkpoint {other} does not fit the model built from this config" in err
 
 
 def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
