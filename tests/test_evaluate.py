@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
     return ckpt
 
 
-def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
+def _evaluate(checkpoint, out, *extra):
     report = evaluate_main(
         [
             "--config",
@@ -36,10 +36,11 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
             "--eval.eps=[0.005,0.15,0.3]",
             "--eval.steps=10",
             "--eval.max_examples=24",
-            f"--eval.out={tmp_path}",
+            f"--eval.out={out}",
+            *extra,
         ]
     )
-    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    saved = json.loads((out / "evaluation.json").read_text())
     assert saved == {k: v for k, v in report.items() if k != "out"}
     assert saved["n"] == 24 and saved["clean_acc"] > 0.8
     pgd, aa = saved["pgd"], saved["autoattack"]
@@ -49,7 +50,7 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
     )  # larger balls never help
     for eps in aa:  # AutoAttack is at least as strong as PGD, up to one example
         assert aa[eps] <= pgd[eps] + 1 / 24 + 1e-9
-    assert (tmp_path / "robustness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "robustness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the quickstart CNN (conv, ReLU, max pooling, linear) has a sound pairwise LipLT certificate;
     # linf radii go through the l2 ball of radius eps * sqrt(d), and a certified point is never
     # broken by the attack
@@ -59,6 +60,53 @@ def test_evaluate_pgd_and_autoattack(checkpoint, tmp_path):
     assert cert["acc"]["0.005"] > 0.5  # a small ball certifies most points
     for eps, acc in cert["acc"].items():
         assert 0.0 <= acc <= aa[eps] + 1e-9 and acc <= pgd[eps] + 1e-9
+    return saved
+
+
+def test_evaluate_pgd_and_the_autoattack_subset(checkpoint, tmp_path, monkeypatch):
+    """``--eval.autoattack_attacks`` runs only the named attacks (here no FAB-T, no Square)."""
+    import pyautoattack.fab_pt
+    import pyautoattack.square
+
+    ran: list[str] = []
+    for cls, name in (
+        (pyautoattack.fab_pt.FABAttack_PT, "fab"),
+        (pyautoattack.square.SquareAttack, "square"),
+    ):
+        monkeypatch.setattr(cls, "perturb", lambda self, x, y, name=name: ran.append(name) or x)
+    saved = _evaluate(checkpoint, tmp_path, "--eval.autoattack_attacks=[apgd-t,apgd-ce]")
+    assert ran == []
+    # named in the standard order, with the standard version's settings
+    assert saved["autoattack_settings"] == {
+        "version": "standard subset",
+        "attacks": ["apgd-ce", "apgd-t"],
+    }
+
+
+@pytest.mark.slow
+def test_evaluate_pgd_and_autoattack_standard(checkpoint, tmp_path):
+    saved = _evaluate(checkpoint, tmp_path)
+    assert saved["autoattack_settings"] == {
+        "version": "standard",
+        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+    }
+
+
+def test_an_empty_autoattack_subset_is_refused(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(
+            [
+                "--config",
+                QUICKSTART,
+                f"--ckpt_path={checkpoint}",
+                "--eval.autoattack_attacks=[]",
+                f"--eval.out={tmp_path}",
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "eval autoattack_attacks is empty; name some of apgd-ce, apgd-t, fab-t, square" in err
+    assert not (tmp_path / "evaluation.json").exists()
 
 
 def test_certified_report_says_why_there_is_no_certificate():

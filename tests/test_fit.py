@@ -136,6 +136,7 @@ def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
         "--data.augment=true",
         "--adversarial.attack.init_args.random_start=true",
         "--robust_eval.every_n_epochs=100",
+        "--robust_eval.final_max_examples=64",  # the final PGD-20 numbers compared, on fewer
         "--trainer.callbacks+=ModelCheckpoint",  # saves after each validation
         "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks+=ModelCheckpoint",  # saves after a training batch
@@ -567,76 +568,114 @@ def test_a_run_prints_no_lightning_advertisements(tmp_path):
     assert output.count("Seed set to 0") == 1  # held while the CLI is checked, then printed once
 
 
-@pytest.mark.parametrize(
-    ("module", "args", "message"),
-    [
-        ("sn_lightning.fit", ["--trainer.devices=-3"], "trainer: `devices` selected with"),
-        ("sn_lightning.fit", ["--ckpt_path=/nonexistent.ckpt"], "is not a file"),
-        ("sn_lightning.evaluate", ["--ckpt_path=/nonexistent.ckpt"], "does not exist"),
-        (
-            "sn_lightning.fit",
-            ["--data.batch_size=2000"],
-            "batch_size 2000 exceeds the 1293 training examples (drop_last); use at most 1293",
-        ),
-        (
-            "sn_lightning.fit",
-            ["--ckpt_path={tmp}/garbage.ckpt"],
-            "garbage.ckpt' is not a checkpoint that torch.load reads as Lightning loads it "
-            "(weights-only unpickler: Unsupported operand",
-        ),
-        (
-            "sn_lightning.fit",
-            ["--ckpt_path={tmp}/mid.ckpt", "--data.batch_size=16"],
-            "the checkpoint resumes mid-epoch at training batch 20 of batch_size 32 on 1 rank(s); "
-            "this run has batch_size 16 on 1",
-        ),
-        (
-            "sn_lightning.fit",
-            ["--ckpt_path={tmp}/other.ckpt"],
-            "other.ckpt does not fit the model built from this config (resume with the training "
-            "run's config.yaml): ",
-        ),
-        ("sn_lightning.fit", ["--ckpt_path=best"], "ckpt_path 'best' names the best checkpoint"),
-        (
-            "sn_lightning.fit",
-            ["--model.backbone=sn_lightning:mini_alexnet", "--model.backbone_kwargs={act: foo}"],
-            "backbone 'sn_lightning:mini_alexnet' (backbone_kwargs {'act': 'foo'}) cannot be built "
-            "for inputs of shape (1, 8, 8): unknown key 'foo'",
-        ),
-        (
-            "sn_lightning.fit",
-            ["--seed_everything=-1"],
-            "seed_everything -1 is out of range; valid: an int in [0, 4294967295], true",
-        ),
-        # settings checked against the model (the callbacks' check_config; the l2 radius, a
-        # relative one and a run that trains nothing: in-process below)
-        (
-            "sn_lightning.fit",
-            ["--layerwise.eps=0.01", '--layerwise.layers=["nomatch"]'],
-            "layer pattern 'nomatch' matches no module; names: normalize, net, net.0",
-        ),
-        (
-            "sn_lightning.evaluate",
-            ["--ckpt_path={tmp}/garbage.ckpt"],
-            "garbage.ckpt is not a checkpoint torch.load can read",
-        ),
-    ],
-)
+BAD_VALUE_CASES = [
+    ("sn_lightning.fit", ["--trainer.devices=-3"], "trainer: `devices` selected with"),
+    ("sn_lightning.fit", ["--ckpt_path=/nonexistent.ckpt"], "is not a file"),
+    ("sn_lightning.evaluate", ["--ckpt_path=/nonexistent.ckpt"], "does not exist"),
+    (
+        "sn_lightning.fit",
+        ["--data.batch_size=2000"],
+        "batch_size 2000 exceeds the 1293 training examples (drop_last); use at most 1293",
+    ),
+    (
+        "sn_lightning.fit",
+        ["--ckpt_path={tmp}/garbage.ckpt"],
+        "garbage.ckpt' is not a checkpoint that torch.load reads as Lightning loads it "
+        "(weights-only unpickler: Unsupported operand",
+    ),
+    (
+        "sn_lightning.fit",
+        ["--ckpt_path={tmp}/mid.ckpt", "--data.batch_size=16"],
+        "the checkpoint resumes mid-epoch at training batch 20 of batch_size 32 on 1 rank(s); "
+        "this run has batch_size 16 on 1",
+    ),
+    (
+        "sn_lightning.fit",
+        ["--ckpt_path={tmp}/other.ckpt"],
+        "other.ckpt does not fit the model built from this config (resume with the training "
+        "run's config.yaml): ",
+    ),
+    ("sn_lightning.fit", ["--ckpt_path=best"], "ckpt_path 'best' names the best checkpoint"),
+    (
+        "sn_lightning.fit",
+        ["--model.backbone=sn_lightning:mini_alexnet", "--model.backbone_kwargs={act: foo}"],
+        "backbone 'sn_lightning:mini_alexnet' (backbone_kwargs {'act': 'foo'}) cannot be built "
+        "for inputs of shape (1, 8, 8): unknown key 'foo'",
+    ),
+    (
+        "sn_lightning.fit",
+        ["--seed_everything=-1"],
+        "seed_everything -1 is out of range; valid: an int in [0, 4294967295], true",
+    ),
+    # settings checked against the model (the callbacks' check_config; the l2 radius, a
+    # relative one and a run that trains nothing: in-process below)
+    (
+        "sn_lightning.fit",
+        ["--layerwise.eps=0.01", '--layerwise.layers=["nomatch"]'],
+        "layer pattern 'nomatch' matches no module; names: normalize, net, net.0",
+    ),
+    (
+        "sn_lightning.evaluate",
+        ["--ckpt_path={tmp}/garbage.ckpt"],
+        "garbage.ckpt is not a checkpoint torch.load can read",
+    ),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "message"), BAD_VALUE_CASES)
 def test_a_bad_value_found_after_the_trainer_is_built_prints_its_line_alone(
-    tmp_path, module, args, message
+    bad_value_runs, module, args, message
 ):
     """Lightning's "Seed set to 0" and "GPU available" lines are dropped when the run stops;
     the data checks (batch size, a checkpoint's file and its mid-epoch position) run first."""
-    (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
-    position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
-    torch.save({"ImageDataModule": position}, tmp_path / "mid.ckpt")
-    torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 3)}}, tmp_path / "other.ckpt")
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    command = [sys.executable, "-m", module, "--config", QUICKSTART, *args]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 2
-    (line,) = (proc.stdout + proc.stderr).strip().splitlines()
+    code, output = bad_value_runs[(module, tuple(args))]
+    assert code == 2
+    (line,) = output.strip().splitlines()
     assert line.startswith(f"python -m {module}: error: ") and message in line
+
+
+# A run that trains: the harness must show the start-up lines the bad values above drop.
+CONTROL_RUN = (
+    "--trainer.max_epochs=1",
+    "--data.train_subset=64",
+    "--robust_eval.attacks=[]",
+    "--trainer.default_root_dir={tmp}/control",
+)
+
+
+def test_the_forked_runs_show_what_a_run_prints(bad_value_runs):
+    code, output = bad_value_runs[("sn_lightning.fit", CONTROL_RUN)]
+    assert code == 0, output
+    assert "Seed set to 0" in output and "GPU available: False" in output  # Lightning's logging
+    assert "results: " in output  # and the CLI's own lines
+
+
+@pytest.fixture(scope="module")
+def bad_value_runs(tmp_path_factory) -> dict[tuple[str, tuple[str, ...]], tuple[int, str]]:
+    """Every command line above, each in its own process forked from one that imported the CLIs
+    (tests/forked_cli.py: the output of a real run, for one interpreter start)."""
+    tmp = tmp_path_factory.mktemp("bad_values")
+    (tmp / "garbage.ckpt").write_text("not a checkpoint")
+    position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
+    torch.save({"ImageDataModule": position}, tmp / "mid.ckpt")
+    torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 3)}}, tmp / "other.ckpt")
+    keys = [(module, tuple(args)) for module, args, _ in BAD_VALUE_CASES]
+    keys.append(("sn_lightning.fit", CONTROL_RUN))
+    cases = [
+        [module, ["--config", QUICKSTART, *(a.replace("{tmp}", str(tmp)) for a in args)]]
+        for module, args in keys
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "forked_cli.py")],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    results = json.loads(proc.stdout)
+    assert len(results) == len(keys), results[0]  # an "import" entry: importing printed
+    return {key: (r["code"], r["output"]) for key, r in zip(keys, results, strict=True)}
 
 
 @pytest.mark.parametrize(
