@@ -301,6 +301,10 @@ _FUNCTION_CONSTANTS: dict[Any, float] = {
     torch.unsqueeze: 1.0,
     torch.mean: 1.0,  # means over disjoint blocks: norm 1/sqrt(block) <= 1
     torch.clone: 1.0,
+    torch.split: 1.0,  # a tuple of disjoint parts; each part (getitem) is <= L
+    torch.chunk: 1.0,
+    torch.unbind: 1.0,
+    torch.tensor_split: 1.0,
     operator.neg: 1.0,
     operator.pos: 1.0,
 }
@@ -356,6 +360,15 @@ _LEAVES = SUPPORTED_LAYERS + _POOLS + _BATCHNORMS + tuple(_ACTIVATIONS) + (Input
 #   values, which their bounds used. Plain ``fx.Proxy`` has no ``__iadd__``, so ``y += x`` would
 #   be traced as an out-of-place add: :class:`_Proxy` records it as ``operator.iadd``.
 
+# Note [BatchNorm subclasses]
+#   timm's BatchNormAct2d (CSPNet, Xception, EfficientNet, NFNet stems, ...) overrides forward
+#   with a copy of BatchNorm's ``F.batch_norm`` call followed by its ``drop`` and ``act``
+#   modules. As a leaf it would have no rule, so the tracer first traces such subclasses through:
+#   their ``F.batch_norm`` call gets the eval-mode BatchNorm rule (:func:`_batch_norm_rule`, read
+#   from the traced statistics) and the activation its module rule. A forward that fx cannot
+#   trace (e.g. one calling BatchNorm's own forward, which branches on the input's dim) falls back
+#   to the leaf, which names the module that overrides forward.
+
 _INPLACE_OPERATORS = frozenset(
     {
         operator.iadd,
@@ -391,7 +404,15 @@ for _op in _INPLACE_OPERATORS:
 
 
 class _Tracer(fx.Tracer):
+    """Rule modules are leaves (Note [BatchNorm subclasses] for ``through_batchnorms``)."""
+
+    def __init__(self, *, through_batchnorms: bool = False) -> None:
+        super().__init__()
+        self.through_batchnorms = through_batchnorms
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.through_batchnorms and isinstance(m, _BATCHNORMS):
+            return type(m).forward is _known_forward(m)
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -419,6 +440,47 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
+def _batch_norm_rule(node: fx.Node, lip: Callable[[Any], float], gm: fx.GraphModule) -> float:
+    """Eval-mode ``F.batch_norm``: ``max_i |weight_i| / sqrt(var_i + eps)`` times L(x).
+
+    The statistics and weight are the traced module's own (get_attr nodes). Batch statistics
+    (``training=True``) and statistics or weights that depend on the input have no rule (Note
+    [BatchNorm subclasses]).
+    """
+    args = [_param(node, i, k, d) for i, (k, d) in enumerate(_BATCH_NORM_ARGS)]
+    x, mean, var, weight, bias, training, _, eps = args
+    if training is not False:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: batch_norm with batch statistics")
+    if any(lip(a) != 0.0 for a in (mean, var, weight, bias)):
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: input-dependent batch_norm statistics"
+        )
+    values = []
+    for a in (var, weight):
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            a = operator.attrgetter(a.target)(gm)
+        if a is not None and not isinstance(a, Tensor):
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: batch_norm statistics unknown")
+        values.append(a)
+    var_t, weight_t = values
+    eps = _const(eps)
+    if var_t is None or eps is None:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: batch_norm without running_var")
+    return _bn_factor(var_t, weight_t, eps, f"{node.name} (batch_norm)") * lip(x)
+
+
+_BATCH_NORM_ARGS = (
+    ("input", None),
+    ("running_mean", None),
+    ("running_var", None),
+    ("weight", None),
+    ("bias", None),
+    ("training", False),
+    ("momentum", 0.1),
+    ("eps", 1e-5),
+)
+
+
 def _bn_lipschitz(bn: nn.Module) -> float:
     """Eval-mode BatchNorm: ``max_i |gamma_i| / sqrt(running_var_i + eps)``.
 
@@ -428,13 +490,19 @@ def _bn_lipschitz(bn: nn.Module) -> float:
     name = type(bn).__name__
     if bn.running_var is None:
         raise _Unsupported(f"{name} without running stats (batch statistics)")
+    weight = _effective_weight(bn) if bn.affine else None
+    return _bn_factor(bn.running_var, weight, bn.eps, name)
+
+
+def _bn_factor(var: Tensor, weight: Tensor | None, eps: float, name: str) -> float:
+    """``max_i |weight_i| / sqrt(var_i + eps)`` (weight None: 1), in float64; finite or raise."""
     with torch.no_grad():
-        denom = bn.running_var.double() + bn.eps
+        denom = var.double() + eps
         if not bool((denom > 0).all()):
             raise _Unsupported(f"{name} with running_var + eps <= 0 or NaN: not Lipschitz")
         inv = 1.0 / torch.sqrt(denom)
-        if bn.affine:
-            inv = inv * _effective_weight(bn).double().abs()
+        if weight is not None:
+            inv = inv * weight.detach().double().abs()
     value = float(inv.max()) if inv.numel() else 0.0
     if not math.isfinite(value):
         raise _Unsupported(f"{name} with non-finite weight or running_var")
@@ -588,9 +656,12 @@ def _network_bound(
     # may branch on self.training), whatever mode the caller is in; the modes are restored.
     with eval_mode(model):
         try:
-            graph = _Tracer().trace(model)
-        except Exception as e:
-            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
+            graph = _Tracer(through_batchnorms=True).trace(model)
+        except Exception:  # e.g. a BatchNorm subclass's forward branching on a shape
+            try:
+                graph = _Tracer().trace(model)
+            except Exception as e:
+                return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
         gm = fx.GraphModule(model, graph)
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
@@ -693,6 +764,8 @@ def _propagate(
             elif node.op in ("call_function", "call_method") and _constant(node, lip):
                 # shapes, asserts, parameters: nothing here depends on the input values
                 L[node] = 0.0
+            elif node.op == "call_function" and node.target is F.batch_norm:
+                L[node] = _batch_norm_rule(node, lip, gm)
             elif node.op == "call_function":
                 L[node] = _function_rule(node, lip, shapes)
             elif node.op == "call_method":

@@ -74,6 +74,23 @@ def _overrides_forward(module: nn.Module) -> bool:
     return base is not None and type(module).forward is not base.forward
 
 
+def _skipped_message(skipped: Mapping[str, nn.Module], show: int = 3) -> str:
+    """One warning for the layers whose own forward hides their operator (BiT: 53 of them)."""
+    names = [f"{n!r} ({type(m).__name__})" for n, m in list(skipped.items())[:show]]
+    more = f" and {len(skipped) - show} more" if len(skipped) > show else ""
+    kinds = sorted({type(m).__name__ for m in skipped.values()})
+    message = (
+        f"skipping {len(skipped)} layer(s) whose forward differs from their base class's, so "
+        f"their operator is unknown: {', '.join(names)}{more}"
+    )
+    if any("StdConv" in k for k in kinds):
+        message += (
+            "; weight-standardized convolutions (timm's StdConv2d, ScaledStdConv2d: BiT, "
+            "ResNetV2, NFNet) rescale their weight themselves, so no bound on it holds"
+        )
+    return message
+
+
 def _record_input_shapes(
     model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int]
 ) -> dict[str, tuple[int, ...]]:
@@ -228,16 +245,13 @@ def apply_spectral_norm(
 
     layers: dict[str, nn.Module] = {}
     norms: dict[str, nn.Module] = {}
+    own_forward: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not _match(name, include) or _match(name, exclude) or _beta_for(name, beta) is None:
             continue
         if isinstance(m, SUPPORTED_LAYERS):
             if _overrides_forward(m):
-                warnings.warn(
-                    f"skipping {name!r} ({type(m).__name__}): its forward differs from "
-                    f"{type(m).__mro__[1].__name__}'s, so its operator is unknown",
-                    stacklevel=2,
-                )
+                own_forward[name] = m
                 continue
             if _find(m, "weight", BoundedSpectralNorm) is not None:
                 raise ValueError(f"layer {name!r} already has a bounded spectral norm")
@@ -251,6 +265,8 @@ def apply_spectral_norm(
                 )
                 continue
             norms[name] = m
+    if own_forward:
+        warnings.warn(_skipped_message(own_forward), stacklevel=2)
     if not layers and not norms:
         raise ConfigError(
             f"no Linear/Conv/ConvTranspose layer matched include={tuple(include)}, "

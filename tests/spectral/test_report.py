@@ -17,6 +17,7 @@ from sn_lightning.spectral import (
     apply_spectral_norm,
     network_lipschitz_bound,
     normalized_layers,
+    operator_norm_upper_bound,
     spectral_norm_report,
 )
 from sn_lightning.spectral.report import _pool_bound
@@ -288,6 +289,63 @@ def test_subclasses_with_their_own_forward_have_no_rule():
     assert bound is None
     assert "BatchNormAct" in reason
     assert "overrides forward" in reason
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU], ids=["relu", "silu"])
+def test_timm_batchnorm_act_is_traced_through(act):
+    """timm's BatchNormAct2d (its own forward: F.batch_norm, drop, act): the BatchNorm rule from
+    its statistics times the activation's rule (Note [BatchNorm subclasses])."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), BatchNormAct2d(3, act_layer=act))
+    model = model.double()
+    _randomize_bn(model)
+    model.eval()
+    bound, reason = network_lipschitz_bound(model, input_shape=(2, 5, 5))
+    assert reason == ""
+    bn = model[1]
+    bn_factor = float((bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).max().detach())
+    conv = operator_norm_upper_bound(model[0], (2, 5, 5))
+    assert bound == pytest.approx(conv * bn_factor * (1.0 if act is nn.ReLU else 1.1), rel=1e-9)
+    measured = max(jacobian_norm(model, 3 * torch.randn(2, 5, 5).double()) for _ in range(5))
+    assert 0.0 < measured <= bound
+    # batch statistics (no running statistics: eval mode normalizes by the batch) have no rule
+    model[1] = BatchNormAct2d(3, act_layer=act, track_running_stats=False).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(2, 5, 5))
+    assert bound is None and "batch_norm with batch statistics" in reason
+
+
+def test_split_and_chunk_parts_are_bounded_by_their_input():
+    """torch.split / torch.chunk: each part is a selection of the input (L), a cat of parts the
+    root sum of squares; a Res2Net block (split, running sums, cat) stays above its Jacobian."""
+    from timm.models.res2net import Bottle2neck
+
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            a, b = torch.split(self.fc(x), 2, dim=-1)
+            c, d = torch.chunk(b, 2, dim=-1)
+            return torch.cat([2 * a, c, d], dim=-1)
+
+    torch.manual_seed(0)
+    model = Split().double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    sigma = float(torch.linalg.svdvals(model.fc.weight.detach())[0])
+    assert reason == ""
+    assert bound == pytest.approx(math.sqrt(4 + 1 + 1) * sigma, rel=1e-10)
+    assert jacobian_norm(model, torch.randn(4).double()) <= bound
+
+    block = Bottle2neck(32, 8, base_width=26, scale=4, norm_layer=nn.BatchNorm2d).double()
+    _randomize_bn(block)
+    block.eval()
+    bound, reason = network_lipschitz_bound(block, input_shape=(32, 4, 4))
+    assert reason == "" and bound is not None
+    measured = max(jacobian_norm(block, 2 * torch.randn(32, 4, 4).double()) for _ in range(3))
+    assert 0.0 < measured <= bound
 
 
 # --------------------------------------------------------------------------- activation parameters

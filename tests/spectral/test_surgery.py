@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -22,6 +23,7 @@ from sn_lightning.spectral import (
     BoundedSpectralNorm,
     apply_spectral_norm,
     freeze_spectral_norm,
+    network_lipschitz_bound,
     normalized_layers,
     operator_norm,
     plain_state_dict,
@@ -78,6 +80,11 @@ SLOW_BACKBONES = {
     "timm:efficientnet_b0": lambda: timm.create_model(
         "efficientnet_b0", num_classes=10, pretrained=False
     ),
+    # split/cat blocks and timm's BatchNormAct2d in the network bound
+    "timm:res2net50_26w_4s": lambda: timm.create_model(
+        "res2net50_26w_4s", num_classes=10, pretrained=False
+    ),
+    "timm:cspresnet50": lambda: timm.create_model("cspresnet50", num_classes=10, pretrained=False),
 }
 
 
@@ -90,7 +97,7 @@ def _u(model):
     return {n: p.u.clone() for n, (_, p) in normalized_layers(model).items() if hasattr(p, "u")}
 
 
-def _check_backbone(name: str, forwards: int = 25) -> None:
+def _check_backbone(name: str, forwards: int = 25) -> nn.Module:
     beta = 0.8
     model = build(name)
     # Random init has tiny spectral gaps (slow power iteration): a longer warm-up than the default.
@@ -147,6 +154,7 @@ def _check_backbone(name: str, forwards: int = 25) -> None:
     other.load_state_dict(torch.load(buffer), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(other(x), y_eval, rtol=0, atol=0)
+    return model
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -157,7 +165,18 @@ def test_backbone_layers_are_bounded_and_export(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_BACKBONES))
 def test_slow_backbones(name):
-    _check_backbone(name, forwards=80)
+    model = _check_backbone(name, forwards=80)
+    # the sound network bound (eval mode) is above the Jacobian norm at random inputs
+    bound, reason = network_lipschitz_bound(model)
+    if name == "timm:efficientnet_b0":  # squeeze-excitation: x * sigmoid(fc(pool(x)))
+        assert bound is None and reason.endswith("product of a tensor and a tensor")
+        return
+    assert bound is not None, reason
+    model.eval()
+    for _ in range(2):
+        x = torch.rand(*SHAPE)
+        J = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0], x)
+        assert float(torch.linalg.matrix_norm(J.reshape(len(J), -1), ord=2)) <= bound
 
 
 def test_plain_state_dict_keeps_the_module_versions():
@@ -341,9 +360,25 @@ def test_overridden_forward_is_skipped_with_a_warning():
 
     model = nn.Sequential(ScaledConv(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, *SHAPE))
-    with pytest.warns(UserWarning, match="skipping '0' \\(ScaledConv\\)"):
+    with pytest.warns(UserWarning, match="skipping 1 layer\\(s\\) .*: '0' \\(ScaledConv\\)$"):
         apply_spectral_norm(model, beta=1.0, input_shape=SHAPE)
     assert set(normalized_layers(model)) == {"2"}
+
+
+def test_weight_standardized_convolutions_are_skipped_in_one_warning_that_says_why():
+    """BiT (timm's ResNetV2 with StdConv2d): one warning, not one per layer; the head is bounded."""
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=10, pretrained=False)
+    convs = [n for n, m in model.named_modules() if type(m).__name__ == "StdConv2d"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_spectral_norm(model, beta=1.0, input_shape=SHAPE)
+    (message,) = [str(w.message) for w in seen if "skipping" in str(w.message)]
+    assert message.startswith(
+        f"skipping {len(convs)} layer(s) whose forward differs from their base class's, so their "
+        f"operator is unknown: 'stem.conv' (StdConv2d), '{convs[1]}' (StdConv2d), '{convs[2]}' "
+        f"(StdConv2d) and {len(convs) - 3} more; weight-standardized convolutions"
+    )
+    assert set(normalized_layers(model)) == {"head.fc"}  # a 1x1 Conv2d head
 
 
 @pytest.mark.parametrize(
