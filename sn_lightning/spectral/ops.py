@@ -113,6 +113,21 @@ def forward_kind(layer: nn.Module) -> str | None:
     return None
 
 
+def batchnorm_act(module: nn.Module) -> bool:
+    """True for timm's ``BatchNormAct2d`` with its own forward (EfficientNet, RegNet, CSPNet, ...).
+
+    Its forward is BatchNorm's (``F.batch_norm`` with the module's weight and running statistics)
+    followed by its ``drop`` and ``act`` modules, so a bound on its scale is a bound on the
+    BatchNorm part (Note [subclass forwards]; timm is not imported here).
+    """
+    known = getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)
+    return (
+        isinstance(known, type)
+        and isinstance(module, known)
+        and type(module).forward is known.forward
+    )
+
+
 def tf_same_padding(
     spatial: Sequence[int],
     kernel_size: Sequence[int],

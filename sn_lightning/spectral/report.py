@@ -31,6 +31,7 @@ from sn_lightning.spectral.ops import (
     _effective_weight,
     _float_dtype,
     _power_iteration,
+    batchnorm_act,
     check_input_shape,
 )
 from sn_lightning.spectral.parametrization import (
@@ -361,13 +362,14 @@ _LEAVES = SUPPORTED_LAYERS + _POOLS + _BATCHNORMS + tuple(_ACTIVATIONS) + (Input
 #   be traced as an out-of-place add: :class:`_Proxy` records it as ``operator.iadd``.
 
 # Note [BatchNorm subclasses]
-#   timm's BatchNormAct2d (CSPNet, Xception, EfficientNet, NFNet stems, ...) overrides forward
-#   with a copy of BatchNorm's ``F.batch_norm`` call followed by its ``drop`` and ``act``
-#   modules. As a leaf it would have no rule, so the tracer first traces such subclasses through:
-#   their ``F.batch_norm`` call gets the eval-mode BatchNorm rule (:func:`_batch_norm_rule`, read
-#   from the traced statistics) and the activation its module rule. A forward that fx cannot
-#   trace (e.g. one calling BatchNorm's own forward, which branches on the input's dim) falls back
-#   to the leaf, which names the module that overrides forward.
+#   A BatchNorm subclass with its own forward computes something else than BatchNorm. timm's
+#   BatchNormAct2d (EfficientNet, MobileNetV3, RegNet, CSPNet, Xception, ...) is known: BatchNorm's
+#   ``F.batch_norm`` with the module's weight (bounded or not) and running statistics, then its
+#   ``drop`` and ``act`` modules, so it is a leaf with the BatchNorm rule times the rules of those
+#   two. Other subclasses are traced through first: an ``F.batch_norm`` call gets the eval-mode
+#   BatchNorm rule from the traced statistics (:func:`_batch_norm_rule`), the rest its own rules.
+#   A forward that fx cannot trace (e.g. one calling BatchNorm's own forward, which branches on
+#   the input's dim) falls back to the leaf, which names the module that overrides forward.
 
 _INPLACE_OPERATORS = frozenset(
     {
@@ -412,7 +414,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.through_batchnorms and isinstance(m, _BATCHNORMS):
-            return type(m).forward is _known_forward(m)
+            return type(m).forward is _known_forward(m) or batchnorm_act(m)
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -951,8 +953,14 @@ def _module_factor(
         if shape is None:
             raise _Unsupported(f"input size of {name} unknown: pass input_shape")
         return _layer_bound(m, tuple(shape), cache)
-    # Subclasses that override forward (timm's BatchNormAct2d adds an activation,
-    # MaxPool2dSame pads dynamically) compute something else: no rule applies to them.
+    if batchnorm_act(m):  # timm's BatchNormAct2d: BatchNorm, then its drop and act modules
+        return (
+            _bn_lipschitz(m)
+            * _module_factor(m.drop, node, shapes, cache)
+            * _module_factor(m.act, node, shapes, cache)
+        )
+    # Other subclasses that override forward (MaxPool2dSame pads dynamically) compute something
+    # else: no rule applies to them (BatchNorm subclasses are traced through first).
     if type(m).forward is not _known_forward(m):
         raise _Unsupported(f"no Lipschitz rule for module {name}: it overrides forward")
     try:

@@ -22,7 +22,12 @@ from torch.nn.utils import parametrize
 from sn_lightning.errors import ConfigError, first_line
 from sn_lightning.modes import eval_mode
 from sn_lightning.spectral import grouped
-from sn_lightning.spectral.ops import SUPPORTED_LAYERS, check_input_shape, forward_kind
+from sn_lightning.spectral.ops import (
+    SUPPORTED_LAYERS,
+    batchnorm_act,
+    check_input_shape,
+    forward_kind,
+)
 from sn_lightning.spectral.parametrization import (
     METHODS,
     BoundedBatchNormScale,
@@ -71,7 +76,9 @@ def _overrides_forward(module: nn.Module) -> bool:
     if isinstance(module, SUPPORTED_LAYERS):
         return forward_kind(module) is None
     base = next((b for b in _BATCHNORMS if isinstance(module, b)), None)
-    return base is not None and type(module).forward is not base.forward
+    if base is None or batchnorm_act(module):  # timm's BatchNormAct2d: BatchNorm, then act
+        return False
+    return type(module).forward is not base.forward
 
 
 def _skipped_message(skipped: Mapping[str, nn.Module], show: int = 3) -> str:

@@ -292,9 +292,9 @@ def test_subclasses_with_their_own_forward_have_no_rule():
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU], ids=["relu", "silu"])
-def test_timm_batchnorm_act_is_traced_through(act):
-    """timm's BatchNormAct2d (its own forward: F.batch_norm, drop, act): the BatchNorm rule from
-    its statistics times the activation's rule (Note [BatchNorm subclasses])."""
+def test_timm_batchnorm_act_gets_the_batchnorm_rule_times_its_activations(act):
+    """timm's BatchNormAct2d (its own forward: F.batch_norm, drop, act): the BatchNorm rule times
+    the rules of its drop and act modules (Note [BatchNorm subclasses])."""
     from timm.layers import BatchNormAct2d
 
     torch.manual_seed(0)
@@ -313,7 +313,38 @@ def test_timm_batchnorm_act_is_traced_through(act):
     # batch statistics (no running statistics: eval mode normalizes by the batch) have no rule
     model[1] = BatchNormAct2d(3, act_layer=act, track_running_stats=False).double()
     bound, reason = network_lipschitz_bound(model, input_shape=(2, 5, 5))
-    assert bound is None and "batch_norm with batch statistics" in reason
+    assert bound is None and "without running stats (batch statistics)" in reason
+    # an activation without a sound rule is named
+    model[1] = BatchNormAct2d(3, act_layer=nn.Softplus, act_kwargs={"threshold": 1}).double()
+    bound, reason = network_lipschitz_bound(model.eval(), input_shape=(2, 5, 5))
+    assert bound is None and "Softplus" in reason
+
+
+def test_other_batchnorm_subclasses_are_traced_through_their_batch_norm_call():
+    """A BatchNorm subclass with its own forward around F.batch_norm: traced through, the call
+    gets the BatchNorm rule from the module's statistics (Note [BatchNorm subclasses])."""
+
+    class BatchNormTanh(nn.BatchNorm1d):
+        def forward(self, x):
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps)  # fmt: skip
+            return torch.tanh(y) * 2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), BatchNormTanh(4)).double()
+    _randomize_bn(model)
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(-1.5, 1.5)
+    model.eval()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert reason == ""
+    bn = model[1]
+    bn_factor = float((bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).max().detach())
+    sigma = float(torch.linalg.svdvals(model[0].weight.detach())[0])
+    assert bound == pytest.approx(sigma * bn_factor * 2, rel=1e-9)
+    measured = max(jacobian_norm(model, torch.randn(4).double() * 0.1) for _ in range(5))
+    assert 0.0 < measured <= bound
 
 
 def test_split_and_chunk_parts_are_bounded_by_their_input():

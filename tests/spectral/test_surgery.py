@@ -279,6 +279,45 @@ def test_removal_on_a_copy_leaves_the_original_normalized(backbone):
     assert not hasattr(model.net.conv1, "parametrizations")
 
 
+def test_batchnorm_bound_on_timm_batchnorm_act():
+    """timm's BatchNormAct2d (RegNet, EfficientNet, MobileNetV3, ...) is BatchNorm then an
+    activation: batchnorm="bound" bounds its scale like a plain BatchNorm's, and the network
+    bound reads the bounded scale."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("regnetx_002", num_classes=10, pretrained=False)
+    bns = {n: m for n, m in model.named_modules() if type(m) is BatchNormAct2d}
+    assert len(bns) == 44
+    for bn in bns.values():
+        bn.weight.data.uniform_(2.0, 3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped
+        apply_spectral_norm(model, beta=0.9, input_shape=SHAPE, batchnorm="bound")
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, *SHAPE) * 0.1)  # new running statistics
+    model.eval()
+    x = torch.rand(2, *SHAPE)
+    with torch.no_grad():
+        y = model(x)
+    for name, bn in bns.items():
+        assert isinstance(bn.parametrizations.weight[0], BoundedBatchNormScale), name
+        scale = float((bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).max().detach())
+        assert scale <= 0.9 * (1 + 1e-5), name
+    # export: the plain weights reproduce the bounded model in the unmodified backbone
+    fresh = timm.create_model("regnetx_002", num_classes=10, pretrained=False).eval()
+    fresh.load_state_dict(plain_state_dict(model), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
+    # the network bound is computed with the bounded scales
+    bound, reason = network_lipschitz_bound(model)
+    assert reason == ""
+    bound_fresh, reason = network_lipschitz_bound(fresh, input_shape=SHAPE)
+    assert reason == ""
+    assert bound == pytest.approx(bound_fresh, rel=1e-4)
+
+
 def test_include_exclude_and_method():
     model = apply_spectral_norm(
         build("torchvision:resnet18"),
