@@ -1,8 +1,8 @@
 """`python -m sn_lightning.evaluate --config X --ckpt_path Y`: PGD-k and AutoAttack on a checkpoint.
 
 Writes ``evaluation.json`` (clean accuracy; accuracy per eps under PGD and under AutoAttack's
-standard version or a subset of its attacks, through the ``pyautoattack`` package) and ``robustness_curve.png`` (accuracy
-against eps) into ``--eval.out`` (default: ``evaluation/`` beside the checkpoint's run).
+standard version or a subset of its attacks, through the ``pyautoattack`` package) and
+``robustness_curve.png`` (accuracy against eps) into ``--eval.out`` (default: ``evaluation/`` beside the checkpoint's run).
 """
 
 from __future__ import annotations
@@ -115,6 +115,11 @@ def autoattack_accuracy(
     the standard version's settings (APGD-T and FAB-T on 9 target classes, Square 5000 queries).
     An example counts as robust when none of them breaks it (Croce & Hein, ICML 2020).
     """
+    unknown = [a for a in attacks if a not in STANDARD_ATTACKS]
+    if unknown or not attacks:
+        raise ValueError(
+            f"AutoAttack attacks {list(attacks)}: name one or more of {', '.join(STANDARD_ATTACKS)}"
+        )
     from pyautoattack import AutoAttack
 
     adversary = AutoAttack(

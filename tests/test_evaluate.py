@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sn_lightning.evaluate import autoattack_accuracy
 from sn_lightning.evaluate import main as evaluate_main
 from sn_lightning.fit import main as fit_main
 
@@ -90,6 +91,22 @@ def test_evaluate_pgd_and_autoattack_standard(checkpoint, tmp_path):
         "version": "standard",
         "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
     }
+
+
+@pytest.mark.parametrize("attacks", [[], ["fab"], ["apgd-ce", "square-t"]])
+def test_autoattack_accuracy_refuses_names_outside_the_standard_version(attacks):
+    """A misspelt name would otherwise leave no attack to run: clean accuracy reported as robust."""
+    with pytest.raises(ValueError, match=r"name one or more of apgd-ce, apgd-t, fab-t, square"):
+        autoattack_accuracy(
+            torch.nn.Flatten(),
+            torch.zeros(2, 4),
+            torch.zeros(2, dtype=torch.long),
+            norm="linf",
+            eps=0.1,
+            device=torch.device("cpu"),
+            batch_size=2,
+            attacks=attacks,
+        )
 
 
 def test_an_empty_autoattack_subset_is_refused(checkpoint, tmp_path, capsys):
