@@ -2,7 +2,8 @@
 
 Writes ``evaluation.json`` (clean accuracy; accuracy per eps under PGD and under AutoAttack's
 standard version or a subset of its attacks, through the ``pyautoattack`` package) and
-``robustness_curve.png`` (accuracy against eps) into ``--eval.out`` (default: ``evaluation/`` beside the checkpoint's run).
+``robustness_curve.png`` (accuracy against eps) into ``--eval.out`` (default: ``evaluation/``
+beside the checkpoint's run).
 """
 
 from __future__ import annotations

@@ -85,12 +85,11 @@ def _skipped_message(skipped: Mapping[str, nn.Module], show: int = 3) -> str:
     """One warning for the layers whose own forward hides their operator (BiT: 53 of them)."""
     names = [f"{n!r} ({type(m).__name__})" for n, m in list(skipped.items())[:show]]
     more = f" and {len(skipped) - show} more" if len(skipped) > show else ""
-    kinds = sorted({type(m).__name__ for m in skipped.values()})
     message = (
         f"skipping {len(skipped)} layer(s) whose forward differs from their base class's, so "
         f"their operator is unknown: {', '.join(names)}{more}"
     )
-    if any("StdConv" in k for k in kinds):
+    if any("StdConv" in type(m).__name__ for m in skipped.values()):
         message += (
             "; weight-standardized convolutions (timm's StdConv2d, ScaledStdConv2d: BiT, "
             "ResNetV2, NFNet) rescale their weight themselves, so no bound on it holds"
