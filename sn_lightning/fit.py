@@ -877,9 +877,22 @@ def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule)
 
 
 def _check_strategy(trainer: Trainer, model: SNClassifier) -> None:
-    """Spawned DDP pickles the model; parametrized (spectral-norm) modules cannot be pickled."""
+    """Spawned DDP pickles the model; parametrized (spectral-norm) modules cannot be pickled.
+
+    ``sync_batchnorm=true`` makes SyncBatchNorms, which DistributedDataParallel refuses off GPUs.
+    """
     from torch.nn.utils import parametrize
 
+    strategy = trainer.strategy
+    if (
+        getattr(strategy, "_layer_sync", None) is not None
+        and strategy.root_device.type == "cpu"
+        and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    ):
+        raise ConfigError(
+            "trainer.sync_batchnorm true needs GPUs (DistributedDataParallel runs torch's "
+            "SyncBatchNorm only on CUDA); use --trainer.sync_batchnorm=false on CPU"
+        )
     method = getattr(trainer.strategy, "_start_method", None)
     if method in ("spawn", "forkserver") and any(
         parametrize.is_parametrized(m) for m in model.modules()

@@ -73,3 +73,40 @@ class DumpMetrics(L.Callback):
             [{k: (v if math.isfinite(v) else str(v)) for k, v in s.items()} for s in self.snapshots]
         )
         (Path(self.out) / f"metrics_rank{trainer.global_rank}.json").write_text(text)
+
+
+class RecordBatchNorms(L.Callback):
+    """Record each BatchNorm's class, bound and eval-mode scale after the first training step and
+    at fit end (``on_fit_end`` comes after the strategy's teardown, which reverts synchronized
+    classes): ``batchnorms_rank<r>.json``, ``{"step": {name: [class, bounded, scale]}, "end": ...}``.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.seen: dict[str, dict[str, list]] = {}
+
+    def _record(self, pl_module: L.LightningModule) -> dict[str, list]:
+        from torch.nn.utils import parametrize
+
+        from sn_lightning.spectral import spectral_norms
+
+        scales = spectral_norms(pl_module, normalized=True)
+        out = {}
+        for name, m in pl_module.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                cls = type(m)
+                bounded = parametrize.is_parametrized(m, "weight")
+                out[name] = [
+                    (cls.__bases__[0] if bounded else cls).__name__,
+                    bounded,
+                    scales.get(name),
+                ]
+        return out
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.seen.setdefault("step", self._record(pl_module))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen["end"] = self._record(pl_module)
+        path = Path(self.out) / f"batchnorms_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.seen))

@@ -435,3 +435,53 @@ def test_reseed_global_rngs_seeds_the_initialized_gpu_like_manual_seed():
     torch.manual_seed(seed)
     theirs = (torch.rand(8, device="cuda").cpu(), torch.rand(8))
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_ddp_sync_batchnorm_trains_bounded_timm_norm_act_layers(tmp_path):
+    """``--trainer.sync_batchnorm=true`` with ``sn_batchnorm: bound`` on a timm RegNet
+    (BatchNormAct2d): Lightning's own plugin raises a TypeError on the bounded scales and drops
+    every activation after a BatchNorm; SNClassifier's trains SyncBatchNormAct layers within beta
+    and hands back the original classes, whose network bound results.json reports."""
+    import subprocess
+    import sys
+
+    record = {
+        "class_path": "tests.ddp_helpers.RecordBatchNorms",
+        "init_args": {"out": str(tmp_path)},
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sn_lightning.fit",
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--model.backbone=timm:regnetx_002",
+            "--model.beta=0.9",
+            "--model.sn_batchnorm=bound",
+            "--trainer.accelerator=gpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=ddp",
+            "--trainer.sync_batchnorm=true",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.logger=false",
+            "--robust_eval.final_max_examples=32",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.callbacks={json.dumps([record])}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads((tmp_path / "batchnorms_rank0.json").read_text())
+    assert seen["step"].keys() == seen["end"].keys() and len(seen["step"]) > 10
+    assert {tuple(v[:2]) for v in seen["step"].values()} == {("SyncBatchNormAct", True)}
+    assert {tuple(v[:2]) for v in seen["end"].values()} == {("BatchNormAct2d", True)}
+    assert max(v[2] for v in seen["step"].values()) <= 0.9 * (1 + 1e-6)
+    (path,) = tmp_path.rglob("results.json")
+    bound = json.loads(path.read_text())["lipschitz_bound"]
+    assert isinstance(bound, float) and bound > 0

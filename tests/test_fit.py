@@ -248,6 +248,17 @@ def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
             ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"],
             "use --trainer.strategy=ddp",
         ),
+        (
+            [
+                "--trainer.strategy=ddp",
+                "--trainer.devices=2",
+                "--trainer.accelerator=cpu",
+                "--trainer.sync_batchnorm=true",
+                "--model.backbone=torchvision:resnet18",
+            ],
+            "trainer.sync_batchnorm true needs GPUs (DistributedDataParallel runs torch's "
+            "SyncBatchNorm only on CUDA); use --trainer.sync_batchnorm=false on CPU",
+        ),
         # raised in a class's __init__ and wrapped by jsonargparse: named by the class
         (["--adversarial.attack.steps=0"], "PGD: steps must be >= 1, got 0"),
         (["--adversarial.attack.eps=-0.1"], "PGD: eps must be a finite number >= 0, got -0.1"),

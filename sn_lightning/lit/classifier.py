@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -71,6 +72,30 @@ class ReseedEachBatch(L.Callback):
         if seed is not None:
             parts = (int(seed), trainer.current_epoch, batch_idx, trainer.global_rank)
             reseed_global_rngs(derive_seed(*parts))
+
+
+class SyncBatchNormKeepingBounds(TorchSyncBatchNorm):
+    """Lightning's ``sync_batchnorm=True`` plugin with bounds and timm activations kept.
+
+    Lightning's own converts with ``nn.SyncBatchNorm.convert_sync_batchnorm``, which raises a
+    TypeError on ``sn_batchnorm: bound`` scales and drops the activation of timm's
+    BatchNormAct2d (EfficientNet, RegNet, ...); this one converts with
+    :func:`~sn_lightning.spectral.convert_sync_batchnorm` and reverts to the original classes
+    after fitting. :class:`SNClassifier` puts it in place of Lightning's own; other modules can
+    pass it as ``Trainer(plugins=[SyncBatchNormKeepingBounds()], sync_batchnorm=True)``.
+    """
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """BatchNorm -> SyncBatchNorm in place (classes change, objects and bounds stay)."""
+        from sn_lightning.spectral import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The classes before :meth:`apply`, in place."""
+        from sn_lightning.spectral import revert_sync_batchnorm
+
+        return revert_sync_batchnorm(model)
 
 
 class SNClassifier(L.LightningModule):
@@ -457,8 +482,13 @@ class SNClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Put :class:`ReseedEachBatch` first among the trainer's callbacks.
 
-        Before fitting, also warn when the CRM term would never switch on.
+        With ``sync_batchnorm=True``, swap Lightning's plugin for :class:`SyncBatchNormKeepingBounds`
+        (the strategy applies it after this hook). Before fitting, also warn when the CRM term
+        would never switch on.
         """
+        strategy = self.trainer.strategy
+        if type(getattr(strategy, "_layer_sync", None)) is TorchSyncBatchNorm:
+            strategy._layer_sync = SyncBatchNormKeepingBounds()
         callbacks = self.trainer.callbacks
         if not any(isinstance(cb, ReseedEachBatch) for cb in callbacks):
             callbacks.insert(0, ReseedEachBatch())

@@ -34,9 +34,11 @@ from sn_lightning.spectral.report import spectral_norm_report as spectral_norm_r
 
 # surgery + export
 from sn_lightning.spectral.surgery import apply_spectral_norm as apply_spectral_norm
+from sn_lightning.spectral.surgery import convert_sync_batchnorm as convert_sync_batchnorm
 from sn_lightning.spectral.surgery import normalized_layers as normalized_layers
 from sn_lightning.spectral.surgery import plain_state_dict as plain_state_dict
 from sn_lightning.spectral.surgery import remove_spectral_norm as remove_spectral_norm
+from sn_lightning.spectral.surgery import revert_sync_batchnorm as revert_sync_batchnorm
 from sn_lightning.spectral.surgery import spectral_norms as spectral_norms
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "bounded_spectral_norm",
     "conv_operator",
     "conv_transpose_operator",
+    "convert_sync_batchnorm",
     "dense_operator_norm",
     "freeze_spectral_norm",
     "linear_operator",
@@ -63,6 +66,7 @@ __all__ = [
     "remove_bounded_spectral_norm",
     "remove_spectral_norm",
     "rescale",
+    "revert_sync_batchnorm",
     "spectral_norm_report",
     "spectral_norms",
 ]

@@ -114,18 +114,21 @@ def forward_kind(layer: nn.Module) -> str | None:
 
 
 def batchnorm_act(module: nn.Module) -> bool:
-    """True for timm's ``BatchNormAct2d`` with its own forward (EfficientNet, RegNet, CSPNet, ...).
+    """True for timm's ``BatchNormAct2d`` or ``SyncBatchNormAct`` with their own forwards.
 
-    Its forward is BatchNorm's (``F.batch_norm`` with the module's weight and running statistics)
-    followed by its ``drop`` and ``act`` modules, so a bound on its scale is a bound on the
+    Their forward is BatchNorm's (``F.batch_norm`` with the module's weight and running
+    statistics; ``SyncBatchNorm``'s in the synchronized one) followed by the ``drop`` and ``act``
+    modules (EfficientNet, RegNet, CSPNet, ...), so a bound on the scale is a bound on the
     BatchNorm part (Note [subclass forwards]; timm is not imported here).
     """
-    known = getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)
-    return (
-        isinstance(known, type)
-        and isinstance(module, known)
-        and type(module).forward is known.forward
-    )
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    for known in (
+        getattr(norm_act, "BatchNormAct2d", None),
+        getattr(norm_act, "SyncBatchNormAct", None),
+    ):
+        if isinstance(known, type) and isinstance(module, known):
+            return type(module).forward is known.forward
+    return False
 
 
 def tf_same_padding(

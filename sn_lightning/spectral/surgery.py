@@ -10,6 +10,7 @@ unmodified backbone.
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -43,14 +44,16 @@ from sn_lightning.spectral.parametrization import (
 __all__ = [
     "BATCHNORM_POLICIES",
     "apply_spectral_norm",
+    "convert_sync_batchnorm",
     "normalized_layers",
     "plain_state_dict",
     "remove_spectral_norm",
+    "revert_sync_batchnorm",
     "spectral_norms",
 ]
 
 BATCHNORM_POLICIES: tuple[str, ...] = ("leave", "bound")
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
@@ -404,3 +407,87 @@ def spectral_norms(model: nn.Module, *, normalized: bool = False) -> dict[str, f
                 sigma = float(p.scale(original))
         out[name] = min(sigma, p.beta) if normalized else sigma
     return out
+
+
+# Note [SyncBatchNorm by class]
+#   ``nn.SyncBatchNorm.convert_sync_batchnorm`` (what Lightning's ``sync_batchnorm=True`` runs)
+#   builds a new module and assigns it the old one's ``weight``. A bounded BatchNorm's ``weight``
+#   is a parametrization's computed tensor, which a Parameter slot refuses (TypeError), and
+#   timm's BatchNormAct2d becomes a plain SyncBatchNorm whose forward never calls its ``act``:
+#   every activation after a BatchNorm silently disappears. SyncBatchNorm adds one attribute
+#   (``process_group``) to BatchNorm and changes only ``forward``, so here each module changes
+#   class in place instead (Parameters, buffers, hooks and parametrizations stay the same objects;
+#   a parametrized module gets a parametrized class over the new base, as parametrize makes) and
+#   remembers its old class for the revert. timm's BatchNormAct2d becomes timm's SyncBatchNormAct.
+
+_UNSYNCED_CLASS = "_sn_unsynced_class"
+
+
+def _rebase(module: nn.Module, base: type[nn.Module]) -> None:
+    """Give ``module`` the class ``base`` in place (Note [SyncBatchNorm by class])."""
+    if parametrize.is_parametrized(module):
+        cls = type(module)
+        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
+    else:
+        module.__class__ = base
+
+
+def _plain_class(module: nn.Module) -> type[nn.Module]:
+    """The module's class, under parametrize's injected subclass."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """Make every BatchNorm of ``model`` a ``SyncBatchNorm``, in place, keeping bounds; returns it.
+
+    For multi-GPU runs with synchronized BatchNorm statistics. Unlike
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` it keeps ``apply_spectral_norm(batchnorm="bound")``
+    bounds (that one raises a TypeError on them) and timm's activations (timm's BatchNormAct2d
+    becomes timm's SyncBatchNormAct, not a SyncBatchNorm that drops its ``act``): each module
+    changes class in place, so Parameters, buffers, hooks and bounds stay the same objects (Note
+    [SyncBatchNorm by class]). BatchNorm subclasses with a forward of their own are left as they
+    are, with one warning. :func:`revert_sync_batchnorm` restores the old classes.
+
+    Args:
+        model: any module; BatchNorm1d/2d/3d (and subclasses with their forward) are converted.
+        process_group: the group to synchronize over (None: the whole world).
+    """
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    left: list[str] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.SyncBatchNorm):
+            continue
+        if batchnorm_act(m):  # timm is loaded: its module is in sys.modules
+            target: type[nn.Module] = norm_act.SyncBatchNormAct  # type: ignore[union-attr]
+        elif not _overrides_forward(m) and isinstance(m, _BATCHNORMS):
+            target = nn.SyncBatchNorm
+        else:
+            left.append(f"{name!r} ({_plain_class(m).__name__})")
+            continue
+        old = _plain_class(m)
+        _rebase(m, target)
+        m.process_group = process_group
+        m.__dict__[_UNSYNCED_CLASS] = old
+    if left:
+        warnings.warn(
+            f"not synchronizing {len(left)} BatchNorm(s) with a forward of their own (their "
+            f"statistics stay per process): {', '.join(left[:3])}"
+            + (f" and {len(left) - 3} more" if len(left) > 3 else ""),
+            stacklevel=2,
+        )
+    return model
+
+
+def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert_sync_batchnorm` in place (the old classes, bounds kept); returns it.
+
+    SyncBatchNorms that it did not convert (the model's own) are left as they are.
+    """
+    for m in model.modules():
+        old = m.__dict__.pop(_UNSYNCED_CLASS, None)
+        if old is not None:
+            _rebase(m, old)
+            del m.process_group
+    return model

@@ -304,3 +304,41 @@ def test_crm_that_never_starts_warns(tmp_path):
     trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
     with pytest.warns(UserWarning, match=r"crm_start_epoch 2 >= trainer\.max_epochs 2: this run"):
         trainer.fit(model, datamodule=ImageDataModule("digits"))
+
+
+def test_sync_batchnorm_swaps_in_the_plugin_that_keeps_bounds_and_timm_activations(tmp_path):
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+    from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+
+    from sn_lightning.lit import SyncBatchNormKeepingBounds
+    from sn_lightning.spectral import BoundedBatchNormScale, normalized_layers
+
+    model = SNClassifier(
+        backbone="timm:regnetx_002", input_shape=(1, 16, 16), beta=1.0, sn_batchnorm="bound"
+    )
+    trainer = _trainer(tmp_path, strategy="ddp", devices=1, sync_batchnorm=True)
+    assert type(trainer.strategy._layer_sync) is TorchSyncBatchNorm  # Lightning's own
+    model.trainer = trainer
+    model.setup("fit")  # before the strategy applies the plugin (Trainer._run)
+    plugin = trainer.strategy._layer_sync
+    assert isinstance(plugin, SyncBatchNormKeepingBounds)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bounded = {
+        n for n, (_, p) in normalized_layers(model).items() if isinstance(p, BoundedBatchNormScale)
+    }
+    assert len(bounded) == len(norms) > 0
+    x = torch.randn(2, 1, 16, 16)
+    model.eval()
+    expected = model(x)
+    assert plugin.apply(model) is model  # Lightning's own raises a TypeError here
+    assert all(isinstance(m, SyncBatchNormAct) for m in norms)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # activations kept
+    assert {
+        n for n, (_, p) in normalized_layers(model).items() if isinstance(p, BoundedBatchNormScale)
+    } == bounded
+    plugin.revert(model)
+    assert all(isinstance(m, BatchNormAct2d) and not isinstance(m, nn.SyncBatchNorm) for m in norms)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    # A user's own plugin is left alone, and this one is accepted with sync_batchnorm=True.
+    own = _trainer(tmp_path, plugins=[SyncBatchNormKeepingBounds()], sync_batchnorm=True)
+    assert isinstance(own._accelerator_connector._layer_sync, SyncBatchNormKeepingBounds)
