@@ -408,9 +408,11 @@ for _op in _INPLACE_OPERATORS:
 class _Tracer(fx.Tracer):
     """Rule modules are leaves (Note [BatchNorm subclasses] for ``through_batchnorms``)."""
 
-    def __init__(self, *, through_batchnorms: bool = False) -> None:
+    def __init__(self, *, through_batchnorms: bool = False, buffers: bool = False) -> None:
         super().__init__()
         self.through_batchnorms = through_batchnorms
+        # buffers as get_attr nodes, so values computed from them are traced (Note [fixed tensors])
+        self.proxy_buffer_attributes = buffers
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.through_batchnorms and isinstance(m, _BATCHNORMS):
@@ -657,13 +659,21 @@ def _network_bound(
     # The bound is the eval-mode network's: trace, record and propagate in eval mode (a forward
     # may branch on self.training), whatever mode the caller is in; the modes are restored.
     with eval_mode(model):
-        try:
-            graph = _Tracer(through_batchnorms=True).trace(model)
-        except Exception:  # e.g. a BatchNorm subclass's forward branching on a shape
+        # Traced buffers (Note [fixed tensors]) and BatchNorm subclasses (Note [BatchNorm
+        # subclasses]) where fx can: a forward may branch on a buffer's or a shape's value.
+        graph = None
+        for options in (
+            {"through_batchnorms": True, "buffers": True},
+            {"through_batchnorms": True},
+            {},
+        ):
             try:
-                graph = _Tracer().trace(model)
+                graph = _Tracer(**options).trace(model)
+                break
             except Exception as e:
-                return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
+                error = e
+        if graph is None:
+            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(error)}"
         gm = fx.GraphModule(model, graph)
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
@@ -733,6 +743,11 @@ def _propagate(
 ) -> float:
     L: dict[fx.Node, float] = {}
     n_inputs = 0
+    memo: dict[fx.Node, Any] = {}
+
+    def fixed(a: Any) -> Tensor | None:
+        value = _fixed_value(a, gm, memo) if isinstance(a, fx.Node) else None
+        return value if isinstance(value, Tensor) else None
 
     def lip(a: Any) -> float:
         if isinstance(a, fx.Node):
@@ -769,9 +784,9 @@ def _propagate(
             elif node.op == "call_function" and node.target is F.batch_norm:
                 L[node] = _batch_norm_rule(node, lip, gm)
             elif node.op == "call_function":
-                L[node] = _function_rule(node, lip, shapes)
+                L[node] = _function_rule(node, lip, shapes, fixed)
             elif node.op == "call_method":
-                L[node] = _method_rule(node, lip, shapes, dtypes)
+                L[node] = _method_rule(node, lip, shapes, dtypes, fixed)
             else:  # pragma: no cover - fx has no other ops
                 raise _Unsupported(f"unknown fx op {node.op}")
             _propagate_inplace(node, gm, L)
@@ -788,6 +803,91 @@ def _propagate(
 def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
     """True when no argument depends on the input values (L = 0 for all of them)."""
     return all(lip(a) == 0.0 for a in (*node.args, *node.kwargs.values()))
+
+
+# Note [fixed tensors]
+#   ``x * c`` with a tensor ``c`` that depends on no input (LayerScale's ``gamma``, a frozen
+#   BatchNorm's ``weight * (running_var + eps).rsqrt()``, a learned skip gain) has
+#   ``||c * dx|| <= max |c| ||dx||``, times ``sqrt(numel(out) / numel(x))`` where ``c`` broadcasts
+#   ``x`` up (Note [broadcast sums]); ``x / c`` has ``1 / min |c|``. ``c``'s value is computed
+#   again from the model's parameters and buffers (the eval-mode graph reads them unchanged) by
+#   the nodes it comes from, which must all be deterministic: no placeholder (the input, or a
+#   default argument whose value the trace does not know), no module call, no in-place op, no
+#   random draw (ATen ops tagged ``nondeterministic_seeded``: ``rand``, ``dropout``, ...) and no
+#   tensor that fx made at trace time (``_tensor_constant<n>``: ``torch.rand(4)`` in a forward is
+#   traced as one draw); otherwise the product has no rule. Buffers are traced as get_attr nodes
+#   (``proxy_buffer_attributes``) so that values computed from them are nodes too (torchvision's
+#   FrozenBatchNorm2d computes ``weight * (running_var + eps).rsqrt()`` in its forward).
+
+_NOT_FIXED = object()
+
+
+def _seeded(node: fx.Node) -> bool:
+    """Whether a call draws random numbers (an ATen op tagged ``nondeterministic_seeded``)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    packet = getattr(torch.ops.aten, str(name), None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return "rand" in str(name) or "dropout" in str(name)
+    return any(
+        torch.Tag.nondeterministic_seeded in getattr(packet, overload).tags
+        for overload in packet.overloads()
+    )
+
+
+def _fixed_value(node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any]) -> Any:
+    """The value of a node computed from parameters and buffers alone, or ``_NOT_FIXED``.
+
+    Note [fixed tensors]: get_attr nodes and deterministic calls on fixed values.
+    """
+    if node in memo:
+        return memo[node]
+    memo[node] = value = _NOT_FIXED
+    if node.op == "get_attr" and not str(node.target).startswith("_tensor_constant"):
+        # (fx stores tensors the forward made at trace time, torch.rand(4) included, as
+        # _tensor_constant<n>: one draw, not a fixed value)
+        value = operator.attrgetter(node.target)(gm)
+    elif node.op in ("call_function", "call_method") and not (_inplace(node, gm) or _seeded(node)):
+        fixed = True
+
+        def arg(n: fx.Node) -> Any:
+            nonlocal fixed
+            v = _fixed_value(n, gm, memo)
+            fixed = fixed and v is not _NOT_FIXED
+            return v
+
+        args = fx.node.map_arg(node.args, arg)
+        kwargs = fx.node.map_arg(node.kwargs, arg)
+        if fixed:
+            with torch.no_grad():
+                if node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                else:
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+    memo[node] = value
+    return value
+
+
+def _tensor_factor(
+    node: fx.Node, x: Any, c: Tensor, shapes: dict[str, tuple[int, ...]], *, divide: bool
+) -> float:
+    """``max |c|`` (``1 / min |c|`` for a division) times the broadcast factor of ``x``."""
+    with torch.no_grad():
+        mags = c.detach().abs().double()
+        if divide and bool((mags == 0).any()):
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a zero entry")
+        factor = float((1.0 / mags if divide else mags).max()) if mags.numel() else 0.0
+    if not math.isfinite(factor):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: a non-finite constant factor")
+    if c.numel() <= 1:
+        return factor  # no entry of x is repeated
+    out = shapes.get(node.name)
+    shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+    if out is None or shape is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} of an input-dependent value and "
+            "a constant tensor whose shapes are unknown (it may broadcast): pass input_shape"
+        )
+    return factor * math.sqrt(max(math.prod(out) / max(math.prod(shape), 1), 1.0))
 
 
 # Position of ``inplace`` in the functional activations (it may also come as a keyword).
@@ -997,20 +1097,21 @@ _CONSTANT_ATTRIBUTES = frozenset(
 
 
 def _function_rule(
-    node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+    node: fx.Node,
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    fixed: Callable[[Any], Tensor | None],
 ) -> float:
     f = node.target
     args, kwargs = node.args, node.kwargs
     if f in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
         return _sum_rule(node, lip, shapes)
     if f in (operator.mul, operator.imul, torch.mul):
-        return _scale_rule(node, args[0], args[1], lip, divide=False)
+        return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=False)
     if f in (operator.truediv, operator.itruediv, torch.div):
         if kwargs.get("rounding_mode") is not None:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: rounding division jumps")
-        if lip(args[1]) != 0.0 or _const(args[1]) is None:
-            raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
-        return _scale_rule(node, args[0], args[1], lip, divide=True)
+        return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=True)
     if f in (torch.cat, torch.concat, torch.concatenate):
         return lip(args[0])  # root sum of squares over the list
     if f is operator.getitem:
@@ -1135,18 +1236,34 @@ def _parametrized_function_rule(node: fx.Node) -> float:
 
 
 def _scale_rule(
-    node: fx.Node, a: Any, b: Any, lip: Callable[[Any], float], *, divide: bool
+    node: fx.Node,
+    a: Any,
+    b: Any,
+    lip: Callable[[Any], float],
+    fixed: Callable[[Any], Tensor | None],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    divide: bool,
 ) -> float:
-    if divide:
-        c = _const(b)
-        assert c is not None
-        return lip(a) / abs(c) if c != 0 else math.inf
-    for x, c in ((a, _const(b)), (b, _const(a))):
-        if c is not None:
-            return abs(c) * lip(x)
+    """``a * b`` with one factor constant (a number or a fixed tensor), or ``a / b``, b constant.
+
+    Note [fixed tensors].
+    """
     if lip(a) == 0.0 and lip(b) == 0.0:
         return 0.0
-    raise _Unsupported(f"no Lipschitz rule for {node.name}: product of a tensor and a tensor")
+    for x, c in ((a, b),) if divide else ((a, b), (b, a)):
+        if lip(c) != 0.0:
+            continue
+        k = _const(c)
+        if k is not None:
+            if divide:
+                return lip(x) / abs(k) if k != 0 else math.inf
+            return abs(k) * lip(x)
+        value = fixed(c)
+        if value is not None:
+            return _tensor_factor(node, x, value, shapes, divide=divide) * lip(x)
+    what = "division by a tensor" if divide else "product of a tensor and a tensor"
+    raise _Unsupported(f"no Lipschitz rule for {node.name}: {what}")
 
 
 def _getitem_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
@@ -1182,6 +1299,7 @@ def _method_rule(
     lip: Callable[[Any], float],
     shapes: dict[str, tuple[int, ...]],
     dtypes: dict[str, torch.dtype],
+    fixed: Callable[[Any], Tensor | None],
 ) -> float:
     name = node.target
     args = node.args
@@ -1192,13 +1310,11 @@ def _method_rule(
     if name in ("add", "add_", "sub", "sub_"):
         return _sum_rule(node, lip, shapes)
     if name in ("mul", "mul_"):
-        return _scale_rule(node, args[0], args[1], lip, divide=False)
+        return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=False)
     if name in ("div", "div_"):
         if node.kwargs.get("rounding_mode") is not None:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: rounding division jumps")
-        if _const(args[1]) is None:
-            raise _Unsupported(f"no Lipschitz rule for {node.name}: division by a tensor")
-        return _scale_rule(node, args[0], args[1], lip, divide=True)
+        return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=True)
     if name in _METHOD_CONSTANTS:
         if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")

@@ -1057,3 +1057,105 @@ def test_a_view_to_a_dtype_known_at_run_time_is_refused():
         bound, reason = network_lipschitz_bound(_Fn(f).double().eval(), input_shape=shape)
         assert bound is None
         assert ".view(dtype) reinterprets bits" in reason
+
+
+class _Scaled(nn.Module):
+    """``x * c`` (or ``x / c``) with ``c`` computed from a parameter: LayerScale, skip gains."""
+
+    def __init__(self, gamma: torch.Tensor, *, divide: bool = False, method: bool = False) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(gamma)
+        self.divide, self.method = divide, method
+
+    def forward(self, x):
+        c = self.gamma.abs().reshape(self.gamma.shape) * torch.sign(self.gamma)  # = gamma
+        if self.method:
+            return x.div(c) if self.divide else x.mul(c)
+        return x / c if self.divide else c * x
+
+
+@pytest.mark.parametrize("method", [False, True], ids=["operator", "method"])
+@pytest.mark.parametrize("divide", [False, True], ids=["mul", "div"])
+def test_products_with_a_fixed_tensor_are_its_largest_factor(divide, method):
+    torch.manual_seed(0)
+    gamma = torch.randn(4, 1, 1) + torch.tensor([0.0, 0.0, 0.0, 3.0]).reshape(4, 1, 1)
+    model = _Scaled(gamma.clone(), divide=divide, method=method).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4, 3, 3))
+    assert reason == ""
+    g = model.gamma.detach()
+    expected = float((1 / g.abs()).max() if divide else g.abs().max())
+    assert bound == pytest.approx(expected, rel=1e-12)
+    # a diagonal map: the bound is its exact Jacobian norm
+    assert bound == pytest.approx(jacobian_norm(model, torch.randn(4, 3, 3).double()), rel=1e-9)
+
+
+def test_a_fixed_tensor_that_broadcasts_the_input_up_counts_its_repeats():
+    torch.manual_seed(0)
+    gamma = torch.rand(3, 4) + 0.5  # x (4,) -> (3, 4): each entry of x appears 3 times
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), _Scaled(gamma.clone())).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+    assert reason == ""
+    upper = operator_norm_upper_bound(model[0], (4,))
+    assert bound == pytest.approx(
+        upper * float(model[1].gamma.detach().max()) * math.sqrt(3), rel=1e-9
+    )
+    assert bound >= jacobian_norm(model, torch.randn(4).double()) * (1 - 1e-9)
+    # without shapes the broadcast is unknown: no number
+    model[0] = nn.Identity()
+    assert network_lipschitz_bound(model)[0] is None
+    assert "pass input_shape" in network_lipschitz_bound(model)[1]
+
+
+def test_frozen_batchnorm_gets_the_batchnorm_bound():
+    """torchvision's FrozenBatchNorm2d (detection backbones) and timm's FrozenBatchNormAct2d
+    (``freeze_batch_norm_2d``) compute ``x * scale + bias`` from buffers: the same bound as the
+    unfrozen BatchNorm with those statistics."""
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    plain = resnet18(num_classes=10)
+    _randomize_bn(plain)
+    frozen = resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d)
+    frozen.load_state_dict(plain.state_dict(), strict=False)  # no num_batches_tracked
+    expected, _ = network_lipschitz_bound(plain, input_shape=SHAPE)
+    assert network_lipschitz_bound(frozen, input_shape=SHAPE) == (
+        pytest.approx(expected, rel=1e-6),
+        "",
+    )
+    net = timm.create_model("regnetx_002", num_classes=10)
+    _randomize_bn(net)
+    expected, _ = network_lipschitz_bound(net, input_shape=SHAPE)
+    net = freeze_batch_norm_2d(net)
+    assert any(type(m).__name__ == "FrozenBatchNormAct2d" for m in net.modules())
+    assert network_lipschitz_bound(net, input_shape=SHAPE) == (
+        pytest.approx(expected, rel=1e-6),
+        "",
+    )
+
+
+def test_products_with_random_or_input_dependent_tensors_have_no_rule():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x * torch.rand(4)  # a new factor every call: max |c| of one draw is no bound
+
+    class Dropped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * F.dropout(self.gamma, 0.5, training=True)
+
+    class SelfScaled(nn.Module):
+        def forward(self, x):
+            return x / (x + 2.0)
+
+    for model, needle in ((Noisy(), "product"), (Dropped(), "product"), (SelfScaled(), "division")):
+        bound, reason = network_lipschitz_bound(model, input_shape=(4,))
+        assert bound is None and needle in reason, (type(model).__name__, reason)
+    zero = _Scaled(torch.tensor([1.0, 0.0, 2.0, 1.0]), divide=True)
+    assert "division by a zero entry" in network_lipschitz_bound(zero, input_shape=(4,))[1]
+    inf = _Scaled(torch.tensor([1.0, math.inf, 2.0, 1.0]))
+    assert "non-finite" in network_lipschitz_bound(inf, input_shape=(4,))[1]
