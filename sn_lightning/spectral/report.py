@@ -614,7 +614,9 @@ def network_lipschitz_bound(
     ``F.dropout(training=True)``: ``1 / (1 - p)``; pools: see :func:`_pool_bound`; ``a + b``,
     ``a - b``: ``L(a) + L(b)``, an operand broadcast to n times its size counting ``sqrt(n)``
     (Note [broadcast sums]); ``cat``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
-    ``|c| L(a)``; values that do not depend on the input (parameters, sizes): 0; an in-place op
+    ``|c| L(a)``; a tensor ``c`` computed from parameters and buffers alone (LayerScale, frozen
+    BatchNorm): ``max |c|`` (``1 / min |c|``) times the repeats of a broadcast ``a`` (Note [fixed
+    tensors]); values that do not depend on the input (parameters, sizes): 0; an in-place op
     also raises the bounds of the tensors it writes (Note [in-place ops]). Anything else
     (rounding, casts to integers, ...): no bound; nor for a model with forward hooks
     (lipschitz.py, Note [forward hooks]).

@@ -100,6 +100,22 @@ def _skipped_message(skipped: Mapping[str, nn.Module], show: int = 3) -> str:
     return message
 
 
+def _unbounded_norms_message(skipped: Mapping[str, nn.Module], show: int = 3) -> str:
+    """One warning for the BatchNorms ``batchnorm="bound"`` cannot bound, saying why."""
+    names = [f"{n!r} ({type(m).__name__})" for n, m in list(skipped.items())[:show]]
+    more = f" and {len(skipped) - show} more" if len(skipped) > show else ""
+    message = (
+        f"not bounding {len(skipped)} BatchNorm(s): {', '.join(names)}{more}; bounding one needs "
+        "affine=True, running stats and the plain BatchNorm forward"
+    )
+    if any("FrozenBatchNorm" in type(m).__name__ for m in skipped.values()):
+        message += (
+            "; frozen BatchNorms (FrozenBatchNorm2d) keep their scale in buffers that training "
+            "does not change (the network bound counts them as they are)"
+        )
+    return message
+
+
 def _record_input_shapes(
     model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int]
 ) -> dict[str, tuple[int, ...]]:
@@ -255,6 +271,7 @@ def apply_spectral_norm(
     layers: dict[str, nn.Module] = {}
     norms: dict[str, nn.Module] = {}
     own_forward: dict[str, nn.Module] = {}
+    unbounded_norms: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not _match(name, include) or _match(name, exclude) or _beta_for(name, beta) is None:
             continue
@@ -267,15 +284,15 @@ def apply_spectral_norm(
             layers[name] = m
         elif batchnorm == "bound" and isinstance(m, _BATCHNORMS):
             if not m.affine or m.running_var is None or _overrides_forward(m):
-                warnings.warn(
-                    f"skipping {name!r} ({type(m).__name__}): bounding a BatchNorm needs "
-                    "affine=True, running stats and the plain BatchNorm forward",
-                    stacklevel=2,
-                )
+                unbounded_norms[name] = m
                 continue
             norms[name] = m
+        elif batchnorm == "bound" and "FrozenBatchNorm" in type(m).__name__:
+            unbounded_norms[name] = m  # torchvision's and timm's: buffers, not parameters
     if own_forward:
         warnings.warn(_skipped_message(own_forward), stacklevel=2)
+    if unbounded_norms:
+        warnings.warn(_unbounded_norms_message(unbounded_norms), stacklevel=2)
     if not layers and not norms:
         raise ConfigError(
             f"no Linear/Conv/ConvTranspose layer matched include={tuple(include)}, "

@@ -512,3 +512,25 @@ def test_twice_raises_and_shared_layers_with_two_shapes_raise():
     model = apply_spectral_norm(Decoder(), beta=1.0, input_shape=SHAPE, exclude=["up"])
     assert list(normalized_layers(model)) == ["conv"]
     assert isinstance(BoundedSpectralNorm, type)
+
+
+def test_batchnorms_that_cannot_be_bounded_get_one_warning():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, affine=False),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        FrozenBatchNorm2d(4),
+        nn.BatchNorm2d(4),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_spectral_norm(model, beta=0.5, input_shape=SHAPE, batchnorm="bound")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(
+        "not bounding 3 BatchNorm(s): '1' (BatchNorm2d), '2' (BatchNorm2d), '3' (FrozenBatchNorm2d)"
+    )
+    assert "frozen BatchNorms (FrozenBatchNorm2d) keep their scale in buffers" in messages[0]
+    assert set(normalized_layers(model)) == {"0", "4"}
