@@ -762,10 +762,15 @@ def sync_batchnorm_bounds(model: nn.Module) -> None:
                 _sync_running_var(m, ())
 
 
-def _class_name(module: nn.Module) -> str:
+def _plain_class(module: nn.Module) -> type[nn.Module]:
     """``Conv2d`` for a ``ParametrizedConv2d`` (parametrize injects a subclass)."""
     cls = type(module)
-    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def _class_name(module: nn.Module) -> str:
+    """``Conv2d`` for a ``ParametrizedConv2d``."""
+    return _plain_class(module).__name__
 
 
 def _find(module: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module | None:
@@ -832,17 +837,21 @@ def _remove(module: nn.Module, name: str) -> None:
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
-def _own_class(module: nn.Module) -> None:
+def _own_class(module: nn.Module, base: type[nn.Module] | None = None) -> None:
     """Give a parametrized module a class of its own before a removal edits the class.
 
     ``torch.nn.utils.parametrize`` injects one class per module and keeps the parametrized
     tensor as a property on it; ``copy.deepcopy`` shares that class between the copies, and
     removing the parametrization deletes the property from the class, so the other copy would
-    lose its ``weight``. A fresh class with the same namespace keeps the copies apart.
+    lose its ``weight``. A fresh class with the same namespace keeps the copies apart. With
+    ``base``, the fresh class derives from ``base`` instead (``convert_sync_batchnorm``).
     """
     cls = type(module)
     namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    if base is None:
+        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    else:
+        module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ from sn_lightning.spectral.parametrization import (
     BoundedSpectralNorm,
     _check_beta,
     _find,
+    _own_class,
+    _plain_class,
     _remove,
     _sync_running_var,
     bounded_spectral_norm,
@@ -443,17 +445,9 @@ _UNSYNCED_CLASS = "_sn_unsynced_class"
 def _rebase(module: nn.Module, base: type[nn.Module]) -> None:
     """Give ``module`` the class ``base`` in place (Note [SyncBatchNorm by class])."""
     if parametrize.is_parametrized(module):
-        cls = type(module)
-        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-        module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
+        _own_class(module, base)
     else:
         module.__class__ = base
-
-
-def _plain_class(module: nn.Module) -> type[nn.Module]:
-    """The module's class, under parametrize's injected subclass."""
-    cls = type(module)
-    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
