@@ -329,6 +329,8 @@ _METHOD_CONSTANTS: dict[str, float] = {
     "split": 1.0,
     "unbind": 1.0,
     "neg": 1.0,
+    "reshape_as": 1.0,  # the other tensor gives only a shape
+    "view_as": 1.0,
 }
 _NON_TENSOR_METHODS = {"size", "dim", "numel"}
 _POOLS = (
@@ -513,19 +515,83 @@ def _bn_factor(var: Tensor, weight: Tensor | None, eps: float, name: str) -> flo
     return value
 
 
-def _schur_bound(pool: Callable[[Tensor], Tensor], spatial: Sequence[int]) -> float:
+def _schur_bound(
+    pool: Callable[[Tensor], Tensor], spatial: Sequence[int], *, channels: bool = True
+) -> float:
     """``sqrt(max |row sum| * max |column sum|)`` of a linear pooling map (Schur test).
 
     Sound for a matrix whose entries all have one sign: average pooling's are ``1 / divisor``
-    or 0, and a ``divisor_override`` may be negative.
+    or 0, and a ``divisor_override`` may be negative. The map runs on ``(1, 1, *spatial)``, or
+    on ``spatial`` itself with ``channels=False`` (a whole recorded shape).
     """
-    x = torch.zeros((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
+    shape = (1, 1, *spatial) if channels else tuple(spatial)
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = pool(x)
         (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
     with torch.no_grad():
         row = pool(torch.ones_like(x))
     return math.sqrt(float(col.abs().max()) * float(row.abs().max()))
+
+
+# Note [padding and resampling]
+#   ``F.pad`` (any mode), nearest and (bi/tri)linear or area resampling are linear maps with
+#   nonnegative entries, up to the constant that constant padding adds: each output entry is a
+#   copy of an input entry, a convex combination of some, or the pad value. The Schur test
+#   (``_schur_bound``) on the recorded input shape bounds them: ``sqrt(max copies)`` for the
+#   copying ones (exact: reflect and replicate pads copy border entries, nearest upsampling by
+#   2 copies each entry 4 times), and constant padding is 1 at any shape. Bicubic weights have
+#   both signs: no rule.
+
+_INTERPOLATE_ARGS = (
+    ("size", None),
+    ("scale_factor", None),
+    ("mode", "nearest"),
+    ("align_corners", None),
+    ("recompute_scale_factor", None),
+    ("antialias", False),
+)
+_NONNEGATIVE_RESAMPLING = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area")
+
+
+def _resample_bound(
+    node: fx.Node, in_shape: tuple[int, ...] | None, resample: Callable[[Tensor], Tensor], mode: Any
+) -> float:
+    """Lipschitz constant of an interpolation (Note [padding and resampling])."""
+    if mode not in _NONNEGATIVE_RESAMPLING:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {mode} resampling (weights of both signs)"
+        )
+    if in_shape is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: resampling a value whose shape is unknown: pass "
+            "input_shape"
+        )
+    return _schur_bound(resample, in_shape, channels=False)
+
+
+def _pad_bound(node: fx.Node, shape: tuple[int, ...] | None, pad: Any, mode: Any) -> float:
+    """Padding: 1 in constant mode, else the Schur test (Note [padding and resampling])."""
+    if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: pad with traced sizes {pad!r}")
+    if mode == "constant":
+        return 1.0  # entries kept once or cropped, plus a constant
+    if mode not in ("reflect", "replicate", "circular"):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: pad mode {mode!r}")
+    if shape is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {mode} padding of a value whose shape is unknown: "
+            "pass input_shape"
+        )
+    return _schur_bound(lambda t: F.pad(t, list(pad), mode=mode), shape, channels=False)
+
+
+_PADS = {
+    nn.modules.padding._ConstantPadNd: "constant",
+    nn.modules.padding._ReflectionPadNd: "reflect",
+    nn.modules.padding._ReplicationPadNd: "replicate",
+    nn.modules.padding._CircularPadNd: "circular",
+}
 
 
 def _pool_dims(m: nn.Module) -> int:
@@ -616,7 +682,9 @@ def network_lipschitz_bound(
     (Note [broadcast sums]); ``cat``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
     ``|c| L(a)``; a tensor ``c`` computed from parameters and buffers alone (LayerScale, frozen
     BatchNorm): ``max |c|`` (``1 / min |c|``) times the repeats of a broadcast ``a`` (Note [fixed
-    tensors]); values that do not depend on the input (parameters, sizes): 0; an in-place op
+    tensors]); padding and nearest/linear/area resampling: the Schur test on the recorded shape
+    (Note [padding and resampling]); ``expand``/``repeat``: ``sqrt(repeats)``; values that do
+    not depend on the input (parameters, sizes): 0; an in-place op
     also raises the bounds of the tensors it writes (Note [in-place ops]). Anything else
     (rounding, casts to integers, ...): no bound; nor for a model with forward hooks
     (lipschitz.py, Note [forward hooks]).
@@ -1061,6 +1129,18 @@ def _module_factor(
             * _module_factor(m.drop, node, shapes, cache)
             * _module_factor(m.act, node, shapes, cache)
         )
+    for kind, mode in _PADS.items():
+        if isinstance(m, kind) and type(m).forward is kind.forward:
+            return _pad_bound(node, in_shape, m.padding, mode)
+    if isinstance(m, nn.Upsample) and type(m).forward is nn.Upsample.forward:
+        options = {
+            "size": m.size,
+            "scale_factor": m.scale_factor,
+            "mode": m.mode,
+            "align_corners": m.align_corners,
+            "recompute_scale_factor": m.recompute_scale_factor,
+        }
+        return _resample_bound(node, in_shape, lambda t: F.interpolate(t, **options), m.mode)
     # Other subclasses that override forward (MaxPool2dSame pads dynamically) compute something
     # else: no rule applies to them (BatchNorm subclasses are traced through first).
     if type(m).forward is not _known_forward(m):
@@ -1127,6 +1207,19 @@ def _function_rule(
         raise _Unsupported(f"no Lipschitz rule for {node.name}: tensor attribute {attr!r}")
     if f in _PARAMETRIZED_FUNCTIONS:
         return _parametrized_function_rule(node) * lip(args[0])
+    if f is F.pad:
+        x = args[0]
+        shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+        pad, mode = _param(node, 1, "pad", None), _param(node, 2, "mode", "constant")
+        return _pad_bound(node, shape, pad, mode) * lip(x)
+    if f is F.interpolate:
+        options = {k: _param(node, i, k, d) for i, (k, d) in enumerate(_INTERPOLATE_ARGS, 1)}
+        x = args[0]
+        in_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+        if any(isinstance(v, fx.Node) for v in fx.node.map_aggregate(options, lambda v: v)):
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: interpolate with traced sizes")
+        resample = lambda t: F.interpolate(t, **options)  # noqa: E731
+        return _resample_bound(node, in_shape, resample, options["mode"]) * lip(x)
     if f in (
         F.adaptive_avg_pool1d,
         F.adaptive_avg_pool2d,
@@ -1317,6 +1410,14 @@ def _method_rule(
         if node.kwargs.get("rounding_mode") is not None:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: rounding division jumps")
         return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=True)
+    if name in ("expand", "expand_as", "repeat"):  # every entry copied numel(out)/numel(in) times
+        out, shape = shapes.get(node.name), shapes.get(getattr(args[0], "name", ""))
+        if out is None or shape is None:
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: .{name}() of a value whose shape is unknown: "
+                "pass input_shape"
+            )
+        return math.sqrt(max(math.prod(out) / max(math.prod(shape), 1), 1.0)) * lip(args[0])
     if name in _METHOD_CONSTANTS:
         if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")

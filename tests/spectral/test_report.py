@@ -1159,3 +1159,106 @@ def test_products_with_random_or_input_dependent_tensors_have_no_rule():
     assert "division by a zero entry" in network_lipschitz_bound(zero, input_shape=(4,))[1]
     inf = _Scaled(torch.tensor([1.0, math.inf, 2.0, 1.0]))
     assert "non-finite" in network_lipschitz_bound(inf, input_shape=(4,))[1]
+
+
+class _Func(nn.Module):
+    """A module around a function of its input (for traced functional calls and methods)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+_COPYING_MAPS = {
+    "F.pad reflect": lambda: _Func(lambda x: F.pad(x, [2, 1, 1, 2], mode="reflect")),
+    "F.pad replicate": lambda: _Func(lambda x: F.pad(x, [3, 0, 2, 2], mode="replicate")),
+    "F.pad circular": lambda: _Func(lambda x: F.pad(x, [2, 2, 1, 0], mode="circular")),
+    "F.pad constant": lambda: _Func(lambda x: F.pad(x, [1, 2, 0, -1], value=3.0)),
+    "ReflectionPad2d": lambda: nn.ReflectionPad2d(2),
+    "ReplicationPad2d": lambda: nn.ReplicationPad2d((3, 1, 0, 2)),
+    "CircularPad2d": lambda: nn.CircularPad2d(1),
+    "ZeroPad2d": lambda: nn.ZeroPad2d((1, 0, 2, 1)),
+    "Upsample nearest x2": lambda: nn.Upsample(scale_factor=2.0, mode="nearest"),
+    "UpsamplingNearest2d to 7x9": lambda: nn.UpsamplingNearest2d(size=(7, 9)),
+    "F.interpolate nearest-exact": lambda: _Func(
+        lambda x: F.interpolate(x, scale_factor=1.5, mode="nearest-exact")
+    ),
+    "expand": lambda: _Func(lambda x: x.unsqueeze(1).expand(-1, 3, -1, -1, -1)),
+    "repeat": lambda: _Func(lambda x: x.repeat(1, 2, 1, 1)),
+    "reshape_as": lambda: _Func(lambda x: x.reshape_as(x.flatten(1).unsqueeze(0))),
+}
+
+
+@pytest.mark.parametrize("name", list(_COPYING_MAPS))
+def test_padding_and_nearest_resampling_bounds_are_their_exact_jacobian_norms(name):
+    """Each output entry copies one input entry (or is a constant): the bound, sqrt(max copies),
+    is the Jacobian's norm exactly."""
+    model = nn.Sequential(_COPYING_MAPS[name]()).double()  # a module inside a network
+    shape = (2, 4, 5)
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert reason == ""
+    assert bound == pytest.approx(jacobian_norm(model, torch.randn(*shape).double()), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Upsample(scale_factor=2.0, mode="bilinear"),
+        lambda: nn.Upsample(size=(9, 4), mode="bilinear", align_corners=True),
+        lambda: nn.UpsamplingBilinear2d(scale_factor=3.0),
+        lambda: _Func(lambda x: F.interpolate(x, size=(3, 3), mode="area")),
+        lambda: _Func(
+            lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+        ),
+    ],
+    ids=["bilinear", "bilinear-corners", "UpsamplingBilinear2d", "area", "antialias"],
+)
+def test_linear_resampling_bounds_are_above_the_jacobian_norm(make):
+    model = nn.Sequential(make()).double()
+    shape = (2, 4, 5)
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert reason == ""
+    truth = jacobian_norm(model, torch.randn(*shape).double())
+    assert truth <= bound * (1 + 1e-9) and bound <= 2 * truth  # sound and not loose
+
+
+def test_resampling_without_a_sound_rule_or_a_shape_gives_none():
+    bicubic = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="bicubic"))
+    assert network_lipschitz_bound(bicubic, input_shape=(2, 4, 5)) == (
+        None,
+        "no Lipschitz rule for _0: bicubic resampling (weights of both signs)",
+    )
+    bound, reason = network_lipschitz_bound(nn.Sequential(nn.ReflectionPad2d(1)))  # no shape
+    assert bound is None and reason.endswith("pass input_shape")
+    assert network_lipschitz_bound(nn.Sequential(nn.ZeroPad2d(1))) == (1.0, "")  # any shape
+    traced = _Func(lambda x: F.pad(x, [x.shape[-1] % 3, 1, 1, 1], mode="reflect"))
+    bound, reason = network_lipschitz_bound(traced, input_shape=(2, 4, 5))
+    assert bound is None and "pad with traced sizes" in reason
+
+
+def test_an_hrnet_like_fusion_with_upsampling_is_bounded_above_its_jacobian():
+    class Fuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.high = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+            self.low = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3))
+            self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+
+        def forward(self, x):
+            return torch.relu(self.high(x) + self.up(self.low(x)))
+
+    torch.manual_seed(0)
+    model = Fuse().double().eval()
+    _randomize_bn(model)
+    bound, reason = network_lipschitz_bound(model, input_shape=(2, 6, 6))
+    assert reason == ""
+    low = operator_norm_upper_bound(model.low[0], (2, 6, 6))
+    bn = model.low[1]
+    scale = float((bn.weight.detach().abs() / (bn.running_var + 1e-5).sqrt()).max())
+    high = operator_norm_upper_bound(model.high, (2, 6, 6))
+    assert bound == pytest.approx(high + 2.0 * scale * low, rel=1e-6)
+    for _ in range(3):
+        assert jacobian_norm(model, torch.randn(2, 6, 6).double()) <= bound
