@@ -372,6 +372,9 @@ _LEAVES = SUPPORTED_LAYERS + _POOLS + _BATCHNORMS + tuple(_ACTIVATIONS) + (Input
 #   BatchNorm rule from the traced statistics (:func:`_batch_norm_rule`), the rest its own rules.
 #   A forward that fx cannot trace (e.g. one calling BatchNorm's own forward, which branches on
 #   the input's dim) falls back to the leaf, which names the module that overrides forward.
+#   Conv/Linear subclasses with a forward of their own are traced through the same way: timm's
+#   StdConv2d and ScaledStdConv2d (BiT, NFNet) standardize their weight and call ``F.conv2d``
+#   with it, a fixed tensor (Note [fixed tensors]) that the functional-layer rule bounds.
 
 _INPLACE_OPERATORS = frozenset(
     {
@@ -408,17 +411,19 @@ for _op in _INPLACE_OPERATORS:
 
 
 class _Tracer(fx.Tracer):
-    """Rule modules are leaves (Note [BatchNorm subclasses] for ``through_batchnorms``)."""
+    """Rule modules are leaves (Note [BatchNorm subclasses] for ``through_subclasses``)."""
 
-    def __init__(self, *, through_batchnorms: bool = False, buffers: bool = False) -> None:
+    def __init__(self, *, through_subclasses: bool = False, buffers: bool = False) -> None:
         super().__init__()
-        self.through_batchnorms = through_batchnorms
+        self.through_subclasses = through_subclasses
         # buffers as get_attr nodes, so values computed from them are traced (Note [fixed tensors])
         self.proxy_buffer_attributes = buffers
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.through_batchnorms and isinstance(m, _BATCHNORMS):
+        if self.through_subclasses and isinstance(m, _BATCHNORMS):
             return type(m).forward is _known_forward(m) or batchnorm_act(m)
+        if self.through_subclasses and isinstance(m, SUPPORTED_LAYERS) and _overrides_forward(m):
+            return False  # e.g. StdConv2d: its F.conv2d call with a computed weight is traced
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -570,6 +575,61 @@ def _resample_bound(
     return _schur_bound(resample, in_shape, channels=False)
 
 
+_FUNCTIONAL_LAYERS: dict[Any, tuple[type[nn.Module], tuple[tuple[str, Any], ...]]] = {
+    F.linear: (nn.Linear, (("bias", None),)),
+    **{
+        f: (cls, (("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)))
+        for f, cls in ((F.conv1d, nn.Conv1d), (F.conv2d, nn.Conv2d), (F.conv3d, nn.Conv3d))
+    },
+}
+
+
+def _functional_layer_rule(
+    node: fx.Node,
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    fixed: Callable[[Any], Tensor | None],
+) -> float:
+    """``F.linear`` / ``F.conv*d`` with a fixed weight: that layer's norm bound times L(x).
+
+    The weight is a fixed tensor (Note [fixed tensors]): a buffer (timm's BlurPool2d filter) or
+    computed from parameters (StdConv2d's standardized weight); the bound is the layer's
+    operator-norm upper bound at the recorded input shape.
+    """
+    x, weight = node.args[0], _param(node, 1, "weight", None)
+    cls, spec = _FUNCTIONAL_LAYERS[node.target]
+    options = {k: _param(node, i, k, d) for i, (k, d) in enumerate(spec, 2)}
+    if lip(weight) != 0.0 or lip(options["bias"]) != 0.0:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: an input-dependent weight or bias")
+    w = fixed(weight)
+    if w is None:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: a weight that is not fixed")
+    if any(isinstance(v, fx.Node) for v in options.values() if v is not options["bias"]):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: traced layer arguments")
+    del options["bias"]
+    if cls is nn.Linear:
+        layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        shape = None
+    else:
+        nd = w.dim() - 2
+        layer = cls(
+            w.shape[1] * options["groups"],
+            w.shape[0],
+            tuple(w.shape[2:]),
+            bias=False,
+            device="meta",
+            **options,
+        )
+        shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+        if shape is None or len(shape) not in (nd + 1, nd + 2):
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: {_describe(node)} of a value whose shape is "
+                f"unknown ({shape}): pass input_shape"
+            )
+        shape = shape[-(nd + 1) :]
+    return OperatorSpec.from_layer(layer, shape).upper_bound(w.detach()) * lip(x)
+
+
 def _pad_bound(node: fx.Node, shape: tuple[int, ...] | None, pad: Any, mode: Any) -> float:
     """Padding: 1 in constant mode, else the Schur test (Note [padding and resampling])."""
     if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
@@ -683,7 +743,8 @@ def network_lipschitz_bound(
     ``|c| L(a)``; a tensor ``c`` computed from parameters and buffers alone (LayerScale, frozen
     BatchNorm): ``max |c|`` (``1 / min |c|``) times the repeats of a broadcast ``a`` (Note [fixed
     tensors]); padding and nearest/linear/area resampling: the Schur test on the recorded shape
-    (Note [padding and resampling]); ``expand``/``repeat``: ``sqrt(repeats)``; values that do
+    (Note [padding and resampling]); ``expand``/``repeat``: ``sqrt(repeats)``; ``F.conv*d`` and
+    ``F.linear`` with a fixed weight: that layer's upper bound; values that do
     not depend on the input (parameters, sizes): 0; an in-place op
     also raises the bounds of the tensors it writes (Note [in-place ops]). Anything else
     (rounding, casts to integers, ...): no bound; nor for a model with forward hooks
@@ -733,8 +794,8 @@ def _network_bound(
         # subclasses]) where fx can: a forward may branch on a buffer's or a shape's value.
         graph = None
         for options in (
-            {"through_batchnorms": True, "buffers": True},
-            {"through_batchnorms": True},
+            {"through_subclasses": True, "buffers": True},
+            {"through_subclasses": True},
             {},
         ):
             try:
@@ -1207,6 +1268,8 @@ def _function_rule(
         raise _Unsupported(f"no Lipschitz rule for {node.name}: tensor attribute {attr!r}")
     if f in _PARAMETRIZED_FUNCTIONS:
         return _parametrized_function_rule(node) * lip(args[0])
+    if f in _FUNCTIONAL_LAYERS:
+        return _functional_layer_rule(node, lip, shapes, fixed)
     if f is F.pad:
         x = args[0]
         shape = shapes.get(x.name) if isinstance(x, fx.Node) else None

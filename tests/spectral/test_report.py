@@ -1262,3 +1262,72 @@ def test_an_hrnet_like_fusion_with_upsampling_is_bounded_above_its_jacobian():
     assert bound == pytest.approx(high + 2.0 * scale * low, rel=1e-6)
     for _ in range(3):
         assert jacobian_norm(model, torch.randn(2, 6, 6).double()) <= bound
+
+
+def test_weight_standardized_convolutions_are_traced_to_their_functional_conv():
+    """timm's StdConv2d / ScaledStdConv2d (BiT, NFNet) compute their weight from parameters and
+    call F.conv2d with it: the bound is that plain convolution's."""
+    from timm.layers import ScaledStdConv2d, StdConv2d
+
+    torch.manual_seed(0)
+    for conv in (
+        StdConv2d(3, 5, 3, padding=1),
+        ScaledStdConv2d(3, 5, 3, stride=2, padding=1, bias=False),
+    ):
+        conv = conv.double()
+        model = nn.Sequential(conv)
+        bound, reason = network_lipschitz_bound(model, input_shape=(3, 7, 7))
+        assert reason == ""
+        gain = (conv.gain * conv.scale).view(-1) if isinstance(conv, ScaledStdConv2d) else None
+        with torch.no_grad():
+            weight = F.batch_norm(
+                conv.weight.reshape(1, 5, -1), None, None, gain, training=True, eps=conv.eps
+            ).reshape_as(conv.weight)
+        plain = nn.Conv2d(3, 5, 3, stride=conv.stride, padding=1, bias=False).double()
+        plain.weight.data.copy_(weight)
+        x = torch.randn(2, 3, 7, 7).double()
+        torch.testing.assert_close(plain(x), conv(x))  # the same function
+        assert bound == pytest.approx(operator_norm_upper_bound(plain, (3, 7, 7)), rel=1e-9)
+        assert jacobian_norm(model, torch.randn(3, 7, 7).double()) <= bound
+
+
+def test_functional_layers_with_fixed_weights_get_the_layer_bound():
+    class Blur(nn.Module):  # timm's BlurPool2d pattern: a buffer filter, reflect padding
+        def __init__(self):
+            super().__init__()
+            f = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("filt", (f[:, None] * f[None, :] / 16).repeat(4, 1, 1, 1))
+            self.fc = nn.Parameter(torch.randn(3, 4 * 3 * 3))
+
+        def forward(self, x):
+            x = F.conv2d(F.pad(x, [1, 1, 1, 1], mode="reflect"), self.filt, stride=2, groups=4)
+            return F.linear(x.flatten(1), self.fc)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Blur()).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(4, 6, 6))
+    assert reason == ""
+    blur = nn.Conv2d(4, 4, 3, stride=2, groups=4, bias=False).double()
+    blur.weight.data.copy_(model[0].filt)
+    pad = network_lipschitz_bound(nn.Sequential(nn.ReflectionPad2d(1)), input_shape=(4, 6, 6))[0]
+    fc = float(torch.linalg.matrix_norm(model[0].fc.detach(), 2))
+    expected = pad * operator_norm_upper_bound(blur, (4, 8, 8)) * fc
+    assert bound == pytest.approx(expected, rel=1e-9)
+    assert jacobian_norm(model, torch.randn(4, 6, 6).double()) <= bound
+
+    class Dynamic(nn.Module):  # a weight made from the input: no rule
+        def forward(self, x):
+            return F.conv2d(x, x[:1].detach().repeat(2, 1, 1, 1))
+
+    bound, reason = network_lipschitz_bound(nn.Sequential(Dynamic()), input_shape=(2, 3, 3))
+    assert bound is None
+
+
+def test_nfnet_and_blurpool_resnets_get_a_bound_above_their_jacobian():
+    torch.manual_seed(0)
+    for name, size in (("nf_resnet26", 16), ("resnetblur18", 32)):  # blur pads by reflection
+        model = timm.create_model(name, num_classes=4).double().eval()
+        bound, reason = network_lipschitz_bound(model, input_shape=(3, size, size))
+        assert reason == "", name
+        for _ in range(2):
+            assert jacobian_norm(model, torch.rand(3, size, size).double()) <= bound, name
