@@ -1079,6 +1079,12 @@ _FRESH_FUNCTIONS = frozenset(
         F.softplus,
         F.leaky_relu,
         F.elu,
+        F.pad,
+        F.interpolate,
+        F.linear,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
     }
 )
 _FRESH_METHODS = frozenset(
