@@ -944,7 +944,8 @@ def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
 #   again from the model's parameters and buffers (the eval-mode graph reads them unchanged) by
 #   the nodes it comes from, which must all be deterministic: no placeholder (the input, or a
 #   default argument whose value the trace does not know), no module call, no in-place op, no
-#   random draw (ATen ops tagged ``nondeterministic_seeded``: ``rand``, ``dropout``, ...) and no
+#   random draw (only ATen ops not tagged ``nondeterministic_seeded``: not ``rand``, ``dropout``,
+#   ...; Python's operators; casts; other functions may draw) and no
 #   tensor that fx made at trace time (``_tensor_constant<n>``: ``torch.rand(4)`` in a forward is
 #   traced as one draw); otherwise the product has no rule. Buffers are traced as get_attr nodes
 #   (``proxy_buffer_attributes``) so that values computed from them are nodes too (torchvision's
@@ -953,13 +954,29 @@ def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
 _NOT_FIXED = object()
 
 
-def _seeded(node: fx.Node) -> bool:
-    """Whether a call draws random numbers (an ATen op tagged ``nondeterministic_seeded``)."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+_DETERMINISTIC_METHODS = frozenset(
+    {"float", "double", "half", "to", "type_as", "contiguous", "size", "dim"}
+)
+
+
+def _deterministic(node: fx.Node) -> bool:
+    """Whether a call is known to draw no random numbers (Note [fixed tensors]).
+
+    Python's operators, ``getattr``, casts, and names of ATen ops none of whose overloads is tagged
+    ``nondeterministic_seeded``; anything else (an ``fx.wrap``-ed function) may be random.
+    """
+    if node.op == "call_method" and node.target in _DETERMINISTIC_METHODS:
+        return True
+    target = node.target
+    if node.op == "call_function" and (
+        target is getattr or getattr(target, "__module__", "") == "_operator"
+    ):
+        return True
+    name = target if node.op == "call_method" else getattr(target, "__name__", "")
     packet = getattr(torch.ops.aten, str(name), None)
     if not isinstance(packet, torch._ops.OpOverloadPacket):
-        return "rand" in str(name) or "dropout" in str(name)
-    return any(
+        return False  # unknown: maybe random
+    return not any(
         torch.Tag.nondeterministic_seeded in getattr(packet, overload).tags
         for overload in packet.overloads()
     )
@@ -977,7 +994,11 @@ def _fixed_value(node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any]) ->
         # (fx stores tensors the forward made at trace time, torch.rand(4) included, as
         # _tensor_constant<n>: one draw, not a fixed value)
         value = operator.attrgetter(node.target)(gm)
-    elif node.op in ("call_function", "call_method") and not (_inplace(node, gm) or _seeded(node)):
+    elif (
+        node.op in ("call_function", "call_method")
+        and _deterministic(node)
+        and not _inplace(node, gm)
+    ):
         fixed = True
 
         def arg(n: fx.Node) -> Any:

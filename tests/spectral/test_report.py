@@ -1135,6 +1135,13 @@ def test_frozen_batchnorm_gets_the_batchnorm_bound():
     )
 
 
+def _noise_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.rand_like(t)
+
+
+torch.fx.wrap("_noise_like")  # traced as one call to an unknown Python function
+
+
 def test_products_with_random_or_input_dependent_tensors_have_no_rule():
     class Noisy(nn.Module):
         def forward(self, x):
@@ -1152,7 +1159,12 @@ def test_products_with_random_or_input_dependent_tensors_have_no_rule():
         def forward(self, x):
             return x / (x + 2.0)
 
-    for model, needle in ((Noisy(), "product"), (Dropped(), "product"), (SelfScaled(), "division")):
+    class Wrapped(Dropped):
+        def forward(self, x):
+            return x * _noise_like(self.gamma)
+
+    cases = ((Noisy(), "product"), (Dropped(), "product"), (Wrapped(), "product"))
+    for model, needle in (*cases, (SelfScaled(), "division")):
         bound, reason = network_lipschitz_bound(model, input_shape=(4,))
         assert bound is None and needle in reason, (type(model).__name__, reason)
     zero = _Scaled(torch.tensor([1.0, 0.0, 2.0, 1.0]), divide=True)
