@@ -451,10 +451,13 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _batch_norm_rule(node: fx.Node, lip: Callable[[Any], float], gm: fx.GraphModule) -> float:
+def _batch_norm_rule(
+    node: fx.Node, lip: Callable[[Any], float], fixed: Callable[[Any], Tensor | None]
+) -> float:
     """Eval-mode ``F.batch_norm``: ``max_i |weight_i| / sqrt(var_i + eps)`` times L(x).
 
-    The statistics and weight are the traced module's own (get_attr nodes). Batch statistics
+    The statistics and weight are fixed tensors (Note [fixed tensors]): the traced module's own
+    buffers and parameters, or values computed from them alone. Batch statistics
     (``training=True``) and statistics or weights that depend on the input have no rule (Note
     [BatchNorm subclasses]).
     """
@@ -468,11 +471,10 @@ def _batch_norm_rule(node: fx.Node, lip: Callable[[Any], float], gm: fx.GraphMod
         )
     values = []
     for a in (var, weight):
-        if isinstance(a, fx.Node) and a.op == "get_attr":
-            a = operator.attrgetter(a.target)(gm)
-        if a is not None and not isinstance(a, Tensor):
+        value = fixed(a) if isinstance(a, fx.Node) else a
+        if a is not None and not isinstance(value, Tensor):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: batch_norm statistics unknown")
-        values.append(a)
+        values.append(value)
     var_t, weight_t = values
     eps = _const(eps)
     if var_t is None or eps is None:
@@ -599,14 +601,14 @@ def _functional_layer_rule(
     x, weight = node.args[0], _param(node, 1, "weight", None)
     cls, spec = _FUNCTIONAL_LAYERS[node.target]
     options = {k: _param(node, i, k, d) for i, (k, d) in enumerate(spec, 2)}
-    if lip(weight) != 0.0 or lip(options["bias"]) != 0.0:
+    bias = options.pop("bias")
+    if lip(weight) != 0.0 or lip(bias) != 0.0:
         raise _Unsupported(f"no Lipschitz rule for {node.name}: an input-dependent weight or bias")
     w = fixed(weight)
     if w is None:
         raise _Unsupported(f"no Lipschitz rule for {node.name}: a weight that is not fixed")
-    if any(isinstance(v, fx.Node) for v in options.values() if v is not options["bias"]):
+    if any(isinstance(v, fx.Node) for v in options.values()):
         raise _Unsupported(f"no Lipschitz rule for {node.name}: traced layer arguments")
-    del options["bias"]
     if cls is nn.Linear:
         layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         shape = None
@@ -913,7 +915,7 @@ def _propagate(
                 # shapes, asserts, parameters: nothing here depends on the input values
                 L[node] = 0.0
             elif node.op == "call_function" and node.target is F.batch_norm:
-                L[node] = _batch_norm_rule(node, lip, gm)
+                L[node] = _batch_norm_rule(node, lip, fixed)
             elif node.op == "call_function":
                 L[node] = _function_rule(node, lip, shapes, fixed)
             elif node.op == "call_method":
@@ -955,7 +957,7 @@ _NOT_FIXED = object()
 
 
 _DETERMINISTIC_METHODS = frozenset(
-    {"float", "double", "half", "to", "type_as", "contiguous", "size", "dim"}
+    {"float", "double", "half", "to", "type_as", "contiguous", *_NON_TENSOR_METHODS}
 )
 
 
@@ -1019,6 +1021,14 @@ def _fixed_value(node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any]) ->
     return value
 
 
+def _repeats(out: Sequence[int], shape: Sequence[int]) -> float:
+    """``sqrt(numel(out) / numel(x))``, at least 1: ``x``'s entries each repeated as often.
+
+    Broadcasts, ``expand`` and ``repeat`` (Note [broadcast sums]).
+    """
+    return math.sqrt(max(math.prod(out) / max(math.prod(shape), 1), 1.0))
+
+
 def _tensor_factor(
     node: fx.Node, x: Any, c: Tensor, shapes: dict[str, tuple[int, ...]], *, divide: bool
 ) -> float:
@@ -1039,7 +1049,7 @@ def _tensor_factor(
             f"no Lipschitz rule for {node.name}: {_describe(node)} of an input-dependent value and "
             "a constant tensor whose shapes are unknown (it may broadcast): pass input_shape"
         )
-    return factor * math.sqrt(max(math.prod(out) / max(math.prod(shape), 1), 1.0))
+    return factor * _repeats(out, shape)
 
 
 # Position of ``inplace`` in the functional activations (it may also come as a keyword).
@@ -1306,7 +1316,9 @@ def _function_rule(
         options = {k: _param(node, i, k, d) for i, (k, d) in enumerate(_INTERPOLATE_ARGS, 1)}
         x = args[0]
         in_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
-        if any(isinstance(v, fx.Node) for v in fx.node.map_aggregate(options, lambda v: v)):
+        traced: list[fx.Node] = []
+        fx.node.map_arg(options, traced.append)
+        if traced:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: interpolate with traced sizes")
         resample = lambda t: F.interpolate(t, **options)  # noqa: E731
         return _resample_bound(node, in_shape, resample, options["mode"]) * lip(x)
@@ -1358,8 +1370,7 @@ def _sum_rule(
                 f"no Lipschitz rule for {node.name}: {_describe(node)} of input-dependent values "
                 "whose shapes are unknown (they may broadcast): pass input_shape"
             )
-        repeats = math.prod(out) / max(math.prod(shape), 1)
-        total += scale * bound * math.sqrt(max(repeats, 1.0))
+        total += scale * bound * _repeats(out, shape)
     return total
 
 
@@ -1507,7 +1518,7 @@ def _method_rule(
                 f"no Lipschitz rule for {node.name}: .{name}() of a value whose shape is unknown: "
                 "pass input_shape"
             )
-        return math.sqrt(max(math.prod(out) / max(math.prod(shape), 1), 1.0)) * lip(args[0])
+        return _repeats(out, shape) * lip(args[0])
     if name in _METHOD_CONSTANTS:
         if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")

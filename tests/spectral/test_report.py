@@ -1343,3 +1343,34 @@ def test_nfnet_and_blurpool_resnets_get_a_bound_above_their_jacobian():
         assert reason == "", name
         for _ in range(2):
             assert jacobian_norm(model, torch.rand(3, size, size).double()) <= bound, name
+
+
+def test_interpolate_to_a_traced_size_has_no_rule_and_says_so():
+    model = nn.Sequential(_Func(lambda x: F.interpolate(x, size=x.shape[-2:], mode="nearest")))
+    bound, reason = network_lipschitz_bound(model, input_shape=(2, 4, 5))
+    assert (
+        bound is None
+        and reason == "no Lipschitz rule for interpolate: interpolate with traced sizes"
+    )
+
+
+def test_batch_norm_statistics_computed_from_buffers_are_fixed():
+    class Clamped(nn.BatchNorm2d):  # statistics computed in the forward, from buffers alone
+        def forward(self, x):
+            var = self.running_var.clamp(min=0.5)
+            return F.batch_norm(
+                x, self.running_mean, var, self.weight, self.bias, False, 0.0, self.eps
+            )
+
+    torch.manual_seed(0)
+    bn = Clamped(3).double().eval()
+    _randomize_bn(nn.Sequential(bn))
+    bn.running_var[0] = 0.01  # clamped to 0.5 in the forward
+    model = nn.Sequential(bn)
+    bound, reason = network_lipschitz_bound(model, input_shape=(3, 4, 4))
+    assert reason == ""
+    var = bn.running_var.clamp(min=0.5)
+    assert bound == pytest.approx(
+        float((bn.weight.detach().abs() / (var + bn.eps).sqrt()).max()), rel=1e-12
+    )
+    assert bound == pytest.approx(jacobian_norm(model, torch.randn(3, 4, 4).double()), rel=1e-9)
