@@ -53,6 +53,7 @@ from sn_lightning.spectral.ops import (
     OperatorSpec,
     _estimate,
     _float_dtype,
+    _krylov_top,
     _power_iteration,
     _transforms_active,
     _unit_blocks,
@@ -478,13 +479,15 @@ class BoundedSpectralNorm(nn.Module):
 
     @torch.no_grad()
     def converge(self, weight: Tensor, n_iter: int) -> None:
-        """Advance the stored ``u`` by ``n_iter`` full rounds on ``weight`` (the unnormalized one).
+        """Converge the stored ``u`` by ``n_iter`` Krylov steps on ``weight`` (the unnormalized one).
 
         The warm-up at registration and :func:`refresh_spectral_norm`; nothing else changes.
+        Golub-Kahan-Lanczos from the stored ``u``, never worse than as many power rounds
+        (ops Note [Krylov refresh]).
         """
         with _no_autocast(weight.device.type):
             W = weight.detach().to(_float_dtype(weight.dtype))
-            u, _, _ = _power_iteration(
+            u = _krylov_top(
                 *self._operator(W), self.u.to(W.dtype), n_iter, self.min_norm, self.blocks
             )
         self.u.copy_(u)

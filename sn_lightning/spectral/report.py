@@ -30,7 +30,8 @@ from sn_lightning.spectral.ops import (
     _check_n_iter,
     _effective_weight,
     _float_dtype,
-    _power_iteration,
+    _krylov_top,
+    _top_sigma,
     batchnorm_act,
     check_input_shape,
 )
@@ -141,8 +142,9 @@ def _fresh_sigma(layer: nn.Module, p: BoundedSpectralNorm, W: Tensor, n_iter: in
         gen = torch.Generator(device=W.device).manual_seed(0)
         u = torch.randn(spec.u_shape, generator=gen, device=W.device, dtype=W.dtype)
     with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
-        _, _, sigma = _power_iteration(*spec.operator(W), u, n_iter, blocks=spec.blocks)
-    return float(sigma)
+        op, adjoint = spec.operator(W)
+        u = _krylov_top(op, adjoint, u, n_iter, blocks=spec.blocks)
+        return float(_top_sigma(op, u, spec.blocks))
 
 
 def spectral_norm_report(
@@ -153,7 +155,8 @@ def spectral_norm_report(
     Args:
         model: a model after ``apply_spectral_norm`` (or any model: rows are then empty and only
             the network bound is computed).
-        n_iter: power-iteration rounds for each layer's sigma, from a copy of its ``u``.
+        n_iter: Krylov steps for each layer's sigma, from a copy of its ``u`` (ops Note
+            [Krylov refresh]: never below as many power-iteration rounds).
         input_shape: ``(C, H, W)`` of one model input. Default: the one ``apply_spectral_norm``
             was given, where this model's normalized convolutions see their recorded sizes at
             it. Needed for the network bound when a convolution is not normalized, and for sums
