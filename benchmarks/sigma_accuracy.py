@@ -6,9 +6,12 @@ real input resolution inside the network), prints and saves:
 - ``reshaped``: ``||W.reshape(C_out, -1)||_2`` (exact SVD), what PyTorch's built-in
   spectral_norm converges to;
 - ``op@k``: the operator-norm power-iteration estimate after k rounds from a random start
-  (k = 1, 5, 20 by default; 20 is the warm-up of ``apply_spectral_norm``);
+  (k = 1, 5, 20 by default), what the training steps take, one round each;
+- ``kr@k``: ``||A u||`` for the Golub-Kahan-Lanczos vector after k steps (as many products) from
+  the same start (ops Note [Krylov refresh]): the warm-up of ``apply_spectral_norm`` (20 steps)
+  and ``refresh_spectral_norm``;
 - ``truth``: the exact operator norm (dense Jacobian SVD, float64) where the operator is small
-  enough, else the 1000-round float64 power iteration (a lower bound) with ``upper`` the
+  enough, else the best of 1000 power rounds and 300 Krylov steps in float64 (a lower bound) with ``upper`` the
   guaranteed upper bound (FFT), so the truth lies in ``[truth, upper]``;
 - ``fft``: the FFT (circular-embedding) upper bound, to measure its tightness.
 
@@ -28,6 +31,7 @@ import torchvision
 from torch import nn
 
 from sn_lightning.spectral import OperatorSpec, dense_operator_norm, power_iteration
+from sn_lightning.spectral.ops import _krylov_top, _top_sigma
 from sn_lightning.spectral.surgery import _record_input_shapes
 
 DENSE_LIMIT = 2048  # exact SVD when min(n_in, n_out) is at most this
@@ -45,12 +49,14 @@ def layer_rows(model: nn.Module, image_size: int, iters: list[int], seed: int) -
         out_shape = spec.output_shape(W)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
-        u = torch.randn(spec.u_shape, generator=gen, dtype=torch.float64)
+        u0 = u = torch.randn(spec.u_shape, generator=gen, dtype=torch.float64)
         estimates, done = {}, 0
         for k in sorted(iters):
             u, sigma = power_iteration(op, adjoint, u, k - done)
             done = k
             estimates[f"op@{k}"] = float(sigma)
+        for k in sorted(iters):
+            estimates[f"kr@{k}"] = float(_top_sigma(op, _krylov_top(op, adjoint, u0, k)))
         n_in, n_out = math.prod(spec.input_shape), math.prod(out_shape)
         if spec.kind == "linear" or min(n_in, n_out) <= DENSE_LIMIT:
             truth = float(
@@ -63,7 +69,8 @@ def layer_rows(model: nn.Module, image_size: int, iters: list[int], seed: int) -
             upper, exact = truth, True
         else:
             _, sigma = power_iteration(op, adjoint, u, 1000 - done)
-            truth, upper, exact = float(sigma), spec.fft_bound(W), False
+            krylov = _top_sigma(op, _krylov_top(op, adjoint, u0, 300, rtol=0.0))
+            truth, upper, exact = max(float(sigma), float(krylov)), spec.fft_bound(W), False
         fft = spec.fft_bound(W) if spec.kind != "linear" else truth
         reshaped = float(torch.linalg.matrix_norm(W.flatten(1), ord=2))
         rows.append(
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = torchvision.models.resnet18(num_classes=10)
     rows = layer_rows(model, args.image_size, args.iters, args.seed)
 
-    keys = [f"op@{k}" for k in sorted(args.iters)]
+    keys = [f"{m}@{k}" for m in ("op", "kr") for k in sorted(args.iters)]
     header = f"{'layer':<26} {'input':>10} {'k/s':>5} {'truth':>8} {'exact':>5} {'reshaped/t':>10} "
     header += " ".join(f"{k + '/t':>9}" for k in keys) + f" {'upper/t':>8} {'fft/t':>7}"
     print(header)

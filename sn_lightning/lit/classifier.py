@@ -124,7 +124,8 @@ class SNClassifier(L.LightningModule):
         beta: per-layer spectral-norm bound (> 0); null: no spectral normalization.
         sn_method: operator (exact norm of the conv operator) or matrix (reshaped-kernel norm).
         sn_power_iterations: power iterations per training forward.
-        sn_init_iterations: warm-up power iterations at registration.
+        sn_init_iterations: warm-up Krylov steps at registration (Golub-Kahan-Lanczos on the
+            layer's products, at least as accurate as as many power rounds).
         sn_include: fnmatch patterns of layer names to normalize (default all Conv/Linear).
         sn_exclude: fnmatch patterns of layer names to leave alone.
         sn_batchnorm: leave BatchNorm alone (reference) or bound its affine scale by beta.
@@ -135,11 +136,11 @@ class SNClassifier(L.LightningModule):
         sn_batch_fold: on CPU, training forwards of plain Conv/Linear layers compute the power
             iteration inside their own batch and rescale the output (same values, less time);
             false always rescales the weight.
-        sn_refresh_iterations: while fitting, power-iteration rounds that converge every layer's
+        sn_refresh_iterations: while fitting, Krylov steps (at most) that converge every layer's
             ``u`` for the current weights before each validation, at each epoch end and before a
             mid-epoch checkpoint (one round per step lags behind fast training; validated,
             checkpointed and final models then hold their layers at beta to the accuracy of the
-            power iteration: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
+            Krylov estimate: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
         crm_r0: only points whose certified radius is below this are penalized (R0).
@@ -370,7 +371,7 @@ class SNClassifier(L.LightningModule):
             )
 
     def refresh_spectral_norm(self) -> None:
-        """Converge every layer's ``u`` (``sn_refresh_iterations`` rounds) once per optimizer step.
+        """Converge every layer's ``u`` (``sn_refresh_iterations`` Krylov steps) once per optimizer step.
 
         Only while fitting (not in the sanity check, ``validate`` or ``test``): before each
         validation, at each epoch end ahead of ModelCheckpoint, and before a checkpoint saved at

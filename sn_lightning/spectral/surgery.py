@@ -230,7 +230,7 @@ def apply_spectral_norm(
         include: ``fnmatch`` patterns of layer names to normalize.
         exclude: patterns of layer names to leave alone (wins over ``include``).
         n_power_iterations: power-iteration rounds per training forward.
-        init_iterations: warm-up rounds at registration.
+        init_iterations: warm-up Krylov steps at registration (ops Note [Krylov refresh]).
         detach_uv: stop gradients through u, v (PyTorch) or not (reference code).
         batchnorm: ``"leave"`` (the reference: BN untouched) or ``"bound"``: every selected
             BatchNorm1d/2d/3d (same name filters and beta) gets
