@@ -813,9 +813,10 @@ def naive_bound(
         input_shape: one input's shape, no batch dim.
         certify: True (default): each layer's guaranteed upper bound
             (:func:`~sn_lightning.spectral.ops.operator_norm_upper_bound`; InputNormalize
-            contributes ``1 / min(std)``): a sound bound. False: power-iteration estimates
-            (``n_iter`` rounds), a lower estimate of this product, not sound.
-        n_iter: power-iteration rounds when ``certify=False``.
+            contributes ``1 / min(std)``): a sound bound. False: the layers' estimates
+            (:func:`~sn_lightning.spectral.ops.operator_norm`, ``n_iter`` Krylov steps), a lower
+            estimate of this product, not sound.
+        n_iter: Krylov steps per layer when ``certify=False``.
 
     Returns:
         The bound on the l2 Lipschitz constant of ``model``.

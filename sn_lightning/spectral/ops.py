@@ -300,27 +300,29 @@ def _estimate(
 
 
 # Note [Krylov refresh]
-#     Power iteration converges at the ratio of the top two singular values: where they nearly
-#     tie (a cluster at the top, common at random init), 100 rounds leave sigma 1-2% low (timm
-#     LeViT-128S's ``stem.conv3`` after five SGD steps: 0.988 of the norm; DLA-34's stem after
-#     20 rounds 0.913), and the rescaled layer that much above beta. The warm-up at registration,
+#     Power iteration converges at the ratio of the top two singular values: where they nearly tie
+#     (a cluster at the top, common at random init), 100 rounds leave sigma 1-2% low (timm
+#     LeViT-128S's ``stem.conv3`` after five SGD steps: 0.988 of the norm; DLA-34's stem after 20
+#     rounds 0.913), and the rescaled layer that much above beta. The warm-up at registration,
 #     :func:`~sn_lightning.spectral.parametrization.refresh_spectral_norm`, :func:`operator_norm`
 #     and the report's sigma therefore run Golub-Kahan-Lanczos bidiagonalization on the same
-#     products instead: ``j`` steps span the Krylov space ``{u, (A^T A) u, ..., (A^T A)^(j-1) u}``,
-#     which contains the power iterate, and the top Ritz vector is the best unit vector in it, so
-#     its ``||A u||`` is never below the power iterate's (exact arithmetic, within one cycle) and
-#     converges at about the square root of the gap (same cases: 0.999998 and 1.0000 of the
-#     norm). Each block (Note [blocks]) runs its own bidiagonalization on the shared products.
-#     Only the smaller side's basis is reorthogonalized (Simon and Zha 2000: one-sided
-#     reorthogonalization keeps the singular values accurate; measured the same to 1e-7 as both
-#     sides on five timm backbones, at half the cost), by classical Gram-Schmidt, repeated where
-#     one pass removed over half the vector. A vector below ``100 eps`` times the block's largest
-#     coefficient so far marks an invariant subspace (its Ritz values are exact); the block goes
-#     on from a fixed-seed random vector orthogonal to its basis, so a start on an exact lower
-#     singular vector, where power iteration stays for ever, still finds the top; a block whose
-#     whole space is spanned stops. The basis holds at most ``KRYLOV_CYCLE`` vectors (at least 4;
-#     fewer than 20 only where they would exceed ``KRYLOV_BYTES``); longer runs restart from the
-#     Ritz vector, and stop once a cycle gains no block more than ``KRYLOV_RTOL`` (relative,
+#     products instead: ``k`` steps (``k`` products with ``A`` and ``k`` with ``A^T``) build the
+#     Krylov space ``{u, (A^T A) u, ..., (A^T A)^k u}``, which contains the power iterate of ``k``
+#     rounds, and take ``u = A^T w / ||A^T w||`` for the unit ``w`` in ``A K_k`` that ``A^T``
+#     stretches most, so its ``||A u||`` is never below the power iterate's (exact arithmetic,
+#     within one cycle; :func:`_krylov_cycle`) and converges at about the square root of the gap
+#     (same cases: 0.999998 and 1.0000 of the norm). Each block (Note [blocks]) runs its own
+#     bidiagonalization on the shared products. Only the smaller side's basis is reorthogonalized
+#     (Simon and Zha 2000: one-sided reorthogonalization keeps the singular values accurate;
+#     measured the same to 1e-7 as both sides on five timm backbones, at half the cost), by
+#     classical Gram-Schmidt, repeated where one pass removed over half the vector. A vector below
+#     ``100 eps`` times the block's largest coefficient so far marks an invariant subspace (its
+#     Ritz values are exact); the block goes on from a fixed-seed random vector orthogonal to its
+#     basis, so a start on an exact lower singular vector, where power iteration stays for ever,
+#     still finds the top; a block whose whole space is spanned stops. A cycle holds at most
+#     ``KRYLOV_CYCLE`` steps (at least 4; fewer than 20 only where both bases would exceed
+#     ``KRYLOV_BYTES``); longer runs restart from the cycle's vector (a restart seeds its
+#     generator anew), and stop once a cycle gains no block more than ``KRYLOV_RTOL`` (relative,
 #     pro rata for shorter cycles): a converged ``u`` costs one cycle. The per-forward iteration
 #     stays the paper's power round: a Krylov step needs the whole basis, a training step keeps
 #     only ``u``.
@@ -346,25 +348,38 @@ def _orthogonalize(x: Tensor, basis: Tensor) -> Tensor:
     return x
 
 
-def _krylov_cycle(op: LinearOp, adjoint: LinearOp, u: Tensor, steps: int, blocks: int) -> Tensor:
-    """``steps`` Golub-Kahan steps from the unit (per block) ``u``; returns the top Ritz vector.
+def _krylov_cycle(
+    op: LinearOp, adjoint: LinearOp, u: Tensor, max_steps: int, blocks: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Up to ``max_steps`` Golub-Kahan steps from the unit (per block) ``u``.
 
-    ``A P = Q B`` with orthonormal ``P`` (right, input side), ``Q`` (left) and the upper
-    bidiagonal ``B`` of the coefficients; the top right singular vector ``y`` of ``B`` gives
-    ``u = P y``, with ``||A u|| = sigma_max(B)`` in exact arithmetic. Returns ``(u P y, not
-    normalized; sigma_max(B) per block; ||A u_0|| per block)``, the last two on the CPU.
+    Step ``j`` takes ``A p_j = beta_{j-1} q_{j-1} + alpha_j q_j`` and
+    ``A^T q_j = alpha_j p_j + beta_j p_{j+1}``: after ``k`` steps ``A^T Q_k = P_{k+1} B^T`` with
+    orthonormal ``P`` (input side), ``Q`` (output side) and ``B`` the ``k x (k+1)`` upper
+    bidiagonal of the coefficients. For the top singular triple ``(x, s, y)`` of ``B``,
+    ``u = P_{k+1} y = A^T w / s`` with ``w = Q_k x`` the unit vector of ``span Q_k = A K_k``
+    that ``A^T`` stretches most, so ``||A u|| >= s``; the power iterate after ``k`` rounds is
+    ``A^T`` of a vector in that span, so this ``u`` is never below it (exact arithmetic).
+
+    Returns:
+        ``(P y`` (not normalized), ``s`` per block and ``||A u||`` per block (both on the CPU),
+        the number of steps taken``)``: fewer than ``max_steps`` where the bases would exceed
+        ``KRYLOV_BYTES`` (at least 4) or every block's space is spanned.
     """
     shape, dtype, device = u.shape, u.dtype, u.device
     tol = 100 * torch.finfo(dtype).eps
-    n = u.numel() // blocks
-    P = u.new_empty(blocks, steps, n)  # rows: the right basis of each block
+    Ap = op(u)
+    out_shape = tuple(Ap.shape)
+    n, m = u.numel() // blocks, Ap.numel() // blocks
+    per_step = u.element_size() * (u.numel() + Ap.numel()) * (2 if blocks > 1 else 1)
+    steps = min(max_steps, max(4, min(KRYLOV_CYCLE, KRYLOV_BYTES // per_step)))
+    right_side = n <= m  # reorthogonalize the smaller side only
+    P = u.new_empty(blocks, steps + 1, n)  # rows: the input-side basis of each block
+    Q = Ap.new_empty(blocks, steps, m)
     P[:, 0] = u.reshape(blocks, n)
-    filled = 1  # rows of P written
-    Q: Tensor | None = None
     alpha, beta = u.new_zeros(blocks, steps), u.new_zeros(blocks, steps)
     alive = torch.ones(blocks, dtype=torch.bool, device=device)  # finite, space not exhausted
     scale = u.new_zeros(blocks)  # each block's largest coefficient so far
-    out_shape: tuple[int, ...] = ()
     gen: torch.Generator | None = None
 
     def split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -380,28 +395,24 @@ def _krylov_cycle(op: LinearOp, adjoint: LinearOp, u: Tensor, steps: int, blocks
             return norms, keep, x
         return torch.where(keep, norms, 0.0), keep, torch.where(keep[:, None], x, 0.0)
 
+    taken = 0
     for j in range(steps):
-        Ap = op(P[:, j].reshape(shape))
-        if Q is None:
-            out_shape = tuple(Ap.shape)
-            Q = Ap.new_empty(blocks, steps, Ap.numel() // blocks)
-            right_side = n <= Q.shape[-1]  # reorthogonalize the smaller side only
-        q = Ap.reshape(blocks, -1)
+        if j:
+            Ap = op(P[:, j].reshape(shape))
+        q = Ap.reshape(blocks, m)
         if j:
             q = q - beta[:, j - 1, None] * Q[:, j - 1]
             if not right_side:
                 q = _orthogonalize(q, Q[:, :j])
         alpha[:, j], _, Q[:, j] = split(q)  # not kept: A p_j in the span so far, alpha_j = 0
-        if j + 1 == steps:
-            break
-        r = adjoint(Q[:, j].reshape(out_shape)).reshape(blocks, n)
-        r = r - alpha[:, j, None] * P[:, j]
+        r = adjoint(Q[:, j].reshape(out_shape)).reshape(blocks, n) - alpha[:, j, None] * P[:, j]
         if right_side:
             r = _orthogonalize(r, P[:, : j + 1])
         beta[:, j], keep, p = split(r)
+        taken = j + 1
         if not bool(keep.all()):  # an invariant subspace: go on from a random orthogonal vector
             if gen is None:
-                gen = torch.Generator(device=device).manual_seed(0)
+                gen = torch.Generator(device=device).manual_seed(seed)
             z = torch.randn(blocks, n, generator=gen, device=device, dtype=dtype)
             z = _orthogonalize(z, P[:, : j + 1])
             z_norms = torch.linalg.vector_norm(z, dim=1)
@@ -409,19 +420,20 @@ def _krylov_cycle(op: LinearOp, adjoint: LinearOp, u: Tensor, steps: int, blocks
             p = torch.where(keep[:, None], p, z / z_norms.clamp_min(1e-30)[:, None])
             p = torch.where(alive[:, None], p, 0.0)
         P[:, j + 1] = p
-        filled += 1
         if not bool(alive.any()):
             break
-    coef = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1)
-    B = coef.detach().to("cpu", torch.float64)
-    y = torch.linalg.svd(B).Vh[:, 0, :]  # (blocks, steps)
+    B = u.new_zeros(blocks, taken, taken + 1)
+    idx = torch.arange(taken, device=device)
+    B[:, idx, idx], B[:, idx, idx + 1] = alpha[:, :taken], beta[:, :taken]
+    B = B.detach().to("cpu", torch.float64)
+    _, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    y = Vh[:, 0, :]  # (blocks, taken + 1)
     first = torch.zeros_like(y)
     first[:, 0] = 1.0
-    y = torch.where(B.abs().sum((1, 2))[:, None] > 0, y, first)  # nothing learnt: keep u
+    y = torch.where(S[:, :1] > 0, y, first)  # nothing learnt: keep u
     y = y * torch.where(y[:, :1] < 0, -1.0, 1.0)  # sign: the start vector's side
-    ritz = torch.linalg.vector_norm(B @ y[:, :, None], dim=(1, 2))
-    top = torch.bmm(y[:, None, :filled].to(device, dtype), P[:, :filled])[:, 0].reshape(shape)
-    return top, ritz, B[:, 0, 0]
+    top = torch.bmm(y[:, None].to(device, dtype), P[:, : taken + 1])[:, 0].reshape(shape)
+    return top, S[:, 0], B[:, 0, 0], taken
 
 
 def _krylov_top(
@@ -436,19 +448,16 @@ def _krylov_top(
     """The top right singular vector estimate by at most ``n_iter`` Krylov steps.
 
     Note [Krylov refresh]: cycles of up to ``KRYLOV_CYCLE`` Golub-Kahan steps (``A`` and
-    ``A^T`` once each a step, as a power round), each from the previous Ritz vector; it stops
-    once a cycle raised no block's Ritz value by more than ``rtol`` (relative; pro rata for a
-    shorter cycle) over the value it started from. Returns ``u`` with a unit vector per block.
+    ``A^T`` once each a step, as a power round), each from the previous cycle's vector; it
+    stops once a cycle raised no block's estimate by more than ``rtol`` (relative; pro rata for
+    a shorter cycle) over the value it started from. Returns ``u`` with a unit vector per block.
     """
     _check_n_iter(n_iter)
     u, _ = _unit_blocks(u, blocks, min_norm)
-    per_vector = u.element_size() * u.numel()  # the output side is sized at the first product
-    cycle = max(4, min(KRYLOV_CYCLE, KRYLOV_BYTES // max(1, 4 * per_vector)))
-    left = n_iter
-    while left > 0:
-        steps = min(cycle, left)
-        left -= steps
-        top, ritz, start = _krylov_cycle(op, adjoint, u, steps, blocks)
+    done = 0
+    while done < n_iter:
+        top, ritz, start, steps = _krylov_cycle(op, adjoint, u, n_iter - done, blocks, done)
+        done += steps
         u, _ = _unit_blocks(top, blocks, min_norm)
         if bool((ritz <= start * (1 + rtol * steps / KRYLOV_CYCLE)).all()):  # no more to gain
             break

@@ -56,14 +56,20 @@ def test_converges_on_a_near_tie_where_power_iteration_stalls(dtype):
     assert float(u.norm()) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_one_cycle_is_never_below_as_many_power_rounds():
-    """The Krylov space of j steps holds the power iterate after j - 1 rounds (exact arithmetic)."""
+@pytest.mark.parametrize("shape", [(5, 7, 7), (5, 3, 3)])
+def test_one_cycle_is_never_below_as_many_power_rounds(shape):
+    """k steps (k products each way) span K_{k+1}, which holds the power iterate of k rounds;
+    one step is one power round. Square and wide (output side larger) operators."""
     torch.manual_seed(2)
     W = torch.randn(6, 5, 3, 3, dtype=torch.float64)
-    op, adjoint = conv_operator(W, (5, 7, 7), stride=1, padding=1)
-    u0 = torch.randn(1, 5, 7, 7, dtype=torch.float64)
-    for n in (2, 3, 5, 8, 13):
-        _, _, power = _power_iteration(op, adjoint, u0, n - 1)
+    op, adjoint = conv_operator(W, shape, stride=1, padding=1)
+    u0 = torch.randn(1, *shape, dtype=torch.float64)
+    _, _, one_round = _power_iteration(op, adjoint, u0, 1)
+    u1 = _krylov_top(op, adjoint, u0, 1)
+    assert float(_top_sigma(op, u1)) >= float(one_round) * (1 - 1e-12)
+    for n in (2, 3, 5, 8, 13, 20):
+        power_u, _, _ = _power_iteration(op, adjoint, u0, n)
+        power = _top_sigma(op, power_u)  # ||A u_n||, the estimate the next forward takes
         krylov = _top_sigma(op, _krylov_top(op, adjoint, u0, n))
         assert float(krylov) >= float(power) * (1 - 1e-12)
 
@@ -147,6 +153,19 @@ def test_stops_early_from_a_converged_vector_and_restarts_within_the_memory_cap(
     short = float(_top_sigma(op, _krylov_top(op, adjoint, u0, 100)))
     assert float(power) < truth * (1 - 2e-3) and short > truth * (1 - 1e-3)
     assert float(_top_sigma(op, _krylov_top(op, adjoint, u0, 400))) > truth * (1 - 2e-5)
+
+
+def test_the_memory_cap_counts_the_output_side(monkeypatch):
+    """A wide layer (100 -> 3200): its output-side basis sets the cycle, not the input's."""
+    W = torch.randn(3200, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    op, adjoint = linear_operator(W)
+    step_bytes = 8 * (100 + 3200)
+    monkeypatch.setattr(ops, "KRYLOV_BYTES", 10 * step_bytes)
+    u0 = torch.randn(1, 100, dtype=torch.float64)
+    _, _, _, steps = ops._krylov_cycle(op, adjoint, u0 / u0.norm(), 50, 1, 0)
+    assert steps == 10
+    monkeypatch.setattr(ops, "KRYLOV_BYTES", 1)
+    assert ops._krylov_cycle(op, adjoint, u0 / u0.norm(), 50, 1, 0)[3] == 4
 
 
 def test_warm_up_and_operator_norm_use_it():
