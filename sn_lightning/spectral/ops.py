@@ -1492,7 +1492,8 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int] | None, n_iter: i
     """Estimate of the layer's operator norm from its operator and adjoint (a lower bound; no bias).
 
     Golub-Kahan-Lanczos (Note [Krylov refresh]): ``n_iter`` steps cost as many products as
-    ``n_iter`` power-iteration rounds and end no lower; ``sigma = ||A u||`` for the final unit
+    ``n_iter`` power-iteration rounds and end no lower (a theorem up to ``KRYLOV_CYCLE`` steps,
+    measured beyond); ``sigma = ||A u||`` for the final unit
     ``u`` (:func:`power_iteration` is the plain round). Starts from a fixed-seed random vector
     (global RNG untouched), so results are reproducible. For a parametrized layer this is the
     norm of the weight the forward pass uses.
