@@ -362,9 +362,9 @@ def _krylov_cycle(
     ``A^T`` of a vector in that span, so this ``u`` is never below it (exact arithmetic).
 
     Returns:
-        ``(P y`` (not normalized), ``s`` per block and ``||A u||`` per block (both on the CPU),
-        the number of steps taken``)``: fewer than ``max_steps`` where the bases would exceed
-        ``KRYLOV_BYTES`` (at least 4) or every block's space is spanned.
+        ``(P y`` (not normalized), ``s`` per block and the start's ``||A u_0||`` per block (both
+        on the CPU), the number of steps taken``)``: fewer than ``max_steps`` where the bases
+        would exceed ``KRYLOV_BYTES`` (at least 4) or every block's space is spanned.
     """
     shape, dtype, device = u.shape, u.dtype, u.device
     tol = 100 * torch.finfo(dtype).eps
