@@ -141,6 +141,11 @@ class SNClassifier(L.LightningModule):
             mid-epoch checkpoint (one round per step lags behind fast training; validated,
             checkpointed and final models then hold their layers at beta to the accuracy of the
             Krylov estimate: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
+        sn_bound_every_n_epochs: log the sound network bound ``sn/lipschitz_bound`` every this
+            many epochs and after the last one; 0: never while fitting. It certifies every layer
+            (dense Gram or FFT bounds: ~4 s for ResNet-18 at 32 px, ~20 s for VGG-11 at 32 px,
+            ~45 s for ResNet-50 at 224 px on 2 CPU cores); results.json gets the final bound
+            whatever this is.
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).
         crm_r0: only points whose certified radius is below this are penalized (R0).
@@ -181,6 +186,7 @@ class SNClassifier(L.LightningModule):
         sn_cuda_graph: bool = True,
         sn_batch_fold: bool = True,
         sn_refresh_iterations: int = 100,
+        sn_bound_every_n_epochs: int = 1,
         crm_lambda: float = 0.0,
         crm_r0: float = 0.2,
         crm_t: float = 5.0,
@@ -223,6 +229,7 @@ class SNClassifier(L.LightningModule):
             ("sn_power_iterations", sn_power_iterations, 1),
             ("sn_init_iterations", sn_init_iterations, 0),
             ("sn_refresh_iterations", sn_refresh_iterations, 0),
+            ("sn_bound_every_n_epochs", sn_bound_every_n_epochs, 0),
         ):
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"{key} must be an integer >= {least}, got {value!r}")
@@ -447,9 +454,24 @@ class SNClassifier(L.LightningModule):
         for name, sigma in spectral_norms(self.model).items():
             self.log(f"sn/{name}/sigma", min(sigma, layers[name][1].beta), sync_dist=True)
             self.log(f"sn/{name}/sigma_raw", sigma, sync_dist=True)
+        if not self._bound_due():
+            return
         bound = self.lipschitz_bound()
         if bound is not None:
             self.log("sn/lipschitz_bound", bound, sync_dist=True)
+
+    def _bound_due(self) -> bool:
+        """Whether this epoch end logs the network bound (``sn_bound_every_n_epochs``)."""
+        every = self.hparams.get("sn_bound_every_n_epochs", 1)
+        if every == 0:
+            return False
+        trainer = self.trainer
+        last = (
+            trainer.should_stop
+            or (trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs)
+            or 0 <= trainer.max_steps <= trainer.global_step
+        )
+        return last or (trainer.current_epoch + 1) % every == 0
 
     def _broadcast_state(self) -> None:
         """Copy rank 0's buffers and LipLT power-iteration vectors to every rank (Note [DDP state]).

@@ -110,6 +110,10 @@ def test_resuming_with_more_epochs_replans_the_cosine_schedule(tmp_path):
         ({"sn_init_iterations": -5}, "sn_init_iterations must be an integer >= 0, got -5"),
         ({"sn_refresh_iterations": 1.5}, "sn_refresh_iterations must be an integer >= 0, got 1.5"),
         (
+            {"sn_bound_every_n_epochs": -1},
+            "sn_bound_every_n_epochs must be an integer >= 0, got -1",
+        ),
+        (
             {"backbone": "sn_lightning:mlp1", "backbone_kwargs": {"width": -5}},
             r"backbone 'sn_lightning:mlp1' \(backbone_kwargs \{'width': -5\}\) cannot be built",
         ),
@@ -149,6 +153,36 @@ def test_beta_bounds_every_layer_and_logs_sigma(tmp_path):
     for name, (layer, _) in layers.items():
         true = operator_norm(layer, shapes.get(name), n_iter=500)  # the normalized weight
         assert true <= 1.0 * (1 + 1e-2), (name, true)
+
+
+@pytest.mark.parametrize(
+    ("every", "trainer_kw", "logged_at"),
+    [
+        (1, {"max_epochs": 3}, [1, 2, 3]),
+        (2, {"max_epochs": 5}, [2, 4, 5]),  # and after the last epoch
+        (2, {"max_epochs": 5, "max_steps": 9}, [2, 3]),  # the run ends in epoch 3 (3 steps each)
+        (0, {"max_epochs": 3}, []),
+    ],
+)
+def test_network_bound_cadence(tmp_path, every, trainer_kw, logged_at):
+    """``sn_bound_every_n_epochs`` decides which epoch ends compute and log ``sn/lipschitz_bound``;
+    the per-layer sigmas are logged at every epoch end regardless."""
+    model = SNClassifier(beta=1.0, sn_bound_every_n_epochs=every)
+    logged: dict[str, list[int]] = {}
+    log = model.log
+
+    def recorded(name, value, *args, **kwargs):
+        if name.startswith("sn/"):
+            logged.setdefault(name, []).append(model.current_epoch + 1)
+        return log(name, value, *args, **kwargs)
+
+    model.log = recorded
+    trainer = _trainer(tmp_path, **trainer_kw)
+    trainer.fit(model, datamodule=ImageDataModule("digits", batch_size=32))
+    epochs = list(range(1, trainer.current_epoch + 1))
+    sigmas = [k for k in logged if k.endswith("/sigma")]
+    assert len(sigmas) == 4 and all(logged[k] == epochs for k in sigmas)  # digits_cnn's layers
+    assert logged.get("sn/lipschitz_bound", []) == logged_at
 
 
 def test_refresh_keeps_the_trained_model_within_beta(tmp_path):
