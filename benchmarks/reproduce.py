@@ -120,7 +120,7 @@ def plan(budget: Budget, groups: Sequence[str]) -> list[Run]:
         "--trainer.logger=false",
         "--data.num_workers=0",
         # The paper's schedule alone (one power iteration a step), as the stored runs were made:
-        # they predate the classifier's refresh of u (README, Spectral normalization).
+        # they predate the classifier's refresh of u (docs/SPECTRAL.md, "Trained weights can outrun u").
         "--model.sn_refresh_iterations=0",
     ]
     if budget.train_subset is not None:
