@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
-from sn_lightning.spectral.ops import _power_iteration, _transforms_active
+from sn_lightning.spectral.ops import _power_iteration, _transforms_active, _unit_blocks
 
 __all__ = ["FOLD_RATIO", "fused_forward", "supports_fold"]
 
@@ -164,7 +164,9 @@ class _FoldedLayer(torch.autograd.Function):
         u = norm.u  # stored unit, but a loaded or re-typed one may be off by rounding
         if norm.n_power_iterations > 1:
             u, _, _ = _power_iteration(*norm._operator(weight), u, norm.n_power_iterations - 1, eps)
-        u_norm = max(float(vnorm(u)), eps)
+        u_norm = float(vnorm(u))
+        if not u_norm > eps:  # a zero u (a checkpoint's) restarts, as in ops._estimate
+            u, u_norm = _unit_blocks(u, 1, eps)[0], 1.0
         X = torch.cat([xf, u])
         Y = geo.apply(X, weight)
         Au = Y[n:]  # = ||u|| A u_hat for the unit u_hat
@@ -230,8 +232,10 @@ def _is_batched(t: Tensor) -> bool:
 
 
 def _advance(norm: Any, w: Tensor) -> None:
-    """Store ``u = w / ||w||`` (``w = A^T v``, one input)."""
-    torch.div(w, max(float(torch.linalg.vector_norm(w)), norm.min_norm), out=norm.u)
+    """Store ``u = w / ||w||`` (``w = A^T v``, one input); keep ``u`` where ``w`` is 0 (``ops._next_u``)."""
+    w_norm = float(torch.linalg.vector_norm(w))
+    if w_norm > norm.min_norm:
+        torch.div(w, w_norm, out=norm.u)
 
 
 def _differentiable_grads(

@@ -238,13 +238,25 @@ def _power_iteration(
             v, _ = _unit_blocks(op(u), blocks, min_norm)
             u, sigmas = _unit_blocks(adjoint(v), blocks, min_norm)
         return u, v, sigmas.max()
+    u, _ = _unit_blocks(u, 1, min_norm)
     for _ in range(n_iter):
         v = op(u)
         v = v / norm(v).clamp_min(min_norm)
-        u = adjoint(v)
-        sigma = norm(u)
-        u = u / sigma.clamp_min(min_norm)
+        w = adjoint(v)
+        sigma = norm(w)
+        u = _next_u(w, sigma, u, min_norm)
     return u, v, sigma
+
+
+def _next_u(w: Tensor, w_norm: Tensor, u: Tensor, min_norm: float) -> Tensor:
+    """``w / ||w||``, or the unit ``u`` it came from where ``w = A^T A u`` is (numerically) zero.
+
+    A zero weight (a zero-initialized head) maps every ``u`` to 0; normalizing that 0 would store
+    ``u = 0`` for good, and sigma would stay 0 once training makes the weight non-zero, leaving
+    the layer unbounded. Keeping the random ``u`` lets the iteration find the weight as it grows.
+    No host sync (CUDA graphs).
+    """
+    return torch.where(w_norm > min_norm, w / w_norm.clamp_min(min_norm), u)
 
 
 def _estimate(
@@ -288,15 +300,15 @@ def _estimate(
         return u_top, v_top, sigma, _unit_blocks(adjoint(v), blocks, min_norm)[0]
     if n_iter > 1:
         u, _, _ = _power_iteration(op, adjoint, u, n_iter - 1, min_norm)
-    else:
-        u = u / norm(u).clamp_min(min_norm)  # the stored vector is unit; a loaded one may not be
+    else:  # the stored vector is unit; a loaded one may not be (a zero one restarts)
+        u, _ = _unit_blocks(u, 1, min_norm)
     Au = op(u)
     sigma = norm(Au)
     v = Au / sigma.clamp_min(min_norm)
     if not advance:
         return u, v, sigma, None
     w = adjoint(v)
-    return u, v, sigma, w / norm(w).clamp_min(min_norm)
+    return u, v, sigma, _next_u(w, norm(w), u, min_norm)
 
 
 # Note [Krylov refresh]

@@ -364,11 +364,12 @@ class _BoundedRescale(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         none = (None,) * 8
         graph: _IterationGraph | None = ctx.graph
-        weight = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # once: non-reentrant checkpointing unpacks each save once
+        weight = saved[0]
         if graph is not None and g.dtype == weight.dtype and weight.data_ptr() == graph.weight_ptr:
             return graph.grad(g, ctx.state), *none
-        if ctx.sigma_value is not None and g.dtype == ctx.saved_tensors[1].dtype:
-            weight, u, v = ctx.saved_tensors
+        if ctx.sigma_value is not None and g.dtype == saved[1].dtype:
+            weight, u, v = saved
             sigma = ctx.sigma_value
             # CPU: forward only gets here with sigma > beta (otherwise it returns the weight)
             s = ctx.beta / sigma
@@ -379,11 +380,11 @@ class _BoundedRescale(torch.autograd.Function):
             if dot is not None:
                 return ctx.norm._scaled_sigma_grad(weight, g, s, -s * dot / sigma, u, v), *none
         if ctx.sigma_value is not None:
-            weight, u, v = ctx.saved_tensors
+            weight, u, v = saved
             sigma = torch.tensor(ctx.sigma_value, dtype=u.dtype, device=u.device)
             scale, kv = _coefficients(sigma, v, ctx.beta)
         else:
-            weight, u, kv, scale = ctx.saved_tensors
+            weight, u, kv, scale = saved
         return ctx.norm._rescale_grad(weight, g, u, kv, scale), *none
 
 

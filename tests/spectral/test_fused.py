@@ -276,3 +276,47 @@ def test_edge_inputs_empty_batch_subclass_and_forward_ad():
         out_ref, tangent_ref = fwad.unpack_dual(param(dual))
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tangent, tangent_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "parametrization"])
+def test_a_zero_initialized_weight_is_bounded_once_training_grows_it(fold):
+    """A zero weight maps every u to 0. Normalizing that 0 stored u = 0 for good (at the
+    registration check already): sigma then stayed 0 and the layer unbounded however large
+    training made its weight. Both paths keep the random unit u instead."""
+    torch.manual_seed(9)
+    layer = nn.Linear(6, 4).double()
+    nn.init.zeros_(layer.weight)
+    bounded_spectral_norm(layer, beta=0.5, batch_fold=fold)
+    u = layer.parametrizations.weight[0].u
+    assert float(torch.linalg.vector_norm(u)) == pytest.approx(1.0)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    target = x @ (3 * torch.randn(6, 4, dtype=torch.float64))  # wants a weight far above beta
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        (layer(x) - target).pow(2).mean().backward()
+        opt.step()
+    assert float(torch.linalg.matrix_norm(layer.parametrizations.weight.original, 2)) > 1.0  # 2 beta
+    for _ in range(30):  # one round a step lags behind training: more rounds on the final weight
+        layer(x).sum().backward()
+    layer.eval()
+    assert float(torch.linalg.matrix_norm(layer.weight, 2)) <= 0.5 * (1 + 1e-2)
+
+
+def test_a_zero_operator_folds_like_the_parametrization_double_backward_included():
+    """Every tap of this conv reads padding (A = 0): the fold took sigma = 1 from 0 / 0 and
+    scaled by beta, and its double backward divided by sigma = 0 (NaN)."""
+    torch.manual_seed(10)
+    make = lambda: nn.Conv1d(2, 3, 1, stride=2, padding=1).double()  # noqa: E731
+    folded, param = _pair(make, (2, 1), beta=0.5)
+    grads = []
+    for layer in (folded, param):
+        torch.manual_seed(11)
+        x = torch.randn(4, 2, 1, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        (gx,) = torch.autograd.grad(y.pow(2).sum() + y.sum(), x, create_graph=True)
+        (y.sum() + gx.pow(2).sum()).backward()
+        grads.append([layer.bias.grad, layer.parametrizations.weight.original.grad, y.detach()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)

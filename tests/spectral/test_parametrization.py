@@ -489,3 +489,30 @@ def test_depthwise_groups_keep_their_own_iteration(weights):
             raw.weight.copy_(layer.parametrizations.weight.original)
         sigma = float(p.sigma(layer.parametrizations.weight.original))
         assert sigma == pytest.approx(_dense_norm(raw, shape), rel=1e-3)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "parametrization"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing(fold, reentrant):
+    """``torch.utils.checkpoint`` (timm's ``set_grad_checkpointing``) around normalized layers.
+
+    The rescale's backward read its saved tensors twice, which non-reentrant checkpointing
+    refuses ("Unpack is being triggered for a tensor that was already unpacked once"). Frozen,
+    the recomputed forward is the same function: the gradients equal the plain backward's.
+    """
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    apply_spectral_norm(net, beta=0.3, input_shape=(6,), batch_fold=fold)
+    ref = copy.deepcopy(net)
+    x = torch.randn(5, 6, requires_grad=True)
+    with freeze_spectral_norm(net), freeze_spectral_norm(ref):
+        torch.utils.checkpoint.checkpoint(net, x, use_reentrant=reentrant).square().sum().backward()
+        ref(x).square().sum().backward()
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    for m in (net, ref):  # training mode: u converged at registration (6 and 8 dimensions)
+        m.zero_grad()
+    torch.utils.checkpoint.checkpoint(net, x, use_reentrant=reentrant).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
