@@ -296,7 +296,9 @@ def test_a_zero_initialized_weight_is_bounded_once_training_grows_it(fold):
         opt.zero_grad()
         (layer(x) - target).pow(2).mean().backward()
         opt.step()
-    assert float(torch.linalg.matrix_norm(layer.parametrizations.weight.original, 2)) > 1.0  # 2 beta
+    assert (
+        float(torch.linalg.matrix_norm(layer.parametrizations.weight.original, 2)) > 1.0
+    )  # 2 beta
     for _ in range(30):  # one round a step lags behind training: more rounds on the final weight
         layer(x).sum().backward()
     layer.eval()
