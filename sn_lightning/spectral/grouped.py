@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from sn_lightning.spectral.ops import _transforms_active
@@ -175,10 +174,18 @@ class _GroupRescale(torch.autograd.Function):
         return tuple(torch._foreach_mul(list(weights), scales))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         graph: _GroupGraph = ctx.graph
         weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: each layer's gradient as a graph
+            return (
+                None,
+                None,
+                *(
+                    None if g is None else norm._graph_grad(w, g, graph.member(ctx.state, i)[0])
+                    for i, (norm, g, w) in enumerate(zip(graph.norms, grads, weights, strict=True))
+                ),
+            )
         same = all(
             g is None or (g.dtype == w.dtype and g.shape == w.shape)
             for g, w in zip(grads, weights, strict=True)

@@ -42,7 +42,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from sn_lightning.modes import eval_mode
@@ -360,12 +359,13 @@ class _BoundedRescale(torch.autograd.Function):
         return weight * scale.to(weight.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         none = (None,) * 8
         graph: _IterationGraph | None = ctx.graph
         saved = ctx.saved_tensors  # once: non-reentrant checkpointing unpacks each save once
         weight = saved[0]
+        if torch.is_grad_enabled():  # create_graph: the gradient as a graph (double backward)
+            return ctx.norm._graph_grad(weight, g, saved[1]), *none
         if graph is not None and g.dtype == weight.dtype and weight.data_ptr() == graph.weight_ptr:
             return graph.grad(g, ctx.state), *none
         if ctx.sigma_value is not None and g.dtype == saved[1].dtype:
@@ -515,12 +515,31 @@ class BoundedSpectralNorm(nn.Module):
             return self.spec.scaled_sigma_grad(W, g, a, b, u, v, inplace=inplace)
         if isinstance(b, Tensor):
             v, b = v * b, 1.0  # scale the small factor
-        out = g.mul_(a) if inplace else g * a
+        out = g.mul_(a) if inplace else (g * a).contiguous()  # g may be strided (a transpose)
         if not self.matrix_dim:  # reshaped kernel (rows, cols): one addmm
             out.view(W.shape[0], -1).addmm_(v.mT, u, alpha=b)
             return out
         G = (v.mT @ u).reshape(W.shape[1], W.shape[0], *W.shape[2:]).transpose(0, 1)
         return out.add_(G, alpha=b)
+
+    def _graph_grad(self, weight: Tensor, g: Tensor, u: Tensor) -> Tensor:
+        """The rescale's weight gradient as a differentiable graph (``create_graph``).
+
+        Autograd through ``W / clamp(<A_W u, v> / beta, min=1)`` with the forward's unit ``u`` and
+        ``v = A_W u / ||A_W u||`` (the top block's pair for grouped layers) held constant, so
+        second derivatives (Hessian-vector products, gradient penalties on parameters) follow
+        the same definition as the first. The fused backward computes this first derivative
+        without a graph.
+        """
+        u = u.detach().clone()  # a CUDA-graph state may be overwritten by the next forward
+        with torch.enable_grad(), _no_autocast(weight.device.type):
+            W = weight if weight.requires_grad else weight.detach().requires_grad_()
+            Au = self._operator(W.to(u.dtype))[0](u)
+            v = Au.detach() / torch.linalg.vector_norm(Au.detach()).clamp_min(self.min_norm)
+            sigma = torch.vdot(Au.reshape(-1), v.reshape(-1))
+            out = W / torch.clamp(sigma / self.beta, min=1.0).to(W.dtype)
+            (grad,) = torch.autograd.grad(out, W, g, create_graph=True)
+        return grad
 
     def _iterate(
         self, W: Tensor, *, advance: bool, store: bool = True

@@ -114,6 +114,34 @@ def test_grouped_training_matches_per_layer(two_forwards):
     assert all(n.__dict__["_pending"] is None for n in _norms(group))  # nothing left behind
 
 
+def _hvp(model: nn.Module, group: bool) -> list[torch.Tensor]:
+    """A Hessian-vector product of an eval-mode loss in the weights (second derivatives)."""
+    grouped._EAGER_FOR_TESTS = group
+    try:
+        torch.manual_seed(2)
+        x = torch.randn(2, 3, 8, 8)
+        ws = [p for n, p in model.named_parameters() if n.endswith("original")]
+        vec = [torch.randn_like(w) for w in ws]
+        model.eval()
+        loss = model(x).square().sum()
+        grads = torch.autograd.grad(loss, ws, create_graph=True, allow_unused=True)
+        dot = sum((g * e).sum() for g, e in zip(grads, vec, strict=True) if g is not None)
+        hvp = torch.autograd.grad(dot, ws, allow_unused=True)
+        return [torch.zeros_like(w) if h is None else h for h, w in zip(hvp, ws, strict=True)]
+    finally:
+        grouped._EAGER_FOR_TESTS = False
+
+
+def test_grouped_second_derivatives_match_per_layer():
+    """The group's backward builds each layer's gradient as a graph under ``create_graph`` (it
+    was once-differentiable, and PyTorch then returned wrong second derivatives silently)."""
+    group, single = _twins()
+    hvps = _hvp(group, True), _hvp(single, False)
+    assert sum(float(h.abs().max()) > 0 for h in hvps[0]) == 3  # all but the unused head
+    for a, b in zip(*hvps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_grouped_path_replaces_the_per_layer_estimates(eager_group, monkeypatch):
     group, _ = _twins()
     calls = _count_iterations(monkeypatch)
