@@ -929,6 +929,7 @@ def _lanczos_top(G: Tensor, max_steps: int = 160, rtol: float = 1e-13) -> float:
     Q[0] = q / q.norm()
     alpha, beta = G.new_zeros(steps), G.new_zeros(steps)
     history: list[float] = []
+    scale = 0.0  # the largest |alpha|, |beta| so far: ||T|| within a factor of 3
     for j in range(steps):
         w = G @ Q[j]
         alpha[j] = Q[j] @ w
@@ -939,7 +940,11 @@ def _lanczos_top(G: Tensor, max_steps: int = 160, rtol: float = 1e-13) -> float:
         history.append(float(torch.linalg.eigvalsh(T)[-1]))
         if len(history) > 8 and history[-1] - history[-9] <= rtol * abs(history[-1]):
             break
-        if j + 1 == steps or b == 0:
+        scale = max(scale, abs(float(alpha[j])), float(b))
+        # An invariant subspace (b at rounding level, e.g. G a multiple of the identity): its
+        # Ritz values are exact; normalizing the rounding noise would lose orthogonality and
+        # send the Ritz values far above lambda_max (209x for a 1024 identity).
+        if j + 1 == steps or float(b) <= n * _UNIT_ROUNDOFF * scale:
             break
         beta[j] = b
         Q[j + 1] = w / b
@@ -1446,17 +1451,22 @@ class OperatorSpec:
         W = weight.detach().to(torch.float64)
         nd = W.dim() - 2
         pads = self.padding
+        spatial: Sequence[int]
         if self.kind == "conv":
             # Cropped pixels are never read and padding is zero: the trimmed conv is A.
             W, pads = self._trimmed(W)
-        kernel = tuple(W.shape[2:])
-        if self.kind == "conv_transpose":
-            spatial: Sequence[int] = self.output_shape(W)[1:]
-            mode = "zeros"
-        elif self.kind == "conv":
             spatial, mode = self.input_shape[1:], self.padding_mode
+        elif self.kind == "conv_transpose":
+            spatial, mode = self.output_shape(W)[1:], "zeros"
+            # The adjoint conv on the output grid, trimmed alike (Note [trimmed taps]): its rows
+            # include A^T's (one more where output_padding >= stride), so the bound holds.
+            trim = _trim_taps(spatial, pads, W.shape[2:], self.dilation, self.stride)
+            if trim is not None:
+                W = W[(slice(None), slice(None), *(slice(a, b) for a, b in trim[0]))]
+                pads = trim[1]
         else:
             raise ValueError(f"fft_bound needs a conv layer, got kind={self.kind!r}")
+        kernel = tuple(W.shape[2:])
         if all(k == 1 for k in kernel) and mode != "circular":
             # A 1x1 conv is W applied to the kept pixels (pads only add zero or copied pixels,
             # whose rows we bound by ||Pad||): the bound is the matrix norm, max over groups.
@@ -1522,12 +1532,16 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int] | None, n_iter: i
     spec = OperatorSpec.from_layer(layer, input_shape)
     W = _effective_weight(layer)
     W = W.to(_float_dtype(W.dtype))
-    op, adjoint = spec.operator(W)
+    # A scales linearly with W: iterate on W / 2^e with max |W| / 2^e in [1/2, 1) (exact), so
+    # float32 neither overflows (weights near 1e19 gave inf) nor underflows (near 1e-19: 0).
+    peak = float(torch.linalg.vector_norm(W, float("inf")))
+    exponent = math.frexp(peak)[1] if math.isfinite(peak) and peak > 0 else 0
+    op, adjoint = spec.operator(torch.ldexp(W, torch.tensor(-exponent)) if exponent else W)
     gen = torch.Generator(device=W.device).manual_seed(0)
     u = torch.randn(spec.u_shape, generator=gen, device=W.device, dtype=W.dtype)
     with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
         u = _krylov_top(op, adjoint, u, n_iter, blocks=spec.blocks)
-        return float(_top_sigma(op, u, spec.blocks))
+        return math.ldexp(float(_top_sigma(op, u, spec.blocks)), exponent)
 
 
 def operator_norm_upper_bound(

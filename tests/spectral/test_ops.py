@@ -341,6 +341,61 @@ def test_tiny_inputs_trimmed_taps_are_sound():
         assert operator_norm(layer, shape, n_iter=500) == pytest.approx(truth, rel=5e-3)
 
 
+def test_conv_transpose_fft_bound_trims_taps_and_stays_sound():
+    """ConvTranspose on tiny maps: the adjoint conv gets the trimmed taps too (a 3x3 kernel on a
+    1x1 input was bounded at 2.9x the norm, the matching Conv2d at 1.0x); random geometries,
+    output padding past the stride (dilation 2) included, never below the dense truth."""
+    torch.manual_seed(14)
+    layer = nn.ConvTranspose2d(64, 64, 3, padding=1, bias=False)
+    truth = dense_truth(layer, (64, 1, 1))
+    assert (
+        truth <= operator_norm_upper_bound(layer, (64, 1, 1), dense_max_dim=0) <= truth * (1 + 1e-6)
+    )
+    gen = torch.Generator().manual_seed(15)
+    for _ in range(40):
+        k, s, d, p = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in
+                      ((1, 5), (1, 4), (1, 3), (0, 3)))  # fmt: skip
+        p = min(p, d * (k - 1))  # torch: the output must keep at least one row
+        op = int(torch.randint(0, max(s, d), (1,), generator=gen))
+        n = int(torch.randint(1, 5, (1,), generator=gen))
+        layer = nn.ConvTranspose1d(3, 4, k, stride=s, padding=p, dilation=d, output_padding=op)
+        if (n - 1) * s - 2 * p + d * (k - 1) + op + 1 < 1:
+            continue
+        truth = dense_truth(layer, (3, n))
+        bound = operator_norm_upper_bound(layer, (3, n), dense_max_dim=0)
+        assert bound >= truth * (1 - 1e-9), (k, s, d, p, op, n)
+
+
+def test_identity_like_grams_get_a_tight_certificate():
+    """An identity (or dirac) weight's Gram matrix is a multiple of I: Lanczos found the invariant
+    subspace after one step but normalized the rounding noise, and the certified bound came out
+    at 209 for a norm of 1."""
+    eye = nn.Linear(1024, 1024, bias=False)
+    nn.init.eye_(eye.weight)
+    assert 1.0 <= operator_norm_upper_bound(eye, (1024,)) <= 1 + 1e-6
+    dirac = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    nn.init.dirac_(dirac.weight)
+    assert 1.0 <= operator_norm_upper_bound(dirac, (16, 8, 8)) <= 1 + 1e-6
+    perm = nn.Linear(1500, 1500, bias=False)
+    with torch.no_grad():
+        perm.weight.copy_(
+            torch.eye(1500)[torch.randperm(1500, generator=torch.Generator().manual_seed(16))]
+        )
+    assert 1.0 <= operator_norm_upper_bound(perm, (1500,)) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_operator_norm_of_extreme_float32_weights(scale):
+    """Iterated on W / 2^e: a float32 norm near 1e20 was inf (above the bound), near 1e-30 zero."""
+    torch.manual_seed(17)
+    layer = nn.Linear(20, 30, bias=False)
+    with torch.no_grad():
+        layer.weight.normal_().mul_(scale)
+    truth = float(torch.linalg.matrix_norm(layer.weight.double(), 2))
+    assert operator_norm(layer, None) == pytest.approx(truth, rel=1e-5)
+    assert operator_norm_upper_bound(layer, None) >= truth
+
+
 def test_fft_bound_is_tight_at_moderate_resolution():
     # Measured: 1.0087 for N(0,1) 3x3 16->16 at 16x16 (PAPERS 1.4: the gap closes as n grows).
     torch.manual_seed(4)
