@@ -1206,6 +1206,19 @@ class OperatorSpec:
             )
         stride, dilation = _ntuple(layer.stride, nd), _ntuple(layer.dilation, nd)
         if layer.transposed:
+            pad, out_pad = _ntuple(layer.padding, nd), _ntuple(layer.output_padding, nd)
+            out = tuple(
+                (n - 1) * s - 2 * p + d * (k - 1) + o + 1
+                for n, s, p, d, k, o in zip(
+                    shape[1:], stride, pad, dilation, layer.kernel_size, out_pad, strict=True
+                )
+            )
+            if min(out) < 1:
+                raise ValueError(
+                    f"input_shape {shape} is too small for {type(layer).__name__} with kernel "
+                    f"{tuple(layer.kernel_size)}, stride {stride}, padding {pad}, dilation "
+                    f"{dilation}: its output would be {out}"
+                )
             return cls(
                 "conv_transpose",
                 shape,

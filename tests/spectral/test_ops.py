@@ -499,6 +499,12 @@ def test_rescale_only_shrinks():
             r"reflect padding \(\(3, 3\), \(3, 3\)\) is too wide for input_shape \(3, 3, 3\)",
         ),
         (lambda: operator_norm(nn.Conv2d(3, 4, 3, stride=0), (3, 5, 5)), "stride must be >= 1"),
+        (  # torch itself says "could not construct a memory descriptor" or worse
+            lambda: operator_norm(nn.ConvTranspose2d(3, 4, 1, padding=2), (3, 2, 2)),
+            r"input_shape \(3, 2, 2\) is too small for ConvTranspose2d with kernel \(1, 1\), "
+            r"stride \(1, 1\), padding \(2, 2\), dilation \(1, 1\): its output would be "
+            r"\(-2, -2\)",
+        ),
     ],
 )
 def test_bad_arguments_are_named(call, message):
