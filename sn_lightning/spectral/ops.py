@@ -251,10 +251,13 @@ def _power_iteration(
 def _next_u(w: Tensor, w_norm: Tensor, u: Tensor, min_norm: float) -> Tensor:
     """``w / ||w||``, or the unit ``u`` it came from where ``w = A^T A u`` is (numerically) zero.
 
-    A zero weight (a zero-initialized head) maps every ``u`` to 0; normalizing that 0 would store
-    ``u = 0`` for good, and sigma would stay 0 once training makes the weight non-zero, leaving
-    the layer unbounded. Keeping the random ``u`` lets the iteration find the weight as it grows.
-    No host sync (CUDA graphs).
+    Note [zero u]
+        A zero weight (a zero-initialized head) maps every ``u`` to 0; normalizing that 0 stored
+        ``u = 0`` for good (at registration already), sigma stayed 0 once training made the
+        weight non-zero, and the layer was never rescaled. Keeping the random ``u`` lets the
+        iteration find the weight as it grows; a zero ``u`` loaded from a checkpoint restarts
+        at load (``BoundedSpectralNorm._load_from_state_dict``), grouped blocks at their uniform
+        vector (:func:`_unit_blocks`). No host sync (CUDA graphs).
     """
     return torch.where(w_norm > min_norm, w / w_norm.clamp_min(min_norm), u)
 
@@ -300,8 +303,8 @@ def _estimate(
         return u_top, v_top, sigma, _unit_blocks(adjoint(v), blocks, min_norm)[0]
     if n_iter > 1:
         u, _, _ = _power_iteration(op, adjoint, u, n_iter - 1, min_norm)
-    else:  # the stored vector is unit; a loaded one may not be (a zero one restarts)
-        u, _ = _unit_blocks(u, 1, min_norm)
+    else:  # the stored vector is unit; a loaded one may not be (never 0: Note [zero u])
+        u = u / norm(u).clamp_min(min_norm)
     Au = op(u)
     sigma = norm(Au)
     v = Au / sigma.clamp_min(min_norm)

@@ -479,6 +479,16 @@ class BoundedSpectralNorm(nn.Module):
         if self.init_iterations:
             self.converge(weight, self.init_iterations)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Load, then restart a zero ``u`` block (a checkpoint of a zero weight; ops Note [zero u])."""
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        with torch.no_grad():
+            flat = self.u.reshape(self.blocks, -1)
+            zero = torch.linalg.vector_norm(flat, dim=1) <= self.min_norm
+            if bool(zero.any()):
+                flat = flat.masked_fill(zero[:, None], flat.shape[1] ** -0.5)
+                self.u.copy_(flat.reshape(self.u.shape))
+
     @torch.no_grad()
     def converge(self, weight: Tensor, n_iter: int) -> None:
         """Converge the stored ``u`` by ``n_iter`` Krylov steps on ``weight`` (the unnormalized one).

@@ -322,3 +322,27 @@ def test_a_zero_operator_folds_like_the_parametrization_double_backward_included
     for a, b in zip(*grads, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
+
+
+def test_a_zero_u_in_a_checkpoint_restarts_at_load():
+    """Checkpoints of zero-weight layers saved before the fix hold u = 0: loading restarts those
+    blocks at the uniform unit vector (the others load bit for bit), so sigma can grow again."""
+    torch.manual_seed(18)
+    layer = bounded_spectral_norm(nn.Conv2d(4, 4, 3, padding=1, groups=2), input_shape=(4, 5, 5))
+    state = layer.state_dict()
+    key = "parametrizations.weight.0.u"
+    u = state[key].clone()
+    state[key] = u.clone()
+    state[key][:, :2] = 0  # the first group's part
+    layer.load_state_dict(state)
+    loaded = layer.parametrizations.weight[0].u
+    torch.testing.assert_close(loaded[:, :2], torch.full_like(u[:, :2], 50**-0.5))
+    assert torch.equal(loaded[:, 2:], u[:, 2:])
+    single = bounded_spectral_norm(nn.Linear(3, 2), beta=0.1)
+    single.load_state_dict({**single.state_dict(), key: torch.zeros(1, 3)})
+    torch.testing.assert_close(single.parametrizations.weight[0].u, torch.full((1, 3), 3**-0.5))
+    x = torch.randn(4, 3, requires_grad=True)
+    for _ in range(30):  # training rounds from the restarted u (a zero one stayed 0: unbounded)
+        single(x).sum().backward()
+    single.eval()
+    assert float(torch.linalg.matrix_norm(single.weight.detach(), 2)) <= 0.1 * (1 + 1e-4)
