@@ -247,6 +247,9 @@ class Attack(abc.ABC):
                 raise ValueError('labels="true" needs y; pass labels or use labels="predicted"')
             if y.shape != x.shape[:1]:
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+            y = y.long()  # int32/uint8 labels (cross-entropy takes int64 only)
         with _attack_context(model, self.eval_mode):
             if self.eval_mode and self.fold_batchnorm:
                 model = folded_view(model)

@@ -177,6 +177,12 @@ def test_bad_call_arguments(model, batch):
         attack(model, x, y[:3])
     with pytest.raises(TypeError, match="floating"):
         attack(model, (x * 16).long(), y)
+    with pytest.raises(TypeError, match=r"y must hold integer class labels, got torch\.float32"):
+        attack(model, x, y.float())
+    # int32 / uint8 labels attack as int64 ones (cross-entropy raised on them before)
+    expected = attack(model, x, y)
+    for dtype in (torch.int32, torch.uint8):
+        assert torch.equal(attack(model, x, y.to(dtype)), expected)
 
 
 def test_attack_is_abstract():
