@@ -143,8 +143,8 @@ class SNClassifier(L.LightningModule):
             Krylov estimate: ``refresh_spectral_norm``); 0: never (the paper's schedule alone).
         sn_bound_every_n_epochs: log the sound network bound ``sn/lipschitz_bound`` every this
             many epochs and after the last one; 0: never while fitting. It certifies every layer
-            (dense Gram or FFT bounds: ~4 s for ResNet-18 at 32 px, ~20 s for VGG-11 at 32 px,
-            ~45 s for ResNet-50 at 224 px on 2 CPU cores); results.json gets the final bound
+            (dense Gram or FFT bounds: ~5 s for ResNet-18 at 32 px, ~21 s for VGG-11 at 32 px,
+            ~43 s for ResNet-50 at 224 px on 2 CPU cores); results.json gets the final bound
             whatever this is.
         crm_lambda: weight of the CRM certified-radius term (Fazlyab et al. 2023); 0: off. Needs a
             feed-forward backbone LipLT can bound (built-ins c4f3/c6f2/c8f2/mlp1/mlp2/elu_net).

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
-from sn_lightning.spectral.ops import _power_iteration, _transforms_active, _unit_blocks
+from sn_lightning.spectral.ops import _power_iteration, _transforms_active
 
 __all__ = ["FOLD_RATIO", "fused_forward", "supports_fold"]
 
@@ -165,14 +165,13 @@ class _FoldedLayer(torch.autograd.Function):
         if norm.n_power_iterations > 1:
             u, _, _ = _power_iteration(*norm._operator(weight), u, norm.n_power_iterations - 1, eps)
         u_norm = float(vnorm(u))
-        if not u_norm > eps:  # a zero u (a checkpoint's) restarts, as in ops._estimate
-            u, u_norm = _unit_blocks(u, 1, eps)[0], 1.0
         X = torch.cat([xf, u])
         Y = geo.apply(X, weight)
         Au = Y[n:]  # = ||u|| A u_hat for the unit u_hat
-        Au_norm = max(float(vnorm(Au)), eps)
-        sigma = Au_norm / u_norm
-        v = Au / Au_norm
+        Au_norm = float(vnorm(Au))
+        # ||A u_hat||; 0 for a zero u, as the parametrization (0/0 read as 1 scaled by beta)
+        sigma = Au_norm / u_norm if u_norm > eps else 0.0
+        v = Au / max(Au_norm, eps)
         if not defer:
             _advance(norm, norm._operator(weight)[1](v))
         clamp = sigma > norm.beta

@@ -238,7 +238,7 @@ def _power_iteration(
             v, _ = _unit_blocks(op(u), blocks, min_norm)
             u, sigmas = _unit_blocks(adjoint(v), blocks, min_norm)
         return u, v, sigmas.max()
-    u, _ = _unit_blocks(u, 1, min_norm)
+    u = u / norm(u).clamp_min(min_norm)  # _next_u may hand the start back: unit, as _estimate's
     for _ in range(n_iter):
         v = op(u)
         v = v / norm(v).clamp_min(min_norm)
