@@ -303,7 +303,6 @@ _FUNCTION_CONSTANTS: dict[Any, float] = {
     torch.transpose: 1.0,
     torch.squeeze: 1.0,
     torch.unsqueeze: 1.0,
-    torch.mean: 1.0,  # means over disjoint blocks: norm 1/sqrt(block) <= 1
     torch.clone: 1.0,
     torch.split: 1.0,  # a tuple of disjoint parts; each part (getitem) is <= L
     torch.chunk: 1.0,
@@ -311,6 +310,35 @@ _FUNCTION_CONSTANTS: dict[Any, float] = {
     torch.tensor_split: 1.0,
     operator.neg: 1.0,
     operator.pos: 1.0,
+    torch.abs: 1.0,  # elementwise, slopes +-1
+    torch.absolute: 1.0,
+    # the same entries rearranged or a subset of them
+    torch.flip: 1.0,
+    torch.fliplr: 1.0,
+    torch.flipud: 1.0,
+    torch.rot90: 1.0,
+    torch.roll: 1.0,
+    torch.movedim: 1.0,
+    torch.moveaxis: 1.0,
+    torch.swapaxes: 1.0,
+    torch.swapdims: 1.0,
+    torch.t: 1.0,
+    torch.narrow: 1.0,
+    torch.select: 1.0,
+    F.pixel_shuffle: 1.0,
+    F.pixel_unshuffle: 1.0,
+    F.channel_shuffle: 1.0,
+    # over disjoint blocks, each 1-Lipschitz from the block's max-norm (<= its l2 norm)
+    torch.amax: 1.0,
+    torch.amin: 1.0,
+    torch.logsumexp: 1.0,
+    # per slice diag(p) - p p^T, eigenvalues <= max_i 2 p_i (1 - p_i) <= 1/2 (Gershgorin)
+    F.softmax: 0.5,
+    torch.softmax: 0.5,
+    # values that depend on the input's shape alone
+    torch.zeros_like: 0.0,
+    torch.ones_like: 0.0,
+    torch.full_like: 0.0,
 }
 _METHOD_CONSTANTS: dict[str, float] = {
     "relu": 1.0,
@@ -325,7 +353,6 @@ _METHOD_CONSTANTS: dict[str, float] = {
     "contiguous": 1.0,
     "squeeze": 1.0,
     "unsqueeze": 1.0,
-    "mean": 1.0,
     "clone": 1.0,
     "float": 1.0,
     "chunk": 1.0,  # tuple of disjoint parts; each part is <= L
@@ -334,6 +361,29 @@ _METHOD_CONSTANTS: dict[str, float] = {
     "neg": 1.0,
     "reshape_as": 1.0,  # the other tensor gives only a shape
     "view_as": 1.0,
+    "abs": 1.0,
+    "abs_": 1.0,
+    "absolute": 1.0,
+    "flip": 1.0,
+    "fliplr": 1.0,
+    "flipud": 1.0,
+    "rot90": 1.0,
+    "roll": 1.0,
+    "movedim": 1.0,
+    "moveaxis": 1.0,
+    "swapaxes": 1.0,
+    "swapdims": 1.0,
+    "t": 1.0,
+    "narrow": 1.0,
+    "select": 1.0,
+    "unflatten": 1.0,
+    "amax": 1.0,
+    "amin": 1.0,
+    "logsumexp": 1.0,
+    "softmax": 0.5,
+    "new_zeros": 0.0,
+    "new_ones": 0.0,
+    "new_full": 0.0,
 }
 _NON_TENSOR_METHODS = {"size", "dim", "numel"}
 _POOLS = (
@@ -580,11 +630,30 @@ def _resample_bound(
     return _schur_bound(resample, in_shape, channels=False)
 
 
+# The layer each functional call computes, with its arguments after (input, weight) in order.
 _FUNCTIONAL_LAYERS: dict[Any, tuple[type[nn.Module], tuple[tuple[str, Any], ...]]] = {
     F.linear: (nn.Linear, (("bias", None),)),
     **{
         f: (cls, (("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)))
         for f, cls in ((F.conv1d, nn.Conv1d), (F.conv2d, nn.Conv2d), (F.conv3d, nn.Conv3d))
+    },
+    **{
+        f: (
+            cls,
+            (
+                ("bias", None),
+                ("stride", 1),
+                ("padding", 0),
+                ("output_padding", 0),
+                ("groups", 1),
+                ("dilation", 1),
+            ),
+        )
+        for f, cls in (
+            (F.conv_transpose1d, nn.ConvTranspose1d),
+            (F.conv_transpose2d, nn.ConvTranspose2d),
+            (F.conv_transpose3d, nn.ConvTranspose3d),
+        )
     },
 }
 
@@ -595,7 +664,7 @@ def _functional_layer_rule(
     shapes: dict[str, tuple[int, ...]],
     fixed: Callable[[Any], Tensor | None],
 ) -> float:
-    """``F.linear`` / ``F.conv*d`` with a fixed weight: that layer's norm bound times L(x).
+    """``F.linear`` / ``F.conv*d`` / ``F.conv_transpose*d`` with a fixed weight: the layer's bound.
 
     The weight is a fixed tensor (Note [fixed tensors]): a buffer (timm's BlurPool2d filter) or
     computed from parameters (StdConv2d's standardized weight); the bound is the layer's
@@ -617,9 +686,12 @@ def _functional_layer_rule(
         shape = None
     else:
         nd = w.dim() - 2
+        # weight (out, in / groups, *k); transposed (in, out / groups, *k)
+        grouped = w.shape[1] * options["groups"]
+        transposed = "output_padding" in options
         layer = cls(
-            w.shape[1] * options["groups"],
-            w.shape[0],
+            w.shape[0] if transposed else grouped,
+            grouped if transposed else w.shape[0],
             tuple(w.shape[2:]),
             bias=False,
             device="meta",
@@ -690,8 +762,11 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
         ),
     ):
         out = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,) * nd
-        if all(o == 1 for o in out):
-            return 1.0  # one window (global average <= 1, global max = 1)
+        if all(o == 1 for o in out):  # one window: global max 1, global average 1 / sqrt(n)
+            average = not isinstance(
+                m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+            )
+            return 1.0 / math.sqrt(math.prod(spatial)) if average and spatial else 1.0
         if spatial is None:
             raise _Unsupported(f"{type(m).__name__}({m.output_size}) needs input_shape")
         if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
@@ -715,6 +790,64 @@ def _pool_bound(m: nn.Module, spatial: Sequence[int] | None) -> float:
     raise _Unsupported(
         f"{type(m).__name__} with ceil_mode/count_include_pad=False needs input_shape"
     )
+
+
+_AVG = (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False))
+_MAX = (*_AVG[:3], ("dilation", 1), ("ceil_mode", False), ("return_indices", False))
+# Functional pools: the module each computes, with its arguments after the input, in order.
+_FUNCTIONAL_POOLS: dict[Any, tuple[type[nn.Module], tuple[tuple[str, Any], ...]]] = {
+    F.avg_pool1d: (nn.AvgPool1d, (*_AVG, ("count_include_pad", True))),
+    F.avg_pool2d: (nn.AvgPool2d, (*_AVG, ("count_include_pad", True), ("divisor_override", None))),
+    F.avg_pool3d: (nn.AvgPool3d, (*_AVG, ("count_include_pad", True), ("divisor_override", None))),
+    F.max_pool1d: (nn.MaxPool1d, _MAX),
+    F.max_pool2d: (nn.MaxPool2d, _MAX),
+    F.max_pool3d: (nn.MaxPool3d, _MAX),
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, (("output_size", None),)),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, (("output_size", None),)),
+    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, (("output_size", None),)),
+    F.adaptive_max_pool1d: (
+        nn.AdaptiveMaxPool1d,
+        (("output_size", None), ("return_indices", False)),
+    ),
+    F.adaptive_max_pool2d: (
+        nn.AdaptiveMaxPool2d,
+        (("output_size", None), ("return_indices", False)),
+    ),
+    F.adaptive_max_pool3d: (
+        nn.AdaptiveMaxPool3d,
+        (("output_size", None), ("return_indices", False)),
+    ),
+    # F.max_pool2d(x, 2, return_indices=True) is traced as the call it dispatches to
+    F.max_pool1d_with_indices: (nn.MaxPool1d, (*_MAX[:-1], ("return_indices", True))),
+    F.max_pool2d_with_indices: (nn.MaxPool2d, (*_MAX[:-1], ("return_indices", True))),
+    F.max_pool3d_with_indices: (nn.MaxPool3d, (*_MAX[:-1], ("return_indices", True))),
+    F.adaptive_max_pool1d_with_indices: (nn.AdaptiveMaxPool1d, (("output_size", None),)),
+    F.adaptive_max_pool2d_with_indices: (nn.AdaptiveMaxPool2d, (("output_size", None),)),
+    F.adaptive_max_pool3d_with_indices: (nn.AdaptiveMaxPool3d, (("output_size", None),)),
+}
+
+
+def _functional_pool_rule(
+    node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+) -> float:
+    """``F.avg_pool2d(x, 4)`` and the other functional pools: the rule of the same pooling module."""
+    cls, spec = _FUNCTIONAL_POOLS[node.target]
+    options = {k: _param(node, i, k, d) for i, (k, d) in enumerate(spec, 1)}
+    traced: list[fx.Node] = []
+    fx.node.map_arg(options, traced.append)
+    if traced:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: pooling with traced sizes")
+    if options.get("stride") in ((), []):  # ATen's default: the kernel size
+        options["stride"] = None
+    if "with_indices" in node.target.__name__:
+        options["return_indices"] = True
+    m = cls(**options)
+    x = _param(node, 0, "input", None)
+    in_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+    nd = _pool_dims(m)
+    if in_shape is not None and len(in_shape) not in (nd + 1, nd + 2):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: input of shape {in_shape}")
+    return _pool_bound(m, None if in_shape is None else in_shape[-nd:]) * lip(x)
 
 
 def _tuple(x: Any, n: int) -> tuple[int, ...]:
@@ -741,16 +874,19 @@ def network_lipschitz_bound(
     elementwise activations: ``sup |f'|`` for parameters of any sign (ReLU 1, Sigmoid 1/4,
     LeakyReLU ``max(1, |slope|)``, ELU ``max(1, |alpha|)``, PReLU ``max(1, max |w|)``, GELU
     1.13, SiLU 1.1, ...; none where the parameters make it discontinuous or unbounded:
-    lipschitz.py, Note [activation parameters]); reshapes, Dropout, Identity, means: 1;
-    ``F.dropout(training=True)``: ``1 / (1 - p)``; pools: see :func:`_pool_bound`; ``a + b``,
-    ``a - b``: ``L(a) + L(b)``, an operand broadcast to n times its size counting ``sqrt(n)``
-    (Note [broadcast sums]); ``cat``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
+    lipschitz.py, Note [activation parameters]); reshapes, flips, rolls, pixel shuffles,
+    Dropout, Identity, ``abs``, ``clamp`` to constants, ``amax``, ``logsumexp``: 1; softmax
+    1/2; means and sums over blocks of n entries: ``1 / sqrt(n)`` and ``sqrt(n)``;
+    ``F.dropout(training=True)``: ``1 / (1 - p)``; pools, modules or functional: see
+    :func:`_pool_bound`; ``a + b``, ``a - b``: ``L(a) + L(b)``, an operand broadcast to n times
+    its size counting ``sqrt(n)`` (Note [broadcast sums]), but ``x - x.mean(dims, keepdim=True)``:
+    ``L(x)`` (Note [centering]); ``cat``/``stack``: ``sqrt(sum L_i^2)``; scalar ``c * a``, ``a / c``:
     ``|c| L(a)``; a tensor ``c`` computed from parameters and buffers alone (LayerScale, frozen
     BatchNorm): ``max |c|`` (``1 / min |c|``) times the repeats of a broadcast ``a`` (Note [fixed
     tensors]); padding and nearest/linear/area resampling: the Schur test on the recorded shape
-    (Note [padding and resampling]); ``expand``/``repeat``: ``sqrt(repeats)``; ``F.conv*d`` and
-    ``F.linear`` with a fixed weight: that layer's upper bound; values that do
-    not depend on the input (parameters, sizes): 0; an in-place op
+    (Note [padding and resampling]); ``expand``/``repeat``: ``sqrt(repeats)``; ``F.conv*d``,
+    ``F.conv_transpose*d`` and ``F.linear`` with a fixed weight: that layer's upper bound; values
+    that do not depend on the input's values (parameters, sizes, ``zeros_like``): 0; an in-place op
     also raises the bounds of the tensors it writes (Note [in-place ops]). Anything else
     (rounding, casts to integers, ...): no bound; nor for a model with forward hooks
     (lipschitz.py, Note [forward hooks]).
@@ -797,6 +933,8 @@ def _network_bound(
     with eval_mode(model):
         # Traced buffers (Note [fixed tensors]) and BatchNorm subclasses (Note [BatchNorm
         # subclasses]) where fx can: a forward may branch on a buffer's or a shape's value.
+        # fx traces the root's forward even where it is a rule's leaf (ConvTranspose2d branches)
+        root = nn.Sequential(model) if isinstance(model, _LEAVES) else model
         graph = None
         for options in (
             {"through_subclasses": True, "buffers": True},
@@ -804,21 +942,22 @@ def _network_bound(
             {},
         ):
             try:
-                graph = _Tracer(**options).trace(model)
+                graph = _Tracer(**options).trace(root)
                 break
             except Exception as e:
                 error = e
         if graph is None:
             return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(error)}"
-        gm = fx.GraphModule(model, graph)
+        gm = fx.GraphModule(root, graph)
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
         recorded = given[0] if len(given) == 1 else None
         if input_shape is not None or recorded is not None:
             try:
-                param = next(iter(model.parameters()), None)
+                tensors = (*model.parameters(), *model.buffers())
+                param = next((t for t in tensors if t.is_floating_point()), None)
                 device = param.device if param is not None else torch.device("cpu")
-                dtype = param.dtype if param is not None else torch.float32
+                dtype = param.dtype if param is not None else torch.get_default_dtype()
                 shape = tuple(input_shape if input_shape is not None else recorded)
                 with torch.no_grad():
                     recorder.run(torch.zeros((1, *shape), device=device, dtype=dtype))
@@ -917,10 +1056,12 @@ def _propagate(
             elif node.op in ("call_function", "call_method") and _constant(node, lip):
                 # shapes, asserts, parameters: nothing here depends on the input values
                 L[node] = 0.0
+            elif _centers(node, gm, shapes):
+                L[node] = L[node.args[0]]
             elif node.op == "call_function" and node.target is F.batch_norm:
                 L[node] = _batch_norm_rule(node, lip, fixed)
             elif node.op == "call_function":
-                L[node] = _function_rule(node, lip, shapes, fixed)
+                L[node] = _function_rule(node, lip, shapes, dtypes, fixed)
             elif node.op == "call_method":
                 L[node] = _method_rule(node, lip, shapes, dtypes, fixed)
             else:  # pragma: no cover - fx has no other ops
@@ -934,6 +1075,41 @@ def _propagate(
             ) from None
 
     raise _Unsupported("graph has no output")
+
+
+# Note [centering]
+#   ``x - x.mean(dims, keepdim=True)`` is ``(I - P) x`` with P the orthogonal projection onto
+#   tensors constant along ``dims``; I - P is an orthogonal projection too (norm 1), so the
+#   difference has L(x), where the sum rule would charge L(x) (1 + sqrt(n)) for the mean broadcast
+#   over n entries (Note [broadcast sums]). Only where no in-place op runs between the mean and
+#   the difference (one could change x after its mean was taken).
+
+
+def _centers(node: fx.Node, gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether ``node`` is ``x - x.mean(dims, keepdim=True)`` (Note [centering])."""
+    if not (
+        (node.op == "call_function" and node.target in (operator.sub, operator.isub, torch.sub))
+        or (node.op == "call_method" and node.target in ("sub", "sub_"))
+    ):
+        return False
+    a, b = _param(node, 0, "input", None), _param(node, 1, "other", None)
+    if node.kwargs.get("alpha", 1) != 1 or not isinstance(b, fx.Node):
+        return False
+    mean = (b.op == "call_function" and b.target is torch.mean) or (
+        b.op == "call_method" and b.target == "mean"
+    )
+    if not (mean and _param(b, 0, "input", None) is a and _param(b, 2, "keepdim", False) is True):
+        return False
+    if not isinstance(a, fx.Node) or shapes.get(a.name) is None:
+        return False
+    if shapes.get(node.name) != shapes[a.name]:
+        return False
+    between = b.next
+    while between is not node:
+        if _inplace(between, gm):
+            return False
+        between = between.next
+    return True
 
 
 def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
@@ -1119,10 +1295,26 @@ _FRESH_FUNCTIONS = frozenset(
         F.conv1d,
         F.conv2d,
         F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        torch.stack,
+        torch.sum,
+        torch.abs,
+        torch.amax,
+        torch.amin,
+        torch.logsumexp,
+        torch.softmax,
+        F.softmax,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.full_like,
+        *_FUNCTIONAL_POOLS,
     }
 )
 _FRESH_METHODS = frozenset(
     {"add", "sub", "mul", "div", "neg", "mean", "clone", "relu", "tanh", "sigmoid"}
+    | {"sum", "abs", "amax", "amin", "logsumexp", "softmax", "new_zeros", "new_ones", "new_full"}
 )
 
 
@@ -1283,6 +1475,7 @@ def _function_rule(
     node: fx.Node,
     lip: Callable[[Any], float],
     shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
     fixed: Callable[[Any], Tensor | None],
 ) -> float:
     f = node.target
@@ -1295,8 +1488,12 @@ def _function_rule(
         if kwargs.get("rounding_mode") is not None:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: rounding division jumps")
         return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=True)
-    if f in (torch.cat, torch.concat, torch.concatenate):
+    if f in (torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack):
         return lip(args[0])  # root sum of squares over the list
+    if f in (torch.sum, torch.mean):
+        return _block_sum_rule(node, lip, shapes, dtypes)
+    if f in (torch.clamp, torch.clip):
+        return _clamp_rule(node, lip, shapes)
     if f is operator.getitem:
         return _getitem_rule(node, lip)
     if f is getattr:  # x.T, x.data: the same values rearranged; x.shape, x.dtype: constants
@@ -1325,18 +1522,10 @@ def _function_rule(
             raise _Unsupported(f"no Lipschitz rule for {node.name}: interpolate with traced sizes")
         resample = lambda t: F.interpolate(t, **options)  # noqa: E731
         return _resample_bound(node, in_shape, resample, options["mode"]) * lip(x)
-    if f in (
-        F.adaptive_avg_pool1d,
-        F.adaptive_avg_pool2d,
-        F.adaptive_avg_pool3d,
-        F.adaptive_max_pool2d,
-    ):
-        size = args[1] if len(args) > 1 else kwargs.get("output_size")
-        if size == 1 or (isinstance(size, (tuple, list)) and all(s == 1 for s in size)):
-            return lip(args[0])
-        raise _Unsupported(f"no Lipschitz rule for {node.name}: {f.__name__}({size})")
+    if f in _FUNCTIONAL_POOLS:
+        return _functional_pool_rule(node, lip, shapes)
     if f in _FUNCTION_CONSTANTS:
-        return _FUNCTION_CONSTANTS[f] * lip(args[0])
+        return _FUNCTION_CONSTANTS[f] * lip(_param(node, 0, "input", None))
     name = getattr(f, "__name__", str(f))
     raise _Unsupported(f"no Lipschitz rule for function {name} ({node.name})")
 
@@ -1375,6 +1564,58 @@ def _sum_rule(
             )
         total += scale * bound * _repeats(out, shape)
     return total
+
+
+def _block_sum_rule(
+    node: fx.Node,
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
+) -> float:
+    """``x.sum(dims)``: ``sqrt(n)``; ``x.mean(dims)``: ``1 / sqrt(n)`` (1 without shapes).
+
+    Each output sums a disjoint block of ``n = numel(x) / numel(out)`` entries, and
+    ``|sum d| <= sqrt(n) ||d||`` (Cauchy-Schwarz, equality for constant ``d``). An integer sum
+    rounds: no rule.
+    """
+    x = _param(node, 0, "input", None)
+    out = shapes.get(node.name)
+    shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+    mean = node.target in (torch.mean, "mean")
+    if out is None or shape is None:
+        if mean:
+            return lip(x)
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: a sum of a value whose shape is unknown: pass "
+            "input_shape"
+        )
+    if not dtypes[node.name].is_floating_point:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: a sum to {dtypes[node.name]}")
+    n = math.prod(shape) / max(math.prod(out), 1)
+    return (1.0 / math.sqrt(n) if mean else math.sqrt(n)) * lip(x)
+
+
+def _clamp_rule(
+    node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+) -> float:
+    """``x.clamp(lo, hi)`` with limits that do not depend on the input: 1-Lipschitz entrywise.
+
+    A tensor limit that broadcasts ``x`` up repeats its entries (Note [broadcast sums]).
+    """
+    x = _param(node, 0, "input", None)
+    limits = [_param(node, i, k, None) for i, k in ((1, "min"), (2, "max"))]
+    if any(lip(a) != 0.0 for a in limits):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: clamp to input-dependent limits")
+    if all(a is None or _const(a) is not None for a in limits):
+        return lip(x)
+    out = shapes.get(node.name)
+    shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+    if out is None or shape is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: clamp to tensor limits of a value whose shape is "
+            "unknown (they may broadcast): pass input_shape"
+        )
+    return _repeats(out, shape) * lip(x)
 
 
 # Functional activations with parameters: name, then (position, default) of each parameter.
@@ -1522,6 +1763,10 @@ def _method_rule(
                 "pass input_shape"
             )
         return _repeats(out, shape) * lip(args[0])
+    if name in ("sum", "mean"):
+        return _block_sum_rule(node, lip, shapes, dtypes)
+    if name in ("clamp", "clamp_", "clip", "clip_"):
+        return _clamp_rule(node, lip, shapes)
     if name in _METHOD_CONSTANTS:
         if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")
