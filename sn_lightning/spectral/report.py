@@ -1024,8 +1024,12 @@ def _propagate(
         value = _fixed_value(a, gm, memo) if isinstance(a, fx.Node) else None
         return value if isinstance(value, Tensor) else None
 
+    poisoned: dict[fx.Node, str] = {}  # values that may be read only where they are unused
+
     def lip(a: Any) -> float:
         if isinstance(a, fx.Node):
+            if a in poisoned:
+                raise _Unsupported(poisoned[a])
             return L[a]
         if isinstance(a, (list, tuple)):
             return math.sqrt(sum(lip(x) ** 2 for x in a))
@@ -1056,6 +1060,9 @@ def _propagate(
             elif node.op in ("call_function", "call_method") and _constant(node, lip):
                 # shapes, asserts, parameters: nothing here depends on the input values
                 L[node] = 0.0
+            elif _reads_indices(node):  # Note [values and indices]
+                poisoned[node] = f"no Lipschitz rule for {node.name}: indices of a sort or max jump"
+                L[node] = math.inf
             elif _centers(node, gm, shapes):
                 L[node] = L[node.args[0]]
             elif node.op == "call_function" and node.target is F.batch_norm:
@@ -1075,6 +1082,92 @@ def _propagate(
             ) from None
 
     raise _Unsupported("graph has no output")
+
+
+# Note [values and indices]
+#   ``x.max(1)``, ``x.sort(1)``, ``x.topk(k)``, ``x.kthvalue(k)`` and ``x.median(1)`` return
+#   (values, indices). Each value is an order statistic of a slice, which moves by at most the
+#   largest change of an entry of that slice, and sorting a slice is non-expansive in l2 (so is
+#   any part of the sorted slice): the values have L(x). The indices jump, so the call gets L(x)
+#   and its values (``[0]``, ``.values``) keep it, but a read of its indices (``[1]``,
+#   ``.indices``, any other part) leaves no bound. fx unpacks ``v, i = x.max(1)`` into both
+#   parts even when ``i`` is unused, so the indices node itself gets no rule: any reader of it
+#   fails. ``torch.max(x)`` (one value) has L(x); ``torch.max(a, b)`` is elementwise:
+#   :func:`_elementwise_max_rule`.
+
+_ORDER_STATISTICS = frozenset({"max", "min", "sort", "topk", "kthvalue", "median"})
+_ORDER_FUNCTIONS = (torch.max, torch.min, torch.sort, torch.topk, torch.kthvalue, torch.median)
+
+
+def _order_statistic(node: Any) -> str | None:
+    """``"max"``, ``"sort"``, ... for a call of one of ``_ORDER_STATISTICS``, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target in _ORDER_STATISTICS:
+        return node.target
+    if node.op == "call_function" and node.target in _ORDER_FUNCTIONS:
+        return node.target.__name__
+    return None
+
+
+def _returns_values_and_indices(node: Any) -> bool:
+    """Whether ``node`` is an order statistic that returns (values, indices)."""
+    name = _order_statistic(node)
+    if name in ("sort", "topk", "kthvalue"):
+        return True
+    return name is not None and isinstance(_param(node, 1, "dim", None), int)
+
+
+def _reads_indices(node: fx.Node) -> bool:
+    """``x.max(1)[1]``, ``x.sort().indices``, ...: a part other than the values."""
+    if node.op != "call_function" or node.target not in (operator.getitem, getattr):
+        return False
+    base, part = node.args[0], node.args[1]
+    if not _returns_values_and_indices(base):
+        return False
+    return part != "values" if node.target is getattr else part not in (0, -2)
+
+
+def _order_statistic_rule(
+    node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+) -> float:
+    """An order statistic (Note [values and indices]); ``max(a, b)``: elementwise."""
+    x = _param(node, 0, "input", None)
+    if _returns_values_and_indices(node):
+        return lip(x)
+    other = _param(node, 1, "other", None)
+    if other is None:
+        return lip(x)  # one value: the largest entry
+    if isinstance(other, fx.Node) and other.name in shapes:  # a tensor: max(a, b)
+        return _elementwise_max_rule(node, x, other, lip, shapes)
+    raise _Unsupported(
+        f"no Lipschitz rule for {node.name}: {_describe(node)} with a second argument known only "
+        "at run time: pass input_shape"
+    )
+
+
+def _elementwise_max_rule(
+    node: fx.Node, a: Any, b: Any, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
+) -> float:
+    """``maximum(a, b)``/``minimum(a, b)``: ``hypot(r_a L(a), r_b L(b))``.
+
+    Entrywise ``|d max| <= max(|da|, |db|)``; ``r`` counts the repeats of a broadcast operand
+    (Note [broadcast sums]).
+    """
+    out = shapes.get(node.name)
+    total = 0.0
+    for operand in (a, b):
+        bound = lip(operand)
+        if bound == 0.0:
+            continue
+        shape = shapes.get(operand.name) if isinstance(operand, fx.Node) else None
+        if out is None or shape is None:
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: {_describe(node)} of input-dependent values "
+                "whose shapes are unknown (they may broadcast): pass input_shape"
+            )
+        total += (bound * _repeats(out, shape)) ** 2
+    return math.sqrt(total)
 
 
 # Note [centering]
@@ -1490,6 +1583,11 @@ def _function_rule(
         return _scale_rule(node, args[0], args[1], lip, fixed, shapes, divide=True)
     if f in (torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack):
         return lip(args[0])  # root sum of squares over the list
+    if f in _ORDER_FUNCTIONS:
+        return _order_statistic_rule(node, lip, shapes)
+    if f in (torch.maximum, torch.minimum):
+        a, b = _param(node, 0, "input", None), _param(node, 1, "other", None)
+        return _elementwise_max_rule(node, a, b, lip, shapes)
     if f in (torch.sum, torch.mean):
         return _block_sum_rule(node, lip, shapes, dtypes)
     if f in (torch.clamp, torch.clip):
@@ -1498,7 +1596,9 @@ def _function_rule(
         return _getitem_rule(node, lip)
     if f is getattr:  # x.T, x.data: the same values rearranged; x.shape, x.dtype: constants
         attr = args[1] if len(args) > 1 else None
-        if attr in _TENSOR_ATTRIBUTES:
+        if attr in _TENSOR_ATTRIBUTES or (
+            attr == "values" and _returns_values_and_indices(args[0])
+        ):  # (the indices: Note [values and indices])
             return lip(args[0])
         if attr in _CONSTANT_ATTRIBUTES or lip(args[0]) == 0.0:
             return 0.0
@@ -1765,6 +1865,11 @@ def _method_rule(
         return _repeats(out, shape) * lip(args[0])
     if name in ("sum", "mean"):
         return _block_sum_rule(node, lip, shapes, dtypes)
+    if name in _ORDER_STATISTICS:
+        return _order_statistic_rule(node, lip, shapes)
+    if name in ("maximum", "minimum"):
+        a, b = args[0], _param(node, 1, "other", None)
+        return _elementwise_max_rule(node, a, b, lip, shapes)
     if name in ("clamp", "clamp_", "clip", "clip_"):
         return _clamp_rule(node, lip, shapes)
     if name in _METHOD_CONSTANTS:

@@ -1446,6 +1446,11 @@ def test_a_functional_cifar_resnet_gets_the_bound_of_its_module_twin():
     assert spectral_norm_report(functional).lipschitz_bound is not None
 
 
+def _values_of_unpacked_max(x):
+    values, _ = x.max(1)  # fx makes a node for the unused indices too
+    return values
+
+
 # Maps of the input alone whose rule is their Jacobian norm exactly (at inputs off the kinks).
 _EXACT_MAPS = {
     "F.avg_pool2d": lambda x: F.avg_pool2d(x, 2),
@@ -1471,6 +1476,14 @@ _EXACT_MAPS = {
     "amax": lambda x: x.amax(dim=(2, 3)),
     "logsumexp (big gap)": lambda x: torch.logsumexp(x * 1e3, 1) / 1e3,
     "centering": lambda x: x - x.mean(dim=(2, 3), keepdim=True),
+    "max over channels": lambda x: x.max(1)[0],
+    "torch.min values": lambda x: torch.min(x, dim=2, keepdim=True).values,
+    "unpacked max": lambda x: _values_of_unpacked_max(x),
+    "max of all": lambda x: x.max().reshape(1, 1),
+    "sort": lambda x: x.flatten(1).sort(1, descending=True)[0],
+    "topk": lambda x: x.flatten(2).topk(3).values,
+    "median, kthvalue": lambda x: torch.cat([x.median(2)[0], torch.kthvalue(x, 2, 3)[0]], 1),
+    "maximum with a constant": lambda x: torch.maximum(x, torch.full_like(x, -0.1)),
     "zeros_like": lambda x: x + torch.zeros_like(x),
 }
 
@@ -1492,6 +1505,8 @@ def test_softmax_and_centered_sums_are_bounded_above_their_jacobian():
         (lambda x: F.softmax(x, dim=1), 0.5),
         (lambda x: x.softmax(-1) + x.amin(1, keepdim=True), 0.5 + math.sqrt(5)),
         (lambda x: torch.sub(x, torch.mean(x, (1, 2), True)).relu(), 1.0),
+        (lambda x: torch.max(x, other=2 * x), math.sqrt(5)),  # entrywise: at most 2
+        (lambda x: x.minimum(x.amax(1, keepdim=True)), math.sqrt(1 + 5)),  # amax to 5 rows
     ):
         model = _Func(f).double()
         bound, reason = network_lipschitz_bound(model, input_shape=shape)
@@ -1555,8 +1570,21 @@ def test_functional_transposed_convolutions_and_a_transposed_root_get_the_layer_
         (lambda x: x.clamp(min=x.mean()), "clamp to input-dependent limits"),
         (lambda x: F.max_pool2d(x, 2, return_indices=True)[0], "return_indices=True"),
         (lambda x: F.avg_pool2d(x, x.shape[2]), "pooling with traced sizes"),
+        (lambda x: x.max(1)[1].double(), "indices of a sort or max jump"),
+        (lambda x: x + x.sort(-1).indices, "indices of a sort or max jump"),
+        (lambda x: x.max(1)[-1] * 1.0, "indices of a sort or max jump"),
+        (lambda x: x.max(x.dim() - 3)[0], "a second argument known only at run time"),
     ],
-    ids=["int_sum", "clamp_input", "pool_indices", "pool_traced"],
+    ids=[
+        "int_sum",
+        "clamp_input",
+        "pool_indices",
+        "pool_traced",
+        "max_i",
+        "sort_i",
+        "max_-1",
+        "dim",
+    ],
 )
 def test_reductions_clamps_and_pools_without_a_sound_rule_say_why(f, needle):
     bound, reason = network_lipschitz_bound(_Func(f).double(), input_shape=(2, 4, 4))
