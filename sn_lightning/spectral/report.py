@@ -875,7 +875,9 @@ def network_lipschitz_bound(
     LeakyReLU ``max(1, |slope|)``, ELU ``max(1, |alpha|)``, PReLU ``max(1, max |w|)``, GELU
     1.13, SiLU 1.1, ...; none where the parameters make it discontinuous or unbounded:
     lipschitz.py, Note [activation parameters]); reshapes, flips, rolls, pixel shuffles,
-    Dropout, Identity, ``abs``, ``clamp`` to constants, ``amax``, ``logsumexp``: 1; softmax
+    Dropout, Identity, ``abs``, ``clamp`` to constants, ``amax``, ``logsumexp``, the values of
+    ``max(dim)``/``sort``/``topk`` (not their indices: Note [values and indices]): 1; indexing
+    with a fixed index: ``sqrt(max repeats)``; ``maximum(a, b)``: as a sum in quadrature; softmax
     1/2; means and sums over blocks of n entries: ``1 / sqrt(n)`` and ``sqrt(n)``;
     ``F.dropout(training=True)``: ``1 / (1 - p)``; pools, modules or functional: see
     :func:`_pool_bound`; ``a + b``, ``a - b``: ``L(a) + L(b)``, an operand broadcast to n times
@@ -1593,7 +1595,7 @@ def _function_rule(
     if f in (torch.clamp, torch.clip):
         return _clamp_rule(node, lip, shapes)
     if f is operator.getitem:
-        return _getitem_rule(node, lip)
+        return _getitem_rule(node, lip, shapes, fixed)
     if f is getattr:  # x.T, x.data: the same values rearranged; x.shape, x.dtype: constants
         attr = args[1] if len(args) > 1 else None
         if attr in _TENSOR_ATTRIBUTES or (
@@ -1806,15 +1808,49 @@ def _scale_rule(
     raise _Unsupported(f"no Lipschitz rule for {node.name}: {what}")
 
 
-def _getitem_rule(node: fx.Node, lip: Callable[[Any], float]) -> float:
+def _getitem_rule(
+    node: fx.Node,
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    fixed: Callable[[Any], Tensor | None],
+) -> float:
+    """``x[...]``: 1 for basic indexing (each entry read at most once), else ``sqrt(max repeats)``.
+
+    One advanced index is allowed: a boolean mask (1) or integers known without the input (a
+    list, a buffer), which read an entry as often as its index repeats.
+    """
     base, index = node.args[0], node.args[1]
     if lip(base) == 0.0:
         return 0.0
     basic = (int, slice, type(None), type(Ellipsis))
     parts = index if isinstance(index, tuple) else (index,)
-    if all(isinstance(i, basic) for i in parts):
+    advanced = [k for k, i in enumerate(parts) if not isinstance(i, basic)]
+    if not advanced:
         return lip(base)  # a selection without repetition
-    raise _Unsupported(f"no Lipschitz rule for {node.name}: advanced indexing")
+    if len(advanced) > 1:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: several advanced indices")
+    k = advanced[0]
+    i = parts[k]
+    if isinstance(i, list) and all(type(v) is int for v in i):
+        value: Tensor | None = torch.tensor(i, dtype=torch.long)
+    else:
+        value = fixed(i)
+    if value is None or value.is_floating_point() or value.is_complex():
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: an index that is not fixed")
+    if value.dtype == torch.bool:
+        return lip(base)
+    value = value.detach().flatten().long().cpu()
+    if value.numel() == 0:
+        return 0.0
+    if bool((value < 0).any()):  # -1 and n - 1 are the same entry: wrap with the dim's size
+        shape = shapes.get(base.name)
+        if shape is None or not all(isinstance(p, (int, slice)) for p in parts[:k]):
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: negative indices into a dim of unknown size: "
+                "pass input_shape"
+            )
+        value = value % shape[k]
+    return math.sqrt(int(torch.bincount(value).max())) * lip(base)
 
 
 def _cast_rule(node: fx.Node, lip: Callable[[Any], float], dtypes: dict[str, torch.dtype]) -> float:

@@ -1484,6 +1484,8 @@ _EXACT_MAPS = {
     "topk": lambda x: x.flatten(2).topk(3).values,
     "median, kthvalue": lambda x: torch.cat([x.median(2)[0], torch.kthvalue(x, 2, 3)[0]], 1),
     "maximum with a constant": lambda x: torch.maximum(x, torch.full_like(x, -0.1)),
+    "index list with repeats": lambda x: x[:, [0, 2, 2, -2, 1]],  # channel 2 read 3 times
+    "index list, no repeats": lambda x: x[:, :, [5, 0, 3]],
     "zeros_like": lambda x: x + torch.zeros_like(x),
 }
 
@@ -1604,3 +1606,33 @@ def test_a_parameterless_float64_model_is_run_in_float64():
     bound, reason = network_lipschitz_bound(Blur(), input_shape=(2, 4, 4))
     assert reason == ""
     assert bound == pytest.approx(0.5, rel=1e-9)  # 2x2 average: 1/2
+
+
+def test_indexing_with_a_fixed_tensor_counts_its_repeats():
+    class Gather(nn.Module):
+        def __init__(self, index: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("index", index)
+
+        def forward(self, x):
+            return x[..., self.index] if self.index.dtype == torch.bool else x[:, self.index]
+
+    torch.manual_seed(4)
+    shape = (4, 3, 3)
+    for index, expected in (
+        (torch.tensor([1, 1, -3, 0, 3]), math.sqrt(3)),  # -3 is 1 here: read 3 times
+        (torch.tensor([[0, 1], [1, 1]]), math.sqrt(3)),
+        (torch.tensor([True, False, True]), 1.0),
+    ):
+        model = Gather(index).double()
+        bound, reason = network_lipschitz_bound(model, input_shape=shape)
+        assert reason == "" and bound == pytest.approx(expected, rel=1e-12)
+        assert bound == pytest.approx(jacobian_norm(model, torch.randn(*shape).double()), rel=1e-9)
+    refused = (
+        (lambda x: x[:, torch.randint(0, 4, (3,))], "an index that is not fixed"),  # a draw
+        (lambda x: x[:, [0, 1], [1, 2]], "several advanced indices"),
+        (lambda x: x[..., [-1, 2]], "negative indices into a dim of unknown size"),
+    )
+    for f, needle in refused:
+        bound, reason = network_lipschitz_bound(_Func(f).double(), input_shape=shape)
+        assert bound is None and needle in reason
