@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -842,7 +843,7 @@ def _functional_pool_rule(
     if "with_indices" in node.target.__name__:
         options["return_indices"] = True
     m = cls(**options)
-    x = _param(node, 0, "input", None)
+    x = _input(node)
     in_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
     nd = _pool_dims(m)
     if in_shape is not None and len(in_shape) not in (nd + 1, nd + 2):
@@ -936,7 +937,7 @@ def _network_bound(
         # Traced buffers (Note [fixed tensors]) and BatchNorm subclasses (Note [BatchNorm
         # subclasses]) where fx can: a forward may branch on a buffer's or a shape's value.
         # fx traces the root's forward even where it is a rule's leaf (ConvTranspose2d branches)
-        root = nn.Sequential(model) if isinstance(model, _LEAVES) else model
+        root = nn.Sequential(OrderedDict(model=model)) if isinstance(model, _LEAVES) else model
         graph = None
         for options in (
             {"through_subclasses": True, "buffers": True},
@@ -948,9 +949,12 @@ def _network_bound(
                 break
             except Exception as e:
                 error = e
-        if graph is None:
-            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(error)}"
-        gm = fx.GraphModule(root, graph)
+        try:
+            if graph is None:
+                raise error
+            gm = fx.GraphModule(root, graph)  # (compiles the graph's code: odd names may fail)
+        except Exception as e:
+            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
         recorded = given[0] if len(given) == 1 else None
@@ -1027,6 +1031,7 @@ def _propagate(
         return value if isinstance(value, Tensor) else None
 
     poisoned: dict[fx.Node, str] = {}  # values that may be read only where they are unused
+    pairs: dict[fx.Node, float] = {}  # (values, indices) calls: the bound of their values
 
     def lip(a: Any) -> float:
         if isinstance(a, fx.Node):
@@ -1050,7 +1055,7 @@ def _propagate(
                 out = node.args[0]
                 if not isinstance(out, fx.Node):
                     raise _Unsupported(f"model returns a {type(out).__name__}, not one tensor")
-                return L[out]
+                return lip(out)
             elif node.op == "call_module":
                 m = gm.get_submodule(node.target)
                 if len(node.args) != 1 or node.kwargs:  # ConvTranspose2d(x, output_size=...)
@@ -1059,14 +1064,23 @@ def _propagate(
                         "arguments besides its input"
                     )
                 L[node] = _module_factor(m, node, shapes, cache) * lip(node.args[0])
+            elif _pair_part(node, pairs) == "values":  # Note [values and indices]
+                L[node] = pairs[node.args[0]]
+            elif _pair_part(node, pairs) == "indices":
+                poisoned[node] = f"no Lipschitz rule for {node.name}: indices of a sort or max jump"
+                L[node] = math.inf
             elif node.op in ("call_function", "call_method") and _constant(node, lip):
                 # shapes, asserts, parameters: nothing here depends on the input values
                 L[node] = 0.0
-            elif _reads_indices(node):  # Note [values and indices]
-                poisoned[node] = f"no Lipschitz rule for {node.name}: indices of a sort or max jump"
+            elif _returns_values_and_indices(node):
+                pairs[node] = lip(_input(node))
+                poisoned[node] = (
+                    f"no Lipschitz rule for {node.name}: {_describe(node)} read whole (its indices "
+                    "jump)"
+                )
                 L[node] = math.inf
             elif _centers(node, gm, shapes):
-                L[node] = L[node.args[0]]
+                L[node] = lip(_first(node))
             elif node.op == "call_function" and node.target is F.batch_norm:
                 L[node] = _batch_norm_rule(node, lip, fixed)
             elif node.op == "call_function":
@@ -1075,7 +1089,7 @@ def _propagate(
                 L[node] = _method_rule(node, lip, shapes, dtypes, fixed)
             else:  # pragma: no cover - fx has no other ops
                 raise _Unsupported(f"unknown fx op {node.op}")
-            _propagate_inplace(node, gm, L)
+            _propagate_inplace(node, gm, L, pairs)
         except _Unsupported:
             raise
         except Exception as e:  # a rule meeting arguments it does not expect: no bound
@@ -1113,38 +1127,48 @@ def _order_statistic(node: Any) -> str | None:
 
 
 def _returns_values_and_indices(node: Any) -> bool:
-    """Whether ``node`` is an order statistic that returns (values, indices)."""
+    """Whether ``node`` is an order statistic that returns (values, indices) (an int ``dim``)."""
     name = _order_statistic(node)
+    if name is None or "other" in node.kwargs:
+        return False
     if name in ("sort", "topk", "kthvalue"):
         return True
-    return name is not None and isinstance(_param(node, 1, "dim", None), int)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and not isinstance(dim, bool)
 
 
-def _reads_indices(node: fx.Node) -> bool:
-    """``x.max(1)[1]``, ``x.sort().indices``, ...: a part other than the values."""
+def _pair_part(node: fx.Node, pairs: dict[fx.Node, float]) -> str | None:
+    """``"values"`` / ``"indices"`` for a part of a (values, indices) pair in ``pairs``, else None.
+
+    ``[0]``, ``[-2]`` and ``.values`` are the values; any other part holds indices.
+    """
     if node.op != "call_function" or node.target not in (operator.getitem, getattr):
-        return False
-    base, part = node.args[0], node.args[1]
-    if not _returns_values_and_indices(base):
-        return False
-    return part != "values" if node.target is getattr else part not in (0, -2)
+        return None
+    if len(node.args) < 2 or node.args[0] not in pairs:
+        return None
+    part = node.args[1]
+    values = part == "values" if node.target is getattr else part in (0, -2)
+    return "values" if values else "indices"
 
 
 def _order_statistic_rule(
     node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
 ) -> float:
-    """An order statistic (Note [values and indices]); ``max(a, b)``: elementwise."""
-    x = _param(node, 0, "input", None)
-    if _returns_values_and_indices(node):
-        return lip(x)
-    other = _param(node, 1, "other", None)
-    if other is None:
+    """One value (``x.max()``) or elementwise ``max(a, b)`` (Note [values and indices])."""
+    x = _input(node)
+    if "other" in node.kwargs:
+        second = node.kwargs["other"]
+    else:
+        second = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if second is None:
         return lip(x)  # one value: the largest entry
-    if isinstance(other, fx.Node) and other.name in shapes:  # a tensor: max(a, b)
-        return _elementwise_max_rule(node, x, other, lip, shapes)
+    tensor = isinstance(second, fx.Node) and second.name in shapes and "dim" not in node.kwargs
+    if tensor or "other" in node.kwargs:  # max(a, b)
+        return _elementwise_max_rule(node, x, second, lip, shapes)
+    hint = "" if shapes else ": pass input_shape"
     raise _Unsupported(
         f"no Lipschitz rule for {node.name}: {_describe(node)} with a second argument known only "
-        "at run time: pass input_shape"
+        f"at run time{hint}"
     )
 
 
@@ -1187,13 +1211,13 @@ def _centers(node: fx.Node, gm: fx.GraphModule, shapes: dict[str, tuple[int, ...
         or (node.op == "call_method" and node.target in ("sub", "sub_"))
     ):
         return False
-    a, b = _param(node, 0, "input", None), _param(node, 1, "other", None)
+    a, b = _first(node), _param(node, 1, "other", None)
     if node.kwargs.get("alpha", 1) != 1 or not isinstance(b, fx.Node):
         return False
     mean = (b.op == "call_function" and b.target is torch.mean) or (
         b.op == "call_method" and b.target == "mean"
     )
-    if not (mean and _param(b, 0, "input", None) is a and _param(b, 2, "keepdim", False) is True):
+    if not (mean and _first(b) is a and _param(b, 2, "keepdim", False) is True):
         return False
     if not isinstance(a, fx.Node) or shapes.get(a.name) is None:
         return False
@@ -1413,6 +1437,36 @@ _FRESH_METHODS = frozenset(
 )
 
 
+def _first(node: fx.Node) -> Any:
+    """A call's input: its first positional argument, else its ``input=`` keyword, else None."""
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _input(node: fx.Node) -> Any:
+    """:func:`_first`, refusing a call whose input is neither (``torch.split(tensor=x)``)."""
+    x = _first(node)
+    if x is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} without its input first or as "
+            "input="
+        )
+    return x
+
+
+def _fixed_arguments(node: fx.Node, lip: Callable[[Any], float]) -> None:
+    """Refuse a call whose arguments besides its input depend on the input's values.
+
+    The constant rules bound the change through the input alone: ``torch.full_like(x, x.sum())``
+    changes with its fill value.
+    """
+    rest = (*node.args[1:], *(v for k, v in node.kwargs.items() if k != "input"))
+    if any(lip(a) != 0.0 for a in rest):
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} with an input-dependent "
+            "argument besides its input"
+        )
+
+
 def _param(node: fx.Node, index: int, name: str, default: Any) -> Any:
     """Argument ``name`` of a call (keyword, else position ``index``, else ``default``)."""
     if name in node.kwargs:
@@ -1439,7 +1493,7 @@ def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
     """True when the node's output may share memory with its first argument (a tensor)."""
-    if not (node.args and isinstance(node.args[0], fx.Node)):
+    if not isinstance(_first(node), fx.Node):
         return False
     if _inplace(node, gm):
         return True
@@ -1454,7 +1508,9 @@ def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False  # placeholder, get_attr
 
 
-def _propagate_inplace(node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float]) -> None:
+def _propagate_inplace(
+    node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float], pairs: dict[fx.Node, float]
+) -> None:
     """After an in-place ``node``, update the bounds of the tensors it wrote (Note [in-place ops]).
 
     Writes the rules cannot follow are refused: an ``out=`` tensor, and a write into a parameter
@@ -1466,7 +1522,7 @@ def _propagate_inplace(node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float
         )
     if not _may_alias(node, gm) or not _inplace(node, gm):
         return
-    target = node.args[0]
+    target = _first(node)
     group: set[fx.Node] = set()
     stack = [target]
     while stack:
@@ -1475,13 +1531,15 @@ def _propagate_inplace(node: fx.Node, gm: fx.GraphModule, L: dict[fx.Node, float
             continue
         group.add(v)
         if _may_alias(v, gm):
-            stack.append(v.args[0])  # what v is a view of
-        stack += [u for u in v.users if u.args and u.args[0] is v and _may_alias(u, gm)]
+            stack.append(_first(v))  # what v is a view of
+        stack += [u for u in v.users if _first(u) is v and _may_alias(u, gm)]
     if any(v.op == "get_attr" for v in group):
         raise _Unsupported(f"{_describe(node)} writes in place into a parameter or buffer")
     for v in group - {node}:
         if v in L:
             L[v] = L[node] if v is target else math.hypot(L[v], L[node])
+        if v in pairs:  # the values of a (values, indices) pair (Note [values and indices])
+            pairs[v] = math.hypot(pairs[v], L[node])
 
 
 def _module_factor(
@@ -1588,7 +1646,7 @@ def _function_rule(
     if f in _ORDER_FUNCTIONS:
         return _order_statistic_rule(node, lip, shapes)
     if f in (torch.maximum, torch.minimum):
-        a, b = _param(node, 0, "input", None), _param(node, 1, "other", None)
+        a, b = _input(node), _param(node, 1, "other", None)
         return _elementwise_max_rule(node, a, b, lip, shapes)
     if f in (torch.sum, torch.mean):
         return _block_sum_rule(node, lip, shapes, dtypes)
@@ -1598,9 +1656,7 @@ def _function_rule(
         return _getitem_rule(node, lip, shapes, fixed)
     if f is getattr:  # x.T, x.data: the same values rearranged; x.shape, x.dtype: constants
         attr = args[1] if len(args) > 1 else None
-        if attr in _TENSOR_ATTRIBUTES or (
-            attr == "values" and _returns_values_and_indices(args[0])
-        ):  # (the indices: Note [values and indices])
+        if attr in _TENSOR_ATTRIBUTES:
             return lip(args[0])
         if attr in _CONSTANT_ATTRIBUTES or lip(args[0]) == 0.0:
             return 0.0
@@ -1627,7 +1683,8 @@ def _function_rule(
     if f in _FUNCTIONAL_POOLS:
         return _functional_pool_rule(node, lip, shapes)
     if f in _FUNCTION_CONSTANTS:
-        return _FUNCTION_CONSTANTS[f] * lip(_param(node, 0, "input", None))
+        _fixed_arguments(node, lip)
+        return _FUNCTION_CONSTANTS[f] * lip(_input(node))
     name = getattr(f, "__name__", str(f))
     raise _Unsupported(f"no Lipschitz rule for function {name} ({node.name})")
 
@@ -1646,7 +1703,7 @@ def _sum_rule(
     node: fx.Node, lip: Callable[[Any], float], shapes: dict[str, tuple[int, ...]]
 ) -> float:
     """``a + alpha * b`` / ``a - alpha * b`` (functions, methods, in-place): Note [broadcast sums]."""
-    a, b = _param(node, 0, "input", None), _param(node, 1, "other", None)
+    a, b = _input(node), _param(node, 1, "other", None)
     alpha = _const(node.kwargs.get("alpha", 1))
     if alpha is None:
         raise _Unsupported(
@@ -1680,7 +1737,7 @@ def _block_sum_rule(
     ``|sum d| <= sqrt(n) ||d||`` (Cauchy-Schwarz, equality for constant ``d``). An integer sum
     rounds: no rule.
     """
-    x = _param(node, 0, "input", None)
+    x = _input(node)
     out = shapes.get(node.name)
     shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
     mean = node.target in (torch.mean, "mean")
@@ -1704,7 +1761,7 @@ def _clamp_rule(
 
     A tensor limit that broadcasts ``x`` up repeats its entries (Note [broadcast sums]).
     """
-    x = _param(node, 0, "input", None)
+    x = _input(node)
     limits = [_param(node, i, k, None) for i, k in ((1, "min"), (2, "max"))]
     if any(lip(a) != 0.0 for a in limits):
         raise _Unsupported(f"no Lipschitz rule for {node.name}: clamp to input-dependent limits")
@@ -1911,5 +1968,7 @@ def _method_rule(
     if name in _METHOD_CONSTANTS:
         if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")
+        if name not in ("reshape_as", "view_as"):  # (the other tensor gives only a shape)
+            _fixed_arguments(node, lip)
         return _METHOD_CONSTANTS[name] * lip(args[0])
     raise _Unsupported(f"no Lipschitz rule for method .{name}() ({node.name})")

@@ -1636,3 +1636,73 @@ def test_indexing_with_a_fixed_tensor_counts_its_repeats():
     for f, needle in refused:
         bound, reason = network_lipschitz_bound(_Func(f).double(), input_shape=shape)
         assert bound is None and needle in reason
+
+
+class _Around(nn.Module):
+    """``f(self, x)`` around one Linear (4 -> 4)."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = f
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.f(self, x)
+
+
+def _narrow_kw(s, x):
+    y = s.fc(x)
+    torch.narrow(input=y, dim=1, start=0, length=2).mul_(100.0)  # a view made with input=
+    return y
+
+
+def _flatten_kw(s, x):
+    y = s.fc(x)
+    torch.flatten(input=y).mul_(100.0)
+    return y
+
+
+def _values_written(s, x):
+    pair = x.max(1)
+    pair[0].mul_(100.0)  # the values of the pair, read again below
+    return pair.values
+
+
+@pytest.mark.parametrize("f", [_narrow_kw, _flatten_kw, _values_written])
+def test_inplace_writes_through_keyword_views_and_pair_values_are_followed(f):
+    torch.manual_seed(5)
+    model = _Around(f).double()
+    bound, reason = network_lipschitz_bound(model, input_shape=(3, 4))
+    assert reason == ""
+    assert jacobian_norm(model, torch.randn(3, 4).double()) <= bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("f", "needle"),
+    [
+        (lambda s, x: x.max(dim=x.dim() - 1)[1].to(x.dtype), "known only at run time"),
+        (lambda s, x: torch.cat(x.sort(1), 1), "read whole (its indices jump)"),
+        (lambda s, x: torch.stack(x.topk(1, dim=1)), "read whole (its indices jump)"),
+        (lambda s, x: x.max(1), "read whole (its indices jump)"),
+        (lambda s, x: torch.full_like(x, x.sum()), "an input-dependent argument"),
+        (lambda s, x: x.new_full((4,), x.sum()), "an input-dependent argument"),
+    ],
+    ids=["max_dim_kw", "cat_sort", "stack_topk", "return_pair", "full_like", "new_full"],
+)
+def test_indices_and_input_dependent_arguments_are_refused(f, needle):
+    """Each of these moves faster than its input (the indices jump; a fill value of x.sum()
+    moves with all of x): a rule that looked at the input alone gave 0 or 1."""
+    bound, reason = network_lipschitz_bound(_Around(f).double(), input_shape=(4,))
+    assert bound is None
+    assert needle in reason and "\n" not in reason
+
+
+def test_odd_module_names_and_keyword_centering():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3))
+    model.add_module('q"uote', nn.Tanh())  # fx cannot compile the traced code
+    bound, reason = network_lipschitz_bound(model, input_shape=(2, 5, 5))
+    assert bound is None and reason.startswith("torch.fx could not trace Sequential")
+    centered = _Func(
+        lambda x: torch.sub(input=x, other=torch.mean(input=x, dim=(1,), keepdim=True))
+    ).double()
+    assert network_lipschitz_bound(centered, input_shape=(4,)) == (1.0, "")
