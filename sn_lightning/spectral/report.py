@@ -938,23 +938,20 @@ def _network_bound(
         # subclasses]) where fx can: a forward may branch on a buffer's or a shape's value.
         # fx traces the root's forward even where it is a rule's leaf (ConvTranspose2d branches)
         root = nn.Sequential(OrderedDict(model=model)) if isinstance(model, _LEAVES) else model
-        graph = None
+        gm = None
         for options in (
             {"through_subclasses": True, "buffers": True},
             {"through_subclasses": True},
             {},
         ):
             try:
-                graph = _Tracer(**options).trace(root)
+                gm = _trace(root, options)
                 break
             except Exception as e:
                 error = e
-        try:
-            if graph is None:
-                raise error
-            gm = fx.GraphModule(root, graph)  # (compiles the graph's code: odd names may fail)
-        except Exception as e:
-            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(e)}"
+        if gm is None:
+            return None, f"torch.fx could not trace {type(model).__name__}: {_first_line(error)}"
+        constants = _reproducible_constants(root, gm, options)
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
         recorded = given[0] if len(given) == 1 else None
@@ -975,7 +972,7 @@ def _network_bound(
             if input_shape is None and not _layers_saw_their_shapes(gm, recorder.shapes):
                 recorder = _ShapeRecorder(gm)  # run at a size this model was not normalized at
         try:
-            bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache)
+            bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache, constants)
         except _Unsupported as e:
             if len(given) > 1 and str(e).endswith("pass input_shape"):
                 shapes = " and ".join(str(g) for g in given)
@@ -1021,13 +1018,14 @@ def _propagate(
     shapes: dict[str, tuple[int, ...]],
     dtypes: dict[str, torch.dtype],
     cache: dict[tuple[int, tuple[int, ...] | None], float],
+    constants: frozenset[str] = frozenset(),
 ) -> float:
     L: dict[fx.Node, float] = {}
     n_inputs = 0
     memo: dict[fx.Node, Any] = {}
 
     def fixed(a: Any) -> Tensor | None:
-        value = _fixed_value(a, gm, memo) if isinstance(a, fx.Node) else None
+        value = _fixed_value(a, gm, memo, constants) if isinstance(a, fx.Node) else None
         return value if isinstance(value, Tensor) else None
 
     poisoned: dict[fx.Node, str] = {}  # values that may be read only where they are unused
@@ -1245,13 +1243,61 @@ def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
 #   the nodes it comes from, which must all be deterministic: no placeholder (the input, or a
 #   default argument whose value the trace does not know), no module call, no in-place op, no
 #   random draw (only ATen ops not tagged ``nondeterministic_seeded``: not ``rand``, ``dropout``,
-#   ...; Python's operators; casts; other functions may draw) and no
-#   tensor that fx made at trace time (``_tensor_constant<n>``: ``torch.rand(4)`` in a forward is
-#   traced as one draw); otherwise the product has no rule. Buffers are traced as get_attr nodes
+#   ...; Python's operators; casts; other functions may draw), and a tensor that fx made at trace
+#   time (``_tensor_constant<n>``: ``torch.tensor([0.5, 0.4])`` in a forward) only where a second
+#   trace makes the same graph with the same value (``torch.rand(4)`` in a forward is traced as
+#   one draw, a different one each time); otherwise the product has no rule. Buffers are traced as
+#   get_attr nodes
 #   (``proxy_buffer_attributes``) so that values computed from them are nodes too (torchvision's
 #   FrozenBatchNorm2d computes ``weight * (running_var + eps).rsqrt()`` in its forward).
 
 _NOT_FIXED = object()
+
+
+def _trace(root: nn.Module, options: dict[str, bool]) -> fx.GraphModule:
+    """``root`` traced by :class:`_Tracer`, leaving ``root`` as it was.
+
+    fx stores the tensors a forward makes at trace time on the root module, as attributes
+    ``_tensor_constant<n>``; the GraphModule keeps its own references and the root loses them.
+    """
+    before = set(vars(root))
+    try:
+        graph = _Tracer(**options).trace(root)
+        return fx.GraphModule(root, graph)  # (compiles the graph's code: odd names may fail)
+    finally:
+        for name in set(vars(root)) - before:
+            if name.startswith("_tensor_constant"):
+                delattr(root, name)
+
+
+def _reproducible_constants(
+    root: nn.Module, gm: fx.GraphModule, options: dict[str, bool]
+) -> frozenset[str]:
+    """The trace's ``_tensor_constant<n>`` that a second trace makes again (Note [fixed tensors]).
+
+    Empty unless the second trace gives the same code; then the constants equal in both.
+    """
+    names = [
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")
+    ]
+    if not names:
+        return frozenset()
+    try:
+        again = _trace(root, options)
+    except Exception:
+        return frozenset()
+    if again.code != gm.code:
+        return frozenset()
+
+    def same(name: str) -> bool:
+        a, b = getattr(gm, name, None), getattr(again, name, None)
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return False
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+    return frozenset(name for name in names if same(name))
 
 
 _DETERMINISTIC_METHODS = frozenset(
@@ -1282,17 +1328,19 @@ def _deterministic(node: fx.Node) -> bool:
     )
 
 
-def _fixed_value(node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any]) -> Any:
+def _fixed_value(
+    node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any], constants: frozenset[str]
+) -> Any:
     """The value of a node computed from parameters and buffers alone, or ``_NOT_FIXED``.
 
-    Note [fixed tensors]: get_attr nodes and deterministic calls on fixed values.
+    Note [fixed tensors]: get_attr nodes (of the trace's tensor constants, those in
+    ``constants``) and deterministic calls on fixed values.
     """
     if node in memo:
         return memo[node]
     memo[node] = value = _NOT_FIXED
-    if node.op == "get_attr" and not str(node.target).startswith("_tensor_constant"):
-        # (fx stores tensors the forward made at trace time, torch.rand(4) included, as
-        # _tensor_constant<n>: one draw, not a fixed value)
+    target = str(node.target)
+    if node.op == "get_attr" and (not target.startswith("_tensor_constant") or target in constants):
         value = operator.attrgetter(node.target)(gm)
     elif (
         node.op in ("call_function", "call_method")
@@ -1303,7 +1351,7 @@ def _fixed_value(node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any]) ->
 
         def arg(n: fx.Node) -> Any:
             nonlocal fixed
-            v = _fixed_value(n, gm, memo)
+            v = _fixed_value(n, gm, memo, constants)
             fixed = fixed and v is not _NOT_FIXED
             return v
 

@@ -1706,3 +1706,35 @@ def test_odd_module_names_and_keyword_centering():
         lambda x: torch.sub(input=x, other=torch.mean(input=x, dim=(1,), keepdim=True))
     ).double()
     assert network_lipschitz_bound(centered, input_shape=(4,)) == (1.0, "")
+
+
+class _NormalizedInForward(nn.Module):
+    """Input normalization with tensors made in the forward (or kept as plain attributes)."""
+
+    def __init__(self, attributes: bool) -> None:
+        super().__init__()
+        self.attributes = attributes
+        self.mu = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+        self.sigma = torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if self.attributes:
+            return self.conv((x - self.mu) / self.sigma)
+        mu = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+        return self.conv((x - mu) / torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1))
+
+
+def test_tensors_made_in_the_forward_are_fixed_when_a_second_trace_makes_them_again():
+    torch.manual_seed(6)
+    model = _NormalizedInForward(attributes=False)
+    twin = _NormalizedInForward(attributes=True)
+    twin.load_state_dict(model.state_dict())
+    shape = (3, 6, 6)
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert reason == ""
+    assert bound == network_lipschitz_bound(twin, input_shape=shape)[0]
+    assert bound == pytest.approx(operator_norm_upper_bound(model.conv, shape) / 0.2, rel=1e-6)
+    assert not [k for k in vars(model) if k.startswith("_tensor_constant")]  # left as it was
+    drawn = _Func(lambda x: x * torch.rand(3))  # a new draw at every call: no rule
+    assert "product of a tensor and a tensor" in network_lipschitz_bound(drawn, input_shape=(3,))[1]
