@@ -1738,3 +1738,24 @@ def test_tensors_made_in_the_forward_are_fixed_when_a_second_trace_makes_them_ag
     assert not [k for k in vars(model) if k.startswith("_tensor_constant")]  # left as it was
     drawn = _Func(lambda x: x * torch.rand(3))  # a new draw at every call: no rule
     assert "product of a tensor and a tensor" in network_lipschitz_bound(drawn, input_shape=(3,))[1]
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: F.adaptive_avg_pool2d(x, (2, 3)),  # uneven windows from 5x7
+        lambda x: F.avg_pool2d(x, 3, 1, 1),  # overlapping, zero padding counted
+        lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+        lambda x: F.interpolate(x, scale_factor=1.7, mode="bilinear"),
+    ],
+    ids=["adaptive_uneven", "overlapping", "ceil_exclude_pad", "bilinear"],
+)
+def test_small_linear_pools_get_their_exact_norm_not_the_schur_bound(f):
+    """Up to DENSE_POOL_MAX inputs a linear pool is bounded by its matrix's norm (the Schur
+    test alone was up to 25% above it), never below it."""
+    model = _Func(f).double()
+    shape = (2, 5, 7)
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert reason == ""
+    truth = jacobian_norm(model, torch.randn(*shape).double())
+    assert truth <= bound <= truth * (1 + 1e-9)
