@@ -1063,8 +1063,10 @@ def _propagate(
     n_inputs = 0
     memo: dict[fx.Node, Any] = {}
 
+    written = _written(gm)
+
     def fixed(a: Any) -> Tensor | None:
-        value = _fixed_value(a, gm, memo, constants) if isinstance(a, fx.Node) else None
+        value = _fixed_value(a, gm, memo, constants, written) if isinstance(a, fx.Node) else None
         return value if isinstance(value, Tensor) else None
 
     poisoned: dict[fx.Node, str] = {}  # values that may be read only where they are unused
@@ -1106,10 +1108,19 @@ def _propagate(
             elif _pair_part(node, pairs) == "indices":
                 poisoned[node] = f"no Lipschitz rule for {node.name}: indices of a sort or max jump"
                 L[node] = math.inf
+            elif tainted := [a for a in node.all_input_nodes if a in poisoned]:
+                # sizes, dims and slices computed from indices jump with them
+                poisoned[node] = poisoned[tainted[0]]
+                L[node] = math.inf
             elif node.op in ("call_function", "call_method") and _constant(node, lip):
                 # shapes, asserts, parameters: nothing here depends on the input values
                 L[node] = 0.0
             elif _returns_values_and_indices(node):
+                if _order_statistic(node) == "topk" and _param(node, 4, "sorted", True) is not True:
+                    raise _Unsupported(
+                        f"no Lipschitz rule for {node.name}: topk(sorted=False) (the order of "
+                        "its values jumps)"
+                    )
                 pairs[node] = lip(_input(node))
                 poisoned[node] = (
                     f"no Lipschitz rule for {node.name}: {_describe(node)} read whole (its indices "
@@ -1285,7 +1296,8 @@ def _constant(node: fx.Node, lip: Callable[[Any], float]) -> bool:
 #   ...; Python's operators; casts; other functions may draw), and a tensor that fx made at trace
 #   time (``_tensor_constant<n>``: ``torch.tensor([0.5, 0.4])`` in a forward) only where a second
 #   trace makes the same graph with the same value (``torch.rand(4)`` in a forward is traced as
-#   one draw, a different one each time); otherwise the product has no rule. Buffers are traced as
+#   one draw, a different one each time), and no node that an in-place op may write (its value
+#   at the read is not its definition's); otherwise the product has no rule. Buffers are traced as
 #   get_attr nodes
 #   (``proxy_buffer_attributes``) so that values computed from them are nodes too (torchvision's
 #   FrozenBatchNorm2d computes ``weight * (running_var + eps).rsqrt()`` in its forward).
@@ -1368,7 +1380,11 @@ def _deterministic(node: fx.Node) -> bool:
 
 
 def _fixed_value(
-    node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, Any], constants: frozenset[str]
+    node: fx.Node,
+    gm: fx.GraphModule,
+    memo: dict[fx.Node, Any],
+    constants: frozenset[str],
+    written: set[fx.Node],
 ) -> Any:
     """The value of a node computed from parameters and buffers alone, or ``_NOT_FIXED``.
 
@@ -1378,6 +1394,8 @@ def _fixed_value(
     if node in memo:
         return memo[node]
     memo[node] = value = _NOT_FIXED
+    if node in written:  # replaying its definition would miss the write
+        return value
     target = str(node.target)
     if node.op == "get_attr" and (not target.startswith("_tensor_constant") or target in constants):
         value = operator.attrgetter(node.target)(gm)
@@ -1390,7 +1408,7 @@ def _fixed_value(
 
         def arg(n: fx.Node) -> Any:
             nonlocal fixed
-            v = _fixed_value(n, gm, memo, constants)
+            v = _fixed_value(n, gm, memo, constants, written)
             fixed = fixed and v is not _NOT_FIXED
             return v
 
@@ -1587,12 +1605,45 @@ def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _ALIAS_MODULES)
     if node.op == "call_function":
-        if node.target is getattr:  # x.T, x.data: the same memory; x.shape: no tensor
-            return len(node.args) > 1 and node.args[1] in _TENSOR_ATTRIBUTES
+        if node.target is getattr:  # x.T, x.data, pair.values: the same memory; x.shape: none
+            return len(node.args) > 1 and node.args[1] in (*_TENSOR_ATTRIBUTES, "values", "indices")
         return node.target not in _FRESH_FUNCTIONS
     if node.op == "call_method":
         return node.target not in _FRESH_METHODS and node.target not in _NON_TENSOR_METHODS
     return False  # placeholder, get_attr
+
+
+def _alias_group(target: fx.Node, gm: fx.GraphModule) -> set[fx.Node]:
+    """``target`` and every node that may share its memory (views of it, what it views, ...)."""
+    group: set[fx.Node] = set()
+    stack = [target]
+    while stack:
+        v = stack.pop()
+        if v in group:
+            continue
+        group.add(v)
+        if _may_alias(v, gm):
+            stack.append(_first(v))  # what v is a view of
+        stack += [u for u in v.users if _first(u) is v and _may_alias(u, gm)]
+    return group
+
+
+def _repeats_entries(node: fx.Node) -> bool:
+    """Whether ``node`` is a view that may show one entry of its base several times."""
+    if node.op == "call_method":
+        return node.target in ("expand", "expand_as", "broadcast_to")
+    return node.op == "call_function" and node.target is torch.broadcast_to
+
+
+def _written(gm: fx.GraphModule) -> set[fx.Node]:
+    """Every node whose memory some in-place op of ``gm`` may write (Note [fixed tensors])."""
+    written: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and _inplace(node, gm):
+            target = _first(node)
+            if isinstance(target, fx.Node):
+                written |= _alias_group(target, gm)
+    return written
 
 
 def _propagate_inplace(
@@ -1610,18 +1661,12 @@ def _propagate_inplace(
     if not _may_alias(node, gm) or not _inplace(node, gm):
         return
     target = _first(node)
-    group: set[fx.Node] = set()
-    stack = [target]
-    while stack:
-        v = stack.pop()
-        if v in group:
-            continue
-        group.add(v)
-        if _may_alias(v, gm):
-            stack.append(_first(v))  # what v is a view of
-        stack += [u for u in v.users if _first(u) is v and _may_alias(u, gm)]
+    group = _alias_group(target, gm)
     if any(v.op == "get_attr" for v in group):
         raise _Unsupported(f"{_describe(node)} writes in place into a parameter or buffer")
+    if any(_repeats_entries(v) for v in group - {node}):
+        # an expanded view holds each written entry several times: hypot below undercounts
+        raise _Unsupported(f"{_describe(node)} writes in place into a tensor with an expanded view")
     for v in group - {node}:
         if v in L:
             L[v] = L[node] if v is target else math.hypot(L[v], L[node])
@@ -1988,10 +2033,14 @@ def _getitem_rule(
         return 0.0
     if bool((value < 0).any()):  # -1 and n - 1 are the same entry: wrap with the dim's size
         shape = shapes.get(base.name)
-        if shape is None or not all(isinstance(p, (int, slice)) for p in parts[:k]):
+        if shape is None:
             raise _Unsupported(
                 f"no Lipschitz rule for {node.name}: negative indices into a dim of unknown size: "
                 "pass input_shape"
+            )
+        if not all(isinstance(p, (int, slice)) for p in parts[:k]):
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: negative indices after an Ellipsis or None"
             )
         value = value % shape[k]
     return math.sqrt(int(torch.bincount(value).max())) * lip(base)
