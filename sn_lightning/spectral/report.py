@@ -1228,11 +1228,25 @@ def _elementwise_max_rule(
     Entrywise ``|d max| <= max(|da|, |db|)``; ``r`` counts the repeats of a broadcast operand
     (Note [broadcast sums]).
     """
+    return math.hypot(*_broadcast_bounds(node, (a, b), lip, shapes))
+
+
+def _broadcast_bounds(
+    node: fx.Node,
+    operands: Sequence[Any],
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+) -> list[float]:
+    """Each operand's bound times the repeats of its broadcast to the output.
+
+    Note [broadcast sums]; input-dependent operands need their recorded shapes.
+    """
     out = shapes.get(node.name)
-    total = 0.0
-    for operand in (a, b):
+    bounds = []
+    for operand in operands:
         bound = lip(operand)
         if bound == 0.0:
+            bounds.append(0.0)
             continue
         shape = shapes.get(operand.name) if isinstance(operand, fx.Node) else None
         if out is None or shape is None:
@@ -1240,8 +1254,8 @@ def _elementwise_max_rule(
                 f"no Lipschitz rule for {node.name}: {_describe(node)} of input-dependent values "
                 "whose shapes are unknown (they may broadcast): pass input_shape"
             )
-        total += (bound * _repeats(out, shape)) ** 2
-    return math.sqrt(total)
+        bounds.append(bound * _repeats(out, shape))
+    return bounds
 
 
 # Note [centering]
@@ -1841,20 +1855,8 @@ def _sum_rule(
         raise _Unsupported(
             f"no Lipschitz rule for {node.name}: {_describe(node)} with a tensor alpha"
         )
-    out = shapes.get(node.name)
-    total = 0.0
-    for operand, scale in ((a, 1.0), (b, abs(alpha))):
-        bound = lip(operand)
-        if bound == 0.0:
-            continue
-        shape = shapes.get(operand.name) if isinstance(operand, fx.Node) else None
-        if out is None or shape is None:
-            raise _Unsupported(
-                f"no Lipschitz rule for {node.name}: {_describe(node)} of input-dependent values "
-                "whose shapes are unknown (they may broadcast): pass input_shape"
-            )
-        total += scale * bound * _repeats(out, shape)
-    return total
+    bound_a, bound_b = _broadcast_bounds(node, (a, b), lip, shapes)
+    return bound_a + abs(alpha) * bound_b
 
 
 def _block_sum_rule(
@@ -1899,14 +1901,7 @@ def _clamp_rule(
         raise _Unsupported(f"no Lipschitz rule for {node.name}: clamp to input-dependent limits")
     if all(a is None or _const(a) is not None for a in limits):
         return lip(x)
-    out = shapes.get(node.name)
-    shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
-    if out is None or shape is None:
-        raise _Unsupported(
-            f"no Lipschitz rule for {node.name}: clamp to tensor limits of a value whose shape is "
-            "unknown (they may broadcast): pass input_shape"
-        )
-    return _repeats(out, shape) * lip(x)
+    return _broadcast_bounds(node, (x,), lip, shapes)[0]  # tensor limits may broadcast x up
 
 
 # Functional activations with parameters: name, then (position, default) of each parameter.
