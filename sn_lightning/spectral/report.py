@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+import string
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -745,6 +746,176 @@ def _functional_layer_rule(
             )
         shape = shape[-(nd + 1) :]
     return OperatorSpec.from_layer(layer, shape).upper_bound(w.detach()) * lip(x)
+
+
+# Note [contractions]
+#   ``einsum`` (and ``matmul``, ``@``, ``mm``, ``bmm``, ``mv``, read as einsums) with one
+#   input-dependent operand x and fixed others (Note [fixed tensors]) is linear in x. The fixed
+#   operands are contracted into one tensor W over the labels that neither x nor the output
+#   uses; every label is then batch B (in x, W and the output), contracted C (x and W), kept K
+#   (x and output), summed S (x alone) or an output of W, P (W and output); a shared label of
+#   size 1 on one side only counts as absent there (broadcast). So
+#       y[b, k, p] = sum_c M_b[p, c] sum_s x[b, c, k, s],   M_b[p, c] = W[b, p, c]:
+#   block diagonal over b, the identity on k, after a sum of n_S entries (norm sqrt(n_S)). The
+#   norm is exactly sqrt(n_S) max_b ||M_b||_2, bounded above by ``ops._norm_upper_bound``.
+#   Repeated labels (diagonals, traces), the sublist form and two input-dependent operands
+#   (bilinear) get no rule.
+
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.mm, torch.bmm, torch.mv)
+_MATMUL_METHODS = frozenset({"matmul", "mm", "bmm", "mv"})
+
+
+def _matmul_equation(a_dim: int, b_dim: int) -> str:
+    """The einsum equation of ``torch.matmul`` for operands of these ranks (each at least 1)."""
+    a = "k" if a_dim == 1 else "...nk"
+    b = "k" if b_dim == 1 else "...km"
+    batch = "..." if a_dim > 1 or b_dim > 1 else ""
+    return f"{a},{b}->{batch}{'n' if a_dim > 1 else ''}{'m' if b_dim > 1 else ''}"
+
+
+def _einsum_labels(equation: str, ranks: Sequence[int]) -> tuple[list[list[str]], list[str]]:
+    """Each operand's labels and the output's, with the ellipsis spelled out.
+
+    Ellipsis dims are labelled ``"...0"``, ``"...1"``, ... counted from the right (so operands
+    of different ranks broadcast); an implicit output is the ellipsis, then the letters used
+    once, sorted (torch's rule). Raises ValueError for a term that does not fit its operand.
+    """
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise ValueError(f"{len(terms)} terms for {len(ranks)} operands")
+    width = max(
+        (r - len(t) + 3 for t, r in zip(terms, ranks, strict=True) if "..." in t), default=0
+    )
+
+    def spell(term: str, rank: int) -> list[str]:
+        head, dots, tail = term.partition("...")
+        n = rank - len(head) - len(tail)
+        if (n != 0 and not dots) or n < 0 or any(not c.isalpha() for c in head + tail):
+            raise ValueError(f"term {term!r} for {rank} dims")
+        return [*head, *(f"...{i}" for i in reversed(range(n))), *tail]
+
+    operands = [spell(t, r) for t, r in zip(terms, ranks, strict=True)]
+    if arrow:
+        out_rank = len(rhs.replace("...", "")) + (width if "..." in rhs else 0)
+        return operands, spell(rhs, out_rank)
+    letters = [lb for labels in operands for lb in labels if not lb.startswith("...")]
+    once = sorted(lb for lb in set(letters) if letters.count(lb) == 1)
+    return operands, [*(f"...{i}" for i in reversed(range(width))), *once]
+
+
+def _contraction_rule(
+    node: fx.Node,
+    equation: str,
+    operands: Sequence[Any],
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    fixed: Callable[[Any], Tensor | None],
+) -> float:
+    """``einsum(equation, *operands)``, linear in one operand: Note [contractions]."""
+    moving = [j for j, a in enumerate(operands) if lip(a) != 0.0]
+    if not moving:
+        return 0.0
+    if len(moving) > 1:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} of two input-dependent values "
+            "(bilinear)"
+        )
+    (i,) = moving
+    x = operands[i]
+    x_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+    if x_shape is None:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} of a value whose shape is "
+            "unknown: pass input_shape"
+        )
+    values = {j: fixed(a) for j, a in enumerate(operands) if j != i}
+    if any(v is None for v in values.values()):
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: {_describe(node)} with an operand that is "
+            "neither the input-dependent one nor fixed"
+        )
+    ranks = [len(x_shape) if j == i else values[j].dim() for j in range(len(operands))]
+    try:
+        labels, out = _einsum_labels(equation, ranks)
+    except ValueError as e:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: einsum {equation!r}: {e}") from None
+    if any(len(set(ls)) != len(ls) for ls in (*labels, out)):
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: einsum {equation!r} with a repeated label (a "
+            "diagonal or trace)"
+        )
+    sx = dict(zip(labels[i], x_shape, strict=True))
+    others = [lb for j, ls in enumerate(labels) if j != i for lb in ls]
+    keep = [lb for lb in dict.fromkeys(others) if lb in sx or lb in out]
+    letter = dict(zip(dict.fromkeys(others), string.ascii_letters, strict=False))
+    if len(letter) < len(set(others)):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: einsum with over 52 fixed labels")
+    spec = ",".join("".join(letter[lb] for lb in labels[j]) for j in values)
+    with torch.no_grad():
+        W = (
+            torch.einsum(
+                f"{spec}->{''.join(letter[lb] for lb in keep)}",
+                *(v.detach().double() for v in values.values()),
+            )
+            if values
+            else torch.ones((), dtype=torch.float64)
+        )
+    sw = dict(zip(keep, W.shape, strict=True))
+    in_x = {lb for lb, n in sx.items() if not (n == 1 and sw.get(lb, 1) != 1)}
+    in_w = {lb for lb, n in sw.items() if not (n == 1 and sx.get(lb, 1) != 1)}
+    if any(sx[lb] != sw[lb] for lb in in_x & in_w):
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: einsum sizes that do not broadcast")
+    groups = (
+        [lb for lb in keep if lb in in_x and lb in in_w and lb in out],  # B
+        [lb for lb in keep if lb in in_w and lb not in in_x and lb in out],  # P
+        [lb for lb in keep if lb in in_x and lb in in_w and lb not in out],  # C
+    )
+    order = [lb for g in groups for lb in g]
+    drop = [d for d, lb in enumerate(keep) if lb not in order]  # W's sums and broadcast dims
+    W = W.sum(drop) if drop else W
+    rest = [lb for lb in keep if lb in order]
+    M = W.permute([rest.index(lb) for lb in order]).reshape(
+        [math.prod(sw[lb] for lb in g) for g in groups]
+    )
+    summed = math.prod(n for lb, n in sx.items() if lb in in_x and lb not in in_w and lb not in out)
+    recorded = shapes.get(node.name)
+    expected = tuple(sx[lb] if lb in in_x else sw.get(lb, 1) for lb in out)
+    if recorded is not None and tuple(recorded) != expected:
+        raise _Unsupported(f"no Lipschitz rule for {node.name}: einsum {equation!r} read wrongly")
+    if M.numel() == 0 or summed == 0:
+        return 0.0
+    return math.sqrt(summed) * _norm_upper_bound(M) * lip(x)
+
+
+def _einsum_call_rule(
+    node: fx.Node,
+    lip: Callable[[Any], float],
+    shapes: dict[str, tuple[int, ...]],
+    fixed: Callable[[Any], Tensor | None],
+) -> float:
+    """``torch.einsum`` and the matmul family (functions, methods, ``@``): Note [contractions]."""
+    if node.target is torch.einsum:
+        equation, operands = node.args[0], list(node.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        if not isinstance(equation, str) or node.kwargs:
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: einsum in sublist form")
+        return _contraction_rule(node, equation, operands, lip, shapes, fixed)
+    names = {torch.mm: "mat2", torch.bmm: "mat2", torch.mv: "vec", "mm": "mat2", "bmm": "mat2"}
+    a = _input(node) if node.op == "call_function" else node.args[0]
+    b = _param(node, 1, names.get(node.target, "other"), None)
+    ranks = []
+    for t in (a, b):
+        value = fixed(t) if lip(t) == 0.0 else None
+        shape = value.shape if value is not None else shapes.get(getattr(t, "name", ""))
+        if shape is None or len(shape) == 0:
+            raise _Unsupported(
+                f"no Lipschitz rule for {node.name}: {_describe(node)} of a value whose shape is "
+                "unknown: pass input_shape"
+            )
+        ranks.append(len(shape))
+    return _contraction_rule(node, _matmul_equation(*ranks), [a, b], lip, shapes, fixed)
 
 
 def _pad_bound(node: fx.Node, shape: tuple[int, ...] | None, pad: Any, mode: Any) -> float:
@@ -1557,7 +1728,16 @@ _FRESH_METHODS = frozenset(
 
 
 def _first(node: fx.Node) -> Any:
-    """A call's input: its first positional argument, else its ``input=`` keyword, else None."""
+    """A call's input: its first positional argument, else its ``input=`` keyword, else None.
+
+    ``torch.einsum`` of one operand: that operand (its output may be a view of it, as
+    ``einsum("ij->ji", x)``; with more operands it is a new tensor).
+    """
+    if node.op == "call_function" and node.target is torch.einsum:
+        operands = node.args[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = operands[0]
+        return operands[0] if len(operands) == 1 else None
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
@@ -1811,6 +1991,8 @@ def _function_rule(
         return _parametrized_function_rule(node) * lip(args[0])
     if f in _FUNCTIONAL_LAYERS:
         return _functional_layer_rule(node, lip, shapes, fixed)
+    if f is torch.einsum or f in _MATMUL_FUNCTIONS:
+        return _einsum_call_rule(node, lip, shapes, fixed)
     if f is F.pad:
         x = args[0]
         shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
@@ -2096,6 +2278,8 @@ def _method_rule(
         return _elementwise_max_rule(node, a, b, lip, shapes)
     if name in ("clamp", "clamp_", "clip", "clip_"):
         return _clamp_rule(node, lip, shapes)
+    if name in _MATMUL_METHODS:
+        return _einsum_call_rule(node, lip, shapes, fixed)
     if name in _METHOD_CONSTANTS:
         if name == "view" and _reinterprets(node, dtypes):
             raise _Unsupported(f"no Lipschitz rule for {node.name}: .view(dtype) reinterprets bits")
