@@ -2174,6 +2174,24 @@ def _scale_rule(
     raise _Unsupported(f"no Lipschitz rule for {node.name}: {what}")
 
 
+def _literal_index(index: list | tuple) -> Tensor | None:
+    """A (nested) list of ints or of bools as a tensor; None for anything else."""
+    flat, stack = [], [index]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            flat.append(item)
+    kinds = {type(v) for v in flat}
+    if not kinds <= {int} and kinds != {bool}:
+        return None
+    try:
+        return torch.tensor(index, dtype=torch.bool if kinds == {bool} else torch.long)
+    except (TypeError, ValueError):  # ragged
+        return None
+
+
 def _getitem_rule(
     node: fx.Node,
     lip: Callable[[Any], float],
@@ -2182,8 +2200,9 @@ def _getitem_rule(
 ) -> float:
     """``x[...]``: 1 for basic indexing (each entry read at most once), else ``sqrt(max repeats)``.
 
-    One advanced index is allowed: a boolean mask (1) or integers known without the input (a
-    list, a buffer), which read an entry as often as its index repeats.
+    Advanced indices must be known without the input (lists of ints, buffers, boolean masks):
+    together they pick index tuples (broadcast against each other, a mask standing for its
+    ``nonzero()``), and an entry is read as often as its tuple repeats.
     """
     base, index = node.args[0], node.args[1]
     if lip(base) == 0.0:
@@ -2193,34 +2212,53 @@ def _getitem_rule(
     advanced = [k for k, i in enumerate(parts) if not isinstance(i, basic)]
     if not advanced:
         return lip(base)  # a selection without repetition
-    if len(advanced) > 1:
-        raise _Unsupported(f"no Lipschitz rule for {node.name}: several advanced indices")
-    k = advanced[0]
-    i = parts[k]
-    if isinstance(i, list) and all(type(v) is int for v in i):
-        value: Tensor | None = torch.tensor(i, dtype=torch.long)
-    else:
-        value = fixed(i)
-    if value is None or value.is_floating_point() or value.is_complex():
-        raise _Unsupported(f"no Lipschitz rule for {node.name}: an index that is not fixed")
-    if value.dtype == torch.bool:
-        return lip(base)
-    value = value.detach().flatten().long().cpu()
-    if value.numel() == 0:
+    values: dict[int, Tensor] = {}
+    for k in advanced:
+        i = parts[k]
+        value = _literal_index(i) if isinstance(i, (list, tuple)) else fixed(i)
+        if value is None or value.is_floating_point() or value.is_complex():
+            raise _Unsupported(f"no Lipschitz rule for {node.name}: an index that is not fixed")
+        values[k] = value.detach().cpu()
+    if len(values) == 1 and values[advanced[0]].dtype == torch.bool:
+        return lip(base)  # a mask reads each entry at most once
+    columns: list[Tensor] = []  # one integer index per indexed dim
+    dims: list[int] = []  # the dim of the input each indexes (Ellipsis and None before: -1)
+    dim = 0
+    for k, part in enumerate(parts):
+        if part is Ellipsis or part is None:
+            dim = -(10**9) if part is Ellipsis else dim
+            continue
+        if k not in values:
+            dim += 1
+            continue
+        value = values[k]
+        for column in value.nonzero(as_tuple=True) if value.dtype == torch.bool else (value,):
+            columns.append(column.long())
+            dims.append(dim)
+            dim += 1
+    try:
+        columns = list(torch.broadcast_tensors(*columns))
+    except RuntimeError:
+        raise _Unsupported(
+            f"no Lipschitz rule for {node.name}: indices that do not broadcast"
+        ) from None
+    tuples = torch.stack([c.flatten() for c in columns], 1)
+    if tuples.numel() == 0:
         return 0.0
-    if bool((value < 0).any()):  # -1 and n - 1 are the same entry: wrap with the dim's size
+    if bool((tuples < 0).any()):  # -1 and n - 1 are the same entry: wrap with the dim's size
         shape = shapes.get(base.name)
         if shape is None:
             raise _Unsupported(
                 f"no Lipschitz rule for {node.name}: negative indices into a dim of unknown size: "
                 "pass input_shape"
             )
-        if not all(isinstance(p, (int, slice)) for p in parts[:k]):
+        if any(d < 0 for d in dims):
             raise _Unsupported(
-                f"no Lipschitz rule for {node.name}: negative indices after an Ellipsis or None"
+                f"no Lipschitz rule for {node.name}: negative indices after an Ellipsis"
             )
-        value = value % shape[k]
-    return math.sqrt(int(torch.bincount(value).max())) * lip(base)
+        tuples = tuples % torch.tensor([shape[d] for d in dims])
+    counts = torch.unique(tuples, dim=0, return_counts=True)[1]
+    return math.sqrt(int(counts.max())) * lip(base)
 
 
 def _cast_rule(node: fx.Node, lip: Callable[[Any], float], dtypes: dict[str, torch.dtype]) -> float:

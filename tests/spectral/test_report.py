@@ -1630,12 +1630,38 @@ def test_indexing_with_a_fixed_tensor_counts_its_repeats():
         assert bound == pytest.approx(jacobian_norm(model, torch.randn(*shape).double()), rel=1e-9)
     refused = (
         (lambda x: x[:, torch.randint(0, 4, (3,))], "an index that is not fixed"),  # a draw
-        (lambda x: x[:, [0, 1], [1, 2]], "several advanced indices"),
-        (lambda x: x[..., [-1, 2]], "negative indices after an Ellipsis or None"),
+        (lambda x: x[..., [-1, 2]], "negative indices after an Ellipsis"),
     )
     for f, needle in refused:
         bound, reason = network_lipschitz_bound(_Func(f).double(), input_shape=shape)
         assert bound is None and needle in reason
+
+
+_SEVERAL_INDICES = {  # input (1, 4, 3, 3): index tuples and how often the most read one repeats
+    "distinct pairs": (lambda x: x[:, [0, 1], [1, 2]], 1),
+    "a repeated pair": (lambda x: x[:, [0, 1, 1], [1, 2, 2]], 2),
+    "broadcast against a 2-d index": (lambda x: x[:, [[0, 1], [1, 1]], [0, 1]], 2),
+    "a mask beside a list": (lambda x: x[:, [0, 0], [True, False, True]], 1),
+    "negative indices wrapped": (lambda x: x[:, [-2, 2], [0, 0]], 2),
+    "negative indices after None": (lambda x: x[:, None, [-1, 3], :, [0, 0]], 2),
+    "not adjacent": (lambda x: x[:, [0, 0, 3], :, [1, 1, 1]], 2),
+    "three dims, one list repeating alone": (lambda x: x[:, [1, 1], [0, 2], [2, 2]], 1),
+    "three lists broadcast": (lambda x: x[:, [0, 1], [[0], [1], [2]], [0, 1]], 1),
+    "three lists broadcast, repeating": (lambda x: x[:, [0, 0], [[0], [1], [1]], [2, 2]], 4),
+}
+
+
+@pytest.mark.parametrize("name", list(_SEVERAL_INDICES))
+def test_several_fixed_advanced_indices_count_their_repeated_tuples(name):
+    f, repeats = _SEVERAL_INDICES[name]
+    model = _Func(f).double()
+    shape = (4, 3, 3)
+    bound, reason = network_lipschitz_bound(model, input_shape=shape)
+    assert reason == ""
+    assert bound == pytest.approx(math.sqrt(repeats), rel=1e-12)
+    z = torch.randn(1, *shape).double()  # (not adjacent: the index dims come first)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), z)
+    assert bound == pytest.approx(float(torch.linalg.matrix_norm(J.flatten(1), 2)), rel=1e-9)
 
 
 class _Around(nn.Module):
