@@ -20,7 +20,7 @@ attack/regime fragment and ``--model.beta``, executed in this process through th
 The beta of the "SN" column is the one with the best validation accuracy (adversarial under the training
 attack for adversarial schemes, clean for ERM; PGM-adversarial for the regimes table), as in the paper.
 
-    python -m benchmarks.reproduce --budget small            # ELU-Net, 1,000 training images, ~90 min on 2 cores
+    python -m benchmarks.reproduce --budget small            # ELU-Net, 1,000 training images, ~85-90 min on 2 cores
     python -m benchmarks.reproduce --budget full             # all 60,000 images, 30 epochs, + mini-AlexNet (GPU)
     python -m benchmarks.reproduce --budget small --groups alexnet --jobs 8   # 8 runs at a time (GPU)
     python -m benchmarks.reproduce --budget small --groups l2 --dry-run   # print the commands only
