@@ -356,11 +356,17 @@ def run(
     plot_curve(report, out / "robustness_curve.png")
     lines = [f"clean acc {report['clean_acc']:.4f} (n={report['n']})"]
     certified = report["certified"].get("acc", {})
+    settings = report.get("autoattack_settings", {})
+    aa_name = (
+        f"AutoAttack[{','.join(settings['attacks'])}]"
+        if settings.get("version") == "standard subset"
+        else "AutoAttack"
+    )
     for eps in report["pgd"]:
         aa = report.get("autoattack", {}).get(eps)
         lines.append(
             f"eps {eps}: PGD-{ev.steps} {report['pgd'][eps]:.4f}"
-            + (f"  AutoAttack {aa:.4f}" if aa is not None else "")
+            + (f"  {aa_name} {aa:.4f}" if aa is not None else "")
             + (f"  certified {certified[eps]:.4f}" if eps in certified else "")
         )
     if "reason" in report["certified"]:

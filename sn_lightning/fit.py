@@ -935,7 +935,13 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
 
 
 def check_run(cli: SNLightningCLI) -> None:
-    """The checks that need the built trainer and model, before anything starts."""
+    """The checks that need the built trainer and model, before anything starts.
+
+    Once per cli: ``main`` checks before releasing the run lock and :func:`run` again, so each
+    warning shows once.
+    """
+    if getattr(cli, "_sn_run_checked", False):
+        return
     _check_strategy(cli.trainer, cli.model)
     _check_training_length(cli.trainer)
     check_ckpt_path(cli.config.ckpt_path)
@@ -949,6 +955,7 @@ def check_run(cli: SNLightningCLI) -> None:
                 f"checkpoint {cli.config.ckpt_path} does not fit the model built from this config "
                 f"(resume with the training run's config.yaml): {why}"
             )
+    cli._sn_run_checked = True
 
 
 def state_dict_mismatch(model: torch.nn.Module, state_dict: object) -> str | None:

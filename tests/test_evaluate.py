@@ -64,7 +64,7 @@ def _evaluate(checkpoint, out, *extra):
     return saved
 
 
-def test_evaluate_pgd_and_the_autoattack_subset(checkpoint, tmp_path, monkeypatch):
+def test_evaluate_pgd_and_the_autoattack_subset(checkpoint, tmp_path, monkeypatch, capsys):
     """``--eval.autoattack_attacks`` runs only the named attacks (here no FAB-T, no Square)."""
     import pyautoattack.fab_pt
     import pyautoattack.square
@@ -82,6 +82,8 @@ def test_evaluate_pgd_and_the_autoattack_subset(checkpoint, tmp_path, monkeypatc
         "version": "standard subset",
         "attacks": ["apgd-ce", "apgd-t"],
     }
+    out = capsys.readouterr().out  # the console names the subset too
+    assert f"AutoAttack[apgd-ce,apgd-t] {saved['autoattack']['0.15']:.4f}" in out
 
 
 @pytest.mark.slow

@@ -228,7 +228,8 @@ class ImageDataModule(L.LightningDataModule):
         self.std = list(std if std is not None else default_std)
         if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
             raise ConfigError(
-                f"mean/std need {self.input_shape[0]} values, got {self.mean} and {self.std}"
+                f"data.mean/data.std need {self.input_shape[0]} value(s), one per channel of "
+                f"{dataset}, got mean={self.mean} and std={self.std}"
             )
         if not all(math.isfinite(m) for m in self.mean) or not all(
             0 < s < math.inf for s in self.std

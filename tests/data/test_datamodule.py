@@ -223,7 +223,7 @@ def test_download_goes_through_torchvision(tmp_path, monkeypatch):
         ({"dataset": "mnist", "data_dir": "/nonexistent/x"}, r"/nonexistent/x .* does not exist"),
         ({"dataset": "digits", "val_size": -1}, "val_size"),
         ({"dataset": "imagefolder"}, "needs --data.data_dir"),
-        ({"dataset": "digits", "mean": [0.1, 0.2]}, "mean/std need 1 values"),
+        ({"dataset": "digits", "mean": [0.1, 0.2]}, r"data.mean/data.std need 1 value\(s\)"),
         (
             {"dataset": "digits", "std": [float("nan")]},
             "std positive and finite, got .* and \\[nan\\]",
