@@ -828,10 +828,7 @@ def _contraction_rule(
     x = operands[i]
     x_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
     if x_shape is None:
-        raise _Unsupported(
-            f"no Lipschitz rule for {node.name}: {_describe(node)} of a value whose shape is "
-            "unknown: pass input_shape"
-        )
+        raise _unknown_shape(node)
     values = {j: fixed(a) for j, a in enumerate(operands) if j != i}
     if any(v is None for v in values.values()):
         raise _Unsupported(
@@ -891,6 +888,22 @@ def _contraction_rule(
     return math.sqrt(summed) * _norm_upper_bound(M) * lip(x)
 
 
+def _einsum_operands(node: fx.Node) -> list[Any]:
+    """The operands of ``torch.einsum(equation, *operands)`` or ``torch.einsum(equation, [...])``."""
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        return list(operands[0])
+    return operands
+
+
+def _unknown_shape(node: fx.Node) -> _Unsupported:
+    """The refusal for a rule that needs the recorded shape of a value it does not have."""
+    return _Unsupported(
+        f"no Lipschitz rule for {node.name}: {_describe(node)} of a value whose shape is unknown: "
+        "pass input_shape"
+    )
+
+
 def _einsum_call_rule(
     node: fx.Node,
     lip: Callable[[Any], float],
@@ -899,9 +912,7 @@ def _einsum_call_rule(
 ) -> float:
     """``torch.einsum`` and the matmul family (functions, methods, ``@``): Note [contractions]."""
     if node.target is torch.einsum:
-        equation, operands = node.args[0], list(node.args[1:])
-        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-            operands = list(operands[0])
+        equation, operands = node.args[0], _einsum_operands(node)
         if not isinstance(equation, str) or node.kwargs:
             raise _Unsupported(f"no Lipschitz rule for {node.name}: einsum in sublist form")
         return _contraction_rule(node, equation, operands, lip, shapes, fixed)
@@ -913,10 +924,7 @@ def _einsum_call_rule(
         value = fixed(t) if lip(t) == 0.0 else None
         shape = value.shape if value is not None else shapes.get(getattr(t, "name", ""))
         if shape is None or len(shape) == 0:
-            raise _Unsupported(
-                f"no Lipschitz rule for {node.name}: {_describe(node)} of a value whose shape is "
-                "unknown: pass input_shape"
-            )
+            raise _unknown_shape(node)
         ranks.append(len(shape))
     return _contraction_rule(node, _matmul_equation(*ranks), [a, b], lip, shapes, fixed)
 
@@ -1737,9 +1745,7 @@ def _first(node: fx.Node) -> Any:
     ``einsum("ij->ji", x)``; with more operands it is a new tensor).
     """
     if node.op == "call_function" and node.target is torch.einsum:
-        operands = node.args[1:]
-        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-            operands = operands[0]
+        operands = _einsum_operands(node)
         return operands[0] if len(operands) == 1 else None
     return node.args[0] if node.args else node.kwargs.get("input")
 
@@ -2189,10 +2195,7 @@ def _literal_index(index: list | tuple) -> Tensor | None:
     kinds = {type(v) for v in flat}
     if not kinds <= {int} and kinds != {bool}:
         return None
-    try:
-        return torch.tensor(index, dtype=torch.bool if kinds == {bool} else torch.long)
-    except (TypeError, ValueError):  # ragged
-        return None
+    return torch.tensor(index, dtype=torch.bool if kinds == {bool} else torch.long)
 
 
 def _getitem_rule(
@@ -2225,11 +2228,13 @@ def _getitem_rule(
     if len(values) == 1 and values[advanced[0]].dtype == torch.bool:
         return lip(base)  # a mask reads each entry at most once
     columns: list[Tensor] = []  # one integer index per indexed dim
-    dims: list[int] = []  # the dim of the input each indexes (Ellipsis and None before: -1)
+    dims: list[int] = []  # the input dim each indexes; negative after an Ellipsis (not known)
     dim = 0
     for k, part in enumerate(parts):
-        if part is Ellipsis or part is None:
-            dim = -(10**9) if part is Ellipsis else dim
+        if part is None:  # a new dim of the output, none of the input
+            continue
+        if part is Ellipsis:
+            dim = -(10**9)
             continue
         if k not in values:
             dim += 1
@@ -2239,12 +2244,8 @@ def _getitem_rule(
             columns.append(column.long())
             dims.append(dim)
             dim += 1
-    try:
-        columns = list(torch.broadcast_tensors(*columns))
-    except RuntimeError:
-        raise _Unsupported(
-            f"no Lipschitz rule for {node.name}: indices that do not broadcast"
-        ) from None
+    # (indices that do not broadcast, or ragged lists, fail in the forward: the shape pass)
+    columns = list(torch.broadcast_tensors(*columns))
     tuples = torch.stack([c.flatten() for c in columns], 1)
     if tuples.numel() == 0:
         return 0.0
