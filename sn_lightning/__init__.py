@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sn_lightning.errors import ConfigError as ConfigError
+from sn_lightning.errors import ConfigWarning as ConfigWarning
 from sn_lightning.evaluation import evaluate as evaluate
 from sn_lightning.models import InputNormalize as InputNormalize
 from sn_lightning.models import create_backbone as create_backbone
@@ -28,6 +29,7 @@ _LAZY = {"SNClassifier": "sn_lightning.lit", "ImageDataModule": "sn_lightning.da
 
 __all__ = [
     "ConfigError",
+    "ConfigWarning",
     "ImageDataModule",
     "InputNormalize",
     "SNClassifier",

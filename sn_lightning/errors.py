@@ -1,4 +1,8 @@
-"""The one error type for bad user input: the CLI turns it into a one-line message, no traceback."""
+"""Bad user input: one error type and one warning type, which the CLI prints as one line each.
+
+``ConfigError``: the run cannot start (no traceback). ``ConfigWarning``: a valid setting that has
+no effect in this run.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ from collections.abc import Iterable
 
 class ConfigError(ValueError):
     """Bad user input (a name, a path, a value) found before training starts."""
+
+
+class ConfigWarning(UserWarning):
+    """A valid setting that has no effect (or only part of it) in this run, found before training."""
 
 
 class MissingDataError(ConfigError):

@@ -379,7 +379,7 @@ def run(
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the report."""
     prog = "python -m sn_lightning.evaluate"
-    with quiet_lightning(), one_line_errors(prog), _restored_environ(*SEED_ENVIRON):
+    with quiet_lightning(prog), one_line_errors(prog), _restored_environ(*SEED_ENVIRON):
         with held_startup_lines() as release:
             cli = build_cli(
                 EvaluateCLI,

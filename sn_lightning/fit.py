@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -52,7 +53,7 @@ from sn_lightning.callbacks import (
 from sn_lightning.callbacks.robust_eval import attack_name
 from sn_lightning.config_keys import KeyIndex
 from sn_lightning.data import ImageDataModule
-from sn_lightning.errors import ConfigError, first_line
+from sn_lightning.errors import ConfigError, ConfigWarning, first_line
 from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
 
@@ -394,14 +395,18 @@ class _DropTips(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-run advertisements and known-harmless warnings (Note [quiet runs])."""
+def quiet_lightning(prog: str = "python -m sn_lightning.fit") -> Iterator[None]:
+    """Silence Lightning's per-run advertisements and known-harmless warnings (Note [quiet runs]).
+
+    Warnings print on one line; a :class:`ConfigWarning` as ``{prog}: warning: {message}``, like
+    the CLI's errors.
+    """
     tips = _DropTips()
     loggers = [logging.getLogger(name) for name in _TIP_LOGGERS]
     for logger in loggers:
         logger.addFilter(tips)
     formatwarning = warnings.formatwarning
-    warnings.formatwarning = _one_line_warning
+    warnings.formatwarning = functools.partial(_one_line_warning, prog=prog)
     try:
         with warnings.catch_warnings():
             for pattern in _NOISE_WARNINGS:
@@ -419,12 +424,16 @@ def _one_line_warning(
     filename: str,
     lineno: int,
     line: str | None = None,
+    *,
+    prog: str,
 ) -> str:
     """``file:line: Category: message`` without Python's echo of the source line.
 
-    A configuration warning is raised where jsonargparse instantiates the class, so the echoed
-    line would be jsonargparse's ``return class_type(*args, **kwargs)``.
+    A configuration warning is raised where jsonargparse or Lightning instantiates the class, so
+    its place (and the echoed line) would be theirs: it prints as ``{prog}: warning: {message}``.
     """
+    if issubclass(category, ConfigWarning):
+        return f"{prog}: warning: {message}\n"
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
@@ -1189,7 +1198,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the results dict (empty on ranks other than 0)."""
     prog = "python -m sn_lightning.fit"
     with (
-        quiet_lightning(),
+        quiet_lightning(prog),
         one_line_errors(prog),
         _restored_environ("WANDB_RUN_ID", "WANDB_MODE", *SEED_ENVIRON),
     ):

@@ -570,13 +570,28 @@ def test_quiet_lightning_drops_only_the_known_noise(caplog):
 
 
 def test_a_run_prints_no_lightning_advertisements(tmp_path):
-    proc = _fit_process(tmp_path, "--trainer.max_epochs=1", "--data.train_subset=64")
+    proc = _fit_process(
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--data.train_subset=64",
+        "--model.beta=null",  # two config warnings: options of features that are off
+        "--model.sn_power_iterations=3",
+        "--adversarial.attack=null",
+        "--adversarial.mix=0.5",
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     for noise in ("Tip:", "litlogger", "litmodels", "tensorboardX", "LeafSpec"):
         assert noise not in output
     assert "GPU available: False" in output and "results: " in output
     assert output.count("Seed set to 0") == 1  # held while the CLI is checked, then printed once
+    # config warnings are raised inside jsonargparse and Lightning: named by the program instead
+    assert [line for line in proc.stderr.splitlines() if "no effect" in line] == [
+        "python -m sn_lightning.fit: warning: model.beta is null (no spectral normalization), "
+        "so sn_power_iterations has no effect",
+        "python -m sn_lightning.fit: warning: adversarial.attack is null (clean training), so "
+        "mix, start_epoch and eps_warmup_epochs have no effect",
+    ]
 
 
 BAD_VALUE_CASES = [
@@ -766,10 +781,14 @@ def test_warnings_print_on_one_line_inside_the_cli():
     """Python echoes a warning's source line; for a config warning that is jsonargparse's code."""
     import warnings
 
+    from sn_lightning import ConfigWarning
     from sn_lightning.fit import quiet_lightning
 
     before = warnings.formatwarning
-    with quiet_lightning():
+    with quiet_lightning("python -m sn_lightning.evaluate"):
         text = warnings.formatwarning("mix has no effect", UserWarning, "x.py", 3, "return cls()")
+        config = warnings.formatwarning("mix has no effect", ConfigWarning, "x.py", 3, "cls()")
     assert text == "x.py:3: UserWarning: mix has no effect\n"
+    # a config warning's place is jsonargparse's or Lightning's: named by the program instead
+    assert config == "python -m sn_lightning.evaluate: warning: mix has no effect\n"
     assert warnings.formatwarning is before

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sn_lightning.attacks import Attack
 from sn_lightning.attacks.base import check_l2_radius
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, ConfigWarning
 
 
 def resolve_attack(attack: Attack, datamodule: object, input_shape: object) -> Attack:
@@ -91,7 +91,7 @@ class AdversarialTraining(L.Callback):
             warnings.warn(
                 "adversarial.attack is null (clean training), so mix, start_epoch and "
                 "eps_warmup_epochs have no effect",
-                UserWarning,
+                ConfigWarning,
                 stacklevel=2,
             )
         self.attack, self.mix = attack, mix
@@ -120,7 +120,7 @@ class AdversarialTraining(L.Callback):
             rank_zero_warn(
                 f"adversarial start_epoch {self.start_epoch} >= trainer.max_epochs {max_epochs}: "
                 "this run trains on clean inputs only",
-                category=UserWarning,
+                category=ConfigWarning,
             )
         elif self.start_epoch + self.eps_warmup_epochs > max_epochs:
             reached = (max_epochs - self.start_epoch) / self.eps_warmup_epochs
@@ -128,7 +128,7 @@ class AdversarialTraining(L.Callback):
                 f"adversarial start_epoch {self.start_epoch} + eps_warmup_epochs "
                 f"{self.eps_warmup_epochs} > trainer.max_epochs {max_epochs}: the perturbation "
                 f"reaches only {reached:.0%} of eps by the end of training",
-                category=UserWarning,
+                category=ConfigWarning,
             )
 
     def _warmup_factor(self, trainer: L.Trainer, batch_idx: int) -> float:

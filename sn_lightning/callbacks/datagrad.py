@@ -9,7 +9,7 @@ import lightning as L
 from torch import Tensor
 
 from sn_lightning.attacks import datagrad_fd_loss, datagrad_penalty
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, ConfigWarning
 
 
 class DataGrad(L.Callback):
@@ -45,7 +45,7 @@ class DataGrad(L.Callback):
         if lam == 0 and (norm, form, phi) != ("l1", "exact", 0.1):
             warnings.warn(
                 "datagrad.lam is 0 (off), so norm, form and phi have no effect",
-                UserWarning,
+                ConfigWarning,
                 stacklevel=2,
             )
         self.lam, self.norm, self.form, self.phi = lam, norm, form, phi

@@ -8,7 +8,7 @@ from typing import Literal
 import lightning as L
 
 from sn_lightning.attacks import LayerwisePerturbation, layerwise_layers
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, ConfigWarning
 
 
 class LayerwiseTraining(L.Callback):
@@ -39,7 +39,7 @@ class LayerwiseTraining(L.Callback):
         if eps == 0 and (layers is not None or mode != "sign"):
             warnings.warn(
                 "layerwise.eps is 0 (off), so layers and mode have no effect",
-                UserWarning,
+                ConfigWarning,
                 stacklevel=2,
             )
         self.eps, self.layers, self.mode = eps, layers, mode

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
 from sn_lightning.data.sampling import ResumableLoader, SeededVisits, VisitSampler
-from sn_lightning.errors import ConfigError, MissingDataError, first_line
+from sn_lightning.errors import ConfigError, ConfigWarning, MissingDataError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,7 +217,8 @@ class ImageDataModule(L.LightningDataModule):
             if data_dir is not None and dataset == "digits":
                 rank_zero_warn(
                     f"data.data_dir={data_dir!r} is not used: dataset 'digits' is bundled with "
-                    "scikit-learn (no files)"
+                    "scikit-learn (no files)",
+                    category=ConfigWarning,
                 )
             if not download:
                 try:

@@ -18,7 +18,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
-from sn_lightning.errors import ConfigError, first_line
+from sn_lightning.errors import ConfigError, ConfigWarning, first_line
 from sn_lightning.models import create_backbone
 from sn_lightning.modes import eval_mode
 
@@ -520,7 +520,7 @@ class SNClassifier(L.LightningModule):
             rank_zero_warn(
                 f"crm_start_epoch {hp.crm_start_epoch} >= trainer.max_epochs {max_epochs}: this "
                 "run never uses the CRM term",
-                category=UserWarning,
+                category=ConfigWarning,
             )
 
     def on_train_start(self) -> None:
@@ -590,6 +590,6 @@ def _warn_unused_sn_options(args: dict[str, Any]) -> None:
         warnings.warn(
             f"model.beta is null (no spectral normalization), so {', '.join(changed)} "
             f"{'has' if len(changed) == 1 else 'have'} no effect",
-            UserWarning,
+            ConfigWarning,
             stacklevel=3,
         )

@@ -18,7 +18,7 @@ from sn_lightning.callbacks import (
 )
 from sn_lightning.data import ImageDataModule
 from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, ConfigWarning
 from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
 from sn_lightning.lit.classifier import ReseedEachBatch
@@ -329,7 +329,7 @@ def test_evaluate_max_examples_is_exact_and_counts_the_first_examples():
 
 
 def test_options_without_an_attack_warn():
-    with pytest.warns(UserWarning, match="adversarial.attack is null .* have no effect"):
+    with pytest.warns(ConfigWarning, match="adversarial.attack is null .* have no effect"):
         AdversarialTraining(None, mix=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -338,9 +338,9 @@ def test_options_without_an_attack_warn():
 
 def test_strength_zero_options_warn():
     """datagrad and layerwise options have no effect while their strength is 0 (off)."""
-    with pytest.warns(UserWarning, match=r"datagrad\.lam is 0 \(off\), so norm, form and phi"):
+    with pytest.warns(ConfigWarning, match=r"datagrad\.lam is 0 \(off\), so norm, form and phi"):
         DataGrad(lam=0.0, norm="l2")
-    with pytest.warns(UserWarning, match=r"layerwise\.eps is 0 \(off\), so layers and mode"):
+    with pytest.warns(ConfigWarning, match=r"layerwise\.eps is 0 \(off\), so layers and mode"):
         LayerwiseTraining(eps=0.0, layers=["net.1"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -368,14 +368,14 @@ def test_check_config_checks_against_the_model_and_the_data():
 def test_eps_warmup_past_the_run_warns(tmp_path):
     model = RecordingClassifier(lr=0.05)
     callback = AdversarialTraining(FGM("linf", eps=0.1), start_epoch=1, eps_warmup_epochs=4)
-    with pytest.warns(UserWarning, match=r"eps_warmup_epochs 4 > trainer\.max_epochs 2: .* 25%"):
+    with pytest.warns(ConfigWarning, match=r"eps_warmup_epochs 4 > trainer\.max_epochs 2: .* 25%"):
         _fit(model, [callback], tmp_path, steps=1, epochs=2, limit_val_batches=0)
 
 
 def test_start_epoch_past_the_run_warns(tmp_path):
     model = RecordingClassifier(lr=0.05)
     callback = AdversarialTraining(FGM("linf", eps=0.1), start_epoch=2)
-    with pytest.warns(UserWarning, match=r"start_epoch 2 >= trainer\.max_epochs 2: this run"):
+    with pytest.warns(ConfigWarning, match=r"start_epoch 2 >= trainer\.max_epochs 2: this run"):
         _fit(model, [callback], tmp_path, steps=1, epochs=2, limit_val_batches=0)
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sn_lightning.data import ImageDataModule
-from sn_lightning.errors import ConfigError
+from sn_lightning.errors import ConfigError, ConfigWarning
 from sn_lightning.lit import SNClassifier
 
 
@@ -323,9 +323,9 @@ def test_backbone_that_cannot_take_the_data_fails_before_training():
 
 
 def test_sn_options_without_beta_warn_and_empty_include_is_refused():
-    with pytest.warns(UserWarning, match=r"model.beta is null .*sn_method, sn_include have no"):
+    with pytest.warns(ConfigWarning, match=r"model.beta is null .*sn_method, sn_include have no"):
         SNClassifier(beta=None, sn_method="matrix", sn_include=["net.*"])
-    with pytest.warns(UserWarning, match=r"model.beta is null .*, so sn_method has no effect"):
+    with pytest.warns(ConfigWarning, match=r"model.beta is null .*, so sn_method has no effect"):
         SNClassifier(beta=None, sn_method="matrix")
     with pytest.raises(ConfigError, match=r"sn_include \[\] names no layer"):
         SNClassifier(beta=1.0, sn_include=[])
@@ -336,7 +336,7 @@ def test_sn_options_without_beta_warn_and_empty_include_is_refused():
 def test_crm_that_never_starts_warns(tmp_path):
     model = SNClassifier(backbone="mlp2", crm_lambda=1.0, crm_start_epoch=2)
     trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
-    with pytest.warns(UserWarning, match=r"crm_start_epoch 2 >= trainer\.max_epochs 2: this run"):
+    with pytest.warns(ConfigWarning, match=r"crm_start_epoch 2 >= trainer\.max_epochs 2: this run"):
         trainer.fit(model, datamodule=ImageDataModule("digits"))
 
 
