@@ -8,10 +8,13 @@ beside the checkpoint's run).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +47,7 @@ DESCRIPTION = (
 
 AutoAttackName = Literal["apgd-ce", "apgd-t", "fab-t", "square"]
 STANDARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")  # in their order
+PROGRESS = "evaluate: "  # the prefix of progress lines on stderr
 DEFAULT_EPS = {"linf": [2 / 255, 4 / 255, 8 / 255, 16 / 255], "l2": [0.25, 0.5, 1.0, 2.0]}
 
 
@@ -80,6 +84,12 @@ class EvaluateCLI(SNLightningCLI):
             "--eval.device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ..."
         )
         parser.add_argument("--eval.out", type=str | None, default=None, help="output folder")
+        parser.add_argument(
+            "--eval.progress",
+            type=bool,
+            default=True,
+            help="a line on stderr as each attack finishes (AutoAttack's own lines included)",
+        )
 
 
 def _test_tensors(dm: ImageDataModule, max_examples: int | None) -> tuple[Tensor, Tensor]:
@@ -109,12 +119,14 @@ def autoattack_accuracy(
     device: torch.device,
     batch_size: int,
     attacks: Sequence[str] = STANDARD_ATTACKS,
+    progress: bool = False,
 ) -> float:
     """Robust accuracy under AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square).
 
     ``attacks``: a subset of the standard version's four attacks, run in the standard order with
     the standard version's settings (APGD-T and FAB-T on 9 target classes, Square 5000 queries).
     An example counts as robust when none of them breaks it (Croce & Hein, ICML 2020).
+    ``progress``: AutoAttack's own lines (per batch and attack) on stderr, prefixed with the eps.
     """
     unknown = [a for a in attacks if a not in STANDARD_ATTACKS]
     if unknown or not attacks:
@@ -131,12 +143,43 @@ def autoattack_accuracy(
         device=device,
         seed=0,
     )
-    adversary.verbose = False
+    adversary.verbose = progress
     adversary.attacks_to_run = [a for a in STANDARD_ATTACKS if a in attacks]  # the settings stay
-    x_adv, _ = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)
+    with _autoattack_lines(f"AutoAttack {norm} eps {eps:g}: ", progress):
+        x_adv, _ = adversary.run_standard_evaluation(
+            x.to(device), y.to(device), batch_size=batch_size
+        )
     with torch.no_grad():
         pred = torch.cat([model(xb).argmax(1).cpu() for xb, _ in _batches(x_adv, y, batch_size)])
     return float((pred == y).float().mean())
+
+
+@contextlib.contextmanager
+def _autoattack_lines(prefix: str, show: bool) -> Iterator[None]:
+    """Print pyautoattack's ``auto-attack`` log records (progress at DEBUG) on stderr after ``prefix``.
+
+    Its checks' warnings (e.g. logits that look like probabilities) print either way.
+    """
+    logger = logging.getLogger("auto-attack")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROGRESS}{prefix}%(message)s"))
+    handler.setLevel(logging.DEBUG if show else logging.WARNING)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if show else logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _progress(show: bool, message: str) -> None:
+    if show:
+        sys.stderr.write(f"{PROGRESS}{message}\n")
+        sys.stderr.flush()
 
 
 def certified_report(
@@ -316,7 +359,14 @@ def run(
         },
         "pgd": {},
     }
+    _progress(
+        ev.progress,
+        f"clean acc {report['clean_acc']:.4f} (n={report['n']}); PGD-{ev.steps} and "
+        + ("AutoAttack " if ev.autoattack else "")
+        + f"at {ev.norm} eps {', '.join(f'{e:g}' for e in eps_list)}",
+    )
     for eps in eps_list:
+        start = time.perf_counter()
         attack = PGD(
             ev.norm,
             eps=eps,
@@ -328,8 +378,23 @@ def run(
         report["pgd"][f"{eps:g}"] = evaluate(
             model.model, _batches(x, y, ev.batch_size), device, attack=attack
         )["acc"]
+        _progress(
+            ev.progress,
+            f"PGD-{ev.steps} {ev.norm} eps {eps:g}: acc {report['pgd'][f'{eps:g}']:.4f} "
+            f"({time.perf_counter() - start:.1f} s)",
+        )
     report["certified"] = certified_report(
         model, x, y, norm=ev.norm, eps_list=eps_list, device=device, batch_size=ev.batch_size
+    )
+    certified = report["certified"]
+    _progress(
+        ev.progress,
+        "certified acc "
+        + (
+            ", ".join(f"eps {eps} {acc:.4f}" for eps, acc in certified["acc"].items())
+            if "acc" in certified
+            else f"none ({certified['reason']})"
+        ),
     )
     if ev.autoattack:
         attacks = [a for a in STANDARD_ATTACKS if a in (ev.autoattack_attacks or STANDARD_ATTACKS)]
@@ -347,6 +412,7 @@ def run(
                 device=device,
                 batch_size=ev.batch_size,
                 attacks=attacks,
+                progress=ev.progress,
             )
             for eps in eps_list
         }

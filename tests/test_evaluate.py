@@ -82,8 +82,18 @@ def test_evaluate_pgd_and_the_autoattack_subset(checkpoint, tmp_path, monkeypatc
         "version": "standard subset",
         "attacks": ["apgd-ce", "apgd-t"],
     }
-    out = capsys.readouterr().out  # the console names the subset too
-    assert f"AutoAttack[apgd-ce,apgd-t] {saved['autoattack']['0.15']:.4f}" in out
+    captured = capsys.readouterr()  # the console names the subset too
+    assert f"AutoAttack[apgd-ce,apgd-t] {saved['autoattack']['0.15']:.4f}" in captured.out
+    # progress on stderr as each attack finishes, AutoAttack's own lines with their eps
+    err = captured.err.splitlines()
+    pgd, aa = saved["pgd"], saved["autoattack"]
+    assert f"evaluate: PGD-10 linf eps 0.15: acc {pgd['0.15']:.4f}" in "\n".join(err)
+    cert = " ".join(f"eps {e} {a:.4f}," for e, a in saved["certified"]["acc"].items())
+    assert f"evaluate: certified acc {cert[:-1]}" in err
+    for eps in aa:
+        after = [line for line in err if line.startswith(f"evaluate: AutoAttack linf eps {eps}: ")]
+        assert any("robust accuracy after APGD-CE" in line for line in after)
+        assert after[-1].endswith(f"robust accuracy: {aa[eps]:.2%}")
 
 
 @pytest.mark.slow
@@ -164,6 +174,7 @@ def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path, capsys):
             "--eval.eps=[0.1,0.5]",
             "--eval.autoattack=false",
             "--eval.max_examples=100",
+            "--eval.progress=false",
             f"--eval.out={tmp_path / 'ev'}",
         ]
     )
@@ -171,8 +182,10 @@ def test_evaluate_certified_accuracy_on_a_liplt_model(tmp_path, capsys):
     for eps in ("0.1", "0.5"):
         assert cert[eps] <= pgd[eps] + 1e-9  # a certified point is never broken by an attack
     assert cert["0.5"] <= cert["0.1"] and cert["0.1"] > 0.5
-    # the console shows what evaluation.json holds, the certificate included
-    out = capsys.readouterr().out.splitlines()
+    # the console shows what evaluation.json holds, the certificate included; no progress lines
+    captured = capsys.readouterr()
+    assert "evaluate: " not in captured.err
+    out = captured.out.splitlines()
     i = next(i for i, line in enumerate(out) if line.startswith("clean acc "))
     assert out[i : i + 3] == [
         f"clean acc {report['clean_acc']:.4f} (n=100)",
