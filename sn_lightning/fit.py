@@ -50,6 +50,7 @@ from sn_lightning.callbacks import (
     LayerwiseTraining,
     RobustEvaluation,
 )
+from sn_lightning.callbacks.adversarial import attack_precision, check_attack_precision
 from sn_lightning.callbacks.robust_eval import attack_name
 from sn_lightning.config_keys import KeyIndex
 from sn_lightning.data import ImageDataModule
@@ -876,7 +877,7 @@ def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule)
     for name, attack in attacks.items():
         entry: dict[str, Any] = {"attack": repr(attack)}
         for split, loader in loaders.items():
-            with trainer.precision_plugin.forward_context():
+            with attack_precision(trainer):
                 entry[split] = evaluate(
                     model, loader(), model.device, attack=attack, max_examples=cap
                 )
@@ -935,6 +936,14 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
         if callable(check):
             check(cli.model, cli.datamodule)
     robust = _callback(cli.trainer, RobustEvaluation)
+    adversarial = _callback(cli.trainer, AdversarialTraining)
+    datagrad = _callback(cli.trainer, DataGrad)
+    if (
+        (robust is not None and robust.attacks)
+        or (adversarial is not None and adversarial.attack is not None)
+        or (datagrad is not None and datagrad.lam > 0)
+    ):
+        check_attack_precision(cli.trainer)
     dm = cli.datamodule
     if robust is not None and robust.attacks and getattr(dm, "val_size", None) == 0:
         _warn(

@@ -335,6 +335,11 @@ def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
         ),
         (["--model.sn_include=[]"], "sn_include [] names no layer; give fnmatch patterns"),
         (
+            ["--trainer.precision=16-true"],
+            "trainer.precision '16-true' cannot take attacks' input gradients (float16 underflows "
+            "them, PAPERS 5.1); use 16-mixed (attacks then run in float32), bf16-mixed",
+        ),
+        (
             ["--adversarial.attack.norm=l2", "--adversarial.attack.eps=8"],
             "PGD: l2 eps 8 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs, covers "
             "every input",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -53,6 +56,31 @@ def check_attack_config(attack: Attack, model: L.LightningModule, datamodule: ob
         resolve_attack(attack, datamodule, shape)
 
 
+def attack_precision(trainer: L.Trainer) -> contextlib.AbstractContextManager[Any]:
+    """The context attacks run in: the trainer's precision context, but float32 under fp16 AMP.
+
+    PAPERS 5.1: input gradients under float16 autocast underflow (no loss scaler scales
+    ``grad_x``; cross-entropy below ~6e-8 gives an exactly zero gradient, and sign(0) leaves the
+    example unperturbed and counted as robust), so ``16-mixed`` attacks in float32; bf16 keeps
+    float32's range and stays. ``16-true`` (float16 weights) is refused before training
+    (:func:`check_attack_precision`).
+    """
+    plugin = trainer.precision_plugin
+    if getattr(plugin, "precision", None) == "16-mixed":
+        return torch.autocast(str(getattr(plugin, "device", "cuda")), enabled=False)
+    return plugin.forward_context()
+
+
+def check_attack_precision(trainer: L.Trainer) -> None:
+    """Refuse ``precision: 16-true`` for a run that attacks: float16 input gradients underflow."""
+    if str(getattr(trainer, "precision", "")) in ("16-true", "16"):
+        raise ConfigError(
+            f"trainer.precision {trainer.precision!r} cannot take attacks' input gradients "
+            "(float16 underflows them, PAPERS 5.1); use 16-mixed (attacks then run in float32), "
+            "bf16-mixed, bf16-true or 32-true"
+        )
+
+
 def _input_shape(model: L.LightningModule) -> object:
     return getattr(model, "hparams", {}).get("input_shape")
 
@@ -61,7 +89,8 @@ class AdversarialTraining(L.Callback):
     """Replace each training batch by adversarial examples of the current model (in place).
 
     The attack runs on the unwrapped LightningModule (so not through DDP's wrapper), in eval mode
-    by default, under the trainer's precision context; it never touches parameter gradients,
+    by default, under the trainer's precision context (float32 under fp16 AMP,
+    :func:`attack_precision`); it never touches parameter gradients,
     BatchNorm statistics or spectral-norm vectors. ``training_step`` sees the perturbed batch and
     logs ``train/adv_acc``.
 
@@ -154,7 +183,7 @@ class AdversarialTraining(L.Callback):
         if not self.active(trainer):
             return
         x, y = batch
-        with trainer.precision_plugin.forward_context():
+        with attack_precision(trainer):
             x_adv = self.attack(pl_module, x, y)
         factor = self._warmup_factor(trainer, batch_idx)
         if factor < 1.0:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from sn_lightning.attacks import Attack
-from sn_lightning.callbacks.adversarial import check_attack_config, resolve_attack
+from sn_lightning.callbacks.adversarial import attack_precision, check_attack_config, resolve_attack
 from sn_lightning.errors import ConfigError
 
 
@@ -90,7 +90,7 @@ class RobustEvaluation(L.Callback):
             return
         x, y = batch
         for name, attack in self.named_attacks().items():
-            with trainer.precision_plugin.forward_context():
+            with attack_precision(trainer):
                 x_adv = attack(pl_module, x, y)
                 with torch.no_grad():
                     acc = (pl_module(x_adv).argmax(dim=1) == y).float().mean()

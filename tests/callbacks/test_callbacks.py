@@ -429,3 +429,34 @@ def test_global_rngs_are_reseeded_before_every_other_callback_each_batch(tmp_pat
     repeat = Draws()
     _fit(SNClassifier(), [repeat], tmp_path, steps=2, limit_val_batches=0)
     assert [d[2][0] for d in repeat.draws] == [d[2][0] for d in unseeded.draws]
+
+
+def test_attacks_under_fp16_amp_run_in_float32():
+    """PAPERS 5.1: fp16 input gradients underflow, and sign(0) leaves confident examples as they are."""
+    import types
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from sn_lightning.attacks import FGM
+    from sn_lightning.callbacks.adversarial import attack_precision
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[3].weight *= 200  # confident: cross-entropy below fp16's smallest step
+    x = torch.rand(64, 1, 8, 8)
+    y = model(x).argmax(1)
+    fp16 = MixedPrecision("16-mixed", "cpu")
+
+    def unperturbed(context) -> int:
+        with context:
+            x_adv = FGM("linf", eps=0.1)(model, x, y)
+        return int(((x_adv - x).flatten(1).abs().sum(1) == 0).sum())
+
+    assert unperturbed(fp16.forward_context()) > 0  # the trainer's own fp16 context
+    assert unperturbed(attack_precision(types.SimpleNamespace(precision_plugin=fp16))) == 0
+    bf16 = types.SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    with attack_precision(bf16):  # bf16 has float32's range: the trainer's context stays
+        assert (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
