@@ -929,6 +929,9 @@ def _check_training_length(trainer: Trainer) -> None:
             )
 
 
+_HALF_WEIGHTS = ("16-true", "bf16-true", "16", "bf16")  # precisions that cast the weights
+
+
 def _check_callbacks(cli: SNLightningCLI) -> None:
     """Each of our callbacks' settings against the model and the data (``check_config``)."""
     for callback in cli.trainer.callbacks:
@@ -944,6 +947,12 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
         or (datagrad is not None and datagrad.lam > 0)
     ):
         check_attack_precision(cli.trainer)
+    if cli.model.hparams.certify_eps and str(cli.trainer.precision) in _HALF_WEIGHTS:
+        raise ConfigError(
+            f"model.certify_eps with trainer.precision {cli.trainer.precision!r}: certificates "
+            "need float32 margins, and these weights are half precision; use 32-true, "
+            "16-mixed or bf16-mixed (certified accuracy is computed in float32 under AMP)"
+        )
     dm = cli.datamodule
     if robust is not None and robust.attacks and getattr(dm, "val_size", None) == 0:
         _warn(

@@ -340,6 +340,11 @@ def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
             "them, PAPERS 5.1); use 16-mixed (attacks then run in float32), bf16-mixed",
         ),
         (
+            ["--trainer.precision=bf16-true", "--model.certify_eps=[0.1]"],
+            "model.certify_eps with trainer.precision 'bf16-true': certificates need float32 "
+            "margins, and these weights are half precision; use 32-true, 16-mixed or bf16-mixed",
+        ),
+        (
             ["--adversarial.attack.norm=l2", "--adversarial.attack.eps=8"],
             "PGD: l2 eps 8 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs, covers "
             "every input",

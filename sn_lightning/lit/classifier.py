@@ -428,7 +428,11 @@ class SNClassifier(L.LightningModule):
             from sn_lightning.lipschitz import certified_radius
 
             x, y = batch
-            radius = certified_radius(self(x).float(), y, self._certified_L)
+            # the margins in float32: logits from bf16 autocast are off by up to ~1e-1, which
+            # certified points whose float32 radius is below eps (the bound L is float64)
+            with torch.autocast(x.device.type, enabled=False):
+                logits = self(x.float()).float()
+            radius = certified_radius(logits, y, self._certified_L)
             for eps in self.hparams.certify_eps:
                 acc = (radius > eps).float().mean()
                 self.log(f"val/certified_acc/{eps:g}", acc, batch_size=len(y), sync_dist=True)

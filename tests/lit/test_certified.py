@@ -74,3 +74,23 @@ def test_crm_needs_a_liplt_backbone():
     for eps in ([0.0], [0.1, float("nan")], [float("inf")]):
         with pytest.raises(ConfigError, match="certify_eps must all be finite and > 0"):
             SNClassifier(certify_eps=eps)
+
+
+def test_logged_certified_accuracy_does_not_change_under_bf16_autocast(crm_model, tmp_path):
+    """The margins are taken in float32: bf16 logits (off by up to ~0.1) certified extra points."""
+    model, dm, _ = crm_model
+    logged, radii = {}, model.hparams.certify_eps
+    model.hparams.certify_eps = [round(0.01 * i, 2) for i in range(1, 61)]  # any change shows
+    for precision in ("32-true", "bf16-mixed"):
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            precision=precision,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        (metrics,) = trainer.validate(model, datamodule=dm, verbose=False)
+        logged[precision] = {k: v for k, v in metrics.items() if "certified" in k}
+    model.hparams.certify_eps = radii
+    assert len(logged["32-true"]) == 60 and logged["bf16-mixed"] == logged["32-true"]
