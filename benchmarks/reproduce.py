@@ -308,7 +308,9 @@ def _row_numbers(rec: dict[str, Any], metric: str) -> dict[str, float]:
         key = next(k for k in adv if k.startswith("train_attack/"))
     else:  # "pgm_l2": the robust-evaluation attack
         key = next(k for k in adv if not k.startswith("train_attack/"))
-    return {s: adv[key][s]["acc"] for s in ("train", "val", "test")}
+    # the seed paper's measure: accuracy on the attack's points ("attack_acc"; records from before
+    # session 26 stored it as "acc"), not the robust accuracy that also counts clean errors
+    return {s: adv[key][s].get("attack_acc", adv[key][s]["acc"]) for s in ("train", "val", "test")}
 
 
 def best_beta(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from torch import Tensor
 from sn_lightning.attacks import Attack
 from sn_lightning.callbacks.adversarial import attack_precision, check_attack_config, resolve_attack
 from sn_lightning.errors import ConfigError
+from sn_lightning.evaluation import worse_logits
 
 
 def attack_name(attack: Attack) -> str:
@@ -92,8 +93,9 @@ class RobustEvaluation(L.Callback):
         for name, attack in self.named_attacks().items():
             with attack_precision(trainer):
                 x_adv = attack(pl_module, x, y)
-                with torch.no_grad():
-                    acc = (pl_module(x_adv).argmax(dim=1) == y).float().mean()
+                with torch.no_grad():  # a clean error is never robust (worse_logits)
+                    worse = worse_logits(pl_module(x), pl_module(x_adv), y)
+                    acc = (worse.argmax(dim=1) == y).float().mean()
             pl_module.log(
                 f"{stage}/robust_acc/{name}", acc, on_epoch=True, batch_size=len(y), sync_dist=True
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn.utils import parametrize
 from torchmetrics.classification import MulticlassAccuracy
 
 from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
@@ -323,27 +325,36 @@ class SNClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy on the batch as the callbacks left it (perturbed under adversarial training)."""
         x, y = batch
-        if self.objective is None:
-            logits = self(x)
-            loss = self.loss(logits, y)
-        else:
-            loss, logits = self.objective(self, x, y)
         hp = self.hparams
-        if hp.crm_lambda > 0 and self.current_epoch >= hp.crm_start_epoch:
-            from sn_lightning.lipschitz import crm_penalty, liplt_bound
+        crm = hp.crm_lambda > 0 and self.current_epoch >= hp.crm_start_epoch
+        # With CRM, every spectral-norm weight is computed once for the step (one power
+        # iteration, as in the paper) and the LipLT bound reads the forward's own weights; an
+        # uncached second read would advance u again and bound other weights.
+        with parametrize.cached() if crm else contextlib.nullcontext():
+            if self.objective is None:
+                logits = self(x)
+                loss = self.loss(logits, y)
+            else:
+                loss, logits = self.objective(self, x, y)
+            if crm:
+                from sn_lightning.lipschitz import crm_penalty, liplt_bound
 
-            L = liplt_bound(
-                self.model,
-                tuple(hp.input_shape),
-                pairwise=True,
-                n_iter=hp.lip_n_iter,
-                state=self._lip_state,
-            )
-            penalty = crm_penalty(logits, y, L, hp.crm_r0, hp.crm_t)
-            loss = loss + hp.crm_lambda * penalty
-            self.log(
-                "train/crm_penalty", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True
-            )
+                L = liplt_bound(
+                    self.model,
+                    tuple(hp.input_shape),
+                    pairwise=True,
+                    n_iter=hp.lip_n_iter,
+                    state=self._lip_state,
+                )
+                penalty = crm_penalty(logits, y, L, hp.crm_r0, hp.crm_t)
+                loss = loss + hp.crm_lambda * penalty
+                self.log(
+                    "train/crm_penalty",
+                    penalty.detach(),
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=True,
+                )
         # Note [synchronised metrics]
         #   Under DDP every logged value is the same on all ranks: a scalar computed per rank is
         #   logged with sync_dist=True (batch-size-weighted mean over ranks), an accuracy through

@@ -460,3 +460,30 @@ def test_attacks_under_fp16_amp_run_in_float32():
         assert (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
+
+
+def test_robust_accuracy_never_counts_a_clean_error():
+    """A predicted-label attack pushes a misclassified point away from its wrong class, often onto
+    the true one: the attack's own accuracy counts it, robust accuracy (worse of x, x_adv) does not."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)[:600] / 16
+    y = torch.tensor(digits.target)[:600]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(30):  # undertrained: many clean errors
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    attack = PGD("l2", eps=0.3, steps=10, labels="predicted")
+    result = evaluate(model, [(x, y)], attack=attack)
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+        x_adv = attack(model, x, y)
+        adv_ok = model(x_adv).argmax(1) == y
+    assert (~clean_ok & adv_ok).sum() > 20  # the attack "fixes" clean errors
+    assert result["attack_acc"] == pytest.approx(float(adv_ok.float().mean()))
+    assert result["acc"] == pytest.approx(float((clean_ok & adv_ok).float().mean()))
+    assert result["acc"] < result["attack_acc"]

@@ -94,3 +94,34 @@ def test_logged_certified_accuracy_does_not_change_under_bf16_autocast(crm_model
         logged[precision] = {k: v for k, v in metrics.items() if "certified" in k}
     model.hparams.certify_eps = radii
     assert len(logged["32-true"]) == 60 and logged["bf16-mixed"] == logged["32-true"]
+
+
+def test_crm_with_spectral_norm_advances_u_once_per_step(tmp_path):
+    """The LipLT bound reads the forward's cached weights; a fresh read advanced u a second time."""
+    states = {}
+    for crm_lambda in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = SNClassifier(
+            backbone="mlp2",
+            backbone_kwargs={"width": 32},
+            beta=1.0,
+            crm_lambda=crm_lambda,
+            sn_batch_fold=False,
+            sn_refresh_iterations=0,
+            sn_bound_every_n_epochs=0,
+        )
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            max_steps=1,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(model, datamodule=ImageDataModule("digits", batch_size=64, val_size=0))
+        states[crm_lambda] = {k: v for k, v in model.state_dict().items() if k.endswith(".u")}
+    assert len(states[0.0]) == 3
+    for key, u in states[0.0].items():  # u after one step depends on W and u only, not the loss
+        assert torch.equal(states[1.0][key], u), key
