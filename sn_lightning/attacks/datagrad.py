@@ -48,8 +48,10 @@ class DataGradTerms(NamedTuple):
     """What a DataGrad step needs: ``loss`` to backpropagate, the ``penalty`` and the clean logits.
 
     ``penalty`` is exact (with a graph) for `datagrad_penalty`; for `datagrad_fd_loss` it is the
-    detached finite-difference estimate ``(L(x + phi r) - L(x)) / phi`` of ``mean_i R(J_i)``
-    (up to the factor of r), for logging. ``logits`` (N, K) come from the clean forward.
+    detached finite-difference estimate ``(L(x + phi r) - L(x)) / (k phi)`` of ``mean_i R(J_i)``,
+    for logging: the difference estimates ``<J, r>`` and, R being homogeneous of degree k
+    (1 for l1, 2 for the squared l2), ``<J, grad R(J)> = k R(J)`` (Euler), so both forms log the
+    same quantity. ``logits`` (N, K) come from the clean forward.
     """
 
     loss: Tensor
@@ -64,6 +66,7 @@ def datagrad_penalty(
     norm: Literal["l1", "l2"] = "l1",
     *,
     grad_scale: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> DataGradTerms:
     """Exact DataGrad by double backprop: the mean loss, the data-gradient penalty, the logits.
 
@@ -77,6 +80,7 @@ def datagrad_penalty(
         grad_scale: multiply the loss by this before differentiating and divide the gradient by
             it afterwards (out of place), e.g. ``scaler.get_scale()`` under fp16 AMP so that
             ``J`` does not underflow. 1.0 otherwise.
+        label_smoothing: of the cross-entropy (``F.cross_entropy``'s), in [0, 1).
 
     Returns:
         ``(loss, penalty, logits)``: ``loss = mean_i CE(f(x)_i, y_i)`` and
@@ -85,7 +89,7 @@ def datagrad_penalty(
     _check_norm(norm)
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    loss_sum = F.cross_entropy(logits, y, reduction="sum")
+    loss_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
     (grad,) = torch.autograd.grad(loss_sum * grad_scale, x, create_graph=True)
     grad = grad.flatten(1) / grad_scale  # (N, D): row i is J_i (Note [per-example data gradient])
     per_example = grad.abs().sum(dim=1) if norm == "l1" else grad.pow(2).sum(dim=1)  # (N,)
@@ -101,6 +105,7 @@ def datagrad_fd_loss(
     norm: Literal["l1", "l2"] = "l1",
     *,
     clip: bool = False,
+    label_smoothing: float = 0.0,
 ) -> DataGradTerms:
     """Finite-difference DataGrad: ``(1 - lam/phi) L(x) + (lam/phi) L(x + phi * r)``.
 
@@ -117,6 +122,7 @@ def datagrad_fd_loss(
         phi: finite-difference step (> 0), in input units; for ``"l1"`` the FGSM radius.
         norm: the penalty R, as in `datagrad_penalty`.
         clip: clamp ``x + phi * r`` to [0, 1] (breaks the finite-difference identity).
+        label_smoothing: of the cross-entropy, in [0, 1).
 
     Returns:
         ``(loss, penalty, logits)``: the scalar loss to call ``.backward()`` on, the detached
@@ -129,14 +135,15 @@ def datagrad_fd_loss(
         raise ConfigError(f"lam must be in [0, phi={phi}], got {lam}")
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    loss_clean = F.cross_entropy(logits, y, reduction="sum")
+    loss_clean = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
     (grad,) = torch.autograd.grad(loss_clean, x, retain_graph=True)  # J_i per row, (N, ...)
     direction = grad.sign() if norm == "l1" else 2.0 * grad
     x_fd = x.detach() + phi * direction
     if clip:
         x_fd = x_fd.clamp(0.0, 1.0)
-    loss_fd = F.cross_entropy(model(x_fd), y)
+    loss_fd = F.cross_entropy(model(x_fd), y, label_smoothing=label_smoothing)
     w = lam / phi
     loss_mean = loss_clean / x.shape[0]
-    penalty = ((loss_fd - loss_mean) / phi).detach()
+    degree = 1.0 if norm == "l1" else 2.0  # <J, r> = degree * R(J), DataGradTerms
+    penalty = ((loss_fd - loss_mean) / (degree * phi)).detach()
     return DataGradTerms((1.0 - w) * loss_mean + w * loss_fd, penalty, logits)

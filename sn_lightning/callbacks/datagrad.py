@@ -23,8 +23,9 @@ class DataGrad(L.Callback):
             with clean weight ``1 - lam/phi``; needs ``lam <= phi``).
         phi: the finite-difference step in [0, 1] pixel units (form fd only).
 
-    Cross-entropy here has no label smoothing. The logged ``train/datagrad_penalty`` is exact for
-    ``exact`` and the finite-difference estimate for ``fd``.
+    The loss is the model's cross-entropy, with its ``label_smoothing``. The logged
+    ``train/datagrad_penalty`` is exact for ``exact`` and the finite-difference estimate of the same
+    quantity for ``fd``.
     """
 
     def __init__(
@@ -56,13 +57,18 @@ class DataGrad(L.Callback):
             pl_module.set_objective(self._objective, owner=self)
 
     def _objective(self, module: L.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        smoothing = float(getattr(module, "hparams", {}).get("label_smoothing", 0.0))
         if self.form == "exact":
             scaler = getattr(module.trainer.precision_plugin, "scaler", None)
             scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            loss, penalty, logits = datagrad_penalty(module, x, y, self.norm, grad_scale=scale)
+            loss, penalty, logits = datagrad_penalty(
+                module, x, y, self.norm, grad_scale=scale, label_smoothing=smoothing
+            )
             loss = loss + self.lam * penalty
         else:
-            loss, penalty, logits = datagrad_fd_loss(module, x, y, self.lam, self.phi, self.norm)
+            loss, penalty, logits = datagrad_fd_loss(
+                module, x, y, self.lam, self.phi, self.norm, label_smoothing=smoothing
+            )
         module.log(  # Note [synchronised metrics] (lit/classifier.py)
             "train/datagrad_penalty", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True
         )

@@ -81,6 +81,15 @@ def test_finite_difference_form_approaches_exact_gradient(smooth, norm):
     torch.testing.assert_close((fd - clean) / lam, exact, rtol=1e-3, atol=1e-3 * exact.abs().max())
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_finite_difference_logs_the_same_penalty_as_the_exact_form(smooth, norm):
+    """For l2, L(x + phi 2J) - L(x) ~ 2 phi ||J||^2: the logged estimate divides by the degree."""
+    model, x, y = smooth
+    exact = datagrad_penalty(model, x, y, norm).penalty
+    fd = datagrad_fd_loss(model, x, y, lam=1e-6, phi=1e-5, norm=norm).penalty
+    assert fd.item() == pytest.approx(exact.item(), rel=1e-3)
+
+
 def test_l1_finite_difference_update_is_fgsm_training(model, batch):
     """alpha L(x) + (1 - alpha) L(x + phi sign(g)), alpha = 1 - lam/phi (PAPERS.md section 4)."""
     x, y = batch
@@ -153,3 +162,34 @@ def test_exact_penalty_backpropagates_through_spectral_norm_convs():
         sn.spec.scaled_sigma_grad(W, g, 0.5, -0.3, u, v),
         sn.spec.scaled_sigma_grad(W, g.contiguous(), 0.5, -0.3, u, v),
     )
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_label_smoothing_enters_both_forms(smooth, norm):
+    """The training loss is the model's: smoothed cross-entropy, its data gradient penalized."""
+    model, x, y = smooth
+    loss, penalty, _ = datagrad_penalty(model, x, y, norm, label_smoothing=0.2)
+    xr = x.clone().requires_grad_(True)
+    per_example = F.cross_entropy(model(xr), y, label_smoothing=0.2, reduction="none")
+    (J,) = torch.autograd.grad(per_example.sum(), xr)
+    R = J.flatten(1).abs().sum(1) if norm == "l1" else J.flatten(1).pow(2).sum(1)
+    assert loss.item() == pytest.approx(per_example.mean().item(), rel=1e-12)
+    assert penalty.item() == pytest.approx(R.mean().item(), rel=1e-10)
+    plain = datagrad_penalty(model, x, y, norm).penalty
+    assert abs(penalty.item() - plain.item()) > 1e-3 * plain.item()  # smoothing changes it
+    fd = datagrad_fd_loss(model, x, y, lam=1e-6, phi=1e-5, norm=norm, label_smoothing=0.2)
+    assert fd.penalty.item() == pytest.approx(penalty.item(), rel=1e-3)
+
+
+def test_the_callback_uses_the_models_label_smoothing(digits, monkeypatch):
+    from sn_lightning.callbacks import DataGrad
+    from sn_lightning.lit import SNClassifier
+
+    torch.manual_seed(0)
+    module = SNClassifier(backbone="mlp2", label_smoothing=0.2)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    x, y = digits[0][:8], digits[1][:8]
+    loss, _ = DataGrad(lam=0.05, form="fd", phi=0.1)._objective(module, x, y)
+    want = datagrad_fd_loss(module, x, y, 0.05, 0.1, label_smoothing=0.2).loss
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(datagrad_fd_loss(module, x, y, 0.05, 0.1).loss.item())
