@@ -866,10 +866,11 @@ def _power_products(
         shape = (n_e, *net.stages[s].in_shape)
         key = net.offset + s
         U = store.get(key)
-        if U is None or tuple(U.shape) != shape or U.device != ref.device:
+        if U is None or tuple(U.shape) != shape:
             gen = torch.Generator(device=ref.device).manual_seed(1000 + key)
             U = torch.randn(shape, generator=gen, device=ref.device, dtype=torch.float32)
-        U = U.to(ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        # (a checkpoint's vectors may arrive on the CPU)
+        U = U.to(ref.device, ref.dtype if ref.dtype.is_floating_point else torch.float32)
 
         def rownorm(t: Tensor) -> Tensor:
             return norm(t.reshape(t.shape[0], -1), dim=1).clamp_min(1e-12)
@@ -1043,6 +1044,22 @@ def liplt_bound(
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(())).device
     with torch.autocast(device.type, enabled=False):
         return _liplt_bound(model, input_shape, pairwise, n_iter, state, certify)
+
+
+def load_liplt_vectors(
+    state: dict[str, Any],
+    model: nn.Module,
+    input_shape: Sequence[int],
+    vectors: dict[int, Tensor],
+) -> None:
+    """Give ``state`` (as passed to :func:`liplt_bound`) saved power-iteration vectors of ``model``.
+
+    ``vectors``: a former ``state["u"]`` (e.g. from a checkpoint); the next call continues from
+    them, as it would have in the run that saved them.
+    """
+    key = (id(model), tuple(int(i) for i in input_shape))
+    state["net"] = (key, parse_model(model, input_shape))
+    state["u"] = {int(k): v.detach().clone() for k, v in vectors.items()}
 
 
 def _liplt_bound(

@@ -170,6 +170,33 @@ def test_resume_is_bit_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path):
         assert straight["lipschitz_bound"] == resumed["lipschitz_bound"]
 
 
+def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
+    """The CRM bound's power-iteration vectors and the layerwise perturbations carry over from
+    one step to the next; the checkpoint keeps both."""
+    common = (
+        "--trainer.max_epochs=1",
+        "--model.backbone=mlp2",
+        "--model.backbone_kwargs={width: 32}",
+        "--model.crm_lambda=0.5",
+        "--model.crm_start_epoch=0",
+        "--layerwise.eps=0.01",
+        "--adversarial.attack=null",
+        "--robust_eval.attacks=[]",
+        "--data.train_subset=320",  # 10 batches
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.every_n_train_steps=5",
+        "--trainer.callbacks.filename=mid-{step}",
+    )
+    _fit(tmp_path / "a", *common)
+    saved = {c.name: c for c in (tmp_path / "a").rglob("*.ckpt")}
+    checkpoint = torch.load(saved["mid-step=5.ckpt"], weights_only=False)
+    assert checkpoint["liplt_u"] and checkpoint["callbacks"]["LayerwiseTraining"]["deltas"]
+    _fit(tmp_path / "b", *common, f"--ckpt_path={saved['mid-step=5.ckpt']}")
+    (end,) = (tmp_path / "b").rglob("mid-step=10.ckpt")
+    _assert_same_checkpoint(saved["mid-step=10.ckpt"], end)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

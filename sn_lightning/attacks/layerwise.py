@@ -175,7 +175,7 @@ class LayerwisePerturbation:
                 return None
             delta = self.deltas.get(name)
             if delta is not None and delta.shape == output.shape:
-                output = output + delta.to(output.dtype)  # out of place
+                output = output + delta.to(output.device, output.dtype)  # out of place
             if torch.is_grad_enabled() and output.requires_grad:
                 output.register_hook(self._make_grad_hook(name))
             return output

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
+from torch import Tensor
 
 from sn_lightning.attacks import LayerwisePerturbation, layerwise_layers
 from sn_lightning.errors import ConfigError, ConfigWarning
@@ -44,6 +45,7 @@ class LayerwiseTraining(L.Callback):
             )
         self.eps, self.layers, self.mode = eps, layers, mode
         self.perturbation: LayerwisePerturbation | None = None
+        self._loaded_deltas: dict[str, Tensor] = {}
 
     def check_config(self, model: L.LightningModule, datamodule: object) -> None:
         """The layer patterns against the backbone, before the trainer starts (fit's ``check_run``)."""
@@ -56,6 +58,22 @@ class LayerwiseTraining(L.Callback):
             self.perturbation = LayerwisePerturbation(
                 pl_module.model, layers=self.layers, eps=self.eps, mode=self.mode
             )
+        if self.perturbation is not None and self._loaded_deltas:
+            self.perturbation.deltas.update(self._loaded_deltas)
+            self._loaded_deltas = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The perturbations for the next training forward (the last backward's): exact resume."""
+        deltas = self.perturbation.deltas if self.perturbation is not None else {}
+        return {"deltas": {name: d.detach().clone() for name, d in deltas.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the perturbations (applied now, or when :meth:`setup` registers the hooks)."""
+        deltas = dict(state_dict.get("deltas", {}))
+        if self.perturbation is not None:
+            self.perturbation.deltas.update(deltas)
+        else:
+            self._loaded_deltas = deltas
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Remove the hooks."""

@@ -419,12 +419,25 @@ class SNClassifier(L.LightningModule):
                 if key.endswith(".u") and key in checkpoint["state_dict"]:
                     checkpoint["state_dict"][key] = value.detach().clone()
         checkpoint["sn_refreshed_at"] = self._refreshed_at
+        # CRM's LipLT power-iteration vectors carry over between steps (exact resume)
+        vectors = self._lip_state.get("u")
+        if vectors:
+            checkpoint["liplt_u"] = {k: v.detach().clone() for k, v in vectors.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the refresh step; checkpoints from before the refresh keep the paper's schedule."""
+        """Restore the refresh step and CRM's LipLT vectors.
+
+        Checkpoints from before the refresh existed keep the paper's schedule.
+        """
         self._refreshed_at = checkpoint.get("sn_refreshed_at")
         if "sn_refresh_iterations" not in checkpoint.get("hyper_parameters", {}):
             self.hparams.sn_refresh_iterations = 0
+        if checkpoint.get("liplt_u"):
+            from sn_lightning.lipschitz import load_liplt_vectors
+
+            load_liplt_vectors(
+                self._lip_state, self.model, tuple(self.hparams.input_shape), checkpoint["liplt_u"]
+            )
 
     def on_validation_epoch_start(self) -> None:
         """Refresh ``u``; compute the sound pairwise bound once per validation epoch when certifying."""
