@@ -37,7 +37,10 @@ class WRM(Attack):
     clamped to [0, 1] (projected ascent; the reference does not clip).
 
     ``gamma`` is absolute, or relative: ``gamma = gamma_rel * C2`` with C2 the mean l2 norm of the
-    training inputs (reference: 0.002 on CIFAR10/SVHN, 0.04 on MNIST), resolved by `resolve_eps`.
+    training inputs, resolved by `resolve_eps` (reference: 0.04 on MNIST in [0, 1] units, as here;
+    0.002 on CIFAR10/SVHN, but for per-image-whitened inputs: gamma has units of loss / length^2,
+    so in [0, 1] pixel units that setting is ``gamma_w / s^2`` with s the images' pixel std, not
+    ``0.002 * C2``; PAPERS 1.5).
 
     Args:
         gamma: Lagrange penalty (> 0); larger means smaller perturbations. Exclusive with
@@ -54,7 +57,7 @@ class WRM(Attack):
         - output: :math:`(N, C, H, W)`, detached.
 
     Examples::
-        >>> attack = WRM(gamma_rel=0.002, labels="predicted")
+        >>> attack = WRM(gamma_rel=0.04, labels="predicted")
         >>> attack.resolve_eps(mean_input_norm(train_loader))
         >>> x_adv = attack(model, x, y)
     """
