@@ -1047,12 +1047,22 @@ def _read_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
             if "mmap" not in str(err):
                 raise
             checkpoint = torch.load(path, map_location="cpu")
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        KeyError,  # a text file read as a legacy pickle: a byte as a persistent id
+        IndexError,  # ... or an opcode on an empty stack (e.g. a metrics.csv)
+        ValueError,
+    ) as err:
         # torch's messages are a page of advice; the cause is one sentence of it
         text = str(err)
         if "WeightsUnpickler error:" in text:
             detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
             cause = f"weights-only unpickler: {detail[0] if detail else 'refused'}"
+        elif isinstance(err, (KeyError, IndexError, ValueError)):
+            cause = "not a file torch.save writes"  # the unpickler chokes on a text file
         else:
             cause = first_line(err).split(". ")[0]
         raise ConfigError(
@@ -1220,6 +1230,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         one_line_errors(prog),
         _restored_environ("WANDB_RUN_ID", "WANDB_MODE", *SEED_ENVIRON),
     ):
+        if not (sys.argv[1:] if args is None else args):  # not 1000 epochs of defaults into .
+            raise ConfigError(
+                "nothing to run: pass a config, e.g. --config configs/quickstart.yaml, and keys "
+                "such as --model.beta=1.0 (--help lists them)"
+            )
         with held_startup_lines() as release:
             cli = build_cli(
                 SNLightningCLI,

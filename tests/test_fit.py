@@ -389,6 +389,17 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_no_arguments_print_what_to_pass(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "python -m sn_lightning.fit: error: nothing to run: pass a config, e.g. --config "
+        "configs/quickstart.yaml, and keys such as --model.beta=1.0 (--help lists them)"
+    )
+
+
 def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  lr: [1\n")
@@ -648,6 +659,12 @@ BAD_VALUE_CASES = [
     ),
     (
         "sn_lightning.fit",
+        ["--ckpt_path={tmp}/metrics.csv"],
+        "metrics.csv' is not a checkpoint that torch.load reads as Lightning loads it (not a file "
+        "torch.save writes)",
+    ),
+    (
+        "sn_lightning.fit",
         ["--ckpt_path={tmp}/mid.ckpt", "--data.batch_size=16"],
         "the checkpoint resumes mid-epoch at training batch 20 of batch_size 32 on 1 rank(s); "
         "this run has batch_size 16 on 1",
@@ -719,6 +736,7 @@ def bad_value_runs(tmp_path_factory) -> dict[tuple[str, tuple[str, ...]], tuple[
     (tests/forked_cli.py: the output of a real run, for one interpreter start)."""
     tmp = tmp_path_factory.mktemp("bad_values")
     (tmp / "garbage.ckpt").write_text("not a checkpoint")
+    (tmp / "metrics.csv").write_text("epoch,step,train/loss\n0,9,2.3\n")  # a run's log, not a ckpt
     position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
     torch.save({"ImageDataModule": position}, tmp / "mid.ckpt")
     torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 3)}}, tmp / "other.ckpt")
