@@ -527,7 +527,8 @@ def _raised_in(err: BaseException, module_prefix: str | tuple[str, ...]) -> bool
 def check_ckpt_path(ckpt_path: str | None) -> None:
     """A checkpoint path must name a file (Lightning's keywords and URLs pass through).
 
-    ``best`` names the best checkpoint of a fit that ran in this process, so it resumes nothing.
+    ``best`` names the best checkpoint of a fit that ran in this process, so it resumes nothing;
+    ``last`` is resolved across runs by :func:`check_run`.
     """
     if ckpt_path == "best":
         raise ConfigError(
@@ -540,6 +541,22 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
         return
     if not Path(ckpt_path).expanduser().is_file():
         raise ConfigError(f"ckpt_path {ckpt_path!r} is not a file (a .ckpt path, or last / hpc)")
+
+
+def _last_checkpoint(root: str | os.PathLike[str]) -> str:
+    """``ckpt_path: last``: the newest ``last*.ckpt`` of any run under ``root``.
+
+    Lightning looks for it only in this run's own ``version_N/checkpoints``, a fresh folder, so
+    it would start from scratch with a warning.
+    """
+    found = [p for p in Path(root).expanduser().rglob("last*.ckpt") if p.is_file()]
+    if not found:
+        raise ConfigError(
+            f"ckpt_path 'last': no last.ckpt under {root} (a run saves one with "
+            "--trainer.callbacks+=ModelCheckpoint --trainer.callbacks.save_last=true); pass a "
+            ".ckpt file instead"
+        )
+    return str(max(found, key=lambda p: p.stat().st_mtime))  # Lightning prints which
 
 
 _SEED_MAX = 2**32 - 1  # numpy's range, which Lightning's seed_everything enforces
@@ -972,6 +989,8 @@ def check_run(cli: SNLightningCLI) -> None:
     _check_strategy(cli.trainer, cli.model)
     _check_training_length(cli.trainer)
     check_ckpt_path(cli.config.ckpt_path)
+    if cli.config.ckpt_path == "last":
+        cli.config.ckpt_path = _last_checkpoint(cli.trainer.default_root_dir)
     checkpoint = _read_checkpoint(cli.config.ckpt_path)
     _check_data(cli, checkpoint)
     _check_callbacks(cli)

@@ -96,22 +96,25 @@ def test_print_config_does_not_train(tmp_path, capsys):
     assert not list(tmp_path.rglob("results.json"))
 
 
+def _logged_epochs(results: dict) -> set[str]:
+    rows = (Path(results["path"]).parent / "metrics.csv").read_text().splitlines()
+    epoch_col = rows[0].split(",").index("epoch")
+    return {row.split(",")[epoch_col] for row in rows[1:] if row.split(",")[epoch_col]}
+
+
 def test_resume_from_checkpoint(tmp_path):
-    first = _fit(tmp_path / "a", "--trainer.max_epochs=1")
-    ckpts = list((tmp_path / "a").rglob("*.ckpt"))
-    assert len(ckpts) == 1
+    save_last = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true")
+    first = _fit(tmp_path / "a", "--trainer.max_epochs=1", *save_last)
+    ckpts = sorted((tmp_path / "a").rglob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["epoch=0-step=40.ckpt", "last.ckpt"]
     second = _fit(tmp_path / "b", "--trainer.max_epochs=2", f"--ckpt_path={ckpts[0]}")
-    log = Path(second["path"]).parent / "metrics.csv"
-    epochs = {line.split(",")[0] for line in log.read_text().splitlines()[1:]}
     assert first["test"]["n"] == second["test"]["n"]
-    header = log.read_text().splitlines()[0].split(",")
-    epoch_col = header.index("epoch")
-    logged = {
-        row.split(",")[epoch_col]
-        for row in log.read_text().splitlines()[1:]
-        if row.split(",")[epoch_col]
-    }
-    assert logged == {"1"}, epochs  # resumed run trained only the second epoch
+    assert _logged_epochs(second) == {"1"}  # resumed run trained only the second epoch
+    # "last": the newest last.ckpt of the runs under the root (Lightning alone looks in the new
+    # run's empty version_1 and starts from scratch)
+    third = _fit(tmp_path / "a", "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert Path(third["path"]).parent.name == "version_1"
+    assert _logged_epochs(third) == {"1"} and third["test"] == second["test"]
 
 
 def _assert_same_checkpoint(a_path: Path, b_path: Path) -> dict:
@@ -361,6 +364,10 @@ def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
             "--adversarial.attack first to an attack: FGM, PGD, WRM",
         ),
         (["--model.sn_include=[]"], "sn_include [] names no layer; give fnmatch patterns"),
+        (
+            ["--ckpt_path=last"],
+            "ckpt_path 'last': no last.ckpt under ",
+        ),
         (
             ["--trainer.precision=16-true"],
             "trainer.precision '16-true' cannot take attacks' input gradients (float16 underflows "
