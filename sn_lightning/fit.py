@@ -1034,14 +1034,32 @@ def state_dict_mismatch(model: torch.nn.Module, state_dict: object) -> str | Non
     return None
 
 
+_SPLIT_KEYS = ("dataset", "seed", "val_size", "val_source", "train_subset")  # what a split is
+
+
 def _check_data(cli: SNLightningCLI, checkpoint: dict[str, Any] | None) -> None:
-    """The training split against batch_size and a checkpoint's position, before anything runs.
+    """The data against a checkpoint's (same split and position) and batch_size, before it runs.
 
     Skipped where the files are still to be downloaded (Lightning's ``prepare_data``, rank 0
     only): the data module then raises the same errors inside the fit.
     """
     dm = cli.datamodule
-    if not isinstance(dm, ImageDataModule) or not dm.files_present():
+    if not isinstance(dm, ImageDataModule):
+        return
+    saved = checkpoint.get("datamodule_hyper_parameters") if checkpoint is not None else None
+    if isinstance(saved, dict):
+        changed = [
+            f"data.{k} {saved[k]!r} (this run: {dm.hparams[k]!r})"
+            for k in _SPLIT_KEYS
+            if k in saved and k in dm.hparams and saved[k] != dm.hparams[k]
+        ]
+        if changed:
+            raise ConfigError(
+                f"the checkpoint was trained on other data: {', '.join(changed)}; a resumed run "
+                "would validate and test on images it trained on (resume with the training "
+                "run's config.yaml)"
+            )
+    if not dm.files_present():
         return
     state = checkpoint.get(type(dm).__qualname__) if checkpoint is not None else None
     dm.check_fit(cli.trainer.world_size, state if isinstance(state, dict) else None)

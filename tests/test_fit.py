@@ -666,6 +666,13 @@ BAD_VALUE_CASES = [
     ),
     (
         "sn_lightning.fit",
+        ["--ckpt_path={tmp}/split.ckpt", "--data.seed=5", "--data.val_size=0.3"],
+        "the checkpoint was trained on other data: data.seed 0 (this run: 5), data.val_size 0.1 "
+        "(this run: 0.3); a resumed run would validate and test on images it trained on (resume "
+        "with the training run's config.yaml)",
+    ),
+    (
+        "sn_lightning.fit",
         ["--ckpt_path={tmp}/metrics.csv"],
         "metrics.csv' is not a checkpoint that torch.load reads as Lightning loads it (not a file "
         "torch.save writes)",
@@ -746,6 +753,8 @@ def bad_value_runs(tmp_path_factory) -> dict[tuple[str, tuple[str, ...]], tuple[
     (tmp / "metrics.csv").write_text("epoch,step,train/loss\n0,9,2.3\n")  # a run's log, not a ckpt
     position = {"train_pass": 0, "train_batch": 20, "train_batch_size": 32, "train_ranks": 1}
     torch.save({"ImageDataModule": position}, tmp / "mid.ckpt")
+    split = {"dataset": "digits", "seed": 0, "val_size": 0.1, "val_source": "train"}
+    torch.save({"datamodule_hyper_parameters": split}, tmp / "split.ckpt")
     torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 3)}}, tmp / "other.ckpt")
     keys = [(module, tuple(args)) for module, args, _ in BAD_VALUE_CASES]
     keys.append(("sn_lightning.fit", CONTROL_RUN))
