@@ -370,12 +370,21 @@ class ImageDataModule(L.LightningDataModule):
             len(train), generator=torch.Generator().manual_seed(self.seed)
         ).tolist()
         if (self.data_dir / "val").is_dir():
-            self.val_set = _same_classes(self._imagefolder("val", False), train, "val")
-        else:
-            k = self._n_val(len(idx)) if self.val_size else 0
-            if k:
-                self.val_set = Subset(train_eval, idx[-k:])
-                idx = idx[:-k]
+            if self.val_source != "train":
+                raise ConfigError(
+                    f"imagefolder {self.data_dir} has a val/ folder, which is the validation "
+                    f"split; val_source {self.val_source!r} would take another (remove one)"
+                )
+            if self.val_size:  # val_size 0: no validation, as for the other datasets
+                self.val_set = _same_classes(self._imagefolder("val", False), train, "val")
+        elif self.val_size and self.val_source == "test":  # the first val_size test images
+            k = self._n_val(len(self.test_set))
+            self.val_set = Subset(self.test_set, list(range(k)))
+            self.test_set = Subset(self.test_set, list(range(k, len(self.test_set))))
+        elif self.val_size:
+            k = self._n_val(len(idx))
+            self.val_set = Subset(train_eval, idx[-k:])
+            idx = idx[:-k]
         if self.train_subset is not None:
             self._check_subset(len(idx))
             idx = idx[: self.train_subset]

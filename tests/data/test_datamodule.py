@@ -338,3 +338,25 @@ def test_a_failed_download_is_one_config_error(monkeypatch, tmp_path):
         "service not known>); put the files there (or set --data.data_dir to the folder holding "
         "them) and run again"
     )
+
+
+def test_imagefolder_honours_val_source_and_a_val_folder(tmp_path):
+    import shutil
+
+    make_image_folder(tmp_path)  # 18 train, 18 test images
+
+    def data(**kw):
+        dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, **kw)
+        dm.setup("fit")
+        return dm
+
+    dm = data(val_size=4, val_source="test")  # the first 4 test images, as for the others
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 4, 14)
+    whole, _ = _all(data(val_size=0).test_dataloader())
+    assert torch.equal(_all(dm.val_dataloader())[0], whole[:4])
+    assert torch.equal(_all(dm.test_dataloader())[0], whole[4:])
+    shutil.copytree(tmp_path / "test", tmp_path / "val")  # a val/ folder is the split
+    assert len(data(val_size=3).val_set) == 18
+    assert data(val_size=0).val_set is None  # 0: no validation
+    with pytest.raises(ConfigError, match=r"has a val/ folder, .* val_source 'test' would take"):
+        data(val_source="test")
