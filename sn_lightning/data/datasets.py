@@ -169,7 +169,10 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
     expected = {
         "mnist": [n for pair in readers.IDX_FILES.values() for n in pair],
         "fashion_mnist": [n for pair in readers.IDX_FILES.values() for n in pair],
-        "cifar10": ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"],
+        "cifar10": [
+            *(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+            "cifar-10-batches-py/test_batch",
+        ],
         "cifar100": ["cifar-100-python/train", "cifar-100-python/test"],
         "svhn": ["train_32x32.mat", "test_32x32.mat"],
     }[spec.name]

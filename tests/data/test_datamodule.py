@@ -126,6 +126,25 @@ def test_cifar_datamodule(tmp_path, classes):
     assert dm.num_classes == classes and dm.input_shape == (3, 32, 32) and len(dm.mean) == 3
 
 
+def test_a_partial_cifar_folder_names_the_missing_batch_and_downloads_again(tmp_path, monkeypatch):
+    import torchvision
+
+    make_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(ConfigError, match=r"has no cifar-10-batches-py/data_batch_3 for dataset"):
+        ImageDataModule("cifar10", data_dir=str(tmp_path))
+    calls = []
+    monkeypatch.setattr(
+        torchvision.datasets,
+        "CIFAR10",
+        lambda root, train, download: calls.append(train) or make_cifar(Path(root)),
+    )
+    dm = ImageDataModule("cifar10", data_dir=str(tmp_path), download=True, batch_size=4)
+    dm.prepare_data()  # the folder is incomplete: torchvision fetches (and checks) it again
+    dm.setup("fit")
+    assert calls and len(dm.train_set) == 54
+
+
 def test_svhn_datamodule(tmp_path):
     make_svhn(tmp_path)
     dm = ImageDataModule("svhn", data_dir=str(tmp_path), batch_size=4, val_size=5)
