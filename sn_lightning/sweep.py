@@ -128,8 +128,13 @@ def _param_field_errors(cfg: Mapping[str, Any], prefix: str = "parameters") -> l
             errors.append(
                 f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(PARAM_FIELDS)}"
             )
-        if isinstance(spec.get("parameters"), Mapping):
-            errors.extend(_param_field_errors(spec, where + ".parameters"))
+        if "parameters" in spec:  # W&B's nested form renders as --model={...}: one dict
+            inner = spec["parameters"]
+            example = f"{name}.{next(iter(inner))}" if isinstance(inner, Mapping) and inner else ""
+            errors.append(
+                f"{where}: nested parameters are not supported; write dotted keys"
+                + (f" such as {prefix}.{example}" if example else " such as parameters.model.beta")
+            )
     return errors
 
 
@@ -587,16 +592,24 @@ def logged_metric_names(config: Any) -> list[str]:
     """
     from sn_lightning.callbacks.robust_eval import attack_name
 
-    names = ["epoch", "train/loss", "train/acc", "val/loss", "val/acc", "final/*"]
+    names = ["epoch", "train/loss", "final/*"]
+    if config.get("adversarial.attack") is None or (config.get("adversarial.start_epoch") or 0):
+        names.append("train/acc")  # clean batches (none once the training attack is on)
     if config.get("adversarial.attack") is not None:
         names.append("train/adv_acc")
-    for spec in config.get("robust_eval.attacks") or []:
+    validation = config.get("data.val_size") != 0  # 0: no validation split, no val/* metric
+    if validation:
+        names += ["val/loss", "val/acc"]
+    for spec in config.get("robust_eval.attacks") or [] if validation else []:
         attack = _instantiate(spec)
         name = attack_name(attack) if attack.is_resolved else f"{type(attack).__name__.lower()}*"
         names.append(f"val/robust_acc/{name}")
-    names += [f"val/certified_acc/{eps:g}" for eps in config.get("model.certify_eps") or []]
+    if validation:
+        names += [f"val/certified_acc/{eps:g}" for eps in config.get("model.certify_eps") or []]
     if (config.get("model.crm_lambda") or 0) > 0:
         names.append("train/crm_penalty")
+    if (config.get("datagrad.lam") or 0) > 0:
+        names.append("train/datagrad_penalty")
     if config.get("model.beta") is not None:
         names.append("sn/*")
     return names

@@ -360,6 +360,21 @@ BAD = {
             "val/robust_acc/pgd20_linf_0.1",
         ],
     ),
+    "nested_parameters": (  # W&B's nested form; its engine's message named method random
+        lambda c: c.update(parameters={"model": {"parameters": {"beta": {"values": [1.0, 2.0]}}}}),
+        [
+            "parameters.model: nested parameters are not supported; write dotted keys such as "
+            "parameters.model.beta"
+        ],
+    ),
+    "metric_without_validation": (  # val_size 0: no validation split, no val/* metric
+        lambda c: c["parameters"].update({"data.val_size": {"value": 0}}),
+        ["metric.name: 'val/robust_acc/pgd20_linf_0.1' is not logged", "it logs: epoch, "],
+    ),
+    "clean_accuracy_under_adversarial_training": (  # every batch is perturbed: train/adv_acc
+        lambda c: c["metric"].update(name="train/acc"),
+        ["metric.name: 'train/acc' is not logged", "train/adv_acc"],
+    ),
     "null_under_args": (
         lambda c: c.update(command=[*c["command"][:-2], "${args}"]),
         ["parameters.model.beta: null renders as `--model.beta=None`", "${args_json_file}"],
