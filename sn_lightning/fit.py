@@ -740,8 +740,14 @@ def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
-def _start_wandb(trainer: Trainer) -> None:
-    """Start each W&B run now (rank 0); if ``wandb.init`` fails, go on offline with a warning."""
+def _start_wandb(trainer: Trainer, settings: dict[str, Any] | None = None) -> None:
+    """Start each W&B run now (rank 0); if ``wandb.init`` fails, go on offline with a warning.
+
+    ``settings`` (:func:`_key_settings`) go into the run's config under dotted keys, the CLI's
+    (``model.beta``, ``adversarial.attack.init_args.eps``, ``trainer.max_epochs``,
+    ``seed_everything``), as a sweep names them; Lightning adds the model's and data module's
+    hyperparameters under their own names.
+    """
     loggers = _wandb_loggers(trainer)
     if not loggers:
         return
@@ -756,6 +762,20 @@ def _start_wandb(trainer: Trainer) -> None:
             os.environ["WANDB_MODE"] = "offline"
             wandb.teardown()  # a fresh wandb session reads WANDB_MODE again
             logger.experiment  # noqa: B018
+        if settings and trainer.is_global_zero:
+            logger.experiment.config.update(_dotted(settings), allow_val_change=True)
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"beta": 1}}`` -> ``{"model.beta": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -1117,7 +1137,7 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     """
     trainer = cli.trainer
     check_run(cli)
-    _start_wandb(trainer)
+    _start_wandb(trainer, _key_settings(cli.config))
     try:
         results = _fit_and_evaluate(cli)
     except BaseException:
@@ -1162,8 +1182,11 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
     }
     summary["final/gap"] = results["gap"]
     for name, entry in results["adversarial"].items():
-        summary[f"final/{name}/test_acc"] = entry["test"]["acc"]
-        summary[f"final/{name}/gap"] = entry["gap"]
+        # the training attack under one key in every run: its name holds the radius resolved
+        # from the data (pgd15_l2_0.809285), so an eps grid would scatter it over columns
+        key = "train_attack" if name.startswith("train_attack/") else name
+        summary[f"final/{key}/test_acc"] = entry["test"]["acc"]
+        summary[f"final/{key}/gap"] = entry["gap"]
     for logger in trainer.loggers:
         logger.log_metrics(summary, step=trainer.global_step)
         logger.save()  # the fit has ended, so nothing else flushes a CSV/TensorBoard logger now

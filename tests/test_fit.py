@@ -52,6 +52,10 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert float(last[header.index("final/pgd20_linf_0.1/gap")]) == pytest.approx(
         adv["pgd20_linf_0.1"]["gap"]
     )
+    # the training attack under a key that does not depend on its radius (eps grids)
+    assert float(last[header.index("final/train_attack/test_acc")]) == pytest.approx(
+        adv["train_attack/pgd5_linf_0.1"]["test"]["acc"]
+    )
 
 
 def test_overrides_in_wandb_agent_form_reach_the_model(tmp_path, monkeypatch):

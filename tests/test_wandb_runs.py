@@ -14,7 +14,7 @@ import yaml
 from jsonargparse import Namespace
 
 from sn_lightning import fit
-from tests.wandb_helpers import isolate_wandb, offline_run, wandb_summary
+from tests.wandb_helpers import isolate_wandb, offline_run, wandb_final_config, wandb_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -67,6 +67,14 @@ def _check_run(root, results, run_id):
     assert summary["results/adversarial/pgd20_linf_0.1/test/acc"] == pytest.approx(adv)
     metric = "val/robust_acc/pgd20_linf_0.1"
     assert summary[metric] == pytest.approx(on_disk["metrics"][metric])
+    # the run's config: the CLI's keys (as a sweep names them), not only the module's hparams
+    config = wandb_final_config(offline_run(root, run_id))
+    settings = on_disk["settings"]
+    assert config["model.beta"] == settings["model"]["beta"] == config["beta"]
+    assert config["seed_everything"] == settings["seed_everything"]
+    assert config["trainer.max_epochs"] == settings["trainer"]["max_epochs"]
+    attack = settings["adversarial"]["attack"]["init_args"]
+    assert config["adversarial.attack.init_args.eps"] == attack["eps"]
     return on_disk
 
 

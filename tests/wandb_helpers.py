@@ -74,6 +74,19 @@ def wandb_run_config(path: Path) -> dict[str, Any]:
     raise AssertionError(f"no run record in {path}")
 
 
+def wandb_final_config(path: Path) -> dict[str, Any]:
+    """The run's config at its end: the run record's, then every later config update."""
+    config: dict[str, Any] = {}
+    for record in finished_records(path):
+        kind = record.WhichOneof("record_type")
+        items = record.run.config.update if kind == "run" else None
+        if kind == "config":
+            items = record.config.update
+        for item in items or []:
+            config[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
 def isolate_wandb(monkeypatch: Any, tmp_path: Path) -> None:
     """Offline wandb with its state in ``tmp_path`` and no run, key or sweep from the host."""
     monkeypatch.setenv("WANDB_MODE", "offline")
