@@ -549,7 +549,11 @@ def _last_checkpoint(root: str | os.PathLike[str]) -> str:
     Lightning looks for it only in this run's own ``version_N/checkpoints``, a fresh folder, so
     it would start from scratch with a warning.
     """
-    found = [p for p in Path(root).expanduser().rglob("last*.ckpt") if p.is_file()]
+    found = [
+        p
+        for p in Path(root).expanduser().rglob("last*.ckpt")
+        if p.is_file() and re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)  # ModelCheckpoint's names
+    ]
     if not found:
         raise ConfigError(
             f"ckpt_path 'last': no last.ckpt under {root} (a run saves one with "
@@ -1054,7 +1058,7 @@ def state_dict_mismatch(model: torch.nn.Module, state_dict: object) -> str | Non
     return None
 
 
-_SPLIT_KEYS = ("dataset", "seed", "val_size", "val_source", "train_subset")  # what a split is
+_SPLIT_KEYS = ("dataset", "seed", "val_size", "val_source")  # what the validation split is
 
 
 def _check_data(cli: SNLightningCLI, checkpoint: dict[str, Any] | None) -> None:
@@ -1068,15 +1072,16 @@ def _check_data(cli: SNLightningCLI, checkpoint: dict[str, Any] | None) -> None:
         return
     saved = checkpoint.get("datamodule_hyper_parameters") if checkpoint is not None else None
     if isinstance(saved, dict):
+        keys = _SPLIT_KEYS if saved.get("val_size") or dm.hparams["val_size"] else ("dataset",)
         changed = [
             f"data.{k} {saved[k]!r} (this run: {dm.hparams[k]!r})"
-            for k in _SPLIT_KEYS
+            for k in keys
             if k in saved and k in dm.hparams and saved[k] != dm.hparams[k]
         ]
         if changed:
             raise ConfigError(
-                f"the checkpoint was trained on other data: {', '.join(changed)}; a resumed run "
-                "would validate and test on images it trained on (resume with the training "
+                f"the checkpoint was trained with another split: {', '.join(changed)}; a "
+                "resumed run would mix training and held-out images (resume with the training "
                 "run's config.yaml)"
             )
     if not dm.files_present():

@@ -671,9 +671,9 @@ BAD_VALUE_CASES = [
     (
         "sn_lightning.fit",
         ["--ckpt_path={tmp}/split.ckpt", "--data.seed=5", "--data.val_size=0.3"],
-        "the checkpoint was trained on other data: data.seed 0 (this run: 5), data.val_size 0.1 "
-        "(this run: 0.3); a resumed run would validate and test on images it trained on (resume "
-        "with the training run's config.yaml)",
+        "the checkpoint was trained with another split: data.seed 0 (this run: 5), data.val_size "
+        "0.1 (this run: 0.3); a resumed run would mix training and held-out images (resume with "
+        "the training run's config.yaml)",
     ),
     (
         "sn_lightning.fit",

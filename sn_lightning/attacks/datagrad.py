@@ -106,6 +106,7 @@ def datagrad_fd_loss(
     *,
     clip: bool = False,
     label_smoothing: float = 0.0,
+    grad_scale: float = 1.0,
 ) -> DataGradTerms:
     """Finite-difference DataGrad: ``(1 - lam/phi) L(x) + (lam/phi) L(x + phi * r)``.
 
@@ -123,6 +124,8 @@ def datagrad_fd_loss(
         norm: the penalty R, as in `datagrad_penalty`.
         clip: clamp ``x + phi * r`` to [0, 1] (breaks the finite-difference identity).
         label_smoothing: of the cross-entropy, in [0, 1).
+        grad_scale: as in `datagrad_penalty` (fp16 AMP: the GradScaler's scale, so that ``J``
+            does not underflow to 0, whose sign would leave ``x`` unperturbed).
 
     Returns:
         ``(loss, penalty, logits)``: the scalar loss to call ``.backward()`` on, the detached
@@ -136,7 +139,8 @@ def datagrad_fd_loss(
     x = x.detach().requires_grad_(True)
     logits = model(x)
     loss_clean = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
-    (grad,) = torch.autograd.grad(loss_clean, x, retain_graph=True)  # J_i per row, (N, ...)
+    (grad,) = torch.autograd.grad(loss_clean * grad_scale, x, retain_graph=True)
+    grad = grad / grad_scale  # J_i per row, (N, ...)
     direction = grad.sign() if norm == "l1" else 2.0 * grad
     x_fd = x.detach() + phi * direction
     if clip:

@@ -58,16 +58,26 @@ class DataGrad(L.Callback):
 
     def _objective(self, module: L.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         smoothing = float(getattr(module, "hparams", {}).get("label_smoothing", 0.0))
+        # fp16 AMP: the data gradient is taken of the loss times the GradScaler's scale (PAPERS
+        # 5.1: unscaled, it underflows)
+        trainer = getattr(module, "_trainer", None)  # None: called outside a fit
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
         if self.form == "exact":
-            scaler = getattr(module.trainer.precision_plugin, "scaler", None)
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
             loss, penalty, logits = datagrad_penalty(
                 module, x, y, self.norm, grad_scale=scale, label_smoothing=smoothing
             )
             loss = loss + self.lam * penalty
         else:
             loss, penalty, logits = datagrad_fd_loss(
-                module, x, y, self.lam, self.phi, self.norm, label_smoothing=smoothing
+                module,
+                x,
+                y,
+                self.lam,
+                self.phi,
+                self.norm,
+                label_smoothing=smoothing,
+                grad_scale=scale,
             )
         module.log(  # Note [synchronised metrics] (lit/classifier.py)
             "train/datagrad_penalty", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True

@@ -377,10 +377,15 @@ class ImageDataModule(L.LightningDataModule):
                 )
             if self.val_size:  # val_size 0: no validation, as for the other datasets
                 self.val_set = _same_classes(self._imagefolder("val", False), train, "val")
-        elif self.val_size and self.val_source == "test":  # the first val_size test images
+        elif self.val_size and self.val_source == "test":
+            # a seeded draw: ImageFolder lists the test images class by class, so the first
+            # val_size would be one class
             k = self._n_val(len(self.test_set))
-            self.val_set = Subset(self.test_set, list(range(k)))
-            self.test_set = Subset(self.test_set, list(range(k, len(self.test_set))))
+            order = torch.randperm(
+                len(self.test_set), generator=torch.Generator().manual_seed(self.seed)
+            ).tolist()
+            self.val_set = Subset(self.test_set, sorted(order[:k]))
+            self.test_set = Subset(self.test_set, sorted(order[k:]))
         elif self.val_size:
             k = self._n_val(len(idx))
             self.val_set = Subset(train_eval, idx[-k:])

@@ -455,7 +455,7 @@ class SNClassifier(L.LightningModule):
             # the margins in float32: logits from bf16 autocast are off by up to ~1e-1, which
             # certified points whose float32 radius is below eps (the bound L is float64)
             with torch.autocast(x.device.type, enabled=False):
-                logits = self(x.float()).float()
+                logits = self(x).float()  # (the batch is float32 under AMP)
             radius = certified_radius(logits, y, self._certified_L)
             for eps in self.hparams.certify_eps:
                 acc = (radius > eps).float().mean()
@@ -518,7 +518,10 @@ class SNClassifier(L.LightningModule):
 
         if self._trainer is None or self.trainer.world_size < 2 or not dist.is_initialized():
             return
-        tensors = [*self.buffers(), *self._lip_state.get("u", {}).values()]
+        vectors = self._lip_state.get("u", {})
+        for key, u in vectors.items():  # restored from a checkpoint: on the saving rank's device
+            vectors[key] = u.to(self.device)
+        tensors = [*self.buffers(), *vectors.values()]
         with torch.no_grad():
             for tensor in tensors:  # same modules, same order, same shapes on every rank
                 dist.broadcast(tensor, src=0)

@@ -181,6 +181,16 @@ def test_label_smoothing_enters_both_forms(smooth, norm):
     assert fd.penalty.item() == pytest.approx(penalty.item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_finite_difference_form_takes_the_gradient_scale(smooth, norm):
+    """fp16 AMP passes the GradScaler's scale: same loss, same penalty (float64 here)."""
+    model, x, y = smooth
+    plain = datagrad_fd_loss(model, x, y, lam=0.01, phi=0.05, norm=norm)
+    scaled = datagrad_fd_loss(model, x, y, lam=0.01, phi=0.05, norm=norm, grad_scale=1024.0)
+    assert scaled.loss.item() == pytest.approx(plain.loss.item(), rel=1e-12)
+    assert scaled.penalty.item() == pytest.approx(plain.penalty.item(), rel=1e-9)
+
+
 def test_the_callback_uses_the_models_label_smoothing(digits, monkeypatch):
     from sn_lightning.callbacks import DataGrad
     from sn_lightning.lit import SNClassifier

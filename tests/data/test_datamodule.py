@@ -369,11 +369,17 @@ def test_imagefolder_honours_val_source_and_a_val_folder(tmp_path):
         dm.setup("fit")
         return dm
 
-    dm = data(val_size=4, val_source="test")  # the first 4 test images, as for the others
-    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 4, 14)
-    whole, _ = _all(data(val_size=0).test_dataloader())
-    assert torch.equal(_all(dm.val_dataloader())[0], whole[:4])
-    assert torch.equal(_all(dm.test_dataloader())[0], whole[4:])
+    dm = data(val_size=9, val_source="test")  # a seeded draw from the test images
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 9, 9)
+    (x_val, y_val), (x_test, _) = _all(dm.val_dataloader()), _all(dm.test_dataloader())
+    whole, whole_y = _all(data(val_size=0).test_dataloader())
+    assert torch.equal(torch.sort(torch.cat([x_val, x_test]).flatten(1), 0)[0],
+                       torch.sort(whole.flatten(1), 0)[0])  # fmt: skip
+    # ImageFolder lists test images class by class (6 each): the first 9 were mostly class 0
+    assert whole_y.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert set(y_val.tolist()) == {0, 1, 2}
+    again = data(val_size=9, val_source="test")
+    assert torch.equal(_all(again.val_dataloader())[0], x_val)  # same seed, same split
     shutil.copytree(tmp_path / "test", tmp_path / "val")  # a val/ folder is the split
     assert len(data(val_size=3).val_set) == 18
     assert data(val_size=0).val_set is None  # 0: no validation

@@ -96,6 +96,24 @@ def test_logged_certified_accuracy_does_not_change_under_bf16_autocast(crm_model
     assert len(logged["32-true"]) == 60 and logged["bf16-mixed"] == logged["32-true"]
 
 
+def test_certified_accuracy_under_float64_weights(crm_model, tmp_path):
+    """64-true feeds float64 batches to float64 weights (a float32 cast of the batch crashed)."""
+    import copy
+
+    model, dm, _ = crm_model
+    model64 = copy.deepcopy(model)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        precision="64-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    (metrics,) = trainer.validate(model64, datamodule=dm, verbose=False)
+    assert 0 < metrics["val/certified_acc/0.1"] <= metrics["val/acc"]
+
+
 def test_crm_with_spectral_norm_advances_u_once_per_step(tmp_path):
     """The LipLT bound reads the forward's cached weights; a fresh read advanced u a second time."""
     states = {}
