@@ -767,27 +767,16 @@ def _start_wandb(trainer: Trainer, settings: dict[str, Any] | None = None) -> No
             wandb.teardown()  # a fresh wandb session reads WANDB_MODE again
             logger.experiment  # noqa: B018
         if settings and trainer.is_global_zero:
-            logger.experiment.config.update(_dotted(settings), allow_val_change=True)
+            logger.experiment.config.update(_flatten(settings, sep="."), allow_val_change=True)
 
 
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"beta": 1}}`` -> ``{"model.beta": 1}`` (lists stay values)."""
+def _flatten(tree: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """``{"model": {"beta": 1}}`` -> ``{"model/beta": 1}`` (after ``prefix``); lists stay values."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, dict):
-            out.update(_flatten(value, name))
+            out.update(_flatten(value, name, sep))
         else:
             out[name] = value
     return out
@@ -970,7 +959,8 @@ def _check_training_length(trainer: Trainer) -> None:
             )
 
 
-_HALF_WEIGHTS = ("16-true", "bf16-true", "16", "bf16")  # precisions that cast the weights
+_HALF_WEIGHTS = ("16-true", "bf16-true")  # precisions that cast the weights (Lightning reads
+# the legacy "16" and "bf16" as the mixed ones)
 
 
 def _check_callbacks(cli: SNLightningCLI) -> None:

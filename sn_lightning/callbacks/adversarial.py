@@ -73,7 +73,7 @@ def attack_precision(trainer: L.Trainer) -> contextlib.AbstractContextManager[An
 
 def check_attack_precision(trainer: L.Trainer) -> None:
     """Refuse ``precision: 16-true`` for a run that attacks: float16 input gradients underflow."""
-    if str(getattr(trainer, "precision", "")) in ("16-true", "16"):
+    if str(getattr(trainer, "precision", "")) == "16-true":
         raise ConfigError(
             f"trainer.precision {trainer.precision!r} cannot take attacks' input gradients "
             "(float16 underflows them, PAPERS 5.1); use 16-mixed (attacks then run in float32), "
