@@ -1,10 +1,23 @@
-"""Config keys of a parsed CLI config, for 'unknown key' messages with suggestions (no Lightning)."""
+"""Config keys: nested settings as flat keys, and "unknown key" messages with suggestions (no Lightning)."""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """``{"model": {"beta": 1}}`` -> ``{"model/beta": 1}`` (after ``prefix``); lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = value
+    return out
 
 
 @dataclass

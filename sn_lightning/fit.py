@@ -52,7 +52,7 @@ from sn_lightning.callbacks import (
 )
 from sn_lightning.callbacks.adversarial import attack_precision, check_attack_precision
 from sn_lightning.callbacks.robust_eval import attack_name
-from sn_lightning.config_keys import KeyIndex
+from sn_lightning.config_keys import KeyIndex, flatten
 from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError, ConfigWarning, first_line
 from sn_lightning.evaluation import evaluate
@@ -767,19 +767,7 @@ def _start_wandb(trainer: Trainer, settings: dict[str, Any] | None = None) -> No
             wandb.teardown()  # a fresh wandb session reads WANDB_MODE again
             logger.experiment  # noqa: B018
         if settings and trainer.is_global_zero:
-            logger.experiment.config.update(_flatten(settings, sep="."), allow_val_change=True)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """``{"model": {"beta": 1}}`` -> ``{"model/beta": 1}`` (after ``prefix``); lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_flatten(value, name, sep))
-        else:
-            out[name] = value
-    return out
+            logger.experiment.config.update(flatten(settings, sep="."), allow_val_change=True)
 
 
 def _log_results_to_wandb(trainer: Trainer, results: dict[str, Any], path: Path) -> None:
@@ -787,7 +775,7 @@ def _log_results_to_wandb(trainer: Trainer, results: dict[str, Any], path: Path)
     if not trainer.is_global_zero:
         return
     skip = ("settings", "metrics", "path")
-    summary = _flatten({k: v for k, v in results.items() if k not in skip}, "results")
+    summary = flatten({k: v for k, v in results.items() if k not in skip}, "results")
     for logger in _wandb_loggers(trainer):
         experiment = logger.experiment
         experiment.summary.update(summary)

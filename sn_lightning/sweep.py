@@ -49,14 +49,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from sn_lightning.config_keys import KeyIndex
+from sn_lightning.config_keys import KeyIndex, flatten
 
 PROG = "python -m sn_lightning.sweep"
 FIT_MODULE = "sn_lightning.fit"
@@ -935,20 +935,11 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            yield from _flatten(value, name)
-        else:
-            yield name, value
-
-
 def metric_value(results: Mapping[str, Any], name: str) -> float | None:
     """The metric's last logged value (``results["metrics"]``), else a results.json path (a/b/c)."""
     value = (results.get("metrics") or {}).get(name)
     if value is None:
-        value = dict(_flatten({k: v for k, v in results.items() if k != "metrics"})).get(name)
+        value = flatten({k: v for k, v in results.items() if k != "metrics"}).get(name)
     try:
         value = float(value)
     except (TypeError, ValueError):
