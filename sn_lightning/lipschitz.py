@@ -86,10 +86,12 @@ from sn_lightning.modes import eval_mode
 from sn_lightning.spectral.fused import fused_forward
 from sn_lightning.spectral.grouped import is_group_hook
 from sn_lightning.spectral.ops import (
+    _MAP_METHODS,
     SUPPORTED_LAYERS,
     LinearOp,
     OperatorSpec,
     _norm_upper_bound,
+    forward_kind,
     operator_norm,
     operator_norm_upper_bound,
 )
@@ -338,8 +340,9 @@ def _forward_hook_problem(model: nn.Module) -> str | None:
         )
     for name, m in model.named_modules():
         where = f"module {name or '<root>'!r} ({type(m).__name__})"
-        if "forward" in vars(m):
-            return f"{where} has an instance-level forward, not its class's"
+        patched = next((k for k in _MAP_METHODS if k in vars(m)), None)
+        if patched is not None:
+            return f"{where} has an instance-level {patched}, not its class's"
         for kind, hooks, allowed in (
             ("forward pre-hook", m._forward_pre_hooks, _is_own_pre_hook),
             ("forward hook", m._forward_hooks, _is_own_hook),
@@ -606,6 +609,11 @@ def parse_model(model: nn.Module, input_shape: Sequence[int]) -> SegmentedNet:
             raise ValueError(
                 f"{type(m).__name__} overrides forward; its operator is not the plain "
                 f"{base.__name__}'s"
+            )
+        if isinstance(m, SUPPORTED_LAYERS) and forward_kind(m) != "base":
+            raise ValueError(
+                f"{type(m).__name__} changes its map ({'/'.join(_MAP_METHODS)}); its operator is "
+                "not the plain layer's"
             )
     shapes: list[tuple[int, ...]] = []
     with eval_mode(model):
@@ -1116,9 +1124,17 @@ def _liplt_bound(
     with ctx:
         if C > PAIRWISE_MAX_CLASSES and K >= 1:
             rows = ops[K][1](torch.eye(C, dtype=dt, device=ref.device)).reshape(C, -1)
-            G = rows @ rows.T
-            d = torch.diagonal(G)
-            D = (d[:, None] + d[None, :] - 2 * G).clamp_min(0).sqrt()
+            if certify:
+                # ||r_p - r_q|| from the differences: through the Gram matrix it cancels to 0
+                # for near-equal rows (1e-7 apart in 1); the term covers rounding in forming rows
+                D = torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist")
+                norms = torch.linalg.vector_norm(rows, dim=1)
+                rounding = 4 * rows.shape[1] * torch.finfo(dt).eps
+                D = D + rounding * (norms[:, None] + norms[None, :])
+            else:
+                G = rows @ rows.T
+                d = torch.diagonal(G)
+                D = (d[:, None] + d[None, :] - 2 * G).clamp_min(0).sqrt()
             L = D * _slope_lipschitz(chain.slopes[K - 1]) * m[K - 1]
             L = L * (1 - torch.eye(C, dtype=L.dtype, device=L.device)) * scale
             return L.to(torch.float64) * (1 + 1e-9) if certify else L

@@ -370,6 +370,48 @@ def test_pairwise_fallback_many_classes_sound():
         assert torch.all(D <= L * (1 + 1e-6) + 1e-12)
 
 
+def test_pairwise_fallback_keeps_near_equal_rows_apart():
+    """Above 101 classes ||r_p - r_q|| came from the Gram matrix, d_p + d_q - 2 G_pq, which
+    cancels to 0 for rows 2^-22 apart in a row of norm ~40: a pair certified at any radius."""
+    torch.manual_seed(4)
+    f1, f2 = nn.Linear(16, 16), nn.Linear(16, 102)
+    with torch.no_grad():
+        f1.weight.copy_(torch.eye(16))
+        w = torch.randn(102, 16) * 10
+        w[1] = w[0]
+        w[1, 3] += 2.0**-22
+        f2.weight.copy_(w)
+    model = nn.Sequential(f1, nn.ReLU(), f2).eval()
+    L = liplt_bound(model, (16,), pairwise=True, certify=True)
+    true = (w.double()[:, None] - w.double()[None]).norm(dim=-1)  # Lip of f_p - f_q (f1 = I)
+    assert float(L[0, 1]) >= 2.0**-22
+    assert torch.all(true * (1 - 1e-9) <= L)
+    torch.testing.assert_close(L, true, rtol=1e-6, atol=1e-9)
+
+
+def test_layers_whose_map_changes_outside_forward_are_refused():
+    """``_output_padding`` (transposed convolutions) and ``_conv_forward`` overridden on the
+    class or patched on an instance change the layer's map without touching forward."""
+
+    class ExtraRow(nn.ConvTranspose2d):
+        def _output_padding(self, *args: object, **kwargs: object) -> list[int]:
+            return [1, 1]
+
+    class Scaled(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            return F.conv2d(x, 10 * w, b, self.stride, self.padding)
+
+    patched = nn.Conv2d(1, 1, 3, padding=1)
+    patched._conv_forward = lambda x, w, b: F.conv2d(x, 10 * w, b, padding=1)
+    for layer, needle in (
+        (ExtraRow(1, 1, 3, stride=2, padding=1), "ExtraRow changes its map"),
+        (Scaled(1, 1, 3, padding=1), "Scaled changes its map"),
+        (patched, "instance-level _conv_forward"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            liplt_bound(nn.Sequential(layer, nn.Flatten(), nn.Linear(16, 3)), (1, 4, 4))
+
+
 def _dense_matrix(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     basis = torch.eye(math.prod(shape), dtype=torch.float64).reshape(-1, *shape)
     return module(basis).reshape(basis.shape[0], -1).T

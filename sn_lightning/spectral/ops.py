@@ -88,6 +88,11 @@ _KNOWN_FORWARDS: dict[tuple[str, str], str] = {
 }
 
 
+# The methods a layer's map runs through: one patched on an instance (a LoRA or quantization
+# wrapper's ``layer._conv_forward = ...``) changes the map as a subclass's override would.
+_MAP_METHODS = ("forward", "_conv_forward", "_output_padding")
+
+
 def forward_kind(layer: nn.Module) -> str | None:
     """How a supported layer maps its input (Note [subclass forwards]).
 
@@ -97,6 +102,8 @@ def forward_kind(layer: nn.Module) -> str | None:
     base = next((b for b in SUPPORTED_LAYERS if isinstance(layer, b)), None)
     if base is None:
         return None
+    if any(name in vars(layer) for name in _MAP_METHODS):  # patched on this one instance
+        return None
     cls = type(layer)
     if parametrize.is_parametrized(layer):
         # torch.nn.utils.parametrize injects a subclass; the layer's map is its base class's
@@ -104,6 +111,8 @@ def forward_kind(layer: nn.Module) -> str | None:
         cls = cls.__bases__[0]
     if base is not nn.Linear and cls._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
         return None
+    if hasattr(base, "_output_padding") and cls._output_padding is not base._output_padding:  # type: ignore[attr-defined]
+        return None  # a transposed convolution with other output sizes than its attributes say
     if cls.forward is base.forward:
         return "base"
     for (module, name), kind in _KNOWN_FORWARDS.items():

@@ -1119,8 +1119,14 @@ def network_lipschitz_bound(
         model: the network; its forward must take the input tensor as first argument.
         input_shape: ``(C, H, W)`` of one input; enables shape-aware rules (sums, pools) and
             unnormalized convolutions. Default: the ``input_shape`` given to
-            ``apply_spectral_norm``, if any; without one, sums of input-dependent values get no
-            bound and convolutions use their recorded shapes.
+            ``apply_spectral_norm``, if any. A model whose forward fails at that size (a block
+            of the normalized network) is bounded at the sizes its convolutions saw there; one
+            that runs at it but feeds them other sizes (a wrapper that pads or pools) gets no
+            bound without ``input_shape``; without any shape, sums of input-dependent values get
+            no bound.
+
+    The traced graph is checked against the eager forward on one random input (a branch fx
+    cannot follow, such as ``isinstance(x, Tensor)``, gives no bound).
 
     Returns:
         ``(bound, "")`` or ``(None, reason)``.
@@ -1148,7 +1154,12 @@ def _network_bound(
 ) -> tuple[float | None, str]:
     problem = _lipschitz_module()._forward_hook_problem(model)
     if problem is not None:  # lipschitz.py, Note [forward hooks]
-        return None, f"{problem} (torch.fx traces no hooks)"
+        why = (
+            "the bound follows the class's map"
+            if "instance-level" in problem
+            else "torch.fx traces no hooks"
+        )
+        return None, f"{problem} ({why})"
     # Bounded BatchNorms read a copy of running_var that a training forward leaves stale (it is
     # refreshed before each forward): a grown variance would otherwise give too low a bound.
     sync_batchnorm_bounds(model)
@@ -1176,6 +1187,7 @@ def _network_bound(
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
         recorded = given[0] if len(given) == 1 else None
+        checked_at = None  # the input the graph ran at, to check it against the forward
         if input_shape is not None or recorded is not None:
             try:
                 tensors = (*model.parameters(), *model.buffers())
@@ -1190,8 +1202,15 @@ def _network_bound(
                     shape = tuple(int(i) for i in input_shape)
                     return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
                 recorder = _ShapeRecorder(gm)  # e.g. a submodule of the normalized network
-            if input_shape is None and not _layers_saw_their_shapes(gm, recorder.shapes):
-                recorder = _ShapeRecorder(gm)  # run at a size this model was not normalized at
+            else:
+                checked_at = (shape, device, dtype)
+                if input_shape is None and not _layers_saw_their_shapes(gm, recorder.shapes):
+                    # a wrapper that feeds its layers other sizes than they were normalized at:
+                    # their recorded sizes are not this model's, and its own input size is unknown
+                    return None, (
+                        f"at the recorded input shape {shape} the normalized convolutions see "
+                        "other sizes than apply_spectral_norm recorded: pass input_shape"
+                    )
         try:
             bound = _propagate(gm, recorder.shapes, recorder.dtypes, cache, constants)
         except _Unsupported as e:
@@ -1199,9 +1218,66 @@ def _network_bound(
                 shapes = " and ".join(str(g) for g in given)
                 return None, f"{e} (apply_spectral_norm was given {shapes}: there is no default)"
             return None, str(e)
+        if checked_at is not None:  # after the rules: they refuse forwards that write state
+            mismatch = _trace_mismatch(root, gm, *checked_at)
+            if mismatch is not None:
+                return None, mismatch
     if math.isnan(bound):
         return None, "the bound is NaN (a NaN weight, statistic or constant)"
     return bound, ""
+
+
+def _trace_mismatch(
+    root: nn.Module,
+    gm: fx.GraphModule,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> str | None:
+    """Why the traced graph is not ``root``'s forward on one random input, or None.
+
+    The rules bound the graph; a forward that branches on what fx cannot see (``isinstance(x,
+    Tensor)``, a value read on the host) may compute something else eagerly. Both runs start
+    from the same random state, so a stochastic op draws alike.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *shape), generator=generator).to(device=device, dtype=dtype)
+    outputs: list[list[Tensor]] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    for f in (gm, root):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            try:
+                outputs.append(_tensors(f(x.clone())))
+            except Exception as e:
+                return f"the forward at input shape {shape} failed: {_first_line(e)}"
+    traced, eager = outputs
+    if len(traced) == len(eager) and all(map(_same_values, traced, eager)):
+        return None
+    return (
+        f"torch.fx's graph of {type(root).__name__} computes other outputs than its forward "
+        "(a branch on the input's type or values that tracing cannot follow)"
+    )
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """The tensors in a forward's output (nested tuples, lists and dicts), in order."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and values to float rounding (relative to ``b``'s largest entry)."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.double(), b.double()
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
 
 
 def _layers_saw_their_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -2006,6 +2082,7 @@ def _function_rule(
         x = args[0]
         shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
         pad, mode = _param(node, 1, "pad", None), _param(node, 2, "mode", "constant")
+        _fixed_arguments(node, lip)  # a fill value computed from the input moves with it
         return _pad_bound(node, shape, pad, mode) * lip(x)
     if f is F.interpolate:
         options = {k: _param(node, i, k, d) for i, (k, d) in enumerate(_INTERPOLATE_ARGS, 1)}

@@ -20,6 +20,7 @@ from sn_lightning.spectral import (
     operator_norm_upper_bound,
     spectral_norm_report,
 )
+from sn_lightning.spectral.ops import forward_kind
 from sn_lightning.spectral.report import _pool_bound
 
 SHAPE = (3, 12, 12)
@@ -1022,8 +1023,10 @@ def test_calls_without_a_sound_rule_give_a_reason_not_an_exception(f, shape, nee
 
 
 def test_the_default_shape_is_only_used_where_the_layers_saw_it():
-    """apply_spectral_norm's input_shape belongs to the network it was given; a submodule or a
-    wrapper that also takes that size would be bounded at the wrong size inside."""
+    """apply_spectral_norm's input_shape belongs to the network it was given. A submodule whose
+    forward fails at that size is bounded at the sizes its layers saw in the network; a model
+    that takes that size but feeds its layers other sizes (a submodule, a wrapper that pads or
+    pools) has no default and is refused: bounding it at the recorded sizes was unsound."""
     torch.manual_seed(12)
     net = nn.Sequential(
         nn.ConvTranspose2d(1, 1, 4, stride=2, padding=1, bias=False),  # 4x4 -> 8x8
@@ -1034,18 +1037,30 @@ def test_the_default_shape_is_only_used_where_the_layers_saw_it():
     apply_spectral_norm(net, beta=1.0, input_shape=(1, 4, 4), init_iterations=50)
     net.eval()
     sub = net[1]  # takes (1, 4, 4) too, but was normalized at 8x8
-    wrapper = nn.Sequential(nn.AvgPool2d(2), sub).eval()  # its input is 16x16
-    for model, shape in ((sub, (1, 8, 8)), (wrapper, (1, 16, 16))):
+    pooled = nn.Sequential(nn.AvgPool2d(2), sub).eval()  # its input is 16x16
+    padded = nn.Sequential(nn.ZeroPad2d(8), net).eval()  # the whole network, fed 20x20
+    for model, shape in ((sub, (1, 8, 8)), (pooled, (1, 16, 16)), (padded, (1, 4, 4))):
+        bound, why = network_lipschitz_bound(model)
+        assert bound is None and why.endswith("pass input_shape")
+        assert spectral_norm_report(model).lipschitz_bound is None
         measured = max(jacobian_norm(model, torch.randn(*shape).double()) for _ in range(3))
-        bound = spectral_norm_report(model).lipschitz_bound
-        assert bound is not None
-        assert measured <= bound * (1 + 1e-9)
-        assert bound == pytest.approx(
-            spectral_norm_report(model, input_shape=shape).lipschitz_bound
-        )
+        bound = spectral_norm_report(model, input_shape=shape).lipschitz_bound
+        assert bound is not None and measured <= bound * (1 + 1e-9)
     assert network_lipschitz_bound(net)[0] == pytest.approx(
         network_lipschitz_bound(net, input_shape=(1, 4, 4))[0]
     )
+    # a block whose forward fails at the network's (3, 6, 6): bounded at the sizes it saw
+    torch.manual_seed(13)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+    ).double()
+    apply_spectral_norm(net, beta=math.inf, input_shape=(3, 6, 6))
+    block = net[2].eval()
+    bound = network_lipschitz_bound(block)[0]
+    assert bound == pytest.approx(network_lipschitz_bound(block, input_shape=(8, 3, 3))[0])
+    assert jacobian_norm(block, torch.randn(8, 3, 3).double()) <= bound * (1 + 1e-9)
 
 
 def test_a_view_to_a_dtype_known_at_run_time_is_refused():
@@ -1985,3 +2000,92 @@ def test_report_sigma_never_exceeds_its_upper_bound_at_beta():
             assert row.sigma <= row.upper_bound
             at_beta += row.sigma == pytest.approx(0.5, rel=1e-6)
     assert at_beta >= 20
+
+
+class _PadWithStatistic(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (3, 3, 3, 3), value=10 * x.sum())
+
+
+class _PadWithConstant(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(2 * x, (3, 3, 3, 3), "constant", -1.5)
+
+
+def test_a_pad_fill_value_computed_from_the_input_is_refused():
+    """F.pad's value moves every padded entry with the input (a float read off the tensor, so
+    autograd sees no Jacobian: the difference quotient is the oracle); only a constant fill
+    keeps the factor 1."""
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    y = x + 1e-3
+    with torch.no_grad():
+        quotient = (_PadWithStatistic()(x) - _PadWithStatistic()(y)).norm() / (x - y).norm()
+    assert quotient > 100
+    bound, why = network_lipschitz_bound(_PadWithStatistic(), input_shape=(1, 4, 4))
+    assert bound is None and "input-dependent argument" in why
+    bound, _ = network_lipschitz_bound(_PadWithConstant(), input_shape=(1, 4, 4))
+    assert bound == pytest.approx(2.0) == pytest.approx(jacobian_norm(_PadWithConstant(), x[0]))
+
+
+class _TypeBranch(nn.Module):
+    """Eager: x is a Tensor and gets the gain; under fx it is a Proxy and the branch is skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            x = 10 * x
+        return self.fc(x)
+
+
+class _DropoutAlways(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(x, 0.5, training=True))
+
+
+def test_a_graph_that_is_not_the_forward_is_refused():
+    """The rules bound the traced graph; one random input checks it is the eager forward."""
+    torch.manual_seed(0)
+    model = _TypeBranch().double()
+    x = torch.randn(8, dtype=torch.float64)
+    bound, why = network_lipschitz_bound(model, input_shape=(8,))
+    assert bound is None and "computes other outputs than its forward" in why
+    assert jacobian_norm(model, x) > 10 * jacobian_norm(model.fc, x) * (1 - 1e-9)
+    # a stochastic op draws alike in both runs: still bounded, above the Jacobian of any draw
+    model = _DropoutAlways().double()
+    bound, _ = network_lipschitz_bound(model, input_shape=(8,))
+    assert bound is not None
+    assert max(jacobian_norm(model, x) for _ in range(5)) <= bound * (1 + 1e-9)
+
+
+class _ExtraOutputRow(nn.ConvTranspose2d):
+    """Its attributes say output_padding 0; its map has one more output row and column."""
+
+    def _output_padding(self, *args: object, **kwargs: object) -> list[int]:
+        return [1, 1]
+
+
+def test_layers_whose_map_changes_outside_forward_are_traced_or_refused():
+    """A transposed convolution's output size comes from ``_output_padding``, a convolution's
+    map from ``_conv_forward``: an override of either (class or instance) is not the plain
+    layer's map, so it has no layer rule (torch.fx traces through a class's)."""
+    torch.manual_seed(0)
+    up = _ExtraOutputRow(1, 1, 3, stride=2, padding=1, bias=False).double()
+    with torch.no_grad():
+        up.weight.zero_()
+        up.weight[0, 0, 2, 2] = 5.0  # reaches only the extra row and column
+    assert forward_kind(up) is None
+    bound, _ = network_lipschitz_bound(nn.Sequential(up), input_shape=(1, 4, 4))
+    measured = jacobian_norm(up, torch.randn(1, 4, 4, dtype=torch.float64))
+    assert measured == pytest.approx(5.0) and bound >= measured * (1 - 1e-9)
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    conv._conv_forward = lambda x, w, b: F.conv2d(x, 10 * w, b, padding=1)
+    assert forward_kind(conv) is None
+    bound, why = network_lipschitz_bound(nn.Sequential(conv), input_shape=(1, 6, 6))
+    assert bound is None and "instance-level _conv_forward" in why
