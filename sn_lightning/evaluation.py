@@ -30,6 +30,15 @@ def worse_logits(clean: Tensor, adversarial: Tensor, y: Tensor) -> Tensor:
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
+def _input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating parameters, else None.
+
+    ``precision: 64-true`` or ``bf16-true`` converts the parameters, and Lightning converts the
+    batches of its own loops; batches given here are converted to match.
+    """
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -56,6 +65,7 @@ def evaluate(
     """
     if device is None:
         device = next(model.parameters()).device
+    dtype = _input_dtype(model)
     was_training = model.training
     model.eval()
     correct, attack_correct, loss, n, margins = 0, 0, 0.0, 0, []
@@ -63,7 +73,7 @@ def evaluate(
         for x, y in batches:
             if max_examples is not None and n + len(y) > max_examples:  # the first rows only
                 x, y = x[: max_examples - n], y[: max_examples - n]
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, dtype=dtype if x.is_floating_point() else None), y.to(device)
             if attack is not None:
                 x_adv = attack(model, x, y)
                 with torch.no_grad():

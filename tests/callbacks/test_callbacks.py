@@ -328,6 +328,20 @@ def test_evaluate_max_examples_is_exact_and_counts_the_first_examples():
     assert evaluate(model, batches, max_examples=1000)["n"] == 70
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_evaluate_feeds_batches_in_the_models_dtype(dtype):
+    """``precision: 64-true`` / ``bf16-true`` convert the model; the final evaluation's float32
+    batches crashed in the first layer (input and bias types differ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    expected = evaluate(model, [(x, y)])
+    result = evaluate(model.to(dtype), [(x, y)])
+    tolerance = 1e-6 if dtype == torch.float64 else 0.05
+    assert result["n"] == 20
+    assert result["loss"] == pytest.approx(expected["loss"], rel=tolerance)
+
+
 def test_options_without_an_attack_warn():
     with pytest.warns(ConfigWarning, match="adversarial.attack is null .* have no effect"):
         AdversarialTraining(None, mix=0.5)
