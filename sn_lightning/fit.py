@@ -931,8 +931,26 @@ def _check_strategy(trainer: Trainer, model: SNClassifier) -> None:
         )
 
 
-def _check_training_length(trainer: Trainer) -> None:
-    """A run that would train nothing (and report an untrained model) is a config error."""
+def _check_training_length(trainer: Trainer, model: SNClassifier) -> None:
+    """Counts that would train nothing, forever under a planned schedule, or divide by zero.
+
+    A run that trains nothing would report an untrained model; Lightning divides by
+    ``accumulate_grad_batches``, ``check_val_every_n_epoch`` and ``val_check_interval``.
+    """
+    for key, value, valid in (
+        ("accumulate_grad_batches", trainer.accumulate_grad_batches, "a count >= 1"),
+        ("check_val_every_n_epoch", trainer.check_val_every_n_epoch, "a count >= 1 or null"),
+        ("val_check_interval", trainer.val_check_interval, "a fraction in (0, 1] or a count >= 1"),
+    ):
+        if value is not None and value <= 0:
+            raise ConfigError(f"trainer.{key} {value}: give {valid}")
+    unbounded = trainer.max_epochs in (-1, None) and trainer.max_steps == -1
+    if unbounded and model.hparams.lr_schedule == "cosine":
+        raise ConfigError(
+            "model.lr_schedule cosine decays over the whole run, and this run has no end "
+            "(trainer.max_epochs -1, or null with max_time, and max_steps -1); give "
+            "trainer.max_epochs or trainer.max_steps, or --model.lr_schedule=step or none"
+        )
     limit = trainer.limit_train_batches
     for key, value in (
         ("max_epochs", trainer.max_epochs),
@@ -989,7 +1007,7 @@ def check_run(cli: SNLightningCLI) -> None:
     if getattr(cli, "_sn_run_checked", False):
         return
     _check_strategy(cli.trainer, cli.model)
-    _check_training_length(cli.trainer)
+    _check_training_length(cli.trainer, cli.model)
     check_ckpt_path(cli.config.ckpt_path)
     if cli.config.ckpt_path == "last":
         cli.config.ckpt_path = _last_checkpoint(cli.trainer.default_root_dir)

@@ -785,6 +785,15 @@ def bad_value_runs(tmp_path_factory) -> dict[tuple[str, tuple[str, ...]], tuple[
         (["--trainer.max_epochs=0"], "trainer.max_epochs 0 trains nothing"),
         (["--trainer.limit_train_batches=0"], "trainer.limit_train_batches 0 trains nothing"),
         (["--trainer.max_steps=0"], "trainer.max_steps 0 trains nothing"),
+        (["--trainer.accumulate_grad_batches=0"], "accumulate_grad_batches 0: give a count >= 1"),
+        (["--trainer.accumulate_grad_batches=-1"], "accumulate_grad_batches -1: give a count"),
+        (["--trainer.check_val_every_n_epoch=0"], "check_val_every_n_epoch 0: give a count"),
+        (["--trainer.val_check_interval=0"], "val_check_interval 0: give a fraction in (0, 1]"),
+        (["--trainer.max_epochs=-1"], "model.lr_schedule cosine decays over the whole run"),
+        (
+            ["--trainer.max_epochs=null", "--trainer.max_time=00:00:01:00"],
+            "this run has no end",
+        ),
         (
             ["--adversarial.attack.eps=null", "--adversarial.attack.eps_rel=50"],
             "linf eps eps_rel 50 x mean input norm 3.864 = 193.198 >= 1",
