@@ -209,7 +209,7 @@ def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
     [
         (
             ["--model.backbone=timm:resnt18"],
-            "unknown timm backbone 'resnt18'; did you mean resnet18",
+            "unknown backbone 'resnt18' (not a built-in or timm model); did you mean resnet18",
         ),
         (["--data.dataset=cifar"], "unknown dataset 'cifar'; valid choices: digits"),
         (

@@ -123,6 +123,16 @@ class AdversarialTraining(L.Callback):
                 ConfigWarning,
                 stacklevel=2,
             )
+        if attack is not None and 0 in (
+            getattr(attack, "eps", None),
+            getattr(attack, "eps_rel", None),
+        ):
+            warnings.warn(
+                f"adversarial.attack {type(attack).__name__} has radius 0: it returns every input "
+                "unchanged, so this run trains on clean inputs (adversarial.attack null says so)",
+                ConfigWarning,
+                stacklevel=2,
+            )
         self.attack, self.mix = attack, mix
         self.start_epoch, self.eps_warmup_epochs = start_epoch, eps_warmup_epochs
         self._clean: Tensor | None = None

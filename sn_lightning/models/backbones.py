@@ -113,9 +113,11 @@ def _create_net(
     if source == "timm":
         import timm
 
-        if not timm.is_model(name):
+        if not timm.is_model(name):  # a bare name lands here too: suggest the built-ins as well
+            choices = [*small.builtin_names(), *timm.list_models()]
             raise ConfigError(
-                f"unknown timm backbone {name!r}; {choices_hint(name, timm.list_models())}"
+                f"unknown backbone {name!r} (not a built-in or timm model); "
+                f"{choices_hint(name, choices)}"
             )
         with _hub_offline_if_unreachable(pretrained):
             return timm.create_model(

@@ -350,6 +350,17 @@ def test_options_without_an_attack_warn():
         AdversarialTraining(None)  # the defaults: silent
 
 
+def test_a_training_attack_of_radius_zero_warns():
+    """eps 0 (or eps_rel 0) perturbs nothing: a clean run reported under an attack's name."""
+    with pytest.warns(ConfigWarning, match="PGD has radius 0: it returns every input unchanged"):
+        AdversarialTraining(PGD(eps=0.0, steps=2))
+    with pytest.warns(ConfigWarning, match="FGM has radius 0"):
+        AdversarialTraining(FGM(norm="l2", eps=None, eps_rel=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdversarialTraining(PGD(eps=0.1, steps=2))
+
+
 def test_strength_zero_options_warn():
     """datagrad and layerwise options have no effect while their strength is 0 (off)."""
     with pytest.warns(ConfigWarning, match=r"datagrad\.lam is 0 \(off\), so norm, form and phi"):

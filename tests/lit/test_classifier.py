@@ -101,7 +101,10 @@ def test_resuming_with_more_epochs_replans_the_cosine_schedule(tmp_path):
         ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; valid choices: sgd, adam, adamw"),
         ({"lr_schedule": "poly"}, "unknown lr_schedule 'poly'; valid choices: cosine, step, none"),
         ({"beta": 0.0}, "beta must be positive or null"),
-        ({"backbone": "timm:nope_net"}, "unknown timm backbone 'nope_net'"),
+        (
+            {"backbone": "timm:nope_net"},
+            r"unknown backbone 'nope_net' \(not a built-in or timm model\)",
+        ),
         ({"weight_decay": float("nan")}, "weight_decay must be >= 0 and finite, got nan"),
         ({"crm_r0": float("nan")}, r"crm_r0 must be > 0 and finite, got nan"),
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\), got 1.5"),

@@ -90,7 +90,8 @@ def test_adapted_conv_on_gray_equals_rgb_conv_on_replicated_gray():
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("timm:resnet1800", "unknown timm backbone 'resnet1800'; did you mean resnet18"),
+        ("timm:resnet1800", r"unknown backbone 'resnet1800' \(not a built-in or timm model\); did"),
+        ("digitscnn", "did you mean digits_cnn"),  # a bare name: built-ins are suggested too
         (
             "torchvision:resnt18",
             "unknown torchvision classification backbone 'resnt18'; did you mean resnet18",
