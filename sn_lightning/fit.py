@@ -78,10 +78,12 @@ class _OneLineErrorParser(LightningArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._argv: list[str] = []
+        self._cwd = Path.cwd()
 
     def parse_args(self, args: Sequence[str] | None = None, *a: Any, **kw: Any) -> Namespace:  # type: ignore[override]
         """As jsonargparse's; remembers the arguments so that errors can name a config file."""
         self._argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+        self._cwd = Path.cwd()  # jsonargparse parses a config file from inside its folder
         return super().parse_args(args, *a, **kw)
 
     def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
@@ -98,7 +100,7 @@ class _OneLineErrorParser(LightningArgumentParser):
         if in_class is not None:
             return in_class
         if message.startswith(("Problems parsing config", "Unexpected config")):
-            return malformed_config(self._argv) or message
+            return malformed_config(self._argv, self._cwd) or message
         key = _unknown_key(message)
         if key is None:
             return _plain_parser_error(message)
@@ -109,21 +111,23 @@ class _OneLineErrorParser(LightningArgumentParser):
         return f"{message}; {index.explain(key)}" if not index.knows(key) else message
 
 
-def malformed_config(argv: Sequence[str]) -> str | None:
+def malformed_config(argv: Sequence[str], cwd: Path | None = None) -> str | None:
     """``--config <file>: ...`` for the first ``--config`` file that is not a YAML mapping.
 
-    jsonargparse reports a YAML syntax error against ``"<unicode string>"``, without the file.
+    jsonargparse reports a YAML syntax error against ``"<unicode string>"``, without the file,
+    and from inside the file's folder: relative paths are taken from ``cwd`` (the caller's).
     """
     paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
     paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
     for path in paths:
         try:
-            if not Path(path).is_file():
+            file = Path(cwd or Path.cwd()) / path
+            if not file.is_file():
                 continue  # missing (jsonargparse says so)
         except (OSError, ValueError):  # an inline YAML string too long or odd for a path
             continue
         try:
-            with Path(path).open(encoding="utf-8") as f:
+            with file.open(encoding="utf-8") as f:
                 loaded = yaml.safe_load(f)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)

@@ -411,7 +411,7 @@ def test_no_arguments_print_what_to_pass(capsys):
     )
 
 
-def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
+def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  lr: [1\n")
     with pytest.raises(SystemExit):
@@ -419,6 +419,17 @@ def test_malformed_yaml_and_unknown_yaml_key(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"python -m sn_lightning.fit: error: --config {bad}: malformed YAML at line 3, "
+        "column 1: expected ',' or ']', but got '<stream end>'"
+    ]
+    # a relative path: jsonargparse parses the file from inside its folder, and the name was lost
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bad.yaml").write_text("model:\n  beta: 2\n  lr: [0.1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, "--config", "sub/bad.yaml")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "python -m sn_lightning.fit: error: --config sub/bad.yaml: malformed YAML at line 4, "
         "column 1: expected ',' or ']', but got '<stream end>'"
     ]
     listed = tmp_path / "list.yaml"
