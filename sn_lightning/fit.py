@@ -164,6 +164,9 @@ _TYPE_WORDS = {
     "lightning.pytorch.callbacks.callback.Callback": (
         "a callback class path (e.g. lightning.pytorch.callbacks.EarlyStopping)"
     ),
+    "lightning.pytorch.loggers.logger.Logger": (
+        "a logger class (WandbLogger, CSVLogger or TensorBoardLogger, from lightning.pytorch.loggers)"
+    ),
 }
 
 

@@ -666,6 +666,11 @@ def test_a_run_prints_no_lightning_advertisements(tmp_path):
 
 BAD_VALUE_CASES = [
     ("sn_lightning.fit", ["--trainer.devices=-3"], "trainer: `devices` selected with"),
+    (
+        "sn_lightning.fit",
+        ["--trainer.logger=Wandb"],
+        "--trainer.logger: invalid value 'Wandb'; expected a logger class (WandbLogger, CSVLogger",
+    ),
     ("sn_lightning.fit", ["--ckpt_path=/nonexistent.ckpt"], "is not a file"),
     ("sn_lightning.evaluate", ["--ckpt_path=/nonexistent.ckpt"], "does not exist"),
     (
