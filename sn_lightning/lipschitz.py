@@ -1158,8 +1158,11 @@ def _liplt_bound(
 
 def _radii(logits: Tensor, y: Tensor, L_pairwise: Tensor) -> Tensor:
     """r_ij = (f_i,y_i - f_ij) / L[y_i, j], +inf at j = y_i; shape (N, C)."""
+    # in the wider dtype: a float64 certificate rounded to float32 logits could land an ulp low
+    dtype = torch.promote_types(logits.dtype, L_pairwise.dtype)
+    logits = logits.to(dtype)
     fy = logits.gather(1, y[:, None])
-    Ly = L_pairwise.to(logits.dtype)[y].clamp_min(torch.finfo(logits.dtype).tiny)
+    Ly = L_pairwise.to(dtype)[y].clamp_min(torch.finfo(dtype).tiny)
     r = (fy - logits) / Ly
     return r.scatter(1, y[:, None], math.inf)
 

@@ -389,6 +389,15 @@ def test_pairwise_fallback_keeps_near_equal_rows_apart():
     torch.testing.assert_close(L, true, rtol=1e-6, atol=1e-9)
 
 
+def test_radii_keep_a_float64_certificate_above_float32_rounding():
+    """L = 1 + 2^-30 rounds to 1.0 in float32: the radius margin / L must not use the rounded L."""
+    L = torch.full((2, 2), 1 + 2.0**-30, dtype=torch.float64).fill_diagonal_(0)
+    logits = torch.tensor([[1.0, 0.0]])
+    r = certified_radius(logits, torch.tensor([0]), L)
+    assert float(r[0]) <= 1 / (1 + 2.0**-30)
+    assert float(r[0]) < 1.0
+
+
 def test_layers_whose_map_changes_outside_forward_are_refused():
     """``_output_padding`` (transposed convolutions) and ``_conv_forward`` overridden on the
     class or patched on an instance change the layer's map without touching forward."""
