@@ -71,7 +71,7 @@ from __future__ import annotations
 import itertools
 import math
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -710,7 +710,14 @@ def _weight(m: nn.Module, *, grad: bool) -> Tensor:
             x.training = mode
 
 
-def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[LinearOp, LinearOp]:
+def _piece_ops(
+    p: _Piece, *, grad: bool, dtype: torch.dtype | None, absolute: bool = False
+) -> tuple[LinearOp, LinearOp]:
+    """The piece's map and adjoint.
+
+    ``absolute``: maps whose matrices are entrywise >= ``|A|`` on nonnegative inputs (the
+    rounding term of :func:`_dense_norm`).
+    """
     if p.kind == "reshape":
         i, o = p.in_shape, p.out_shape
         return (lambda x: x.reshape(x.shape[0], *o)), (lambda y: y.reshape(y.shape[0], *i))
@@ -719,6 +726,8 @@ def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[Lin
         # the reciprocal in the target dtype: a float32 1/std is off by up to 6e-8 relative
         inv = 1.0 / (p.module.std if dtype is None else p.module.std.to(dtype))
         inv = inv.view(-1, *([1] * (len(p.in_shape) - 1)))
+        if absolute:
+            inv = inv.abs()
 
         def scale(x: Tensor) -> Tensor:
             return x * inv.to(x.dtype)
@@ -726,7 +735,10 @@ def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[Lin
         return scale, scale
     if p.kind == "pool":
         assert p.module is not None
-        return _pool_ops(p.module, p.in_shape)
+        op, adjoint = _pool_ops(p.module, p.in_shape)
+        if absolute:  # one sign throughout (Note [pooling]): |A| x = |A x| for x >= 0
+            return (lambda x: op(x).abs()), (lambda y: adjoint(y).abs())
+        return op, adjoint
     assert p.module is not None
     assert p.spec is not None
     W = _weight(p.module, grad=grad)
@@ -734,7 +746,9 @@ def _piece_ops(p: _Piece, *, grad: bool, dtype: torch.dtype | None) -> tuple[Lin
         W = W.to(dtype)
     elif W.dtype in (torch.float16, torch.bfloat16):
         W = W.float()
-    return p.spec.operator(W)
+    # each entry of a convolution's matrix is one tap, or a sum of taps (wrapped or reflected
+    # padding), so the |W| operator's entries are >= |A|'s
+    return p.spec.operator(W.abs() if absolute else W)
 
 
 def _pool_ops(pool: nn.Module, in_shape: tuple[int, ...]) -> tuple[LinearOp, LinearOp]:
@@ -780,8 +794,10 @@ def _piece_upper_bound(p: _Piece) -> float:
     return operator_norm_upper_bound(p.module, p.in_shape)
 
 
-def _stage_ops(stage: Stage, *, grad: bool, dtype: torch.dtype | None) -> tuple[LinearOp, LinearOp]:
-    ops = [_piece_ops(p, grad=grad, dtype=dtype) for p in stage.pieces]
+def _stage_ops(
+    stage: Stage, *, grad: bool, dtype: torch.dtype | None, absolute: bool = False
+) -> tuple[LinearOp, LinearOp]:
+    ops = [_piece_ops(p, grad=grad, dtype=dtype, absolute=absolute) for p in stage.pieces]
 
     def op(x: Tensor) -> Tensor:
         for f, _ in ops:
@@ -920,19 +936,33 @@ def _dense_norm(
     n = min(n_in, n_out)
     if n > DENSE_MAX_DIM or n * max([n_in, *widths]) > DENSE_BUDGET:
         return None
-    basis = torch.eye(n, dtype=torch.float64, device=device)
-    with torch.no_grad():
+    absolute = {
+        k: _stage_ops(net.stages[k], grad=False, dtype=torch.float64, absolute=True)
+        for k in range(s, e + 1)
+    }
+
+    def product(stage_ops: Mapping[int, tuple[LinearOp, LinearOp]]) -> Tensor:
+        basis = torch.eye(n, dtype=torch.float64, device=device)
         if n_in <= n_out:
             h = basis.reshape(n, *net.stages[s].in_shape)
             for k in range(s, e + 1):
-                h = ops[k][0](h)
+                h = stage_ops[k][0](h)
         else:
             h = basis.reshape(n, *net.stages[e].out_shape)
             for k in range(e, s - 1, -1):
-                h = ops[k][1](h)
-        norm = _norm_upper_bound(h.reshape(n, -1))
-    # The matrix bound covers its own rounding; 1e-9 covers forming the product h in float64.
-    return norm * (1 + 1e-9)
+                h = stage_ops[k][1](h)
+        return h.reshape(n, -1)
+
+    with torch.no_grad():
+        norm = _norm_upper_bound(product(dict(enumerate(ops))))  # covers its own rounding
+        # Forming the product: |fl(H) - H| <= gamma_N |A_e| ... |A_s| entrywise (N the summed
+        # inner dimensions, at most the widths), so ||error||_2 <= gamma_N || |A_e| ... |A_s| ||_F:
+        # a relative margin misses cancellation (1e8 + y - 1e8).
+        inner = n_in + sum(widths)
+        u = torch.finfo(torch.float64).eps / 2
+        gamma = inner * u / (1 - inner * u)
+        rounding = gamma * float(torch.linalg.matrix_norm(product(absolute)))
+    return (norm + rounding) * (1 + 1e-9)
 
 
 def _sound_products(

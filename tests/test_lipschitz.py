@@ -389,6 +389,24 @@ def test_pairwise_fallback_keeps_near_equal_rows_apart():
     torch.testing.assert_close(L, true, rtol=1e-6, atol=1e-9)
 
 
+def test_certified_dense_products_cover_cancellation():
+    """(1e8 + y - 1e8) x = y x: the float64 product of the two layers cancels, and a relative
+    margin on the computed norm left the certificate below |y| (9.98378e-7 for 1e-6)."""
+    from fractions import Fraction
+
+    for i in range(8):
+        y = float(torch.tensor(1e-6 * (1 + i / 7), dtype=torch.float32))
+        a, b = nn.Linear(1, 3, bias=False), nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            a.weight.copy_(torch.tensor([[1e8], [y], [-1e8]]))
+            b.weight.fill_(1.0)
+        exact = abs(sum(Fraction(float(w)) for w in a.weight[:, 0]))  # b = (1, 1, 1)
+        L = float(liplt_bound(nn.Sequential(a, b).eval(), (1,), certify=True))
+        assert Fraction(L) >= exact
+        # the rounding term: gamma_5 || |b| |a| ||_F = 5 x 2^-53 x 2e8, about 1.1e-7
+        assert float(exact) + 2e-7 > L
+
+
 def test_radii_keep_a_float64_certificate_above_float32_rounding():
     """L = 1 + 2^-30 rounds to 1.0 in float32: the radius margin / L must not use the rounded L."""
     L = torch.full((2, 2), 1 + 2.0**-30, dtype=torch.float64).fill_diagonal_(0)
