@@ -71,7 +71,7 @@ from __future__ import annotations
 import itertools
 import math
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -926,9 +926,17 @@ def _power_products(
 
 
 def _dense_norm(
-    ops: list[tuple[LinearOp, LinearOp]], net: LipLTNet, s: int, e: int, device: torch.device
+    ops: list[tuple[LinearOp, LinearOp]],
+    absolute: list[tuple[LinearOp, LinearOp]],
+    net: LipLTNet,
+    s: int,
+    e: int,
+    device: torch.device,
 ) -> float | None:
-    """||W_e ... W_s|| from the dense product (float64; `_norm_upper_bound`), or None if too large."""
+    """||W_e ... W_s|| from the dense product (float64; `_norm_upper_bound`), or None if too large.
+
+    ``absolute``: the stages' ``|A|`` maps (``_stage_ops(absolute=True)``), for the rounding term.
+    """
     n_in = math.prod(net.stages[s].in_shape)
     n_out = math.prod(net.stages[e].out_shape)
     widths = [math.prod(net.stages[k].out_shape) for k in range(s, e + 1)]
@@ -936,12 +944,8 @@ def _dense_norm(
     n = min(n_in, n_out)
     if n > DENSE_MAX_DIM or n * max([n_in, *widths]) > DENSE_BUDGET:
         return None
-    absolute = {
-        k: _stage_ops(net.stages[k], grad=False, dtype=torch.float64, absolute=True)
-        for k in range(s, e + 1)
-    }
 
-    def product(stage_ops: Mapping[int, tuple[LinearOp, LinearOp]]) -> Tensor:
+    def product(stage_ops: list[tuple[LinearOp, LinearOp]]) -> Tensor:
         basis = torch.eye(n, dtype=torch.float64, device=device)
         if n_in <= n_out:
             h = basis.reshape(n, *net.stages[s].in_shape)
@@ -954,7 +958,7 @@ def _dense_norm(
         return h.reshape(n, -1)
 
     with torch.no_grad():
-        norm = _norm_upper_bound(product(dict(enumerate(ops))))  # covers its own rounding
+        norm = _norm_upper_bound(product(ops))  # covers its own rounding
         # Forming the product: |fl(H) - H| <= gamma_N |A_e| ... |A_s| entrywise (N the summed
         # inner dimensions, at most the widths), so ||error||_2 <= gamma_N || |A_e| ... |A_s| ||_F:
         # a relative margin misses cancellation (1e8 + y - 1e8).
@@ -973,11 +977,15 @@ def _sound_products(
     ``ops`` are the stages' float64 operators with weights read in eval mode.
     """
     ub = [math.prod(_piece_upper_bound(p) for p in st.pieces) for st in net.stages[: last + 1]]
+    absolute = [
+        _stage_ops(st, grad=False, dtype=torch.float64, absolute=True)
+        for st in net.stages[: last + 1]
+    ]
     out: dict[tuple[int, int], Tensor] = {}
     for s in range(last + 1):
         for e in range(s, last + 1):
             bound = math.prod(ub[s : e + 1])
-            dense = _dense_norm(ops, net, s, e, device)
+            dense = _dense_norm(ops, absolute, net, s, e, device)
             if dense is not None:
                 bound = min(bound, dense)
             out[(s, e)] = torch.tensor(bound, dtype=torch.float64)

@@ -12,12 +12,13 @@ The bound is for the **eval-mode** network (BatchNorm with running statistics, D
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import string
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1154,12 +1155,7 @@ def _network_bound(
 ) -> tuple[float | None, str]:
     problem = _lipschitz_module()._forward_hook_problem(model)
     if problem is not None:  # lipschitz.py, Note [forward hooks]
-        why = (
-            "the bound follows the class's map"
-            if "instance-level" in problem
-            else "torch.fx traces no hooks"
-        )
-        return None, f"{problem} ({why})"
+        return None, f"{problem} (the bound follows the modules' classes; torch.fx runs no hooks)"
     # Bounded BatchNorms read a copy of running_var that a training forward leaves stale (it is
     # refreshed before each forward): a grown variance would otherwise give too low a bound.
     sync_batchnorm_bounds(model)
@@ -1187,7 +1183,7 @@ def _network_bound(
         recorder = _ShapeRecorder(gm)
         given = _recorded_network_input_shapes(model) if input_shape is None else []
         recorded = given[0] if len(given) == 1 else None
-        checked_at = None  # the input the graph ran at, to check it against the forward
+        checked_at = None  # the graph's input and outputs, to check against the forward
         if input_shape is not None or recorded is not None:
             try:
                 tensors = (*model.parameters(), *model.buffers())
@@ -1195,15 +1191,16 @@ def _network_bound(
                 device = param.device if param is not None else torch.device("cpu")
                 dtype = param.dtype if param is not None else torch.get_default_dtype()
                 shape = tuple(input_shape if input_shape is not None else recorded)
-                with torch.no_grad():
-                    recorder.run(torch.zeros((1, *shape), device=device, dtype=dtype))
+                x = _probe(shape, device, dtype)
+                with torch.no_grad(), _seeded(device):
+                    traced = _tensors(recorder.run(x.clone()))
             except Exception as e:
                 if input_shape is not None:
                     shape = tuple(int(i) for i in input_shape)
                     return None, f"the forward at input_shape {shape} failed: {_first_line(e)}"
                 recorder = _ShapeRecorder(gm)  # e.g. a submodule of the normalized network
             else:
-                checked_at = (shape, device, dtype)
+                checked_at = (x, traced)
                 if input_shape is None and not _layers_saw_their_shapes(gm, recorder.shapes):
                     # a wrapper that feeds its layers other sizes than they were normalized at:
                     # their recorded sizes are not this model's, and its own input size is unknown
@@ -1219,7 +1216,7 @@ def _network_bound(
                 return None, f"{e} (apply_spectral_norm was given {shapes}: there is no default)"
             return None, str(e)
         if checked_at is not None:  # after the rules: they refuse forwards that write state
-            mismatch = _trace_mismatch(root, gm, *checked_at)
+            mismatch = _trace_mismatch(root, *checked_at)
             if mismatch is not None:
                 return None, mismatch
     if math.isnan(bound):
@@ -1227,31 +1224,32 @@ def _network_bound(
     return bound, ""
 
 
-def _trace_mismatch(
-    root: nn.Module,
-    gm: fx.GraphModule,
-    shape: tuple[int, ...],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> str | None:
-    """Why the traced graph is not ``root``'s forward on one random input, or None.
+def _probe(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One seeded random input ``(1, *shape)``: the run that records shapes and checks the trace."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((1, *shape), generator=generator).to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device) -> Iterator[None]:
+    """The same random state for each run (a stochastic op draws alike); the caller's restored."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
+def _trace_mismatch(root: nn.Module, x: Tensor, traced: list[Tensor]) -> str | None:
+    """Why the traced graph's outputs ``traced`` on ``x`` are not ``root``'s forward's, or None.
 
     The rules bound the graph; a forward that branches on what fx cannot see (``isinstance(x,
-    Tensor)``, a value read on the host) may compute something else eagerly. Both runs start
-    from the same random state, so a stochastic op draws alike.
+    Tensor)``, a value read on the host) may compute something else eagerly.
     """
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((1, *shape), generator=generator).to(device=device, dtype=dtype)
-    outputs: list[list[Tensor]] = []
-    devices = [device.index or 0] if device.type == "cuda" else []
-    for f in (gm, root):
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            try:
-                outputs.append(_tensors(f(x.clone())))
-            except Exception as e:
-                return f"the forward at input shape {shape} failed: {_first_line(e)}"
-    traced, eager = outputs
+    try:
+        with torch.no_grad(), _seeded(x.device):
+            eager = _tensors(root(x.clone()))
+    except Exception as e:
+        return f"the forward at input shape {tuple(x.shape[1:])} failed: {_first_line(e)}"
     if len(traced) == len(eager) and all(map(_same_values, traced, eager)):
         return None
     return (
