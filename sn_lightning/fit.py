@@ -508,17 +508,35 @@ _TRAINER_MODULES = (
     "lightning.pytorch.accelerators.",
     "lightning.fabric.accelerators.",
 )
+_DEVICES_HINT = "devices takes a count >= 1, a list of device indices or auto"
 _TRAINER_HINTS = {
     "No supported gpu backend found": "valid here: --trainer.accelerator=cpu or auto",
-    "value is not a valid input using": "devices takes a count >= 1, a list of device indices or auto",
+    "value is not a valid input using": _DEVICES_HINT,
+    "should be an int > 0": _DEVICES_HINT,
 }
 
 
-def _trainer_message(err: BaseException) -> str:
-    """Lightning's first line for a bad trainer key, with the valid choices where it names none."""
+def _trainer_message(err: BaseException, trainer: Any = None) -> str:
+    """Lightning's first line for a bad trainer key, with the valid choices where it names none.
+
+    ``trainer``: the trainer's config (a mapping); a key the line names in backquotes
+    (```devices```) is quoted with its given value unless the line shows that value already.
+    """
     line = first_line(err)
     hint = next((h for key, h in _TRAINER_HINTS.items() if key in line), None)
-    return f"{line.rstrip('.!')}; {hint}" if hint else line
+    given = ""
+    if trainer is not None:
+        given_values = {k: trainer.get(k) for k in _TRAINER_QUOTED if f"`{k}`" in line}
+        values = [
+            f"{k}={v!r}" for k, v in given_values.items() if v is not None and repr(v) not in line
+        ]
+        given = f" (given {', '.join(values)})" if values else ""
+    text = f"{line.rstrip('.!')}{given}"
+    return f"{text}; {hint}" if hint else (text if given else line)
+
+
+# trainer keys whose given value a Lightning error is quoted with when its line names them
+_TRAINER_QUOTED = ("accelerator", "strategy", "devices", "num_nodes", "precision")
 
 
 def _raised_in(err: BaseException, module_prefix: str | tuple[str, ...]) -> bool:
@@ -619,6 +637,18 @@ class SNLightningCLI(LightningCLI):
         root_dir = self.config.get("trainer.default_root_dir")
         for init_args in _wandb_logger_init_args(self.config):
             _prepare_wandb_logger(init_args, root_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer; Lightning's error on a bad key also names the value that was given."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+            if not (
+                isinstance(err, MisconfigurationException) or _raised_in(err, _TRAINER_MODULES)
+            ):
+                raise
+            trainer = self._get(self.config_init, "trainer", default={})
+            raise ConfigError(f"trainer: {_trainer_message(err, trainer)}") from err
 
 
 # -- W&B ----------------------------------------------------------------------------------------

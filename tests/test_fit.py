@@ -219,6 +219,10 @@ def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
         (["--model.lr=-0.1"], "lr must be positive, got -0.1"),
         (["--trainer.devices=-3"], "trainer: `devices` selected with `CPUAccelerator` should be"),
         (
+            ["--trainer.devices=abc"],
+            "should be an int > 0 (given devices='abc'); devices takes a count >= 1, a list of",
+        ),
+        (
             ["--trainer.devices=0"],
             "devices takes a count >= 1, a list of device indices or auto",
         ),
