@@ -252,7 +252,7 @@ class Attack(abc.ABC):
             y = y.long()  # int32/uint8 labels (cross-entropy takes int64 only)
         with _attack_context(model, self.eval_mode):
             if self.eval_mode and self.fold_batchnorm:
-                model = folded_view(model)
+                model = folded_view(model, x)
             x = x.detach()
             if x.is_inference():  # batches created under inference_mode cannot enter autograd
                 x = x.clone()

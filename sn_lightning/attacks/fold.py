@@ -8,25 +8,34 @@ forward and backward passes. The weights are read through the layers' parametriz
 norm included) when the view is refreshed, inside the attack's ``parametrize.cached()`` context.
 
 The folded view is a ``torch.fx`` trace of the model with each foldable pair replaced; models that
-``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow), and models with a forward
-hook on any module (the view would bypass hooks of folded layers and of modules traced through),
-are attacked as they are.
+``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow), and models with a hook on
+any module or a global module hook (the view would bypass hooks of folded layers and of modules
+traced through), are attacked as they are. Only stock convolutions and BatchNorms fold (a subclass
+or parametrized class with its own forward, e.g. timm's ``Conv2dSame`` or ``BatchNormAct2d``,
+computes more than the pair). A trace also drops what fx does not record (a ``torch.no_grad()``
+block inside a forward, a branch on a Python attribute); so each new view is checked once against
+the model on the attack's first examples (logits and input gradients) and dropped if they differ,
+and views are rebuilt when a module's plain attributes change.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.modules.module as torch_module
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from sn_lightning.spectral.grouped import is_group_hook
+from sn_lightning.spectral.ops import forward_kind
 
 __all__ = ["FoldedConv", "folded_view"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], _View | None]] = (
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], _View | None]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -77,25 +86,94 @@ class FoldedConv(nn.Module):
 class _View:
     def __init__(self, module: fx.GraphModule, folds: list[FoldedConv]) -> None:
         self.module, self.folds = module, folds
+        self.checked = False  # compared with the model on an example (`_agrees`)
 
 
 def _hooked(m: nn.Module) -> bool:
     """Has a hook that may change values (the spectral norms' grouped hooks do not)."""
     hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    return bool(m._backward_hooks) or not all(is_group_hook(h) for h in hooks)
+    return (
+        bool(m._backward_hooks or m._backward_pre_hooks)
+        or "forward" in vars(m)  # patched on the instance: fx traces the class's
+        or not all(is_group_hook(h) for h in hooks)
+    )
 
 
-def _signature(model: nn.Module) -> tuple[int, ...]:
-    """Changes when modules, parameters or buffers are added, replaced or rebound, or hooked.
+def _global_hooks() -> bool:
+    """A module hook registered for every module (``register_module_forward_hook`` and kin)."""
+    return bool(
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
 
-    The cached view is then rebuilt. Tensors matter because the trace holds the parameters and
+
+_MODULE_STATE = frozenset(vars(nn.Module())) - {"training"}  # the containers, hooks and flags
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _attributes(m: nn.Module) -> Iterator[object]:
+    """A module's own attributes as a trace bakes them in: plain values by value, others by id."""
+    for key, value in vars(m).items():
+        if key in _MODULE_STATE:
+            continue
+        plain = isinstance(value, _PLAIN) or (
+            isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+        )
+        yield key, (value if plain else id(value))
+
+
+def _signature(model: nn.Module) -> tuple[object, ...]:
+    """Changes when modules, parameters, buffers or modules' attributes change, or hooks.
+
+    The cached view is then rebuilt. A trace bakes in attributes (``self.scale = 10.0``, a tensor
+    attribute that is not a buffer, ``self.training``). Tensors matter because the trace holds the parameters and
     buffers of the modules it traced through (e.g. ``InputNormalize``'s mean and std) by
     reference, and ``model.to(device)`` (Lightning's teardown moves the model to the CPU) or
     ``load_state_dict(assign=True)`` rebind them to new tensors.
     """
-    modules = (id(m) * 2 + _hooked(m) for m in model.modules())
+    modules = ((id(m), _hooked(m), *_attributes(m)) for m in model.modules())
     tensors = (id(t) for t in (*model.parameters(), *model.buffers()))
     return (*modules, -1, *tensors)
+
+
+def _stock_batchnorm(bn: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's own (a subclass may add an activation, e.g. timm's)."""
+    cls = type(bn).__bases__[0] if parametrize.is_parametrized(bn) else type(bn)
+    stock = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+    return "forward" not in vars(bn) and cls.forward in stock
+
+
+def _agrees(model: nn.Module, view: nn.Module, x: Tensor) -> bool:
+    """Whether ``view`` computes ``model``'s logits and input gradients at ``x[:2]``.
+
+    Both run from the same RNG state, which is restored afterwards; the tolerance allows for the
+    fold's rounding (float32: 1e-3 of the largest value; half and bfloat16: 3e-2).
+    """
+    x = x[:2].detach().clone()
+    if x.device.type == "meta":
+        return True  # no values to compare
+    tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 3e-2
+    fork = {"devices": [x.device]} if x.device.type == "cuda" else {"devices": []}
+    results = []
+    for net in (model, view):
+        with torch.random.fork_rng(**fork), torch.enable_grad():
+            leaf = x.clone().requires_grad_(True)
+            out = net(leaf)
+            if not isinstance(out, Tensor) or not out.is_floating_point():
+                return False
+            gen = torch.Generator(device=out.device).manual_seed(0)
+            weights = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+            (grad,) = torch.autograd.grad((out * weights).sum(), leaf, allow_unused=True)
+        if grad is None:
+            return False
+        results.append((out.detach(), grad))
+    for a, b in zip(results[0], results[1], strict=True):
+        scale = float(a.abs().max())
+        if not float((a - b).abs().max()) <= tol * scale:  # `not <=`: NaN disagrees
+            return False
+    return True
 
 
 def _build(model: nn.Module) -> _View | None:
@@ -113,7 +191,9 @@ def _build(model: nn.Module) -> _View | None:
         bn = modules.get(user.target) if user.op == "call_module" else None
         if not (
             isinstance(conv, _CONVS)
+            and forward_kind(conv) == "base"
             and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and _stock_batchnorm(bn)
             and bn.track_running_stats
             and bn.running_var is not None
             and bn.num_features == conv.out_channels
@@ -138,7 +218,7 @@ def _build(model: nn.Module) -> _View | None:
     return _View(gm, folds)
 
 
-def folded_view(model: nn.Module) -> nn.Module:
+def folded_view(model: nn.Module, example: Tensor | None = None) -> nn.Module:
     """`model` with every Conv → eval-mode BatchNorm pair folded, or `model` itself.
 
     For attack loops only: call in eval mode (BatchNorm uses running statistics) inside
@@ -147,12 +227,14 @@ def folded_view(model: nn.Module) -> nn.Module:
 
     Args:
         model: any module mapping inputs to logits.
+        example: inputs ``(N, ...)`` the model takes; a view not yet checked must match the model's
+            logits and input gradients on its first two (else `model` is returned).
 
     Returns:
         A ``torch.fx.GraphModule`` sharing `model`'s other submodules, or `model` when it has
         nothing to fold, cannot be traced, has a hook, or has a BatchNorm in training mode.
     """
-    if any(
+    if _global_hooks() or any(
         _hooked(m) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
         for m in model.modules()
     ):
@@ -167,6 +249,11 @@ def folded_view(model: nn.Module) -> nn.Module:
         return model
     for fold in view.folds:
         fold.refresh()
+    if example is not None and not view.checked:
+        if not _agrees(model, view.module, example):
+            _CACHE[model] = (sig, None)
+            return model
+        view.checked = True
     return view.module
 
 

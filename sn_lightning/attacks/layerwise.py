@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from sn_lightning.attacks.base import in_attack
+from sn_lightning.attacks.threat import unit_l2
 from sn_lightning.errors import ConfigError
 
 __all__ = ["LayerwisePerturbation", "default_layerwise_layers", "layerwise_layers"]
@@ -187,12 +188,7 @@ class LayerwisePerturbation:
 
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
-                if self.mode == "sign":
-                    direction = grad.sign()
-                else:
-                    norm = torch.linalg.vector_norm(grad.flatten(1), dim=1)
-                    norm = norm.clamp_min(torch.finfo(grad.dtype).tiny)
-                    direction = grad / norm.view(-1, *([1] * (grad.dim() - 1)))
+                direction = grad.sign() if self.mode == "sign" else unit_l2(grad)
                 finite = torch.isfinite(grad).all()  # no host sync: folded into where()
                 delta = torch.where(finite, eps * direction, torch.zeros_like(direction))
             self.deltas[name] = delta.detach()

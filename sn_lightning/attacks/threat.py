@@ -44,9 +44,38 @@ def _per_example_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _normalize(t: Tensor) -> Tensor:
-    """Divide by the l2 norm per example; all-zero examples stay zero (no division by zero)."""
-    return t / _per_example_norm(t).clamp_min(torch.finfo(t.dtype).tiny)
+def unit_l2(t: Tensor) -> Tensor:
+    """Divide by the l2 norm per example: (N, ...) -> (N, ...); all-zero examples stay zero.
+
+    The norm is taken of ``t / max|t|`` (per example): in float32 the squares of entries below
+    ~1e-19 underflow, and the norm of a tiny but nonzero gradient (a confident example) would
+    read 0, giving a "unit" direction of norm ~1e13.
+    """
+    flat = t.flatten(1)
+    tiny = torch.finfo(t.dtype).tiny
+    scaled = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    return (scaled / norm.clamp_min(tiny)).reshape(t.shape)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half and bfloat16, else ``dtype``: where projections are computed."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _round_toward(x: Tensor, x0: Tensor) -> Tensor:
+    """``x`` (in ``_wide(x0.dtype)``) in ``x0``'s dtype, rounded toward ``x0`` per coordinate.
+
+    ``|result - x0| <= |x - x0|`` in every coordinate, so a point of the ball stays in the ball
+    and in the box: rounding to the nearest half or bfloat16 value can land 1.5% outside an l_inf
+    ball of radius 0.1 (0.1016) and outside an l2 ball.
+    """
+    if x.dtype == x0.dtype:
+        return x
+    r = x.to(x0.dtype)
+    x0w = x0.to(x.dtype)
+    over = (r.to(x.dtype) - x0w).abs() > (x - x0w).abs()
+    return torch.where(over, torch.nextafter(r, x0), r)
 
 
 class ThreatModel(abc.ABC):
@@ -82,7 +111,11 @@ class ThreatModel(abc.ABC):
 
     @abc.abstractmethod
     def project(self, x: Tensor, x0: Tensor) -> Tensor:
-        """Project ``x`` onto the set around ``x0``: (N, ...), (N, ...) -> (N, ...)."""
+        """Project ``x`` onto the set around ``x0``: (N, ...), (N, ...) -> (N, ...), ``x0``'s dtype.
+
+        Half and bfloat16 inputs are projected in float32 and rounded toward ``x0``, so the
+        result lies in the set exactly, not to the dtype's rounding.
+        """
 
     def _clip(self, x: Tensor) -> Tensor:
         return x.clamp(0.0, 1.0) if self.clip else x
@@ -108,10 +141,12 @@ class LinfBall(ThreatModel):
         return x + step_size * grad.sign()
 
     def project(self, x: Tensor, x0: Tensor) -> Tensor:  # noqa: D102
-        lo, hi = x0 - self.eps, x0 + self.eps
+        wide = _wide(x0.dtype)
+        x0w = x0.to(wide)
+        lo, hi = x0w - self.eps, x0w + self.eps
         if self.clip:
             lo, hi = lo.clamp_(min=0.0), hi.clamp_(max=1.0)
-        return torch.clamp(x, lo, hi)
+        return _round_toward(torch.clamp(x.to(wide), lo, hi), x0)
 
 
 class L2Ball(ThreatModel):
@@ -125,19 +160,21 @@ class L2Ball(ThreatModel):
 
     def random_init(self, x0: Tensor) -> Tensor:
         """x0 + r * u: u uniform on the unit sphere, r ~ U(0, eps) (the torchattacks start)."""
-        direction = _normalize(torch.randn_like(x0))
+        direction = unit_l2(torch.randn_like(x0))
         radius = torch.rand_like(_per_example_norm(x0)) * self.eps  # (N, 1, ..., 1)
         return self._clip(x0 + radius * direction)
 
     def step(self, x: Tensor, grad: Tensor, step_size: float) -> Tensor:  # noqa: D102
-        return x + step_size * _normalize(grad)
+        return x + step_size * unit_l2(grad)
 
     def project(self, x: Tensor, x0: Tensor) -> Tensor:  # noqa: D102
-        delta = x - x0
+        wide = _wide(x0.dtype)
+        x0w = x0.to(wide)
+        delta = x.to(wide) - x0w
         norm = _per_example_norm(delta)
         # eps / max(||delta||, eps) without dividing by zero: 1 inside the ball, 0 when eps = 0.
         scale = (self.eps / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_max(1.0)
-        return self._clip(x0 + delta * scale)
+        return _round_toward(self._clip(x0w + delta * scale), x0)
 
 
 THREAT_MODELS: dict[str, type[ThreatModel]] = {"linf": LinfBall, "l2": L2Ball}

@@ -123,7 +123,10 @@ def test_attack_uses_the_folded_view_and_finds_the_same_examples(resnet, monkeyp
         lambda *a, **k: calls.append(1) or real(*a, **k),
     )
     folded = PGD("linf", eps=8 / 255, steps=5)
-    adv_fold = folded(resnet, x, y)
+    folded(resnet, x, y)
+    assert len(calls) == 20  # the new view's one check against the model (one forward)
+    calls.clear()
+    adv_fold = folded(resnet, x, y)  # the cached view
     assert calls == []
     plain = PGD("linf", eps=8 / 255, steps=5)
     plain.fold_batchnorm = False
@@ -178,3 +181,100 @@ def test_float64_model_folds_in_float64():
     with torch.no_grad():
         out, ref = folded_view(model)(x), model(x)
     assert (out - ref).abs().max() <= 1e-13 * ref.abs().max()
+
+
+def _cnn(first: nn.Module, conv: nn.Module | None = None, bn: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    conv = conv if conv is not None else nn.Conv2d(1, 8, 3, padding=1)
+    bn = bn if bn is not None else nn.BatchNorm2d(8)
+    net = nn.Sequential(first, conv, bn, nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(32, 10))  # fmt: skip
+    return _randomize_bn(net)
+
+
+def test_parametrized_conv_with_its_own_forward_is_not_folded():
+    """timm's Conv2dSame pads in its forward; SN's parametrize subclass hid it from fx, and the
+    fold's plain convolution computed 3x3 outputs instead of 4x4 (logits off by 0.14)."""
+    from timm.layers import create_conv2d
+
+    model = _cnn(nn.Identity(), conv=create_conv2d(1, 8, 3, stride=2, padding="same"))
+    apply_spectral_norm(model, beta=10.0, input_shape=(1, 8, 8))
+    model.eval()
+    x = torch.rand(4, 1, 8, 8)
+    with parametrize.cached():
+        view = folded_view(model, x)
+        assert not _folds(view)
+        with torch.no_grad():
+            torch.testing.assert_close(view(x), model(x))
+
+
+def test_batchnorm_subclass_with_an_activation_is_not_folded():
+    """timm's BatchNormAct2d applies its activation in its own forward; a parametrization on it
+    hid that forward from fx and the fold dropped the ReLU."""
+    from timm.layers import BatchNormAct2d
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    bn = BatchNormAct2d(8, act_layer=nn.ReLU)
+    parametrize.register_parametrization(bn, "weight", Double())
+    model = _cnn(nn.Identity(), bn=bn)
+    x = torch.rand(4, 1, 8, 8)
+    view = folded_view(model, x)
+    assert not _folds(view)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model(x))
+
+
+def test_backward_pre_hook_and_global_hooks_keep_the_model():
+    model = _cnn(nn.Identity())
+    x = torch.rand(4, 1, 8, 8)
+    handle = model[2].register_full_backward_pre_hook(lambda m, g: (g[0].clamp(-1e-3, 1e-3),))
+    assert folded_view(model, x) is model
+    handle.remove()
+    assert folded_view(model, x) is not model
+    register = torch.nn.modules.module.register_module_forward_hook
+    handle = register(lambda m, i, o: o + 1.0 if isinstance(m, nn.BatchNorm2d) else None)
+    try:
+        assert folded_view(model, x) is model
+    finally:
+        handle.remove()
+
+
+def test_view_that_differs_from_the_model_is_dropped():
+    """fx does not record a torch.no_grad() block: the view's input gradients differed by 11%."""
+
+    class Standardize(nn.Module):  # per-image statistics treated as constants
+        def forward(self, x):
+            with torch.no_grad():
+                mu = x.mean(dim=(1, 2, 3), keepdim=True)
+                sd = x.std(dim=(1, 2, 3), keepdim=True) + 1e-3
+            return (x - mu) / sd
+
+    model = _cnn(Standardize()).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    assert folded_view(model) is not model  # built, not checked: no example
+    assert folded_view(model, x) is model  # the first call with an example checks it
+    assert folded_view(model) is model
+    assert folded_view(_cnn(nn.Identity()).double(), x) is not model  # a plain one folds
+
+
+def test_view_follows_attribute_changes_of_traced_through_modules():
+    """A trace bakes in plain attributes and unregistered tensors; the view is rebuilt."""
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor, self.offset = 1.0, torch.zeros(1)
+
+        def forward(self, x):
+            return x * self.factor + self.offset
+
+    model = _cnn(Scale())
+    x = torch.rand(4, 1, 8, 8)
+    assert folded_view(model, x) is not model
+    model[0].factor = 10.0
+    model[0].offset = torch.full((1,), 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded_view(model, x)(x), model(x), rtol=1e-5, atol=1e-5)

@@ -217,3 +217,14 @@ def test_inplace_relu_after_hooked_layer(batches):
 def test_repr():
     layerwise = LayerwisePerturbation(_mlp(), eps=0.1)
     assert repr(layerwise) == "LayerwisePerturbation(layers=['1.1', '1.3'], eps=0.1, mode='sign')"
+
+
+def test_l2_mode_keeps_eps_for_tiny_gradients(batches):
+    """Gradients of ~1e-25 (confident examples) have a float32 norm of 0 unless rescaled first."""
+    model = _mlp()
+    layerwise = LayerwisePerturbation(model, eps=0.01, mode="l2")
+    x, y = batches[0]
+    model.train()
+    (F.cross_entropy(model(x), y) * 1e-25).backward()
+    for delta in layerwise.deltas.values():
+        torch.testing.assert_close(delta.flatten(1).norm(dim=1), torch.full((32,), 0.01))

@@ -107,3 +107,41 @@ def test_bad_eps_raises(eps):
 
 def test_repr():
     assert repr(L2Ball(0.5)) == "L2Ball(eps=0.5, clip=True)"
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-25, 1e-30, 1e-37])
+def test_l2_step_has_its_length_for_tiny_gradients(x0, scale):
+    """In float32 the squares of entries below ~1e-19 underflow; the norm must not read 0."""
+    grad = torch.randn_like(x0) * scale  # a confident example's input gradient
+    grad[3] = 0.0  # an all-zero example stays put
+    step = L2Ball(2.0).step(x0, grad, 0.1) - x0
+    lengths = _norms(step, "l2")
+    expected = torch.full((16,), 0.1)
+    expected[3] = 0.0
+    torch.testing.assert_close(lengths, expected)
+    direction = grad[0].double() / grad[0].double().norm()
+    torch.testing.assert_close(step[0].double() / 0.1, direction, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("linf", 8 / 255), ("l2", 0.5)])
+def test_low_precision_projection_stays_inside_the_ball_exactly(norm, eps, dtype):
+    """x0 + eps rounded to the nearest bfloat16 lands outside (0.1 -> 0.1016); round toward x0."""
+    torch.manual_seed(1)
+    x0 = torch.rand(64, 3, 8, 8).to(dtype)
+    threat = create_threat_model(norm, eps)
+    x = x0 + torch.randn(x0.shape).sign().to(dtype) * 0.3  # far outside the ball
+    out = threat.project(x, x0)
+    assert out.dtype == dtype
+    delta = out.double() - x0.double()
+    assert (_norms(delta, norm) <= eps).all()
+    assert out.double().min() >= 0.0 and out.double().max() <= 1.0
+    # a point of the set is a fixed point
+    torch.testing.assert_close(threat.project(out, x0), out, rtol=0, atol=0)
+    # on the boundary to the dtype's resolution: not shrunk more than rounding requires (no box
+    # clipping here, which shortens l2 steps by itself; one ulp of |x| < 2 per coordinate)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    unclipped = create_threat_model(norm, eps, clip=False).project(x, x0).double() - x0.double()
+    slack = ulp if norm == "linf" else ulp * math.sqrt(x0[0].numel())
+    assert (_norms(unclipped, norm) <= eps).all()
+    assert (_norms(unclipped, norm) >= eps - slack).all()
