@@ -94,7 +94,7 @@ class EvaluateCLI(SNLightningCLI):
 
 def _test_tensors(dm: ImageDataModule, max_examples: int | None) -> tuple[Tensor, Tensor]:
     xs, ys, n = [], [], 0
-    for x, y in dm.test_dataloader():
+    for x, y in dm.split_dataloader("test"):
         xs.append(x)
         ys.append(y)
         n += len(y)

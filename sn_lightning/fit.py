@@ -419,6 +419,8 @@ def quiet_lightning(prog: str = "python -m sn_lightning.fit") -> Iterator[None]:
         with warnings.catch_warnings():
             for pattern in _NOISE_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
+            if rank_zero_only.rank > 0:  # a DDP rank re-running the command: rank 0 warns
+                warnings.filterwarnings("ignore", category=ConfigWarning)
             yield
     finally:
         warnings.formatwarning = formatwarning
@@ -750,7 +752,8 @@ def wandb_unreachable_reason(timeout: float = 3.0) -> str | None:
 @rank_zero_only
 def _warn(message: str) -> None:
     """One line on stderr (rank 0), through logging so that it can be silenced."""
-    _log.warning("python -m sn_lightning.fit: warning: %s", message)
+    if rank_zero_only.rank == 0:
+        _log.warning("python -m sn_lightning.fit: warning: %s", message)
 
 
 def _prepare_wandb_logger(init_args: Namespace, root_dir: str | None) -> None:
@@ -925,9 +928,8 @@ def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule)
     if robust is not None:
         attacks.update(robust.named_attacks())
     cap = robust.final_max_examples if robust is not None else None
-    loaders = {"train": dm.train_eval_dataloader, "test": dm.test_dataloader}
-    if dm.val_set is not None:
-        loaders["val"] = dm.val_dataloader
+    splits = ("train", "val", "test") if dm.val_set is not None else ("train", "test")
+    loaders = {split: functools.partial(dm.split_dataloader, split) for split in splits}
     out: dict[str, Any] = {}
     for name, attack in attacks.items():
         entry: dict[str, Any] = {"attack": repr(attack)}
@@ -1012,6 +1014,10 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
         check = getattr(callback, "check_config", None)
         if callable(check):
             check(cli.model, cli.datamodule)
+    claims = [cb for cb in cli.trainer.callbacks if getattr(cb, "claims_objective", False)]
+    if len(claims) > 1:  # as set_objective says once the run starts (on every rank)
+        names = " and ".join(type(cb).__name__ for cb in claims)
+        raise ConfigError(f"{names} both change the training loss; use one of them")
     robust = _callback(cli.trainer, RobustEvaluation)
     adversarial = _callback(cli.trainer, AdversarialTraining)
     datagrad = _callback(cli.trainer, DataGrad)
@@ -1185,13 +1191,33 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     return results
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group on every rank after its last collective.
+
+    Lightning destroys it at exit only for NCCL. A gloo group left alive has a C++ thread that can
+    free a finished work object while the interpreter shuts down, which aborts the process
+    ("terminate called without an active exception"); Lightning then killed rank 0 before it
+    wrote results.json (about 1 run in 45 on 2 CPU ranks; a standalone gloo repro aborted in 5 of
+    12 exits without this and in 0 of 12 with it).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
     start = time.perf_counter()
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    if getattr(trainer.strategy, "_start_method", None) == "fork":
+        # ddp_fork / ddp_notebook train in forked children; each logger's version (its run
+        # folder) is fixed here first, or the children write version_0 and this process, which
+        # evaluates afterwards, a fresh version_1
+        for logger in trainer.loggers:
+            logger.version  # noqa: B018
     trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
     train_time = time.perf_counter() - start
     # run_dir broadcasts under DDP: every rank must ask, before the others return.
     log_dir = run_dir(trainer)
+    _leave_process_group()  # the last collective; rank 0 evaluates alone from here
     if not trainer.is_global_zero:
         return {}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -1201,10 +1227,10 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
     device = trainer.strategy.root_device
     model.to(device)
     model.refresh_spectral_norm()  # a no-op unless training stopped after the last epoch end
-    results: dict[str, Any] = {"train": evaluate(model, dm.train_eval_dataloader(), device)}
+    results: dict[str, Any] = {"train": evaluate(model, dm.split_dataloader("train"), device)}
     if dm.val_set is not None:
-        results["val"] = evaluate(model, dm.val_dataloader(), device)
-    results["test"] = evaluate(model, dm.test_dataloader(), device)
+        results["val"] = evaluate(model, dm.split_dataloader("val"), device)
+    results["test"] = evaluate(model, dm.split_dataloader("test"), device)
     results["gap"] = results["train"]["acc"] - results["test"]["acc"]
     results["adversarial"] = _adversarial_results(trainer, model, dm)
     if model.hparams.certify_eps:
@@ -1293,9 +1319,8 @@ def certified_accuracy_by_split(
 
     from sn_lightning.lipschitz import certified_radius
 
-    loaders = {"train": dm.train_eval_dataloader, "test": dm.test_dataloader}
-    if dm.val_set is not None:
-        loaders["val"] = dm.val_dataloader
+    splits = ("train", "val", "test") if dm.val_set is not None else ("train", "test")
+    loaders = {split: functools.partial(dm.split_dataloader, split) for split in splits}
     out: dict[str, dict[str, float]] = {f"{e:g}": {} for e in eps}
     model.eval()
     for split, loader in loaders.items():

@@ -1,5 +1,6 @@
 """Callbacks that DDP subprocesses import by class path (tests only)."""
 
+import atexit
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,8 @@ class DumpState(L.Callback):
     ``rank<r>.pt``: the state dict (parameters, SN vectors, BN statistics) plus the CRM LipLT
     power-iteration vectors (kept outside the state dict); ``extras_rank<r>.json``: the shapes of
     the layerwise perturbations held for the next step, the first training batch's labels and
-    the training sampler's shard.
+    the training sampler's shard; ``exit_rank<r>.json``: whether the process group was still
+    alive at interpreter exit.
     """
 
     def __init__(self, out: str) -> None:
@@ -28,6 +30,8 @@ class DumpState(L.Callback):
             self.first_labels = batch[1].tolist()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        exit_file = Path(self.out) / f"exit_rank{trainer.global_rank}.json"
+        atexit.register(_record_process_group, exit_file)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         lip_u = getattr(pl_module, "_lip_state", {}).get("u", {})
         state.update({f"_lip_state.u.{s}": u.detach().cpu().clone() for s, u in lip_u.items()})
@@ -47,6 +51,12 @@ class DumpState(L.Callback):
             "shard": [getattr(sampler, "rank", None), getattr(sampler, "num_replicas", None)],
         }
         (Path(self.out) / f"extras_rank{trainer.global_rank}.json").write_text(json.dumps(extras))
+
+
+def _record_process_group(path: Path) -> None:
+    """At interpreter exit: whether a process group is still alive (its gloo thread can abort
+    the process during shutdown, "terminate called without an active exception")."""
+    path.write_text(json.dumps({"process_group_alive": torch.distributed.is_initialized()}))
 
 
 class DumpMetrics(L.Callback):

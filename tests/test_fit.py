@@ -240,6 +240,10 @@ def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
         ),
         (["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
         (
+            ["--config", str(ROOT / "configs/regime/datagrad.yaml"), "--adversarial.mix=0.5"],
+            "AdversarialTraining and DataGrad both change the training loss; use one of them",
+        ),
+        (
             ["--model.lrr=0.1"],
             "unrecognized arguments: --model.lrr=0.1; did you mean model.lr? keys under 'model': "
             "backbone, backbone_kwargs, beta,",

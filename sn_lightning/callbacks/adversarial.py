@@ -144,8 +144,13 @@ class AdversarialTraining(L.Callback):
         if stage == "fit":
             self._warn_about_epochs(trainer.max_epochs)
         resolve_attack(self.attack, trainer.datamodule, _input_shape(pl_module))
-        if self.mix > 0:
+        if self.claims_objective:
             pl_module.set_objective(self._mixed_objective, owner=self)
+
+    @property
+    def claims_objective(self) -> bool:
+        """Whether this callback replaces the training loss (a clean term mixed in)."""
+        return self.attack is not None and self.mix > 0
 
     def check_config(self, model: L.LightningModule, datamodule: object) -> None:
         """The attack's radius against the data, before the trainer starts (fit's ``check_run``)."""

@@ -53,8 +53,13 @@ class DataGrad(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Claim the training objective when on."""
-        if self.lam > 0:
+        if self.claims_objective:
             pl_module.set_objective(self._objective, owner=self)
+
+    @property
+    def claims_objective(self) -> bool:
+        """Whether this callback replaces the training loss (``lam > 0``)."""
+        return self.lam > 0
 
     def _objective(self, module: L.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         smoothing = float(getattr(module, "hparams", {}).get("label_smoothing", 0.0))

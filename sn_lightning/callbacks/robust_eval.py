@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from sn_lightning._metrics import batch_weight
 from sn_lightning.attacks import Attack
 from sn_lightning.callbacks.adversarial import attack_precision, check_attack_config, resolve_attack
 from sn_lightning.errors import ConfigError
@@ -37,7 +38,9 @@ class RobustEvaluation(L.Callback):
     Args:
         attacks: the attacks, e.g. PGD-20 linf at several eps; empty: off.
         every_n_epochs: evaluate on validation every this many epochs (the test stage always).
-        max_batches: attack at most this many validation/test batches per epoch; null: all.
+        max_batches: attack at most this many validation/test batches per epoch and rank (as
+            Lightning's ``limit_val_batches`` counts: under DDP each rank its first
+            ``max_batches`` of its share); null: all.
         final_max_examples: cap per split for the final adversarial evaluation; null: all.
     """
 
@@ -97,7 +100,11 @@ class RobustEvaluation(L.Callback):
                     worse = worse_logits(pl_module(x), pl_module(x_adv), y)
                     acc = (worse.argmax(dim=1) == y).float().mean()
             pl_module.log(
-                f"{stage}/robust_acc/{name}", acc, on_epoch=True, batch_size=len(y), sync_dist=True
+                f"{stage}/robust_acc/{name}",
+                acc,
+                on_epoch=True,
+                batch_size=batch_weight(len(y)),
+                sync_dist=True,
             )
 
     def on_validation_batch_end(

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -404,11 +405,23 @@ class ImageDataModule(L.LightningDataModule):
                 f"{self.dataset} (after the validation split); use at most {n}, or null (all)"
             )
 
-    def _loader(self, dataset: Dataset | None) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, *, shard: bool = False) -> DataLoader:
+        """Batches of ``dataset`` in order; ``shard``: this rank's share when fitting on several.
+
+        The share is unpadded (Lightning's own ``DistributedSampler`` repeats examples to even the
+        ranks out, which counts them twice in ``val/acc`` when the split does not divide).
+        """
         assert dataset is not None, "call setup() first"
+        trainer = self.trainer
+        sampler = None
+        if shard and trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -489,6 +502,11 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("fit")
         assert self.train_set is not None
         self._check_batch_size(math.ceil(len(self.train_set) / ranks), ranks)
+        if self.val_set is not None and len(self.val_set) < ranks:  # type: ignore[arg-type]
+            raise ConfigError(
+                f"the {len(self.val_set)} validation examples (val_size {self.val_size!r}) do "  # type: ignore[arg-type]
+                f"not give each of the {ranks} ranks one; use val_size >= {ranks} or 0"
+            )
         if checkpoint_state:
             self._check_resume(self._normalized(checkpoint_state), ranks)
 
@@ -546,12 +564,17 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in order; [] when val_size is 0."""
-        return self._loader(self.val_set) if self.val_set is not None else []
+        """Validation batches in order; [] when val_size is 0; under DDP this rank's share."""
+        return self._loader(self.val_set, shard=True) if self.val_set is not None else []
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches in order."""
-        return self._loader(self.test_set)
+        """Test batches in order; under DDP this rank's share."""
+        return self._loader(self.test_set, shard=True)
+
+    def split_dataloader(self, split: Literal["train", "val", "test"]) -> DataLoader:
+        """The whole split in order on any rank ("train": unaugmented), for final evaluations."""
+        sets = {"train": self.train_eval_set, "val": self.val_set, "test": self.test_set}
+        return self._loader(sets[split])
 
     def train_eval_dataloader(self) -> DataLoader:
         """The full training split, unaugmented and in order: for the generalization gap."""

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torchmetrics.classification import MulticlassAccuracy
 
+from sn_lightning._metrics import batch_weight
 from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
 from sn_lightning.errors import ConfigError, ConfigWarning, first_line
 from sn_lightning.models import create_backbone
@@ -376,7 +377,9 @@ class SNClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", self.loss(logits, y), sync_dist=True)
+        self.log(
+            f"{stage}/loss", self.loss(logits, y), batch_size=batch_weight(len(y)), sync_dist=True
+        )
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def certified_lipschitz(self) -> Tensor:
@@ -459,7 +462,12 @@ class SNClassifier(L.LightningModule):
             radius = certified_radius(logits, y, self._certified_L)
             for eps in self.hparams.certify_eps:
                 acc = (radius > eps).float().mean()
-                self.log(f"val/certified_acc/{eps:g}", acc, batch_size=len(y), sync_dist=True)
+                self.log(
+                    f"val/certified_acc/{eps:g}",
+                    acc,
+                    batch_size=batch_weight(len(y)),
+                    sync_dist=True,
+                )
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Log test/loss and test/acc."""

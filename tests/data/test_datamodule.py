@@ -385,3 +385,31 @@ def test_imagefolder_honours_val_source_and_a_val_folder(tmp_path):
     assert data(val_size=0).val_set is None  # 0: no validation
     with pytest.raises(ConfigError, match=r"has a val/ folder, .* val_source 'test' would take"):
         data(val_source="test")
+
+
+def test_ranks_share_validation_and_test_splits_without_repeats():
+    """Under DDP each rank takes every R-th example of val/test, none twice (Lightning's own
+    sampler pads 143 examples to 144, counting one twice in val/acc); the final evaluation's
+    split_dataloader gives the whole split on any rank."""
+    from types import SimpleNamespace
+
+    dm = ImageDataModule("digits", batch_size=32, val_size=143)
+    dm.setup("fit")
+    whole_val, whole_test = _all(dm.val_dataloader()), _all(dm.test_dataloader())
+    shares = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what Lightning attaches
+        shares.append((_all(dm.val_dataloader()), _all(dm.test_dataloader())))
+        for split, whole in (("val", whole_val), ("test", whole_test)):
+            assert torch.equal(_all(dm.split_dataloader(split))[0], whole[0])
+    (v0, t0), (v1, t1) = shares
+    assert (len(v0[1]), len(v1[1]), len(t0[1]), len(t1[1])) == (72, 71, 180, 180)
+    assert torch.equal(v0[0], whole_val[0][0::2]) and torch.equal(v1[0], whole_val[0][1::2])
+    assert torch.equal(t1[1], whole_test[1][1::2])
+
+
+def test_check_fit_refuses_fewer_validation_examples_than_ranks():
+    dm = ImageDataModule("digits", batch_size=32, val_size=1)
+    dm.check_fit(ranks=1)
+    with pytest.raises(ConfigError, match=r"the 1 validation examples \(val_size 1\) do not give"):
+        dm.check_fit(ranks=2)
