@@ -34,6 +34,7 @@ Note [power iteration in the batch]
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,12 +297,45 @@ def _fold_norm(layer: nn.Module, x: Tensor) -> Any:
     return norm
 
 
+def check_resolution(layer: nn.Module, x: Tensor) -> None:
+    """Warn once (per model) if a convolution normalized at one input size runs at another.
+
+    ``u`` and the bound are those of the operator at the recorded size (``apply_spectral_norm``'s
+    ``input_shape``); the same kernel at another size is another operator, whose norm can exceed
+    beta (ResNet-18 normalized at 32 px and run at 64 px: layer4 at 1.88 beta).
+    """
+    if not isinstance(x, Tensor) or not parametrize.is_parametrized(layer, "weight"):
+        return  # an fx Proxy: tracing, not running
+    norm = layer.parametrizations.weight[0]  # type: ignore[union-attr, index]
+    flag = getattr(norm, "resolution_warning", None)
+    if flag is None or flag["warned"] or norm.method != "operator":
+        return
+    if norm.spec.kind != "conv":
+        return
+    u = norm.u
+    seen = tuple(x.shape[1:]) if x.dim() == u.dim() else tuple(x.shape)
+    if seen != tuple(u.shape[1:]):
+        flag["warned"] = True
+        name = repr(norm.layer_name) if norm.layer_name else type(layer).__name__
+        recorded = "x".join(map(str, u.shape[1:]))
+        warnings.warn(
+            f"layer {name} was normalized for inputs {recorded} but now sees "
+            f"{'x'.join(map(str, seen))}: its operator norm at this size is not bounded by beta, "
+            "nor are other layers' at other sizes (apply_spectral_norm at the resolution you "
+            "train and evaluate at; warned once per model)",
+            stacklevel=3,
+        )
+
+
 def fused_forward(self: nn.Module, input: Tensor) -> Tensor:
     """Forward of a parametrized plain Conv/Linear: the fold when it applies, else the stock one.
 
     Installed on the class that ``torch.nn.utils.parametrize`` injects for this one module (so
     deepcopies and DataParallel replicas share it, and removing the parametrization removes it).
+    Also warns once when a convolution runs at another resolution than its ``u``.
     """
+    if not torch.compiler.is_compiling():
+        check_resolution(self, input)
     norm = _fold_norm(self, input)
     if norm is None:
         base = next(b for b in _BASES if isinstance(self, b))
@@ -322,5 +356,5 @@ def install(layer: nn.Module, norm: Any) -> None:
         if geo is not None and geo.kind == "conv"
         else 0
     )
-    if geo is not None:
+    if supports_fold(layer):  # the fold where geo applies; the resolution check everywhere
         type(layer).forward = fused_forward

@@ -455,6 +455,9 @@ class BoundedSpectralNorm(nn.Module):
         self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
         self.batch_fold = _check_bool("batch_fold", batch_fold)
         self._fold_geometry: Any = None  # set by fused.install for plain Conv/Linear layers
+        self.layer_name: str | None = None  # set by apply_spectral_norm (warnings name it)
+        # fused.check_resolution warns once per dict: apply_spectral_norm shares one per model
+        self.resolution_warning: dict[str, bool] = {"warned": False}
         self.output_numel = 0
         self.frozen = False  # set by freeze_spectral_norm
         # (original weight, rescaled weight) handed over by the model's grouped CUDA path for

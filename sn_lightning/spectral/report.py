@@ -174,6 +174,11 @@ def spectral_norm_report(
     Returns:
         A :class:`SpectralNormReport`; ``str(report)`` is a table, ``report.as_dict()`` JSON.
     """
+    if isinstance(n_iter, (tuple, list, torch.Size)):
+        raise ValueError(
+            f"spectral_norm_report's second argument is n_iter, got {tuple(n_iter)!r}; pass a "
+            "shape as input_shape=..."
+        )
     _check_n_iter(n_iter)
     if input_shape is not None:
         input_shape = check_input_shape(input_shape)
@@ -1349,7 +1354,10 @@ def _propagate(
             elif node.op == "output":
                 out = node.args[0]
                 if not isinstance(out, fx.Node):
-                    raise _Unsupported(f"model returns a {type(out).__name__}, not one tensor")
+                    raise _Unsupported(
+                        f"model returns {type(out).__name__!r}, not one tensor (e.g. "
+                        "features_only models return a list of feature maps)"
+                    )
                 return lip(out)
             elif node.op == "call_module":
                 m = gm.get_submodule(node.target)

@@ -72,6 +72,15 @@ def _beta_for(name: str, beta: float | Mapping[str, float]) -> float | None:
     return None
 
 
+def _conv_like(module: nn.Module) -> bool:
+    """A module of its own kind that owns a convolution weight (timm's ``CondConv2d``)."""
+    return (
+        not isinstance(module, SUPPORTED_LAYERS)
+        and "conv" in type(module).__name__.lower()
+        and isinstance(module._parameters.get("weight"), torch.Tensor)
+    )
+
+
 def _overrides_forward(module: nn.Module) -> bool:
     """True for subclasses (e.g. timm's StdConv2d, BatchNormAct2d) that change what the layer computes.
 
@@ -164,6 +173,23 @@ def _record_input_shapes(
     return shapes
 
 
+def _check_untied(layers: Mapping[str, nn.Module]) -> None:
+    """Refuse selected layers that share one weight Parameter (tied weights).
+
+    Each would be normalized for its own operator, so the tied layers would compute with
+    different weights, and removing the bounds writes one of them into the shared tensor.
+    """
+    owners: dict[int, str] = {}
+    for name, m in layers.items():
+        first = owners.setdefault(id(m.weight), name)
+        if first != name:
+            raise ConfigError(
+                f"layers {first!r} and {name!r} share one weight Parameter (tied weights), "
+                "which per-layer bounds cannot keep tied; untie them, or exclude both "
+                "(exclude=[...]: both unbounded)"
+            )
+
+
 def _check_patterns(
     model: nn.Module,
     include: Sequence[str],
@@ -186,6 +212,17 @@ def _check_patterns(
                 raise ConfigError(
                     f"{key} pattern {pattern!r} matches no Linear/Conv layer name (full dotted "
                     f"names, fnmatch; e.g. 'layer1.*'); the model's layers: {shown}"
+                )
+    if isinstance(beta, Mapping):
+        for pattern in beta:
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            winners = {n: next(p for p in beta if fnmatch.fnmatchcase(n, p)) for n in matched}
+            if all(w != pattern for w in winners.values()):
+                first = winners[matched[0]]
+                raise ConfigError(
+                    f"beta pattern {pattern!r} never applies: every layer it matches (e.g. "
+                    f"{matched[0]!r}) matches the earlier pattern {first!r}, and the first "
+                    f"matching pattern wins; put {pattern!r} before {first!r}"
                 )
 
 
@@ -213,11 +250,23 @@ def apply_spectral_norm(
     Selected layers: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` whose name
     matches a pattern of ``include``, none of ``exclude``, and (when ``beta`` is a mapping) a key
     of ``beta``. Names are ``model.named_modules()`` names (``net.layer1.0.conv1``); patterns use
-    ``fnmatch``. Subclasses that override ``forward`` (timm's ``StdConv2d``, ``Conv2dSame``) are
-    skipped with a warning: their operator is not the plain layer's. Convolutions never called in
-    the dry forward are skipped with a warning; Linear layers need no shape and are always kept.
-    Raw weight parameters used functionally (``nn.MultiheadAttention.in_proj_weight``, timm's
-    ``pos_embed``) are not layers and are left alone.
+    ``fnmatch``. Subclasses that override ``forward`` with a map this package does not know
+    (timm's ``StdConv2d``) are skipped with a warning; timm's ``Conv2dSame`` (TF "same" padding)
+    is normalized for its padded operator. Conv-like modules that are not torch layers (timm's
+    ``CondConv2d``) and convolutions never called in the dry forward are skipped with a
+    warning; Linear layers need no shape and are always kept. Raw weight parameters used
+    functionally (``nn.MultiheadAttention.in_proj_weight``, timm's ``pos_embed``) are not layers
+    and are left alone. Layers sharing one weight Parameter are refused.
+
+    Using the result: the bound holds at ``input_shape``; a convolution run at another
+    resolution warns once (its operator norm there can exceed beta). ``u`` follows the weights
+    one power-iteration round per training forward, so after many optimizer steps a layer can
+    sit a few percent above beta until :func:`refresh_spectral_norm` (run it before evaluating
+    or exporting, and on averaged copies such as ``AveragedModel(use_buffers=False)``, which do
+    not average ``u``). Parameter names become ``<layer>.parametrizations.weight.original``:
+    build optimizers after this call, load plain checkpoints before it, and remove the bounds
+    (:func:`remove_spectral_norm`) before pickling, ``torch.jit.trace`` or ``torch.export``.
+    Apply before wrapping in ``DistributedDataParallel``.
 
     Args:
         model: any ``nn.Module`` taking a ``(1, *input_shape)`` tensor.
@@ -256,11 +305,19 @@ def apply_spectral_norm(
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     if batchnorm not in BATCHNORM_POLICIES:
         raise ValueError(f"unknown batchnorm policy {batchnorm!r}; valid: {BATCHNORM_POLICIES}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ConfigError(
+            "apply_spectral_norm got a DistributedDataParallel wrapper; apply it to the module "
+            "before wrapping (DDP registers the parameters it reduces when it is built)"
+        )
     if isinstance(beta, Mapping):
         for pattern, value in beta.items():
             if not isinstance(pattern, str):
                 raise ValueError(f"beta mapping keys must be name patterns, got {pattern!r}")
-            _check_beta(value)
+            try:
+                _check_beta(value)
+            except ValueError as err:
+                raise ValueError(f"beta[{pattern!r}]: {err}") from None
     else:
         _check_beta(beta)
     if isinstance(include, str) or isinstance(exclude, str):
@@ -274,10 +331,13 @@ def apply_spectral_norm(
     norms: dict[str, nn.Module] = {}
     own_forward: dict[str, nn.Module] = {}
     unbounded_norms: dict[str, nn.Module] = {}
+    conv_like: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not _match(name, include) or _match(name, exclude) or _beta_for(name, beta) is None:
             continue
-        if isinstance(m, SUPPORTED_LAYERS):
+        if _conv_like(m):
+            conv_like[name] = m
+        elif isinstance(m, SUPPORTED_LAYERS):
             if _overrides_forward(m):
                 own_forward[name] = m
                 continue
@@ -293,6 +353,14 @@ def apply_spectral_norm(
             unbounded_norms[name] = m  # torchvision's and timm's: buffers, not parameters
     if own_forward:
         warnings.warn(_skipped_message(own_forward), stacklevel=2)
+    if conv_like:
+        shown = [f"{n!r} ({type(m).__name__})" for n, m in list(conv_like.items())[:3]]
+        more = f" and {len(conv_like) - 3} more" if len(conv_like) > 3 else ""
+        warnings.warn(
+            f"skipping {len(conv_like)} convolution-like module(s) that are not torch Conv "
+            f"layers, so their weights stay unbounded: {', '.join(shown)}{more}",
+            stacklevel=2,
+        )
     if unbounded_norms:
         warnings.warn(_unbounded_norms_message(unbounded_norms), stacklevel=2)
     if not layers and not norms:
@@ -302,9 +370,11 @@ def apply_spectral_norm(
             f"{tuple(beta) if isinstance(beta, Mapping) else 'all'}"
         )
 
+    _check_untied(layers)
     convs = {n: m for n, m in layers.items() if not isinstance(m, nn.Linear)}
     shapes = _record_input_shapes(model, convs, input_shape) if convs else {}
     members: list[tuple[nn.Module, BoundedSpectralNorm]] = []
+    resolution_warning = {"warned": False}
     for name, m in layers.items():
         shape = shapes.get(name)
         if shape is None and name in convs:
@@ -327,6 +397,8 @@ def apply_spectral_norm(
         )
         p = _find(m, "weight", BoundedSpectralNorm)
         p.network_input_shape = input_shape  # the network bound's default (report.py)
+        p.layer_name = name  # for warnings
+        p.resolution_warning = resolution_warning  # one warning per model
         members.append((m, p))
     if members:  # on CUDA: all layers' iterations in one graph (Note [one graph per model])
         grouped.install(model, members)

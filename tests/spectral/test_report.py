@@ -2089,3 +2089,11 @@ def test_layers_whose_map_changes_outside_forward_are_traced_or_refused():
     assert forward_kind(conv) is None
     bound, why = network_lipschitz_bound(nn.Sequential(conv), input_shape=(1, 6, 6))
     assert bound is None and "instance-level _conv_forward" in why
+
+
+def test_a_shape_passed_as_n_iter_says_to_use_input_shape():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(
+        ValueError, match=r"second argument is n_iter, got \(1, 2, 2\); pass a shape as input_shape"
+    ):
+        spectral_norm_report(model, (1, 2, 2))

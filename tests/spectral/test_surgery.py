@@ -534,3 +534,88 @@ def test_batchnorms_that_cannot_be_bounded_get_one_warning():
     )
     assert "frozen BatchNorms (FrozenBatchNorm2d) keep their scale in buffers" in messages[0]
     assert set(normalized_layers(model)) == {"0", "4"}
+
+
+def _two_convs() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+def test_tied_weights_are_refused():
+    """Each tied layer would get its own normalized weight; the export wrote one into both."""
+    net = _two_convs()
+    net[2] = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    net.add_module("extra", nn.Conv2d(8, 8, 3, padding=1))
+    net.extra.weight = net[2].weight
+    with pytest.raises(ConfigError, match=r"layers '2' and 'extra' share one weight Parameter"):
+        apply_spectral_norm(net, beta=1.0, input_shape=(3, 8, 8))
+    assert not normalized_layers(net)
+
+
+def test_beta_pattern_that_never_applies_is_refused():
+    net = _two_convs()
+    with pytest.raises(
+        ConfigError, match=r"beta pattern '5' never applies: .* earlier pattern '\*'"
+    ):
+        apply_spectral_norm(net, beta={"*": 1.0, "5": math.inf}, input_shape=(3, 8, 8))
+    apply_spectral_norm(net, beta={"5": math.inf, "*": 1.0}, input_shape=(3, 8, 8))
+    assert normalized_layers(net)["5"][1].beta == math.inf
+    assert normalized_layers(net)["0"][1].beta == 1.0
+
+
+def test_bad_value_in_a_beta_mapping_names_its_pattern():
+    with pytest.raises(ValueError, match=r"beta\['2'\]: beta must be a number > 0 .* got 0"):
+        apply_spectral_norm(_two_convs(), beta={"2": 0}, input_shape=(3, 8, 8))
+
+
+def test_conv_like_modules_that_are_not_torch_layers_warn():
+    """Like timm's CondConv2d (its weight holds the experts' kernels; it went unmentioned)."""
+
+    class ExpertConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+
+        def forward(self, x):
+            return nn.functional.conv2d(x, self.weight, padding=1)
+
+    net = _two_convs()
+    net[2] = ExpertConv()
+    with pytest.warns(UserWarning, match=r"skipping 1 convolution-like .* '2' \(ExpertConv\)"):
+        apply_spectral_norm(net, beta=1.0, input_shape=(3, 8, 8))
+    assert sorted(normalized_layers(net)) == ["0", "5"]
+
+
+def test_another_resolution_warns_once_per_model():
+    """The bound is the operator's at input_shape: at 64 px ResNet-18's layer4 reached 1.88 beta."""
+    net = _two_convs()
+    apply_spectral_norm(net, beta=1.0, input_shape=(3, 8, 8))
+    twin = copy.deepcopy(net)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net.train()(torch.rand(2, 3, 8, 8))
+        net.eval()(torch.rand(1, 3, 8, 8))
+        assert not caught
+        net(torch.rand(2, 3, 16, 16))
+        net.train()(torch.rand(2, 3, 16, 16))
+        twin.eval()(torch.rand(3, 16, 16)[None])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2  # one for the model, one for its copy
+    assert messages[0].startswith("layer '0' was normalized for inputs 3x8x8 but now sees 3x16x16")
+
+
+def test_distributed_wrapper_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(_two_convs())
+        with pytest.raises(ConfigError, match="apply it to the module before wrapping"):
+            apply_spectral_norm(wrapped, beta=1.0, input_shape=(3, 8, 8))
+    finally:
+        dist.destroy_process_group()
