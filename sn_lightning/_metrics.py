@@ -14,5 +14,5 @@ from __future__ import annotations
 
 
 def batch_weight(n: int) -> float:
-    """``batch_size`` for ``self.log``: the batch's example count as a float (Note [uneven ranks])."""
+    """``batch_size`` for ``self.log``: the example count as a float (Note [uneven ranks])."""
     return float(n)

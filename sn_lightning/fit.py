@@ -29,7 +29,7 @@ import string
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -752,8 +752,7 @@ def wandb_unreachable_reason(timeout: float = 3.0) -> str | None:
 @rank_zero_only
 def _warn(message: str) -> None:
     """One line on stderr (rank 0), through logging so that it can be silenced."""
-    if rank_zero_only.rank == 0:
-        _log.warning("python -m sn_lightning.fit: warning: %s", message)
+    _log.warning("python -m sn_lightning.fit: warning: %s", message)
 
 
 def _prepare_wandb_logger(init_args: Namespace, root_dir: str | None) -> None:
@@ -928,8 +927,7 @@ def _adversarial_results(trainer: Any, model: SNClassifier, dm: ImageDataModule)
     if robust is not None:
         attacks.update(robust.named_attacks())
     cap = robust.final_max_examples if robust is not None else None
-    splits = ("train", "val", "test") if dm.val_set is not None else ("train", "test")
-    loaders = {split: functools.partial(dm.split_dataloader, split) for split in splits}
+    loaders = _split_loaders(dm)
     out: dict[str, Any] = {}
     for name, attack in attacks.items():
         entry: dict[str, Any] = {"attack": repr(attack)}
@@ -1191,6 +1189,12 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     return results
 
 
+def _split_loaders(dm: ImageDataModule) -> dict[str, Callable[[], Any]]:
+    """``{split: () -> its whole DataLoader}`` for train (unaugmented), val (if any) and test."""
+    splits = ("train", "val", "test") if dm.val_set is not None else ("train", "test")
+    return {split: functools.partial(dm.split_dataloader, split) for split in splits}
+
+
 def _leave_process_group() -> None:
     """Destroy the process group on every rank after its last collective.
 
@@ -1319,8 +1323,7 @@ def certified_accuracy_by_split(
 
     from sn_lightning.lipschitz import certified_radius
 
-    splits = ("train", "val", "test") if dm.val_set is not None else ("train", "test")
-    loaders = {split: functools.partial(dm.split_dataloader, split) for split in splits}
+    loaders = _split_loaders(dm)
     out: dict[str, dict[str, float]] = {f"{e:g}": {} for e in eps}
     model.eval()
     for split, loader in loaders.items():

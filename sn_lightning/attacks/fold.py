@@ -128,10 +128,10 @@ def _signature(model: nn.Module) -> tuple[object, ...]:
     """Changes when modules, parameters, buffers or modules' attributes change, or hooks.
 
     The cached view is then rebuilt. A trace bakes in attributes (``self.scale = 10.0``, a tensor
-    attribute that is not a buffer, ``self.training``). Tensors matter because the trace holds the parameters and
-    buffers of the modules it traced through (e.g. ``InputNormalize``'s mean and std) by
-    reference, and ``model.to(device)`` (Lightning's teardown moves the model to the CPU) or
-    ``load_state_dict(assign=True)`` rebind them to new tensors.
+    attribute that is not a buffer, ``self.training``). Tensors matter because the trace holds
+    the parameters and buffers of the modules it traced through (e.g. ``InputNormalize``'s mean
+    and std) by reference, and ``model.to(device)`` (Lightning's teardown moves the model to the
+    CPU) or ``load_state_dict(assign=True)`` rebind them to new tensors.
     """
     modules = ((id(m), _hooked(m), *_attributes(m)) for m in model.modules())
     tensors = (id(t) for t in (*model.parameters(), *model.buffers()))
@@ -249,7 +249,7 @@ def folded_view(model: nn.Module, example: Tensor | None = None) -> nn.Module:
         return model
     for fold in view.folds:
         fold.refresh()
-    if example is not None and not view.checked:
+    if example is not None and len(example) > 0 and not view.checked:
         if not _agrees(model, view.module, example):
             _CACHE[model] = (sig, None)
             return model

@@ -502,10 +502,11 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("fit")
         assert self.train_set is not None
         self._check_batch_size(math.ceil(len(self.train_set) / ranks), ranks)
-        if self.val_set is not None and len(self.val_set) < ranks:  # type: ignore[arg-type]
+        n_val = len(self.val_set) if self.val_set is not None else None  # type: ignore[arg-type]
+        if n_val is not None and n_val < ranks:
             raise ConfigError(
-                f"the {len(self.val_set)} validation examples (val_size {self.val_size!r}) do "  # type: ignore[arg-type]
-                f"not give each of the {ranks} ranks one; use val_size >= {ranks} or 0"
+                f"the {n_val} validation examples (val_size {self.val_size!r}) do not give each "
+                f"of the {ranks} ranks one; use val_size >= {ranks} or 0"
             )
         if checkpoint_state:
             self._check_resume(self._normalized(checkpoint_state), ranks)
