@@ -57,6 +57,7 @@ from sn_lightning.data import ImageDataModule
 from sn_lightning.errors import ConfigError, ConfigWarning, first_line
 from sn_lightning.evaluation import evaluate
 from sn_lightning.lit import SNClassifier
+from sn_lightning.lit.classifier import objective_conflict
 
 RESULTS_FILE = "results.json"
 DESCRIPTION = (
@@ -495,14 +496,23 @@ def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
     """``cli_class(**kwargs)``, with Lightning's errors on bad trainer keys as a ConfigError."""
     try:
         return cli_class(**kwargs)
-    except MisconfigurationException as err:
-        raise ConfigError(f"trainer: {_trainer_message(err)}") from err
-    except (ValueError, TypeError, ImportError) as err:
-        # an unknown strategy name, devices=-3, accelerator=tpu without torch_xla: raised by the
-        # Trainer's connectors or the accelerators they build
-        if not _raised_in(err, _TRAINER_MODULES):
+    except _TRAINER_ERRORS as err:
+        if not _is_trainer_error(err):
             raise
         raise ConfigError(f"trainer: {_trainer_message(err)}") from err
+
+
+_TRAINER_ERRORS = (MisconfigurationException, ValueError, TypeError, ImportError)
+
+
+def _is_trainer_error(err: BaseException) -> bool:
+    """Whether ``err`` is Lightning refusing a trainer key.
+
+    A MisconfigurationException, or an error raised in the Trainer's connectors or the
+    accelerators they build (an unknown strategy name, devices=-3, accelerator=tpu without
+    torch_xla).
+    """
+    return isinstance(err, MisconfigurationException) or _raised_in(err, _TRAINER_MODULES)
 
 
 _TRAINER_MODULES = (
@@ -528,9 +538,10 @@ def _trainer_message(err: BaseException, trainer: Any = None) -> str:
     hint = next((h for key, h in _TRAINER_HINTS.items() if key in line), None)
     given = ""
     if trainer is not None:
-        given_values = {k: trainer.get(k) for k in _TRAINER_QUOTED if f"`{k}`" in line}
         values = [
-            f"{k}={v!r}" for k, v in given_values.items() if v is not None and repr(v) not in line
+            f"{k}={v!r}"
+            for k in _TRAINER_QUOTED
+            if f"`{k}`" in line and (v := trainer.get(k)) is not None and repr(v) not in line
         ]
         given = f" (given {', '.join(values)})" if values else ""
     text = f"{line.rstrip('.!')}{given}"
@@ -644,10 +655,8 @@ class SNLightningCLI(LightningCLI):
         """The Trainer; Lightning's error on a bad key also names the value that was given."""
         try:
             return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
-            if not (
-                isinstance(err, MisconfigurationException) or _raised_in(err, _TRAINER_MODULES)
-            ):
+        except _TRAINER_ERRORS as err:
+            if not _is_trainer_error(err):
                 raise
             trainer = self._get(self.config_init, "trainer", default={})
             raise ConfigError(f"trainer: {_trainer_message(err, trainer)}") from err
@@ -1013,9 +1022,8 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
         if callable(check):
             check(cli.model, cli.datamodule)
     claims = [cb for cb in cli.trainer.callbacks if getattr(cb, "claims_objective", False)]
-    if len(claims) > 1:  # as set_objective says once the run starts (on every rank)
-        names = " and ".join(type(cb).__name__ for cb in claims)
-        raise ConfigError(f"{names} both change the training loss; use one of them")
+    if len(claims) > 1:  # before the ranks start; set_objective would say it in setup()
+        raise objective_conflict(claims)
     robust = _callback(cli.trainer, RobustEvaluation)
     adversarial = _callback(cli.trainer, AdversarialTraining)
     datagrad = _callback(cli.trainer, DataGrad)

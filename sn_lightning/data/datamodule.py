@@ -579,7 +579,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_eval_dataloader(self) -> DataLoader:
         """The full training split, unaugmented and in order: for the generalization gap."""
-        return self._loader(self.train_eval_set)
+        return self.split_dataloader("train")
 
     def mean_input_norm(self) -> float:
         """Mean l2 norm of the (unaugmented) training inputs in [0, 1] space (PAPERS 1.5's C2)."""

@@ -7,7 +7,7 @@ import inspect
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -99,6 +99,12 @@ class SyncBatchNormKeepingBounds(TorchSyncBatchNorm):
         from sn_lightning.spectral import revert_sync_batchnorm
 
         return revert_sync_batchnorm(model)
+
+
+def objective_conflict(owners: Sequence[object]) -> ConfigError:
+    """The error for two training callbacks that both replace the loss (``set_objective``)."""
+    names = " and ".join(sorted(type(o).__name__ for o in owners))
+    return ConfigError(f"{names} both change the training loss; use one of them")
 
 
 class SNClassifier(L.LightningModule):
@@ -309,10 +315,7 @@ class SNClassifier(L.LightningModule):
     def set_objective(self, objective: Objective, owner: object) -> None:
         """Let one training callback replace cross-entropy on the batch; a second one is an error."""
         if self._objective_owner is not None and self._objective_owner is not owner:
-            raise ConfigError(
-                f"{type(owner).__name__} and {type(self._objective_owner).__name__} both change the "
-                "training loss; use one of them"
-            )
+            raise objective_conflict([self._objective_owner, owner])
         self.objective, self._objective_owner = objective, owner
 
     def forward(self, x: Tensor) -> Tensor:
