@@ -70,6 +70,8 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("operator", "matrix")
+# Krylov steps of refresh_spectral_norm by default and after a plain checkpoint is loaded
+REFRESH_ITERATIONS = 50
 
 
 def _check_beta(beta: float) -> float:
@@ -820,6 +822,62 @@ def _find(module: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module | No
     return None
 
 
+def _ours(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is parametrized by bounds of this package only."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    bounds = (BoundedSpectralNorm, BoundedBatchNormScale)
+    return all(isinstance(p, bounds) for p in module.parametrizations.weight)
+
+
+def _load_plain_weight(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load-state-dict pre-hook: read a plain checkpoint's ``<layer>.weight`` (Note [plain load]).
+
+    Renames it to ``<layer>.parametrizations.weight.original`` and fills the missing ``u`` with
+    the current one, marked stale for :func:`_converge_loaded`. A state dict that already holds
+    the normalized keys is left alone.
+    """
+    plain, original = f"{prefix}weight", f"{prefix}parametrizations.weight.original"
+    if not _ours(module) or plain not in state_dict or original in state_dict:
+        return
+    state_dict[original] = state_dict.pop(plain)
+    for i, p in enumerate(module.parametrizations.weight):
+        if isinstance(p, BoundedSpectralNorm):
+            state_dict.setdefault(f"{prefix}parametrizations.weight.{i}.u", p.u)
+            p._stale_u = True
+
+
+def _converge_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook: converge ``u`` for a weight read from a plain checkpoint."""
+    if not _ours(module):
+        return
+    for p in module.parametrizations.weight:
+        if p.__dict__.pop("_stale_u", False):
+            p.converge(module.parametrizations.weight.original, REFRESH_ITERATIONS)
+
+
+def _accept_plain_checkpoints(module: nn.Module) -> None:
+    """Let ``module.load_state_dict`` read plain ``weight`` keys (once per module).
+
+    Note [plain load]
+        Parametrizing renames ``<layer>.weight`` to ``<layer>.parametrizations.weight.original``
+        and adds ``u``. A checkpoint of the unmodified backbone then fails a strict load and, with
+        ``strict=False``, would load no weight at all. A pre-hook maps the plain key onto
+        ``original``; the ``u`` it lacks is converged for the loaded weight by a post-hook
+        (``REFRESH_ITERATIONS`` Krylov steps, as :func:`refresh_spectral_norm`), since the stored
+        one belongs to the old weight and would underestimate sigma. Checkpoints of the
+        normalized model load as before (their ``u`` is kept). Both hooks do nothing once the
+        bounds are removed.
+    """
+    hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+    if _load_plain_weight in hooks:
+        return
+    module.register_load_state_dict_pre_hook(_load_plain_weight)
+    module.register_load_state_dict_post_hook(_converge_loaded)
+
+
 def bounded_spectral_norm(module: nn.Module, name: str = "weight", **kwargs: Any) -> nn.Module:
     """Register :class:`BoundedSpectralNorm` on ``module.<name>``; returns the module.
 
@@ -847,6 +905,7 @@ def bounded_spectral_norm(module: nn.Module, name: str = "weight", **kwargs: Any
     norm = BoundedSpectralNorm(module, **kwargs)
     parametrize.register_parametrization(module, name, norm)
     fused.install(module, norm)
+    _accept_plain_checkpoints(module)
     return module
 
 
@@ -893,7 +952,7 @@ def _own_class(module: nn.Module, base: type[nn.Module] | None = None) -> None:
 
 
 @torch.no_grad()
-def refresh_spectral_norm(model: nn.Module, n_iter: int = 50) -> nn.Module:
+def refresh_spectral_norm(model: nn.Module, n_iter: int = REFRESH_ITERATIONS) -> nn.Module:
     """Converge every normalized layer's ``u`` for its current weight; returns ``model``.
 
     One round per training step lags behind weights that move fast: the reference's ELU-Net on

@@ -33,6 +33,7 @@ from sn_lightning.spectral.parametrization import (
     METHODS,
     BoundedBatchNormScale,
     BoundedSpectralNorm,
+    _accept_plain_checkpoints,
     _check_beta,
     _find,
     _own_class,
@@ -264,8 +265,10 @@ def apply_spectral_norm(
     sit a few percent above beta until :func:`refresh_spectral_norm` (run it before evaluating
     or exporting, and on averaged copies such as ``AveragedModel(use_buffers=False)``, which do
     not average ``u``). Parameter names become ``<layer>.parametrizations.weight.original``:
-    build optimizers after this call, load plain checkpoints before it, and remove the bounds
-    (:func:`remove_spectral_norm`) before pickling, ``torch.jit.trace`` or ``torch.export``.
+    build optimizers after this call. A plain checkpoint loads into the result as well (its
+    ``weight`` keys map onto ``original`` and ``u`` is converged for them; parametrization Note
+    [plain load]). Remove the bounds (:func:`remove_spectral_norm`) before pickling,
+    ``torch.jit.trace`` or ``torch.export``.
     Apply before wrapping in ``DistributedDataParallel``.
 
     Args:
@@ -407,6 +410,7 @@ def apply_spectral_norm(
         assert b is not None
         parametrize.register_parametrization(m, "weight", BoundedBatchNormScale(m, b))
         m.register_forward_pre_hook(_sync_running_var)
+        _accept_plain_checkpoints(m)
     return model
 
 

@@ -23,6 +23,7 @@ from sn_lightning.spectral import (
     parametrization,
     refresh_spectral_norm,
     remove_bounded_spectral_norm,
+    remove_spectral_norm,
 )
 from sn_lightning.spectral.ops import _power_iteration
 
@@ -304,6 +305,88 @@ def test_deepcopy_and_state_dict_round_trip():
     fresh = _sn(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), beta=0.5).eval()
     fresh.load_state_dict(torch.load(buffer))
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+class _ConvBnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _trained_plain_net() -> nn.Module:
+    """A plain net whose layers sit far above beta 0.7 (as a fine-tuned checkpoint would)."""
+    torch.manual_seed(21)
+    net = _ConvBnNet()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.mul_(4.0)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_plain_checkpoint_loads_into_a_normalized_model(strict):
+    """Note [plain load]: ``weight`` keys map onto ``original`` and u is converged for them.
+
+    Before, a strict load raised (missing ``original``/``u``, unexpected ``weight``) and
+    ``strict=False`` loaded no weight at all. Oracle: the dense operator's SVD of every layer
+    an eval forward uses, and the model normalized after the same weights were loaded.
+    """
+    shape, beta = (3, 8, 8), 0.7
+    trained = _trained_plain_net()
+    torch.manual_seed(5)
+    model = apply_spectral_norm(_ConvBnNet(), beta=beta, input_shape=shape, batchnorm="bound")
+    result = model.load_state_dict(trained.state_dict(), strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    for name in ("conv", "bn", "fc"):
+        layer = model.get_submodule(name)
+        torch.testing.assert_close(
+            layer.parametrizations.weight.original,
+            trained.get_submodule(name).weight,
+            rtol=0,
+            atol=0,
+        )
+    torch.testing.assert_close(model.bn.running_var, trained.bn.running_var, rtol=0, atol=0)
+    model.eval()
+    for layer, layer_shape in ((model.conv, shape), (model.fc, (96,))):
+        assert _dense_norm(layer, layer_shape) == pytest.approx(beta, rel=1e-4)
+    ref = copy.deepcopy(trained)
+    apply_spectral_norm(ref, beta=beta, input_shape=shape, batchnorm="bound", init_iterations=100)
+    x = torch.rand(3, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_plain_load_keeps_normalized_checkpoints_copies_and_removal_apart():
+    """A normalized checkpoint keeps its own u; a deepcopy loads into itself; after removal the
+    hooks do nothing (the plain keys are the module's own again)."""
+    shape = (3, 8, 8)
+    trained = _trained_plain_net()
+    torch.manual_seed(6)
+    model = apply_spectral_norm(_ConvBnNet(), beta=0.7, input_shape=shape, init_iterations=3)
+    saved = copy.deepcopy(model.state_dict())
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(clone.conv.parametrizations.weight.original, trained.conv.weight)
+    assert torch.equal(
+        model.conv.parametrizations.weight.original, saved["conv.parametrizations.weight.original"]
+    )
+    assert torch.equal(
+        model.conv.parametrizations.weight[0].u, saved["conv.parametrizations.weight.0.u"]
+    )
+    clone.load_state_dict(saved)  # normalized keys: u as saved, not re-converged
+    for key in ("conv.parametrizations.weight.0.u", "fc.parametrizations.weight.0.u"):
+        assert torch.equal(clone.state_dict()[key], saved[key])
+    remove_spectral_norm(clone)
+    clone.load_state_dict(trained.state_dict(), strict=True)
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(clone.eval()(x), trained.eval()(x), rtol=0, atol=0)
 
 
 def test_remove_bakes_the_eval_weight_and_restores_the_class():

@@ -179,6 +179,27 @@ def test_slow_backbones(name):
         assert float(torch.linalg.matrix_norm(J.reshape(len(J), -1), ord=2)) <= bound
 
 
+@pytest.mark.parametrize(
+    "name", ["torchvision:resnet18", "timm:vit_tiny", "timm:tf_mobilenetv3_small_minimal_100"]
+)
+def test_plain_checkpoints_load_after_apply(name):
+    """A plain backbone's state dict loads strictly into a normalized one (parametrization Note
+    [plain load]) and gives the model that normalizing after loading gives."""
+    plain = build(name, seed=1)
+    model = apply_spectral_norm(build(name), beta=0.8, input_shape=SHAPE, batchnorm="bound")
+    model.load_state_dict(plain.state_dict(), strict=True)
+    ref = apply_spectral_norm(
+        copy.deepcopy(plain), beta=0.8, input_shape=SHAPE, batchnorm="bound", init_iterations=50
+    )
+    x = torch.rand(2, *SHAPE)
+    with torch.no_grad():
+        expected = ref.eval()(x)
+        got = model.eval()(x)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert got.abs().max() > 0
+
+
 def test_plain_state_dict_keeps_the_module_versions():
     """torchvision's MNASNet refuses a state dict without its version (``_metadata``)."""
     net = torchvision.models.mnasnet0_5(num_classes=10)
