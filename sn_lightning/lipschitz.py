@@ -305,8 +305,8 @@ def _normalize_lipschitz(m: InputNormalize) -> float:
 #   the weights, torch.fx traces the classes' code and runs no hooks), so a model with one, or
 #   with a global module forward hook (``register_module_forward_hook`` / ``_pre_hook``), is
 #   refused. Two hooks of this project are allowed because they change no value's Lipschitz
-#   constant: the BatchNorm pre-hook ``_sync_running_var`` (copies running_var into its bound's
-#   buffer, returns None), :class:`~sn_lightning.attacks.LayerwisePerturbation`'s forward hook
+#   constant: the BatchNorm pre-hook ``_sync_running_var`` (shares running_var with its bound,
+#   returns None), :class:`~sn_lightning.attacks.LayerwisePerturbation`'s forward hook
 #   (in training mode it adds a stored, detached delta that does not depend on the current input,
 #   a constant shift; in eval mode it returns None) and the spectral norms' grouped CUDA path
 #   (``spectral/grouped.py``: each layer gets the weight its parametrization would compute).

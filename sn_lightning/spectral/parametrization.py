@@ -738,9 +738,11 @@ class BoundedBatchNormScale(nn.Module):
     for the whole layer; the bias is untouched). Only eval-mode BN is bounded: training mode
     normalizes by batch statistics.
 
-    ``running_var`` is a non-persistent copy of the BatchNorm's buffer, refreshed by a forward
-    pre-hook on the BatchNorm (:func:`_sync_running_var`) before every forward and by
-    :func:`sync_batchnorm_bounds` before export; the state dict is unchanged.
+    ``running_var`` is the BatchNorm's own buffer, registered here too (non-persistent: the
+    state dict is unchanged), so ``bn.weight`` read after training forwards uses the variance
+    they left. Where the two come apart (``model.to()``, ``load_state_dict(assign=True)``), a
+    forward pre-hook on the BatchNorm (:func:`_sync_running_var`), the load post-hook and
+    :func:`sync_batchnorm_bounds` (export, reports) share it again.
 
     Args:
         bn: a ``BatchNorm1d/2d/3d`` with ``affine=True`` and ``track_running_stats=True``.
@@ -757,7 +759,7 @@ class BoundedBatchNormScale(nn.Module):
             )
         self.beta = _check_beta(beta)
         self.eps = float(bn.eps)
-        self.register_buffer("running_var", bn.running_var.detach().clone(), persistent=False)
+        self.register_buffer("running_var", bn.running_var, persistent=False)
 
     def scale(self, gamma: Tensor) -> Tensor:
         """``s = max_i |gamma_i| / sqrt(running_var_i + eps)`` (a 0-dim tensor).
@@ -783,15 +785,16 @@ class BoundedBatchNormScale(nn.Module):
 
 
 def _sync_running_var(bn: nn.Module, args: Any) -> None:
-    """Forward pre-hook: copy the BatchNorm's running_var into its BoundedBatchNormScale."""
+    """Forward pre-hook: share the BatchNorm's running_var with its BoundedBatchNormScale."""
     if parametrize.is_parametrized(bn, "weight"):
         for p in bn.parametrizations.weight:
             if isinstance(p, BoundedBatchNormScale):
-                if _transforms_active():  # torch.func: no writes to captured buffers
+                if _transforms_active():  # torch.func: no writes to captured modules
                     p.__dict__["_live_var"] = bn.running_var
                 else:
                     p.__dict__.pop("_live_var", None)
-                    p.running_var.copy_(bn.running_var)
+                    if p.running_var is not bn.running_var:
+                        p.running_var = bn.running_var
 
 
 def sync_batchnorm_bounds(model: nn.Module) -> None:
@@ -850,9 +853,14 @@ def _load_plain_weight(
 
 
 def _converge_loaded(module: nn.Module, incompatible_keys: Any) -> None:
-    """Load-state-dict post-hook: converge ``u`` for a weight read from a plain checkpoint."""
+    """Load-state-dict post-hook: converge ``u`` for a weight read from a plain checkpoint.
+
+    A BatchNorm's bound shares its running_var again (``assign=True`` rebinds the buffer).
+    """
     if not _ours(module):
         return
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        _sync_running_var(module, ())
     for p in module.parametrizations.weight:
         if p.__dict__.pop("_stale_u", False):
             p.converge(module.parametrizations.weight.original, REFRESH_ITERATIONS)

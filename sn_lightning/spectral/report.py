@@ -1161,8 +1161,8 @@ def _network_bound(
     problem = _lipschitz_module()._forward_hook_problem(model)
     if problem is not None:  # lipschitz.py, Note [forward hooks]
         return None, f"{problem} (the bound follows the modules' classes; torch.fx runs no hooks)"
-    # Bounded BatchNorms read a copy of running_var that a training forward leaves stale (it is
-    # refreshed before each forward): a grown variance would otherwise give too low a bound.
+    # Bounded BatchNorms share running_var with their BatchNorm, but `.to()` or an `assign=True`
+    # load leaves them a copy until the next forward: a grown variance would give too low a bound.
     sync_batchnorm_bounds(model)
     # The bound is the eval-mode network's: trace, record and propagate in eval mode (a forward
     # may branch on self.training), whatever mode the caller is in; the modes are restored.

@@ -391,6 +391,46 @@ def test_batchnorm_bound():
     del y
 
 
+def _bn_expected(bn: nn.Module, beta: float) -> torch.Tensor:
+    """gamma / max(1, s / beta) from the BatchNorm's current running_var (the oracle)."""
+    gamma = bn.parametrizations.weight.original.detach()
+    s = (gamma.abs() / torch.sqrt(bn.running_var + bn.eps)).max()
+    return gamma / torch.clamp(s / beta, min=1.0)
+
+
+def test_batchnorm_bound_weight_reads_the_current_running_var():
+    """``bn.weight`` read right after training (no forward since) uses the variance the last
+    training forward left, also after ``.double()`` and an ``assign=True`` load (before: a copy
+    refreshed only before each forward, one batch behind)."""
+    torch.manual_seed(0)
+    model = apply_spectral_norm(build("tiny"), beta=0.9, input_shape=SHAPE, batchnorm="bound")
+    bn = model.net.bn1
+    with torch.no_grad():
+        bn.parametrizations.weight.original.uniform_(2.0, 3.0)
+        model(torch.rand(8, *SHAPE) * 0.1)
+        model(torch.rand(8, *SHAPE) * 5.0)  # the last batch moves running_var a lot
+    torch.testing.assert_close(bn.weight, _bn_expected(bn, 0.9), rtol=1e-6, atol=0)
+    model.double()
+    with torch.no_grad():
+        model(torch.rand(8, *SHAPE, dtype=torch.float64) * 9.0)
+    torch.testing.assert_close(bn.weight, _bn_expected(bn, 0.9), rtol=1e-12, atol=0)
+    state = {
+        k: v.clone() * (3.0 if k.endswith("running_var") else 1.0)
+        for k, v in model.state_dict().items()
+    }
+    model.load_state_dict(state, assign=True)
+    assert torch.equal(bn.running_var, state["net.bn1.running_var"])
+    torch.testing.assert_close(bn.weight, _bn_expected(bn, 0.9), rtol=1e-12, atol=0)
+    clone = copy.deepcopy(model)  # the copy shares within itself, not with the original
+    with torch.no_grad():
+        clone(torch.rand(8, *SHAPE, dtype=torch.float64) * 0.01)
+    torch.testing.assert_close(
+        clone.net.bn1.weight, _bn_expected(clone.net.bn1, 0.9), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(bn.weight, _bn_expected(bn, 0.9), rtol=1e-12, atol=0)
+    assert "net.bn1.parametrizations.weight.0.running_var" not in model.state_dict()
+
+
 def test_spectral_norms_are_cheap_estimates_without_side_effects():
     model = apply_spectral_norm(build("tiny"), beta=0.5, input_shape=SHAPE, init_iterations=100)
     u0 = _u(model)
