@@ -6,7 +6,8 @@ no effect in this run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 
 class ConfigError(ValueError):
@@ -44,3 +45,24 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = lines[0] if lines else type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_radii(key: str, radii: Sequence[float], null: str) -> None:
+    """Refuse a radius list that is empty, has a radius not finite and > 0, or one given twice.
+
+    Results are keyed by ``f"{eps:g}"``, so two radii that print alike would share one entry.
+    ``null``: what null means for ``key`` (the error says so for an empty list).
+    """
+    if len(radii) == 0:
+        raise ConfigError(
+            f"{key} [] names no radius; give radii such as [0.1, 0.25], or null ({null})"
+        )
+    if not all(0 < e < math.inf for e in radii):
+        raise ConfigError(f"{key} must all be finite and > 0, got {list(radii)}")
+    names = [f"{e:g}" for e in radii]
+    twice = sorted({n for n in names if names.count(n) > 1}, key=names.index)
+    if twice:
+        raise ConfigError(
+            f"{key} {list(radii)} gives radius {', '.join(twice)} more than once (results are "
+            "keyed by radius); give each radius once"
+        )

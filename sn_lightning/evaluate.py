@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from sn_lightning.attacks import PGD
 from sn_lightning.attacks.base import check_l2_radius, check_linf
 from sn_lightning.data import ImageDataModule
-from sn_lightning.errors import ConfigError, first_line
+from sn_lightning.errors import ConfigError, check_radii, first_line
 from sn_lightning.evaluation import evaluate
 from sn_lightning.fit import (
     SEED_ENVIRON,
@@ -314,8 +314,7 @@ def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
     if ev.max_examples is not None and ev.max_examples < 1:
         raise ConfigError(f"eval max_examples must be >= 1 or null (all), got {ev.max_examples}")
     eps_list = ev.eps if ev.eps is not None else DEFAULT_EPS[ev.norm]
-    if any(e <= 0 for e in eps_list):
-        raise ConfigError(f"eval eps must all be > 0, got {eps_list}")
+    check_radii("eval eps", eps_list, f"the defaults {DEFAULT_EPS[ev.norm]}")
     device = _device(ev.device)
     model: SNClassifier = cli.model
     shape = model.hparams.get("input_shape")

@@ -220,6 +220,12 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
             "every input",
         ),
         (["--eval.eps=[0.1, 8]"], "linf eps 8 >= 1 covers the whole [0, 1] pixel range"),
+        (["--eval.eps=[]"], "eval eps [] names no radius; give radii such as [0.1, 0.25], or null"),
+        (
+            ["--eval.eps=[0.1, 0.2, 0.1000001]"],
+            "eval eps [0.1, 0.2, 0.1000001] gives radius 0.1 more than once",
+        ),
+        (["--eval.eps=[0.1, .inf]"], "eval eps must all be finite and > 0, got [0.1, inf]"),
     ],
 )
 def test_evaluate_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, message):

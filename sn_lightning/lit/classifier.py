@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sn_lightning._metrics import batch_weight
 from sn_lightning.data.sampling import derive_seed, reseed_global_rngs
-from sn_lightning.errors import ConfigError, ConfigWarning, first_line
+from sn_lightning.errors import ConfigError, ConfigWarning, check_radii, first_line
 from sn_lightning.models import create_backbone
 from sn_lightning.modes import eval_mode
 
@@ -232,8 +232,8 @@ class SNClassifier(L.LightningModule):
             raise ConfigError(
                 f"beta must be positive or null (no spectral normalization), got {beta!r}"
             )
-        if certify_eps is not None and not all(0 < e < math.inf for e in certify_eps):
-            raise ConfigError(f"certify_eps must all be finite and > 0, got {certify_eps}")
+        if certify_eps is not None:
+            check_radii("certify_eps", certify_eps, "no certified accuracy")
         for key, value, least in (
             ("sn_power_iterations", sn_power_iterations, 1),
             ("sn_init_iterations", sn_init_iterations, 0),

@@ -74,6 +74,13 @@ def test_crm_needs_a_liplt_backbone():
     for eps in ([0.0], [0.1, float("nan")], [float("inf")]):
         with pytest.raises(ConfigError, match="certify_eps must all be finite and > 0"):
             SNClassifier(certify_eps=eps)
+    # [] turned certification off silently; radii that print alike shared one results key
+    with pytest.raises(
+        ConfigError, match=r"certify_eps \[\] names no radius; .* or null \(no cert"
+    ):
+        SNClassifier(certify_eps=[])
+    with pytest.raises(ConfigError, match=r"gives radius 0.25 more than once"):
+        SNClassifier(certify_eps=[0.25, 0.5, 0.25])
 
 
 def test_logged_certified_accuracy_does_not_change_under_bf16_autocast(crm_model, tmp_path):
