@@ -355,6 +355,8 @@ def config_error_in(err: BaseException) -> ConfigError | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ConfigError):
+            if "\nOriginal Traceback" in str(e):  # re-raised from a DataLoader worker
+                return ConfigError(str(e).rstrip().splitlines()[-1].split("ConfigError: ", 1)[-1])
             for outer in chain:
                 found = re.search(r"class_path='([\w.]+)'", str(outer))
                 if found:

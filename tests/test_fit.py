@@ -504,6 +504,34 @@ def test_corrupt_data_file_is_one_line_in_a_real_process(tmp_path):
     assert "corrupt data file" in proc.stderr and "t10k-images" in proc.stderr
 
 
+def test_a_truncated_image_read_by_a_worker_is_one_line(tmp_path):
+    """A PNG whose header is fine but whose pixels are cut off passes the setup check and fails
+    where a DataLoader worker decodes it: one line naming it, exit 2, no PIL traceback."""
+    from tests.data.fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "d")
+    bad = tmp_path / "d" / "train" / "emu" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    proc = _fit_process(
+        tmp_path,
+        "--data.dataset=imagefolder",
+        f"--data.data_dir={tmp_path / 'd'}",
+        "--data.image_size=8",
+        "--data.batch_size=4",
+        "--data.val_size=0",
+        "--data.num_workers=1",
+        "--model.backbone=mlp1",
+        "--trainer.max_epochs=1",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert (
+        line
+        == f"python -m sn_lightning.fit: error: cannot read image {bad}: OSError (remove or replace the file)"
+    )
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 @pytest.mark.parametrize(
     "fragment",

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sn_lightning.data.datasets import DATASET_NAMES, DATASETS, check_files
+from sn_lightning.data.readers import check_image_headers, read_image
 from sn_lightning.data.sampling import ResumableLoader, SeededVisits, VisitSampler
 from sn_lightning.errors import ConfigError, ConfigWarning, MissingDataError, first_line
 
@@ -145,6 +146,9 @@ class ImageDataModule(L.LightningDataModule):
         train_subset: use only the first N examples of the (shuffled) training split; None: all.
         augment: random crops (and horizontal flips where label-preserving); off by default.
         image_size: imagefolder only: resize images to this square size.
+        verify_images: imagefolder only: open every image's header at setup (about 0.1 ms an
+            image), so that a file that is not an image is named before training rather than
+            where it is first read (for the test split, after training).
         mean: per-channel mean for the model's input normalization; None: the dataset's.
         std: per-channel std for the model's input normalization; None: the dataset's.
         num_workers: DataLoader workers.
@@ -163,6 +167,7 @@ class ImageDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         augment: bool = False,
         image_size: int | None = None,
+        verify_images: bool = True,
         mean: list[float] | None = None,
         std: list[float] | None = None,
         num_workers: int = 0,
@@ -206,6 +211,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.val_size, self.val_source, self.train_subset = val_size, val_source, train_subset
         self.augment, self.num_workers, self.seed = augment, num_workers, seed
+        self.verify_images = verify_images
         if dataset == "imagefolder":
             self._init_imagefolder(data_dir, image_size)
             default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
@@ -249,6 +255,11 @@ class ImageDataModule(L.LightningDataModule):
         self.train_eval_set: Dataset | None = None
 
     # -- imagefolder ---------------------------------------------------------------------------
+    # Note [imagefolder order]
+    #   ImageFolder lists images class by class. The held-out splits (test, val/ or the val draw
+    #   from test) are therefore read in a seeded shuffled order: whatever reads only their first
+    #   examples (evaluate's eval.max_examples, robust_eval's max_batches and final_max_examples)
+    #   sees every class, not the first one or two. Which images each split holds is unchanged.
     def _init_imagefolder(self, data_dir: str | None, image_size: int | None) -> None:
         if data_dir is None:
             raise ConfigError(
@@ -287,7 +298,9 @@ class ImageDataModule(L.LightningDataModule):
         if augment:
             steps.append(_augmentation(self.input_shape, hflip=True))
         try:
-            return ImageFolder(str(self.data_dir / split), transform=v2.Compose(steps))
+            return ImageFolder(
+                str(self.data_dir / split), transform=v2.Compose(steps), loader=read_image
+            )
         except (FileNotFoundError, OSError) as err:
             raise ConfigError(f"cannot read imagefolder {self.data_dir / split}: {err}") from err
 
@@ -362,14 +375,18 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = TensorImages(x_te, y_te)
 
     def _setup_imagefolder(self) -> None:
+        """Splits of an imagefolder; the held-out ones in a seeded order (Note [imagefolder order])."""
         train, train_eval = (
             self._imagefolder("train", self.augment),
             self._imagefolder("train", False),
         )
-        self.test_set = _same_classes(self._imagefolder("test", False), train, "test")
+        test = _same_classes(self._imagefolder("test", False), train, "test")
         idx = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(self.seed)
         ).tolist()
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed))
+        self.test_set = Subset(test, order.tolist())
+        val = None
         if (self.data_dir / "val").is_dir():
             if self.val_source != "train":
                 raise ConfigError(
@@ -377,16 +394,15 @@ class ImageDataModule(L.LightningDataModule):
                     f"split; val_source {self.val_source!r} would take another (remove one)"
                 )
             if self.val_size:  # val_size 0: no validation, as for the other datasets
-                self.val_set = _same_classes(self._imagefolder("val", False), train, "val")
+                val = _same_classes(self._imagefolder("val", False), train, "val")
+                shuffled = torch.randperm(
+                    len(val), generator=torch.Generator().manual_seed(self.seed)
+                )
+                self.val_set = Subset(val, shuffled.tolist())
         elif self.val_size and self.val_source == "test":
-            # a seeded draw: ImageFolder lists the test images class by class, so the first
-            # val_size would be one class
-            k = self._n_val(len(self.test_set))
-            order = torch.randperm(
-                len(self.test_set), generator=torch.Generator().manual_seed(self.seed)
-            ).tolist()
-            self.val_set = Subset(self.test_set, sorted(order[:k]))
-            self.test_set = Subset(self.test_set, sorted(order[k:]))
+            k = self._n_val(len(test))
+            self.val_set = Subset(test, order[:k].tolist())
+            self.test_set = Subset(test, order[k:].tolist())
         elif self.val_size:
             k = self._n_val(len(idx))
             self.val_set = Subset(train_eval, idx[-k:])
@@ -395,6 +411,9 @@ class ImageDataModule(L.LightningDataModule):
             self._check_subset(len(idx))
             idx = idx[: self.train_subset]
         self.train_set, self.train_eval_set = Subset(train, idx), Subset(train_eval, idx)
+        if self.verify_images:
+            folders = (train, test) if val is None else (train, test, val)
+            check_image_headers([path for f in folders for path, _ in f.samples])
 
     def _check_subset(self, n: int) -> None:
         """A ``train_subset`` larger than the training split is an error, not silently all of it."""

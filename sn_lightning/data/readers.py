@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,3 +123,56 @@ def read_svhn(path: Path) -> Arrays:
         raise ConfigError(f"corrupt data file {path}: X shape {x.shape}, y length {len(y)}")
     y[y == 10] = 0
     return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
+
+
+# PIL's errors for a file it cannot decode: UnidentifiedImageError and truncated data are OSErrors,
+# a corrupt PNG chunk is a SyntaxError, a bad mode or size a ValueError.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def read_image(path: str) -> Any:
+    """One image file as an RGB PIL image (torchvision ImageFolder's loader); names the file it cannot read.
+
+    Raises:
+        ConfigError: ``cannot read image <path>: <why>``, one line, also from a DataLoader worker.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except _IMAGE_ERRORS as err:
+        raise ConfigError(
+            f"cannot read image {path}: {type(err).__name__} (remove or replace the file)"
+        ) from err
+
+
+def check_image_headers(paths: Sequence[str], *, threads: int = 8) -> None:
+    """Open the header of every image (not its pixels, about 0.1 ms a file); names those PIL cannot identify.
+
+    A file that is not an image would otherwise stop the run where it is first read, which for
+    the test split is after training.
+
+    Raises:
+        ConfigError: the count of unreadable files and the first three paths.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018  (parsed from the header)
+        except _IMAGE_ERRORS as err:
+            return f"{path} ({type(err).__name__})"
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        bad = [p for p in pool.map(problem, paths, chunksize=256) if p is not None]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ConfigError(
+            f"{len(bad)} of {len(paths)} images cannot be read: {', '.join(bad[:3])}{more}; remove "
+            "or replace them (data.verify_images=false skips this check)"
+        )

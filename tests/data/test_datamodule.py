@@ -174,7 +174,7 @@ def test_imagefolder_splits_use_train_class_indices(tmp_path):
     shutil.rmtree(tmp_path / "test" / "dog")
     dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4)
     dm.setup("fit")
-    assert dm.test_set.class_to_idx == {"cat": 0, "dog": 1, "emu": 2}
+    assert dm.test_set.dataset.class_to_idx == {"cat": 0, "dog": 1, "emu": 2}
     _, y = _all(dm.test_dataloader())
     assert sorted(set(y.tolist())) == [0, 2] and int((y == 2).sum()) == 6
     (tmp_path / "test" / "yak").mkdir()
@@ -376,7 +376,7 @@ def test_imagefolder_honours_val_source_and_a_val_folder(tmp_path):
     assert torch.equal(torch.sort(torch.cat([x_val, x_test]).flatten(1), 0)[0],
                        torch.sort(whole.flatten(1), 0)[0])  # fmt: skip
     # ImageFolder lists test images class by class (6 each): the first 9 were mostly class 0
-    assert whole_y.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert sorted(whole_y.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
     assert set(y_val.tolist()) == {0, 1, 2}
     again = data(val_size=9, val_source="test")
     assert torch.equal(_all(again.val_dataloader())[0], x_val)  # same seed, same split
@@ -385,6 +385,53 @@ def test_imagefolder_honours_val_source_and_a_val_folder(tmp_path):
     assert data(val_size=0).val_set is None  # 0: no validation
     with pytest.raises(ConfigError, match=r"has a val/ folder, .* val_source 'test' would take"):
         data(val_source="test")
+
+
+def test_imagefolder_held_out_splits_are_read_in_a_seeded_mixed_order(tmp_path):
+    """Note [imagefolder order]: the first examples of test and val/ mix the classes (the
+    first 6 of the class-by-class listing were all class 0: capped evaluations saw one class)."""
+    import shutil
+
+    make_image_folder(tmp_path)  # 3 classes x 6 images
+    shutil.copytree(tmp_path / "test", tmp_path / "val")
+
+    def first_labels(dm, split, n=6):
+        return [int(dm.split_dataloader(split).dataset[i][1]) for i in range(n)]
+
+    dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4)
+    dm.setup("fit")
+    for split in ("test", "val"):
+        labels = [int(t) for _, t in getattr(dm, f"{split}_set")]
+        assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6  # the same images
+        assert len(set(first_labels(dm, split))) > 1, split  # 1 in class-by-class order
+    again = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4)
+    again.setup("fit")
+    assert first_labels(again, "test", 18) == first_labels(dm, "test", 18)  # seeded
+    other = ImageDataModule(
+        "imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4, seed=1
+    )
+    other.setup("fit")
+    assert first_labels(other, "test", 18) != first_labels(dm, "test", 18)
+
+
+def test_imagefolder_names_a_file_that_is_not_an_image_at_setup(tmp_path):
+    make_image_folder(tmp_path)
+    bad = tmp_path / "test" / "dog" / "3.png"
+    bad.write_bytes(b"notapng")
+    dm = ImageDataModule("imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4)
+    with pytest.raises(ConfigError) as info:
+        dm.setup("fit")
+    assert str(info.value) == (
+        f"1 of 36 images cannot be read: {bad} (UnidentifiedImageError); remove or replace them "
+        "(data.verify_images=false skips this check)"
+    )
+    # without the check, reading it names it too (one line, not PIL's traceback)
+    dm = ImageDataModule(
+        "imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=4, verify_images=False
+    )
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match=rf"^cannot read image {bad}: UnidentifiedImageError"):
+        _all(dm.test_dataloader())
 
 
 def test_ranks_share_validation_and_test_splits_without_repeats():
