@@ -36,6 +36,7 @@ from sn_lightning.fit import (
     held_startup_lines,
     one_line_errors,
     quiet_lightning,
+    settings_mismatch,
     state_dict_mismatch,
 )
 from sn_lightning.lit import SNClassifier
@@ -268,7 +269,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
+def _load_weights(model: SNClassifier, datamodule: object, ckpt_path: Path) -> None:
     """Load a Lightning checkpoint's weights; a file or config that does not fit is a ConfigError."""
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -284,6 +285,12 @@ def _load_weights(model: SNClassifier, ckpt_path: Path) -> None:
         raise ConfigError(
             f"checkpoint {ckpt_path} does not fit the model built from this config (pass the "
             f"training run's config.yaml): {why}"
+        )
+    changed = settings_mismatch(model, datamodule, state)
+    if changed:  # same weights' shapes, another function or other test images: wrong numbers
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was trained with other settings: {', '.join(changed)}; pass "
+            "the training run's config.yaml (in its run folder) without overriding these"
         )
     model.load_state_dict(state["state_dict"])
 
@@ -323,7 +330,7 @@ def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
             check_linf("linf", eps)
         elif shape is not None:
             check_l2_radius(eps, tuple(shape), "eval")
-    _load_weights(model, ckpt_path)
+    _load_weights(model, cli.datamodule, ckpt_path)
     return ckpt_path, eps_list, device
 
 

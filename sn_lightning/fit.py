@@ -1072,7 +1072,65 @@ def check_run(cli: SNLightningCLI) -> None:
                 f"checkpoint {cli.config.ckpt_path} does not fit the model built from this config "
                 f"(resume with the training run's config.yaml): {why}"
             )
+        changed = settings_mismatch(cli.model, cli.datamodule, checkpoint)
+        if changed:
+            _warn(
+                f"resuming {cli.config.ckpt_path} with other settings than it was trained with: "
+                f"{', '.join(changed)}; the run goes on with this config's"
+            )
     cli._sn_run_checked = True
+
+
+# Model settings that change neither the function a checkpoint computes nor the images it is
+# evaluated on: the optimizer, the schedule, the training losses, speed switches and logging.
+_TRAINING_ONLY_MODEL_KEYS = frozenset(
+    {
+        "optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule",
+        "lr_step_epochs", "lr_gamma", "label_smoothing", "pretrained", "sn_init_iterations",
+        "sn_cuda_graph", "sn_batch_fold", "sn_refresh_iterations", "sn_bound_every_n_epochs",
+        "crm_lambda", "crm_r0", "crm_t", "crm_start_epoch", "lip_n_iter", "certify_eps",
+    }
+)  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (a YAML round trip turns one into the other)."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def settings_mismatch(
+    model: torch.nn.Module, datamodule: object, checkpoint: dict[str, Any]
+) -> list[str]:
+    """The settings this config changes against a checkpoint's, as ``model.beta 2.0 (this config: 1.0)``.
+
+    Model keys that define the evaluated function (backbone, normalization, beta and the SN
+    options that act in eval mode, ...), every model key but ``_TRAINING_ONLY_MODEL_KEYS``; data
+    keys that decide the test images (``dataset``, ``image_size``, and with ``val_source: test``
+    the draw: ``val_size``, ``seed``). Keys missing on either side are not compared.
+    """
+    changed = []
+    theirs = checkpoint.get("hyper_parameters")
+    ours = getattr(model, "hparams", {})
+    if isinstance(theirs, dict):
+        for key, value in ours.items():
+            if key.startswith("_") or key in _TRAINING_ONLY_MODEL_KEYS or key not in theirs:
+                continue
+            if _plain(theirs[key]) != _plain(value):
+                changed.append(f"model.{key} {theirs[key]!r} (this config: {value!r})")
+    theirs = checkpoint.get("datamodule_hyper_parameters")
+    ours = getattr(datamodule, "hparams", {})
+    if isinstance(theirs, dict):
+        keys = ["dataset", "image_size"]
+        if "test" in (theirs.get("val_source"), ours.get("val_source")):
+            keys += ["val_source", "val_size", "seed"]
+        for key in keys:
+            if key in theirs and key in ours and _plain(theirs[key]) != _plain(ours[key]):
+                changed.append(f"data.{key} {theirs[key]!r} (this config: {ours[key]!r})")
+    return changed
 
 
 def state_dict_mismatch(model: torch.nn.Module, state_dict: object) -> str | None:

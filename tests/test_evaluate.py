@@ -214,6 +214,17 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
             "(model.beta, model.sn_*); ",
         ),
         (["--model.backbone=sn_lightning:mlp1"], "does not fit the model built from this config"),
+        # same weight shapes, another function or other test images: ran, with wrong numbers
+        (
+            ["--model.beta=1.0", "--model.lr=0.5"],  # lr: training only, not named
+            "was trained with other settings: model.beta 2.0 (this config: 1.0); pass the "
+            "training run's config.yaml (in its run folder) without overriding these",
+        ),
+        (
+            ["--data.val_source=test", "--data.val_size=50"],
+            "was trained with other settings: data.val_source 'train' (this config: 'test'), "
+            "data.val_size 0.1 (this config: 50);",
+        ),
         (
             ["--eval.norm=l2", "--eval.eps=[0.5, 10]"],
             "eval: l2 eps 10 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs, covers "

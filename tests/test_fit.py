@@ -106,13 +106,20 @@ def _logged_epochs(results: dict) -> set[str]:
     return {row.split(",")[epoch_col] for row in rows[1:] if row.split(",")[epoch_col]}
 
 
-def test_resume_from_checkpoint(tmp_path):
+def test_resume_from_checkpoint(tmp_path, caplog):
     save_last = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true")
     first = _fit(tmp_path / "a", "--trainer.max_epochs=1", *save_last)
     ckpts = sorted((tmp_path / "a").rglob("*.ckpt"))
     assert [c.name for c in ckpts] == ["epoch=0-step=40.ckpt", "last.ckpt"]
     second = _fit(tmp_path / "b", "--trainer.max_epochs=2", f"--ckpt_path={ckpts[0]}")
     assert first["test"]["n"] == second["test"]["n"]
+    assert "other settings" not in caplog.text
+    # another beta from here on: allowed, and said (the bound changes mid-run)
+    _fit(tmp_path / "c", "--trainer.max_epochs=2", f"--ckpt_path={ckpts[0]}", "--model.beta=1.5")
+    assert (
+        f"warning: resuming {ckpts[0]} with other settings than it was trained with: "
+        "model.beta 2.0 (this config: 1.5); the run goes on with this config's"
+    ) in caplog.text
     assert _logged_epochs(second) == {"1"}  # resumed run trained only the second epoch
     # "last": the newest last.ckpt of the runs under the root (Lightning alone looks in the new
     # run's empty version_1 and starts from scratch)
