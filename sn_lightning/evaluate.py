@@ -61,9 +61,21 @@ class EvaluateCLI(SNLightningCLI):
         for action in parser._actions:  # the fit CLI's key, another meaning here
             if action.dest == "ckpt_path":
                 action.help = "checkpoint to evaluate (required)"
-        parser.add_argument("--eval.norm", type=Literal["linf", "l2"], default="linf")
         parser.add_argument(
-            "--eval.eps", type=list[float] | None, default=None, help="radii in [0, 1] pixel units"
+            "--eval.norm",
+            type=Literal["linf", "l2"],
+            default="linf",
+            help="threat model of the PGD, AutoAttack and certified radii",
+        )
+        defaults = "; ".join(
+            f"{norm}: {', '.join(f'{e * 255:g}/255' if norm == 'linf' else f'{e:g}' for e in eps)}"
+            for norm, eps in DEFAULT_EPS.items()
+        )
+        parser.add_argument(
+            "--eval.eps",
+            type=list[float] | None,
+            default=None,
+            help=f"radii in [0, 1] pixel units; null: the norm's defaults ({defaults})",
         )
         parser.add_argument("--eval.steps", type=int, default=20, help="PGD steps")
         parser.add_argument("--eval.restarts", type=int, default=1, help="PGD random restarts")
@@ -80,11 +92,18 @@ class EvaluateCLI(SNLightningCLI):
         parser.add_argument(
             "--eval.max_examples", type=int | None, default=1000, help="test examples; null: all"
         )
-        parser.add_argument("--eval.batch_size", type=int, default=250)
+        parser.add_argument(
+            "--eval.batch_size", type=int, default=250, help="examples per attack batch"
+        )
         parser.add_argument(
             "--eval.device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ..."
         )
-        parser.add_argument("--eval.out", type=str | None, default=None, help="output folder")
+        parser.add_argument(
+            "--eval.out",
+            type=str | None,
+            default=None,
+            help="output folder; null: evaluation/ beside the checkpoint's checkpoints/ folder",
+        )
         parser.add_argument(
             "--eval.progress",
             type=bool,

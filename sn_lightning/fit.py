@@ -1349,6 +1349,9 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
         lines.append(
             f"Lipschitz bound (l2, sound, product of layer bounds): {results['lipschitz_bound']:.4g}"
         )
+    else:  # said, not left out: a missing line reads as "not computed" rather than "not sound"
+        reason = results.get("spectral", {}).get("reason") or "not computed"
+        lines.append(f"Lipschitz bound: none, no sound bound for this network ({reason})")
     if "certified" in results:
         lines.append(
             f"LipLT bound (l2, sound, used for the certificates): "

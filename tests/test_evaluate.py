@@ -269,3 +269,24 @@ def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{bogus} is not a checkpoint torch.load can read" in err
+
+
+def test_help_describes_every_eval_key(capsys):
+    """Each ``--eval.*`` key says what it does (norm, batch_size and out said nothing) and the
+    radii's help names the real defaults rather than only "null"."""
+    import re
+
+    with pytest.raises(SystemExit):
+        evaluate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    described = dict(
+        re.findall(r"--eval\.(\w+) [A-Z_]+(?:, --eval\.\w+\+ [A-Z_]+)? (.*?)\(type:", text)
+    )
+    described.update(re.findall(r"--eval\.(\w+) \{[\w,]+\} (.*?)\(type:", text))
+    keys = {"norm", "eps", "steps", "restarts", "autoattack", "autoattack_attacks"}
+    keys |= {"max_examples", "batch_size", "device", "out", "progress"}
+    assert set(described) == keys
+    assert all(help_text.strip() for help_text in described.values()), described
+    assert (
+        "null: the norm's defaults (linf: 2/255, 4/255, 8/255, 16/255; l2: 0.25, 0.5, 1, 2)" in text
+    )

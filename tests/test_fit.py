@@ -935,3 +935,20 @@ def test_warnings_print_on_one_line_inside_the_cli():
     # a config warning's place is jsonargparse's or Lightning's: named by the program instead
     assert config == "python -m sn_lightning.evaluate: warning: mix has no effect\n"
     assert warnings.formatwarning is before
+
+
+def test_a_network_without_a_sound_bound_says_so(tmp_path, capsys):
+    """The summary printed no Lipschitz line at all where no sound bound exists (the reason was
+    only in results.json); now it says none, and why."""
+    results = _fit(
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--data.train_subset=64",
+        "--model.backbone=sn_lightning:mini_alexnet",  # LocalResponseNorm: no rule
+        "--robust_eval.attacks=[]",
+        "--adversarial.attack=null",
+    )
+    reason = results["spectral"]["reason"]
+    assert results["lipschitz_bound"] is None and "LocalResponseNorm" in reason
+    out = capsys.readouterr().out
+    assert f"Lipschitz bound: none, no sound bound for this network ({reason})\n" in out
