@@ -606,6 +606,16 @@ def _last_checkpoint(root: str | os.PathLike[str]) -> str:
 _SEED_MAX = 2**32 - 1  # numpy's range, which Lightning's seed_everything enforces
 
 
+def _read_from_data(key: str) -> Callable[[Any], Any]:
+    """``dm -> dm.<key>``, named ``<key>_of`` (``--help`` shows ``num_classes_of(data)``)."""
+
+    def read(dm: Any) -> Any:
+        return getattr(dm, key)
+
+    read.__name__ = read.__qualname__ = f"{key}_of"
+    return read
+
+
 class SNLightningCLI(LightningCLI):
     """LightningCLI with the data module's facts linked into the model and a ``--ckpt_path`` key."""
 
@@ -613,10 +623,7 @@ class SNLightningCLI(LightningCLI):
         """Link num_classes, input_shape, mean, std from the data module; add --ckpt_path."""
         for key in ("num_classes", "input_shape", "mean", "std"):
             parser.link_arguments(
-                "data",
-                f"model.{key}",
-                compute_fn=lambda dm, k=key: getattr(dm, k),
-                apply_on="instantiate",
+                "data", f"model.{key}", compute_fn=_read_from_data(key), apply_on="instantiate"
             )
         parser.add_lightning_class_args(AdversarialTraining, "adversarial")
         parser.add_lightning_class_args(LayerwiseTraining, "layerwise")

@@ -901,6 +901,9 @@ def test_help_describes_the_command(module, capsys):
     assert importlib.import_module(module).DESCRIPTION in words
     meaning = "checkpoint to resume from" if module.endswith("fit") else "checkpoint to evaluate"
     assert f"--ckpt_path CKPT_PATH {meaning}" in words
+    # the linked keys name where they come from (they showed as "<lambda>(data)")
+    assert "<lambda>" not in words
+    assert "num_classes_of(data) --> model.num_classes [applied on instantiate]" in words
 
 
 def test_batch_limits_keep_integers_as_counts(tmp_path, capsys):
