@@ -381,11 +381,8 @@ class ImageDataModule(L.LightningDataModule):
             self._imagefolder("train", False),
         )
         test = _same_classes(self._imagefolder("test", False), train, "test")
-        idx = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(self.seed)
-        ).tolist()
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed))
-        self.test_set = Subset(test, order.tolist())
+        idx, order = self._seeded_order(len(train)), self._seeded_order(len(test))
+        self.test_set = Subset(test, order)
         val = None
         if (self.data_dir / "val").is_dir():
             if self.val_source != "train":
@@ -395,14 +392,10 @@ class ImageDataModule(L.LightningDataModule):
                 )
             if self.val_size:  # val_size 0: no validation, as for the other datasets
                 val = _same_classes(self._imagefolder("val", False), train, "val")
-                shuffled = torch.randperm(
-                    len(val), generator=torch.Generator().manual_seed(self.seed)
-                )
-                self.val_set = Subset(val, shuffled.tolist())
+                self.val_set = Subset(val, self._seeded_order(len(val)))
         elif self.val_size and self.val_source == "test":
             k = self._n_val(len(test))
-            self.val_set = Subset(test, order[:k].tolist())
-            self.test_set = Subset(test, order[k:].tolist())
+            self.val_set, self.test_set = Subset(test, order[:k]), Subset(test, order[k:])
         elif self.val_size:
             k = self._n_val(len(idx))
             self.val_set = Subset(train_eval, idx[-k:])
@@ -414,6 +407,10 @@ class ImageDataModule(L.LightningDataModule):
         if self.verify_images:
             folders = (train, test) if val is None else (train, test, val)
             check_image_headers([path for f in folders for path, _ in f.samples])
+
+    def _seeded_order(self, n: int) -> list[int]:
+        """A permutation of ``range(n)`` drawn from ``seed`` (the same on every rank)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
 
     def _check_subset(self, n: int) -> None:
         """A ``train_subset`` larger than the training split is an error, not silently all of it."""
