@@ -356,7 +356,9 @@ def config_error_in(err: BaseException) -> ConfigError | None:
         seen.add(id(e))
         if isinstance(e, ConfigError):
             if "\nOriginal Traceback" in str(e):  # re-raised from a DataLoader worker
-                return ConfigError(str(e).rstrip().splitlines()[-1].split("ConfigError: ", 1)[-1])
+                # its last line is "sn_lightning.errors.<ConfigError or a subclass>: message"
+                last = str(e).rstrip().splitlines()[-1]
+                return ConfigError(re.sub(r"^[\w.]*Error: ", "", last))
             for outer in chain:
                 found = re.search(r"class_path='([\w.]+)'", str(outer))
                 if found:

@@ -650,6 +650,23 @@ def test_only_wrapped_config_errors_become_one_line():
     wrapped = ValueError("Does not validate: class_path='sn_lightning.attacks.PGD'")
     wrapped.__cause__ = ConfigError("steps must be >= 1, got 0")  # jsonargparse's `from`
     assert str(config_error_in(wrapped)) == "PGD: steps must be >= 1, got 0"
+    # a DataLoader worker re-raises with its traceback in the message: the last line's message
+    # is kept, for ConfigError's subclasses too
+    from torch._utils import ExceptionWrapper
+
+    from sn_lightning.errors import MissingDataError
+
+    for error in (ConfigError, MissingDataError):
+        try:
+            raise error("cannot read image /d/a.png: OSError (remove or replace the file)")
+        except error:
+            worker = ExceptionWrapper(where="in DataLoader worker process 0")
+        with pytest.raises(error) as info:
+            worker.reraise()
+        assert "Original Traceback" in str(info.value)
+        assert str(config_error_in(info.value)) == (
+            "cannot read image /d/a.png: OSError (remove or replace the file)"
+        )
 
 
 def test_quiet_lightning_drops_only_the_known_noise(caplog):
