@@ -227,6 +227,12 @@ class ImageDataModule(L.LightningDataModule):
                     "scikit-learn (no files)",
                     category=ConfigWarning,
                 )
+            if not verify_images:
+                rank_zero_warn(
+                    f"data.verify_images=false is not used: it applies to dataset 'imagefolder' "
+                    f"only, not {dataset!r}",
+                    category=ConfigWarning,
+                )
             if not download:
                 try:
                     check_files(spec, self.data_dir)

@@ -280,6 +280,18 @@ def test_a_data_dir_for_the_bundled_digits_warns(tmp_path, recwarn):
     assert not any("is not used" in str(w.message) for w in recwarn)
 
 
+def test_verify_images_off_for_a_dataset_that_is_not_imagefolder_warns(recwarn):
+    ImageDataModule("digits", verify_images=False)
+    messages = [str(w.message) for w in recwarn if w.category is ConfigWarning]
+    assert messages == [
+        "data.verify_images=false is not used: it applies to dataset 'imagefolder' only, "
+        "not 'digits'"
+    ]
+    recwarn.clear()
+    ImageDataModule("digits", verify_images=True)
+    assert not [w for w in recwarn if w.category is ConfigWarning]
+
+
 def test_missing_file_in_existing_folder(tmp_path):
     make_idx_dataset(tmp_path)
     (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
