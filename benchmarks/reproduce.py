@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -207,6 +208,7 @@ def execute(run: Run, out: Path, records: Path) -> dict[str, Any]:
     from sn_lightning.lit import SNClassifier
 
     run_dir = out / run.name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run without a record is redone from scratch
     args = [*run.args, f"--trainer.default_root_dir={run_dir}"]
     start = time.perf_counter()
     cli = SNLightningCLI(

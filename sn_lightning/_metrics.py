@@ -1,4 +1,4 @@
-"""How per-batch means are weighted in ``self.log(..., sync_dist=True)`` epoch means.
+"""Logged metrics: their names for a config, and how per-batch means are weighted.
 
 Note [uneven ranks]
     Under DDP the validation and test shares are unpadded (``ImageDataModule._loader``), so the
@@ -12,7 +12,49 @@ Note [uneven ranks]
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 
 def batch_weight(n: int) -> float:
     """``batch_size`` for ``self.log``: the example count as a float (Note [uneven ranks])."""
     return float(n)
+
+
+def _instantiate(spec: Any) -> Any:
+    """An object from a ``class_path``/``init_args`` namespace (used for attack names)."""
+    module, _, name = spec.class_path.rpartition(".")
+    init_args = spec.get("init_args")
+    kwargs = dict(vars(init_args)) if init_args is not None else {}
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+def logged_metric_names(config: Any) -> list[str]:
+    """Names (fnmatch patterns) of the metrics a run with this parsed config logs.
+
+    Relative-radius attacks (``eps_rel``) get their absolute radius from the data at setup, so
+    their names are only known up to that number (``val/robust_acc/pgd15_l2_*``).
+    """
+    from sn_lightning.callbacks.robust_eval import attack_name
+
+    names = ["epoch", "train/loss", "final/*"]
+    if config.get("adversarial.attack") is None or (config.get("adversarial.start_epoch") or 0):
+        names.append("train/acc")  # clean batches (none once the training attack is on)
+    if config.get("adversarial.attack") is not None:
+        names.append("train/adv_acc")
+    validation = config.get("data.val_size") != 0  # 0: no validation split, no val/* metric
+    if validation:
+        names += ["val/loss", "val/acc"]
+    for spec in config.get("robust_eval.attacks") or [] if validation else []:
+        attack = _instantiate(spec)
+        name = attack_name(attack) if attack.is_resolved else f"{type(attack).__name__.lower()}*"
+        names.append(f"val/robust_acc/{name}")
+    if validation:
+        names += [f"val/certified_acc/{eps:g}" for eps in config.get("model.certify_eps") or []]
+    if (config.get("model.crm_lambda") or 0) > 0:
+        names.append("train/crm_penalty")
+    if (config.get("datagrad.lam") or 0) > 0:
+        names.append("train/datagrad_penalty")
+    if config.get("model.beta") is not None:
+        names.append("sn/*")
+    return names

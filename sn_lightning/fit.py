@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import fnmatch
 import functools
 import importlib
 import inspect
 import json
 import logging
+import math
 import netrc
 import os
 import pickle
@@ -39,10 +41,12 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from sn_lightning._metrics import logged_metric_names
 from sn_lightning._net import unreachable_reason
 from sn_lightning.callbacks import (
     AdversarialTraining,
@@ -97,7 +101,9 @@ class _OneLineErrorParser(LightningArgumentParser):
 
     def _plain(self, message: str) -> str:
         """The message in plain words; an unknown key gets suggestions and its section's keys."""
-        in_class = _class_init_error(message) or _unset_class_error(message)
+        in_class = (
+            _class_init_error(message) or _unset_class_error(message) or _class_problem(message)
+        )
         if in_class is not None:
             return in_class
         if message.startswith(("Problems parsing config", "Unexpected config")):
@@ -280,6 +286,64 @@ def _class_init_error(message: str) -> str | None:
     if not plain.startswith("--"):
         return None
     return f"{flag}: {short} {plain[2:]}" if is_list else f"{flag}.init_args.{plain[2:]}"
+
+
+def _class_problem(message: str) -> str | None:
+    """A class under a ``class_path`` key refusing its init_args at parse time, else None.
+
+    The cases :func:`_class_init_error` leaves: a Lightning callback or logger missing a required
+    argument (``EarlyStopping`` without ``monitor``), or whose import fails (``TensorBoardLogger``
+    without tensorboard): ``--trainer.callbacks: EarlyStopping: the following arguments are
+    required: monitor``.
+    """
+    found = re.match(
+        r'Parser key "([^"]+)": .*? - Problem with given class_path \'([\w.]+)\': (.*?)'
+        r" - (?:Not a valid subclass|Expected a )",
+        message,
+    )
+    if found is None:
+        return None
+    key, class_path, problem = found.groups()
+    return f"--{key}: {class_path.rsplit('.', 1)[-1]}: {problem}"
+
+
+def _instantiation_error(err: BaseException) -> str | None:
+    """A Lightning callback or logger refusing its init_args while jsonargparse builds it, else None.
+
+    jsonargparse wraps the class's own error (``ModelCheckpoint``'s exclusive options,
+    ``EarlyStopping(mode="maxx")``, ``TensorBoardLogger`` without tensorboard) in a union error
+    that lists every subtype; this is the class's first line, named by its key and class.
+    """
+    if not isinstance(err, ValueError) or not _raised_in(err, "jsonargparse."):
+        return None
+    text = str(err)
+    if "callbacks.callback.Callback" in text:
+        key = "trainer.callbacks"
+    elif "loggers.logger.Logger" in text:
+        key = "trainer.logger"
+    else:
+        return None
+    cause = err.__cause__
+    while cause is not None and _raised_in(cause, "jsonargparse."):
+        cause = cause.__cause__
+    if cause is not None:
+        owner = _init_owner(cause)
+        return f"{key}: {owner}: {first_line(cause)}" if owner else None
+    found = re.search(r"Problem with given class_path '([\w.]+)':\s*(\S[^\n]*)", text)
+    if found is None:
+        return None
+    return f"{key}: {found.group(1).rsplit('.', 1)[-1]}: {found.group(2).strip()}"
+
+
+def _init_owner(err: BaseException) -> str | None:
+    """The class whose ``__init__`` raised ``err`` (its outermost ``__init__`` frame), else None."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
 
 
 def _plain_parser_error(message: str) -> str:
@@ -501,6 +565,10 @@ def build_cli(cli_class: type[LightningCLI], **kwargs: Any) -> Any:
     try:
         return cli_class(**kwargs)
     except _TRAINER_ERRORS as err:
+        if config_error_in(err) is None:  # ours: one_line_errors names the class
+            refused = _instantiation_error(err)
+            if refused is not None:
+                raise ConfigError(refused) from err
         if not _is_trainer_error(err):
             raise
         raise ConfigError(f"trainer: {_trainer_message(err)}") from err
@@ -913,17 +981,21 @@ class RunDirSaveConfig(SaveConfigCallback):
         self.already_saved = True
 
 
-def _key_settings(config: Any) -> dict[str, Any]:
-    """The resolved settings worth keeping next to the numbers (model, data, seed, trainer basics)."""
+def _key_settings(config: Any, trainer: Trainer) -> dict[str, Any]:
+    """The resolved settings worth keeping next to the numbers (model, data, seed, trainer basics).
+
+    ``trainer.precision`` is the one that ran: Lightning replaces some (16-mixed on a CPU runs
+    bf16-mixed, with a warning).
+    """
     as_dict = config.as_dict()
-    trainer = as_dict.get("trainer", {})
+    given = as_dict.get("trainer", {})
     return {
         "seed_everything": as_dict.get("seed_everything"),
         "model": as_dict.get("model"),
         "data": as_dict.get("data"),
         "trainer": {
-            k: trainer.get(k)
-            for k in ("max_epochs", "max_steps", "precision", "devices", "accelerator")
+            **{k: given.get(k) for k in ("max_epochs", "max_steps", "devices", "accelerator")},
+            "precision": str(trainer.precision),
         },
         **{k: as_dict.get(k) for k in ("adversarial", "layerwise", "datagrad", "robust_eval")},
     }
@@ -1050,11 +1122,71 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
             "need float32 margins, and these weights are half precision; use 32-true, "
             "16-mixed or bf16-mixed (certified accuracy is computed in float32 under AMP)"
         )
+    _check_monitors(cli, robust, adversarial)
     dm = cli.datamodule
     if robust is not None and robust.attacks and getattr(dm, "val_size", None) == 0:
         _warn(
             "data.val_size is 0 (no validation split), so robust_eval reports no per-epoch "
             "numbers; its final train/test evaluation still runs"
+        )
+
+
+def _check_monitors(cli: SNLightningCLI, robust: Any, adversarial: Any) -> None:
+    """Refuse a ModelCheckpoint/EarlyStopping ``monitor`` the run will not log at every check.
+
+    Lightning finds out after the first validation epoch, with a traceback: a misspelled name,
+    ``train/acc`` under adversarial training (it logs ``train/adv_acc``), or a metric logged only
+    every few epochs (``robust_eval.every_n_epochs``). EarlyStopping with ``strict=False``
+    accepts a missing metric and is left alone.
+    """
+    names = [n for n in logged_metric_names(cli.config) if n != "final/*"]  # after fit
+    # robust accuracy: at validation epochs e with (e + 1) % every_n_epochs == 0
+    val_every = cli.trainer.check_val_every_n_epoch or 1
+    robust_every = robust.every_n_epochs if robust is not None else 1
+    start = adversarial.start_epoch if adversarial is not None and adversarial.attack else 0
+    for callback in cli.trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(callback, (ModelCheckpoint, EarlyStopping)) or monitor is None:
+            continue
+        if isinstance(callback, EarlyStopping) and not callback.strict:
+            continue
+        who = f"trainer.callbacks: {type(callback).__name__} monitors {monitor!r}"
+        known = names + (["step"] if isinstance(callback, ModelCheckpoint) else [])
+        if isinstance(callback, EarlyStopping):
+            known = [n for n in known if n != "epoch"]  # not a callback metric
+        if not any(fnmatch.fnmatchcase(monitor, n) for n in known):
+            raise ConfigError(f"{who}, which this run does not log; it logs {', '.join(known)}")
+        if fnmatch.fnmatchcase(monitor, "val/robust_acc/*") and val_every % robust_every:
+            raise ConfigError(
+                f"{who}, which is logged every {robust_every} epochs "
+                f"(robust_eval.every_n_epochs={robust_every}), and Lightning fails on a "
+                "validation without it; set robust_eval.every_n_epochs=1 or monitor val/acc"
+            )
+        if start > 0 and monitor in ("train/acc", "train/adv_acc"):
+            raise ConfigError(
+                f"{who}, which is logged only {'before' if monitor == 'train/acc' else 'from'} "
+                f"adversarial.start_epoch {start} (train/acc on clean batches, train/adv_acc on "
+                "attacked ones); monitor val/acc or train/loss"
+            )
+
+
+def _check_unversioned_run_dir(cli: SNLightningCLI) -> None:
+    """Refuse to overwrite another run's results.json when no logger gives runs their own folder.
+
+    Loggers write each run into a new ``version_N`` (or W&B run) folder; with
+    ``trainer.logger=false`` results.json and config.yaml go into ``default_root_dir`` itself.
+    A resumed run (``ckpt_path``) continues its own, so it may.
+    """
+    if cli.trainer.loggers or cli.config.ckpt_path is not None:
+        return
+    root = Path(cli.trainer.default_root_dir)
+    taken = [name for name in (RESULTS_FILE, "config.yaml") if (root / name).exists()]
+    if taken:
+        raise ConfigError(
+            f"trainer.logger=false writes results.json and config.yaml into "
+            f"trainer.default_root_dir {str(root)!r}, which holds another run's "
+            f"{' and '.join(taken)}; set another --trainer.default_root_dir, or keep a logger "
+            "(each run then gets its own version_N folder)"
         )
 
 
@@ -1068,7 +1200,14 @@ def check_run(cli: SNLightningCLI) -> None:
         return
     _check_strategy(cli.trainer, cli.model)
     _check_training_length(cli.trainer, cli.model)
+    clip = cli.trainer.gradient_clip_val
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):  # Lightning skips < 0
+        raise ConfigError(
+            f"trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping), "
+            f"got {clip!r}"
+        )
     check_ckpt_path(cli.config.ckpt_path)
+    _check_unversioned_run_dir(cli)
     if cli.config.ckpt_path == "last":
         cli.config.ckpt_path = _last_checkpoint(cli.trainer.default_root_dir)
     checkpoint = _read_checkpoint(cli.config.ckpt_path)
@@ -1256,7 +1395,7 @@ def run(cli: SNLightningCLI) -> dict[str, Any]:
     """
     trainer = cli.trainer
     check_run(cli)
-    _start_wandb(trainer, _key_settings(cli.config))
+    _start_wandb(trainer, _key_settings(cli.config, trainer))
     try:
         results = _fit_and_evaluate(cli)
     except BaseException:
@@ -1317,7 +1456,7 @@ def _fit_and_evaluate(cli: SNLightningCLI) -> dict[str, Any]:
     if model.hparams.certify_eps:
         results["certified"] = _certified_results(model, dm)
     results.update(_final_extras(model))
-    results["settings"] = _key_settings(cli.config)
+    results["settings"] = _key_settings(cli.config, trainer)
     results["train_time_s"] = train_time
     results["wall_time_s"] = time.perf_counter() - start
     summary = {
@@ -1428,6 +1567,9 @@ def _final_extras(model: SNClassifier) -> dict[str, Any]:
     return {"lipschitz_bound": report.lipschitz_bound, "spectral": report.as_dict()}
 
 
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's, which this CLI has not
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the results dict (empty on ranks other than 0)."""
     prog = "python -m sn_lightning.fit"
@@ -1436,10 +1578,18 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         one_line_errors(prog),
         _restored_environ("WANDB_RUN_ID", "WANDB_MODE", *SEED_ENVIRON),
     ):
-        if not (sys.argv[1:] if args is None else args):  # not 1000 epochs of defaults into .
+        argv = sys.argv[1:] if args is None else args
+        if not argv:  # not 1000 epochs of defaults into .
             raise ConfigError(
                 "nothing to run: pass a config, e.g. --config configs/quickstart.yaml, and keys "
                 "such as --model.beta=1.0 (--help lists them)"
+            )
+        if argv[0] in _SUBCOMMANDS:
+            raise ConfigError(
+                f"{prog} takes no subcommand ({argv[0]!r}): it trains, then evaluates the "
+                f"final model and writes results.json; run {prog} --config ... (without "
+                f"{argv[0]!r}), and python -m sn_lightning.evaluate --config ... --ckpt_path ... "
+                "to evaluate a checkpoint"
             )
         with held_startup_lines() as release:
             cli = build_cli(

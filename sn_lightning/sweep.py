@@ -56,6 +56,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from sn_lightning._metrics import logged_metric_names
 from sn_lightning.config_keys import KeyIndex, flatten
 
 PROG = "python -m sn_lightning.sweep"
@@ -574,45 +575,6 @@ class _CheckInstantiator:
                 return None
             kwargs["pretrained"] = False
         return class_type(*args, **kwargs)
-
-
-def _instantiate(spec: Any) -> Any:
-    """An object from a ``class_path``/``init_args`` namespace (used for attack names)."""
-    module, _, name = spec.class_path.rpartition(".")
-    init_args = spec.get("init_args")
-    kwargs = dict(vars(init_args)) if init_args is not None else {}
-    return getattr(importlib.import_module(module), name)(**kwargs)
-
-
-def logged_metric_names(config: Any) -> list[str]:
-    """Names (fnmatch patterns) of the metrics a run with this parsed config logs.
-
-    Relative-radius attacks (``eps_rel``) get their absolute radius from the data at setup, so
-    their names are only known up to that number (``val/robust_acc/pgd15_l2_*``).
-    """
-    from sn_lightning.callbacks.robust_eval import attack_name
-
-    names = ["epoch", "train/loss", "final/*"]
-    if config.get("adversarial.attack") is None or (config.get("adversarial.start_epoch") or 0):
-        names.append("train/acc")  # clean batches (none once the training attack is on)
-    if config.get("adversarial.attack") is not None:
-        names.append("train/adv_acc")
-    validation = config.get("data.val_size") != 0  # 0: no validation split, no val/* metric
-    if validation:
-        names += ["val/loss", "val/acc"]
-    for spec in config.get("robust_eval.attacks") or [] if validation else []:
-        attack = _instantiate(spec)
-        name = attack_name(attack) if attack.is_resolved else f"{type(attack).__name__.lower()}*"
-        names.append(f"val/robust_acc/{name}")
-    if validation:
-        names += [f"val/certified_acc/{eps:g}" for eps in config.get("model.certify_eps") or []]
-    if (config.get("model.crm_lambda") or 0) > 0:
-        names.append("train/crm_penalty")
-    if (config.get("datagrad.lam") or 0) > 0:
-        names.append("train/datagrad_penalty")
-    if config.get("model.beta") is not None:
-        names.append("sn/*")
-    return names
 
 
 def _reason(error: Exception) -> str:

@@ -402,6 +402,63 @@ def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
             "PGD: l2 eps 8 >= 8, the diameter of the [0, 1] box of (1, 8, 8) inputs, covers "
             "every input",
         ),
+        # a Lightning callback refusing its arguments: at parse time, and while it is built
+        (
+            ["--trainer.callbacks+=EarlyStopping"],
+            "--trainer.callbacks: EarlyStopping: the following arguments are required: monitor",
+        ),
+        (
+            [
+                "--trainer.callbacks+=EarlyStopping",
+                "--trainer.callbacks.monitor=val/acc",
+                "--trainer.callbacks.mode=maxx",
+            ],
+            "trainer.callbacks: EarlyStopping: `mode` can be min, max, got maxx",
+        ),
+        (
+            [
+                "--trainer.callbacks+=ModelCheckpoint",
+                "--trainer.callbacks.every_n_train_steps=15",
+                "--trainer.callbacks.every_n_epochs=1",
+            ],
+            "trainer.callbacks: ModelCheckpoint: Combination of parameters every_n_train_steps=15, "
+            "every_n_epochs=1 and train_time_interval=None should be mutually exclusive.",
+        ),
+        # a monitor the run does not log at every validation (Lightning fails after an epoch)
+        (
+            ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/accc"],
+            "trainer.callbacks: EarlyStopping monitors 'val/accc', which this run does not log; "
+            "it logs train/loss, train/adv_acc, val/loss, val/acc, val/robust_acc/pgd20_linf_0.1, "
+            "sn/*",
+        ),
+        (
+            ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=train/acc"],
+            "trainer.callbacks: ModelCheckpoint monitors 'train/acc', which this run does not "
+            "log; it logs epoch, train/loss, train/adv_acc,",
+        ),
+        (
+            [
+                "--trainer.callbacks+=ModelCheckpoint",
+                "--trainer.callbacks.monitor=val/robust_acc/pgd20_linf_0.1",
+            ],
+            "monitors 'val/robust_acc/pgd20_linf_0.1', which is logged every 5 epochs "
+            "(robust_eval.every_n_epochs=5), and Lightning fails on a validation without it; set "
+            "robust_eval.every_n_epochs=1 or monitor val/acc",
+        ),
+        (
+            [
+                "--adversarial.start_epoch=1",
+                "--trainer.callbacks+=EarlyStopping",
+                "--trainer.callbacks.monitor=train/adv_acc",
+            ],
+            "EarlyStopping monitors 'train/adv_acc', which is logged only from "
+            "adversarial.start_epoch 1",
+        ),
+        (
+            ["--trainer.gradient_clip_val=-1"],
+            "trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping), "
+            "got -1",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
@@ -413,6 +470,86 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and message in err[0], err
     assert "Traceback" not in stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_lightning_subcommand_is_one_line_naming_the_commands(tmp_path, capsys, subcommand):
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"python -m sn_lightning.fit: error: python -m sn_lightning.fit takes no subcommand "
+        f"({subcommand!r}): it trains, then evaluates the final model and writes results.json; "
+        f"run python -m sn_lightning.fit --config ... (without {subcommand!r}), and python -m "
+        "sn_lightning.evaluate --config ... --ckpt_path ... to evaluate a checkpoint"
+    )
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")),
+    reason="tensorboard is installed here",
+)
+def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, capsys):
+    config = tmp_path / "tb.yaml"
+    config.write_text(
+        "trainer:\n  logger:\n    - class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
+        f"      init_args: {{save_dir: {tmp_path}}}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, "--config", str(config))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    (line,) = [x for x in stderr.splitlines() if "error:" in x]
+    assert line.endswith(
+        "error: trainer.logger: TensorBoardLogger: Neither `tensorboard` nor `tensorboardX` is "
+        "available. Try `pip install`ing either."
+    )
+
+
+def test_without_a_logger_a_second_run_in_the_same_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")  # an earlier run's
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, "--trainer.logger=false")
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        f"trainer.logger=false writes results.json and config.yaml into "
+        f"trainer.default_root_dir {str(tmp_path)!r}, which holds another run's results.json; "
+        "set another --trainer.default_root_dir, or keep a logger"
+    ) in line
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_a_monitor_logged_at_every_validation_is_accepted(tmp_path):
+    results = _fit(
+        tmp_path,
+        "--trainer.max_epochs=2",
+        "--robust_eval.every_n_epochs=1",
+        "--robust_eval.max_batches=1",
+        "--robust_eval.final_max_examples=32",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.monitor=val/robust_acc/pgd20_linf_0.1",
+        "--trainer.callbacks.mode=max",
+        "--trainer.callbacks.filename=best-{epoch}",
+    )
+    best = list(Path(results["path"]).parent.glob("checkpoints/best-epoch=*.ckpt"))
+    assert len(best) == 1
+
+
+def test_results_record_the_precision_that_ran():
+    from jsonargparse import Namespace
+    from lightning.pytorch import Trainer
+
+    from sn_lightning.fit import _key_settings
+
+    config = Namespace(trainer=Namespace(precision="16-mixed", max_epochs=1))
+    with pytest.warns(UserWarning, match="bf16-mixed"):  # Lightning: 16-mixed on a CPU
+        trainer = Trainer(accelerator="cpu", precision="16-mixed", logger=False)
+    settings = _key_settings(config, trainer)
+    assert settings["trainer"]["precision"] == "bf16-mixed"
+    assert settings["trainer"]["max_epochs"] == 1
 
 
 def test_no_arguments_print_what_to_pass(capsys):
