@@ -1175,9 +1175,10 @@ def _check_unversioned_run_dir(cli: SNLightningCLI) -> None:
 
     Loggers write each run into a new ``version_N`` (or W&B run) folder; with
     ``trainer.logger=false`` results.json and config.yaml go into ``default_root_dir`` itself.
-    A resumed run (``ckpt_path``) continues its own, so it may.
+    A resumed run (``ckpt_path``) continues its own, so it may. Only the launching process
+    checks: DDP ranks started later would find the config.yaml that rank 0 has just written.
     """
-    if cli.trainer.loggers or cli.config.ckpt_path is not None:
+    if cli.trainer.loggers or cli.config.ckpt_path is not None or rank_zero_only.rank != 0:
         return
     root = Path(cli.trainer.default_root_dir)
     taken = [name for name in (RESULTS_FILE, "config.yaml") if (root / name).exists()]
