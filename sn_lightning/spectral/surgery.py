@@ -9,11 +9,12 @@ unmodified backbone.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -131,7 +132,53 @@ def _unbounded_norms_message(skipped: Mapping[str, nn.Module], show: int = 3) ->
 def _record_input_shapes(
     model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int]
 ) -> dict[str, tuple[int, ...]]:
-    """One eval-mode, no-grad forward of a batch of 1; returns each layer's input shape (no batch)."""
+    """One eval-mode, no-grad forward of a batch of 1; returns each layer's input shape (no batch).
+
+    Layers it does not reach get a second forward with the model's training-mode control flow
+    (:func:`_training_branches`): auxiliary heads that only training runs (torchvision's
+    GoogLeNet and Inception v3 ``aux_logits``).
+    """
+    shapes = _dry_forward(model, layers, input_shape, training=False)
+    missing = {n: m for n, m in layers.items() if n not in shapes}
+    if missing:
+        shapes.update(_dry_forward(model, missing, input_shape, training=True))
+    return shapes
+
+
+@contextlib.contextmanager
+def _training_branches(model: nn.Module) -> Iterator[None]:
+    """The model in training mode but for its normalization and dropout layers, state kept.
+
+    ``self.training`` then takes the training branches (auxiliary heads) while BatchNorm reads
+    its running statistics (a batch of 1 has no batch statistics) and nothing random runs;
+    buffers, the modes and the random generators are restored on exit.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
+            m.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _dry_forward(
+    model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int], *, training: bool
+) -> dict[str, tuple[int, ...]]:
+    """The input shapes ``layers`` see in one no-grad forward of a batch of 1 (see above).
+
+    ``training``: through :func:`_training_branches`; a model that fails there records nothing
+    more (its unreached layers are then skipped with a warning).
+    """
     shapes: dict[str, tuple[int, ...]] = {}
 
     def hook(name: str):
@@ -157,13 +204,15 @@ def _record_input_shapes(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
-    with eval_mode(model):
+    with _training_branches(model) if training else eval_mode(model):
         try:
             with torch.no_grad():
                 model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
         except ConfigError:
             raise
         except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+            if training:  # not a run the model can train: nothing it recorded counts
+                return {}
             raise ConfigError(
                 f"the model cannot take input_shape {tuple(input_shape)} (one input, no batch dim): "
                 f"{first_line(err)}"
@@ -254,7 +303,8 @@ def apply_spectral_norm(
     ``fnmatch``. Subclasses that override ``forward`` with a map this package does not know
     (timm's ``StdConv2d``) are skipped with a warning; timm's ``Conv2dSame`` (TF "same" padding)
     is normalized for its padded operator. Conv-like modules that are not torch layers (timm's
-    ``CondConv2d``) and convolutions never called in the dry forward are skipped with a
+    ``CondConv2d``) and convolutions that neither the dry forward nor a second one with the
+    training-mode branches reaches (``aux_logits`` heads are reached) are skipped with a
     warning; Linear layers need no shape and are always kept. Raw weight parameters used
     functionally (``nn.MultiheadAttention.in_proj_weight``, timm's ``pos_embed``) are not layers
     and are left alone. Layers sharing one weight Parameter are refused.
@@ -381,7 +431,10 @@ def apply_spectral_norm(
     for name, m in layers.items():
         shape = shapes.get(name)
         if shape is None and name in convs:
-            warnings.warn(f"skipping {name!r}: not called in the dry forward", stacklevel=2)
+            warnings.warn(
+                f"skipping {name!r}: not called in the dry forward (eval or training mode)",
+                stacklevel=2,
+            )
             continue
         if isinstance(m, nn.Linear):
             shape = (m.in_features,)

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from timm.layers import Conv2dSame
 from timm.layers import Linear as TimmLinear
@@ -451,6 +452,57 @@ def test_model_to_dtype_keeps_working():
     y = model(torch.rand(2, *SHAPE, dtype=torch.float64))
     assert y.dtype == torch.float64
     assert all(p.u.dtype == torch.float64 for _, p in normalized_layers(model).values())
+
+
+class AuxHeadNet(nn.Module):
+    """A head that only training runs (torchvision's GoogLeNet/Inception ``aux_logits``)."""
+
+    def __init__(self, aux_kernel: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.aux = nn.Conv2d(4, 2, aux_kernel, stride=2)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.drop(torch.relu(self.bn(self.conv(x))))
+        out = self.fc(y.mean((2, 3)))
+        return (out, self.aux(y).mean()) if self.training else out
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_only_training_runs_are_normalized_and_the_dry_forward_keeps_the_state(training):
+    torch.manual_seed(0)
+    model = AuxHeadNet().train(training)
+    with torch.no_grad():
+        model.aux.weight.mul_(20)  # well above beta
+        model.bn.running_mean.uniform_(-1, 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping 'aux'"
+        apply_spectral_norm(model, beta=0.5, input_shape=(3, 8, 8))
+    assert set(normalized_layers(model)) == {"conv", "aux", "fc"}
+    assert model.aux.parametrizations.weight[0].u.shape == (1, 4, 8, 8)  # its real input
+    modes = {n: m.training for n, m in model.named_modules() if "parametrizations" not in n}
+    assert set(modes.values()) == {training}, modes
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        assert torch.equal(model.state_dict()[key], state[key]), key
+    # the dense operator of the head's normalized weight at its input: at beta
+    model.eval()
+    with torch.no_grad():
+        weight = model.aux.weight
+        basis = torch.eye(4 * 8 * 8, dtype=torch.float64).reshape(-1, 4, 8, 8)
+        dense = F.conv2d(basis, weight.double(), stride=2).flatten(1)
+    truth = torch.linalg.matrix_norm(dense, ord=2).item()
+    assert truth == pytest.approx(0.5, rel=1e-3)
+
+
+def test_a_training_forward_that_fails_skips_its_layers_with_a_warning():
+    model = AuxHeadNet(aux_kernel=9)  # larger than its 8x8 input: training cannot run
+    with pytest.warns(UserWarning, match=r"skipping 'aux': not called in the dry forward"):
+        apply_spectral_norm(model, beta=0.5, input_shape=(3, 8, 8))
+    assert set(normalized_layers(model)) == {"conv", "fc"}
 
 
 def test_overridden_forward_is_skipped_with_a_warning():
