@@ -41,7 +41,15 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    ProgressBar,
+    Timer,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -1131,6 +1139,13 @@ def _check_callbacks(cli: SNLightningCLI) -> None:
         )
 
 
+# Lightning callbacks that log no metric (LearningRateMonitor's lr-* names are known)
+_SILENT = (
+    Checkpoint, EarlyStopping, ProgressBar, ModelSummary, LearningRateMonitor, Timer,
+    SaveConfigCallback,
+)  # fmt: skip
+
+
 def _check_monitors(cli: SNLightningCLI, robust: Any, adversarial: Any) -> None:
     """Refuse a ModelCheckpoint/EarlyStopping ``monitor`` the run will not log at every check.
 
@@ -1140,11 +1155,21 @@ def _check_monitors(cli: SNLightningCLI, robust: Any, adversarial: Any) -> None:
     accepts a missing metric and is left alone.
     """
     names = [n for n in logged_metric_names(cli.config) if n != "final/*"]  # after fit
+    callbacks = cli.trainer.callbacks
+    if any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
+        names.append("lr-*")
+    # callbacks that may log metrics of their own (DeviceStatsMonitor, a user's): an unknown
+    # name then only warns
+    others = [
+        type(cb).__name__
+        for cb in callbacks
+        if not type(cb).__module__.startswith("sn_lightning.") and not isinstance(cb, _SILENT)
+    ]
     # robust accuracy: at validation epochs e with (e + 1) % every_n_epochs == 0
     val_every = cli.trainer.check_val_every_n_epoch or 1
     robust_every = robust.every_n_epochs if robust is not None else 1
     start = adversarial.start_epoch if adversarial is not None and adversarial.attack else 0
-    for callback in cli.trainer.callbacks:
+    for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
         if not isinstance(callback, (ModelCheckpoint, EarlyStopping)) or monitor is None:
             continue
@@ -1155,6 +1180,12 @@ def _check_monitors(cli: SNLightningCLI, robust: Any, adversarial: Any) -> None:
         if isinstance(callback, EarlyStopping):
             known = [n for n in known if n != "epoch"]  # not a callback metric
         if not any(fnmatch.fnmatchcase(monitor, n) for n in known):
+            if others:
+                _warn(
+                    f"{who}, which neither the model nor sn-lightning's callbacks log (they log "
+                    f"{', '.join(known)}); fine if {', '.join(others)} logs it"
+                )
+                continue
             raise ConfigError(f"{who}, which this run does not log; it logs {', '.join(known)}")
         if fnmatch.fnmatchcase(monitor, "val/robust_acc/*") and val_every % robust_every:
             raise ConfigError(

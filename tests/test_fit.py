@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from sn_lightning.fit import main
 
@@ -536,6 +537,34 @@ def test_a_monitor_logged_at_every_validation_is_accepted(tmp_path):
     )
     best = list(Path(results["path"]).parent.glob("checkpoints/best-epoch=*.ckpt"))
     assert len(best) == 1
+
+
+class LogsMyMetric(Callback):
+    """A user's callback that logs a metric of its own."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("my/metric", 1.0)
+
+
+def test_monitors_of_other_callbacks_metrics_are_accepted(tmp_path, caplog):
+    results = _fit(
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--robust_eval.final_max_examples=32",
+        "--trainer.callbacks+=tests.test_fit.LogsMyMetric",
+        "--trainer.callbacks+=LearningRateMonitor",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.monitor=lr-SGD",
+        "--trainer.callbacks+=EarlyStopping",
+        "--trainer.callbacks.monitor=my/metric",
+    )
+    assert Path(results["path"]).is_file()
+    err = caplog.text
+    assert "ModelCheckpoint monitors" not in err  # LearningRateMonitor's lr-* are known
+    assert (
+        "trainer.callbacks: EarlyStopping monitors 'my/metric', which neither the model nor "
+        "sn-lightning's callbacks log"
+    ) in err and "fine if LogsMyMetric logs it" in err
 
 
 def test_results_record_the_precision_that_ran():
