@@ -13,6 +13,7 @@ Note [uneven ranks]
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 
@@ -27,6 +28,25 @@ def _instantiate(spec: Any) -> Any:
     init_args = spec.get("init_args")
     kwargs = dict(vars(init_args)) if init_args is not None else {}
     return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+def _robust_epoch(config: Any) -> bool:
+    """Whether some epoch validates and evaluates ``robust_eval`` (``val/robust_acc/*``).
+
+    Validation runs after epochs ``e`` with ``(e + 1) % check_val_every_n_epoch == 0`` and the
+    robust evaluation at those with ``(e + 1) % robust_eval.every_n_epochs == 0``: both need
+    ``max_epochs`` to reach their least common multiple (no limit: ``max_epochs`` -1 or null).
+    """
+    if config.get("data.val_size") == 0:
+        return False
+    max_epochs = config.get("trainer.max_epochs")
+    if max_epochs is None or max_epochs < 0:
+        return True
+    every = math.lcm(
+        config.get("trainer.check_val_every_n_epoch") or 1,
+        config.get("robust_eval.every_n_epochs") or 1,
+    )
+    return max_epochs >= every
 
 
 def logged_metric_names(config: Any) -> list[str]:
@@ -45,7 +65,7 @@ def logged_metric_names(config: Any) -> list[str]:
     validation = config.get("data.val_size") != 0  # 0: no validation split, no val/* metric
     if validation:
         names += ["val/loss", "val/acc"]
-    for spec in config.get("robust_eval.attacks") or [] if validation else []:
+    for spec in config.get("robust_eval.attacks") or [] if _robust_epoch(config) else []:
         attack = _instantiate(spec)
         name = attack_name(attack) if attack.is_resolved else f"{type(attack).__name__.lower()}*"
         names.append(f"val/robust_acc/{name}")

@@ -1190,6 +1190,17 @@ def run_sweep(
 
         # the options may set data.*: ask the runs again, with them
         missing = _runs_without_data(_runs_to_check(config), parse_run)
+        for params in _runs_to_check(config):  # ... and change what the runs log
+            try:
+                logged = logged_metric_names(parse_run(params))
+            except Exception:  # a bad option: named below, with its run (_used_values)
+                break
+            if not any(fnmatch.fnmatchcase(metric, pattern) for pattern in logged):
+                raise SweepError(
+                    f"{path}: with the options after -- (`{shlex.join(fit_overrides)}`), run "
+                    f"{dict(params)!r} does not log metric.name {metric!r}; it logs: "
+                    f"{', '.join(logged)}"
+                )
     if missing and not dry_run:  # Note [checking values without training]
         raise SweepError("\n".join(_cannot_start(path, missing)))
     for _, err in missing:  # a dry run needs no data here
@@ -1320,7 +1331,7 @@ def _start(
     run_dir.mkdir(parents=True, exist_ok=True)
     env = _run_env(run.run_id, out, wandb_mode, cfg)
     params_file = out / "wandb" / f"sweep-{sweep_id}" / f"config-{run.run_id}.yaml"
-    _write_sweep_params(params_file, run.params)
+    _write_sweep_params(params_file, run.used)  # W&B's config: options after -- win there too
     env["WANDB_SWEEP_PARAM_PATH"] = str(params_file)
     start = time.perf_counter()
     run.returncode = _execute(run.command, env, run_dir / "output.log")

@@ -503,7 +503,8 @@ def test_grid_runs_write_csv_and_plots_and_resume(monkeypatch, tmp_path, capsys)
         assert argv[-2:] == [f"--trainer.default_root_dir={out / run_id}", "--trainer.max_epochs=1"]
         swept = yaml.safe_load(Path(env["WANDB_SWEEP_PARAM_PATH"]).read_text())
         swept = {k: v["value"] for k, v in swept.items() if k != "wandb_version"}
-        assert json.loads(Path(argv[-3]).read_text()) == swept
+        # W&B's config gets the values the run used (the option after -- won)
+        assert {**json.loads(Path(argv[-3]).read_text()), "trainer.max_epochs": 1} == swept
     assert capsys.readouterr().out.startswith(
         "note: the options after -- set trainer.max_epochs; runs.csv and the plots record the "
         "values the runs used\n"
@@ -648,6 +649,62 @@ def test_options_after_dashdash_win_over_swept_values(monkeypatch, tmp_path, cap
     assert [r["model.beta"] for r in rows] == ["3.0"] * 3
     assert [json.loads(r["params_json"])["model.beta"] for r in rows] == [1.0, 2.0, None]
     assert all(" model.beta=3 " in line for line in stdout.splitlines() if line.startswith("["))
+    for _, env in fake.calls:  # W&B's config too: the metric is credited to the beta used
+        swept = yaml.safe_load(Path(env["WANDB_SWEEP_PARAM_PATH"]).read_text())
+        assert swept["model.beta"]["value"] == 3.0
+
+
+def test_options_after_dashdash_that_stop_the_metric_being_logged_fail_before_any_run(
+    monkeypatch, tmp_path, capsys
+):
+    fake = _FakeFit("x")
+    monkeypatch.setattr(sweep, "_execute", fake)
+    out = tmp_path / "out"
+    option = "--robust_eval.every_n_epochs=5"  # the grid trains 3 epochs
+    assert sweep.main(["run", str(DIGITS), "--out", str(out), "--", option]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        f"python -m sn_lightning.sweep: error: {DIGITS}: with the options after -- (`{option}`), "
+        "run {'adversarial.attack.init_args.eps': 0.05, 'model.beta': 1.0, "
+        "'robust_eval.every_n_epochs': 1, 'trainer.max_epochs': 3} does not log metric.name "
+        "'val/robust_acc/pgd20_linf_0.1'; it logs: epoch, train/loss, final/*, train/adv_acc, "
+        "val/loss, val/acc, sn/*"
+    ), line
+    assert fake.calls == [] and not out.exists()
+
+
+def test_validate_refuses_a_robust_metric_that_no_epoch_evaluates(tmp_path):
+    cfg = sweep.load_sweep(DIGITS)
+    cfg["parameters"]["robust_eval.every_n_epochs"] = {"value": 5}  # 3 epochs: never
+    path = tmp_path / "never.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    errors = sweep.validate_sweep(path)
+    assert errors and all(
+        "metric.name: 'val/robust_acc/pgd20_linf_0.1' is not logged by run" in e for e in errors
+    ), errors
+
+
+@pytest.mark.parametrize(
+    ("max_epochs", "check_val", "every", "logged"),
+    [(3, 1, 5, False), (5, 1, 5, True), (5, 2, 3, False), (6, 2, 3, True), (-1, 1, 5, True)],
+)
+def test_robust_metrics_are_logged_when_an_epoch_validates_and_evaluates(
+    max_epochs, check_val, every, logged
+):
+    from jsonargparse import Namespace
+
+    from sn_lightning._metrics import logged_metric_names
+
+    attack = Namespace(
+        class_path="sn_lightning.attacks.PGD", init_args=Namespace(norm="linf", eps=0.1, steps=5)
+    )
+    config = Namespace(
+        trainer=Namespace(max_epochs=max_epochs, check_val_every_n_epoch=check_val),
+        robust_eval=Namespace(attacks=[attack], every_n_epochs=every),
+        data=Namespace(val_size=0.1),
+    )
+    names = logged_metric_names(config)
+    assert ("val/robust_acc/pgd5_linf_0.1" in names) is logged
 
 
 BAD_OPTIONS = {
@@ -701,7 +758,7 @@ def _check_digits_runs(out, runs, n):
         assert float(row["test_acc"]) == pytest.approx(results["test"]["acc"])
         # the offline W&B run: the swept values in its config, the metric and results in its summary
         wandb_file = offline_run(out / run.run_id, run.run_id)
-        assert {k: wandb_run_config(wandb_file)[k] for k in params} == params
+        assert {k: wandb_run_config(wandb_file)[k] for k in params} == run.used  # used values
         summary = wandb_summary(wandb_file)
         assert summary[metric] == pytest.approx(value)
         assert summary["results/test/acc"] == pytest.approx(results["test"]["acc"])
