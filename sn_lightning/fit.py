@@ -864,10 +864,12 @@ def _prepare_wandb_logger(init_args: Namespace, root_dir: str | None) -> None:
     reason = wandb_unreachable_reason()
     if reason is None:
         return
-    # Explicit: wandb ignores environment changes once it is set up in this process.
-    init_args.offline, init_args.mode = True, "offline"
-    if init_args.get("log_model"):
-        init_args.log_model = False  # Lightning refuses log_model with offline
+    # Explicit: wandb ignores environment changes once it is set up in this process. Lightning
+    # refuses log_model with its own offline flag, but wandb's offline mode keeps checkpoint
+    # artifacts for `wandb sync`: with log_model only wandb's mode is set.
+    init_args.mode = "offline"
+    if not init_args.get("log_model"):
+        init_args.offline = True
     os.environ["WANDB_MODE"] = "offline"
     _warn(
         f"W&B unreachable: {reason}; this run goes on offline in {init_args.save_dir}/wandb "

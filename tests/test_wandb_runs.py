@@ -12,6 +12,7 @@ import pytest
 import wandb
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch.loggers import WandbLogger
 
 from sn_lightning import fit
 from tests.wandb_helpers import isolate_wandb, offline_run, wandb_final_config, wandb_summary
@@ -91,6 +92,23 @@ def test_unreachable_wandb_goes_offline_with_one_warning(monkeypatch, tmp_path, 
     _check_run(tmp_path, results, run_id)
     # main() leaves the environment as it found it
     assert "WANDB_MODE" not in os.environ and "WANDB_RUN_ID" not in os.environ
+
+
+def test_unreachable_wandb_keeps_log_model(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.setattr(fit, "wandb_unreachable_reason", lambda: "no W&B API key")
+    for log_model in (True, False):
+        monkeypatch.setenv("WANDB_MODE", "online")  # restored after the test
+        init_args = Namespace(
+            id=None, version=None, save_dir=".", dir=None, offline=False, mode=None,
+            log_model=log_model,
+        )  # fmt: skip
+        fit._prepare_wandb_logger(init_args, str(tmp_path))
+        assert init_args.mode == "offline" and os.environ["WANDB_MODE"] == "offline"
+        # Lightning refuses log_model with its offline flag; wandb's offline mode keeps artifacts
+        assert init_args.log_model is log_model and init_args.offline is not log_model
+        assert WandbLogger(**vars(init_args))._log_model is log_model  # Lightning accepts it
+        monkeypatch.delenv("WANDB_RUN_ID")
 
 
 def test_wandb_init_failure_goes_offline(monkeypatch, tmp_path, caplog):
