@@ -626,12 +626,17 @@ def _check_run(
         return _parse_error(err, assignment, keys, base)
     except (ConfigError, ValueError, TypeError) as err:
         return f"run {dict(assignment)!r}: {_one_line(err)}"
-    if metric and not any(fnmatch.fnmatchcase(metric, pattern) for pattern in logged):
+    if metric and not _logs(metric, logged):
         return (
             f"metric.name: {metric!r} is not logged by run {dict(assignment)!r}; it logs: "
             f"{', '.join(logged)}"
         )
     return None
+
+
+def _logs(metric: str, logged: Iterable[str]) -> bool:
+    """Whether ``metric`` matches one of the names (fnmatch patterns) a run logs."""
+    return any(fnmatch.fnmatchcase(metric, pattern) for pattern in logged)
 
 
 def _runs_to_check(config: Any) -> list[dict[str, Any]]:
@@ -1189,13 +1194,14 @@ def run_sweep(
             return parser.parse(fit_args([*command, *fit_overrides]))
 
         # the options may set data.*: ask the runs again, with them
-        missing = _runs_without_data(_runs_to_check(config), parse_run)
-        for params in _runs_to_check(config):  # ... and change what the runs log
+        checked = _runs_to_check(config)
+        missing = _runs_without_data(checked, parse_run)
+        for params in checked:  # ... and change what the runs log
             try:
                 logged = logged_metric_names(parse_run(params))
             except Exception:  # a bad option: named below, with its run (_used_values)
                 break
-            if not any(fnmatch.fnmatchcase(metric, pattern) for pattern in logged):
+            if not _logs(metric, logged):
                 raise SweepError(
                     f"{path}: with the options after -- (`{shlex.join(fit_overrides)}`), run "
                     f"{dict(params)!r} does not log metric.name {metric!r}; it logs: "

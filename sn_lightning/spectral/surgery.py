@@ -153,22 +153,20 @@ def _training_branches(model: nn.Module) -> Iterator[None]:
     its running statistics (a batch of 1 has no batch statistics) and nothing random runs;
     buffers, the modes and the random generators are restored on exit.
     """
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
-    model.train()
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
-            m.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+    with eval_mode(model):  # restores every module's mode on exit
+        model.train()
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
+                m.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
 
 
 def _dry_forward(
