@@ -6,8 +6,8 @@ resolved config without training; ``--ckpt_path`` resumes.
 
 W&B: with ``--trainer.logger=lightning.pytorch.loggers.WandbLogger`` each run gets its own directory
 ``<save_dir>/<project>/<run id>/`` (config.yaml, results.json, checkpoints), ``save_dir`` defaulting
-to ``trainer.default_root_dir``; the run id is ``WANDB_RUN_ID`` (set by ``wandb agent``) or a new
-one shared with every DDP rank; when W&B cannot be reached (no API key, no network) the run goes on
+to ``trainer.default_root_dir``; the run id is ``WANDB_RUN_ID`` (set by ``wandb agent``), the one a
+resumed checkpoint was saved under, or a new one, shared with every DDP rank; when W&B cannot be reached (no API key, no network) the run goes on
 offline with a one-line warning; results.json also goes to the W&B run summary (``results/...``).
 """
 
@@ -735,8 +735,15 @@ class SNLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Give each configured WandbLogger a run id, a save_dir and, if W&B is unreachable, offline."""
         root_dir = self.config.get("trainer.default_root_dir")
-        for init_args in _wandb_logger_init_args(self.config):
-            _prepare_wandb_logger(init_args, root_dir)
+        loggers = _wandb_logger_init_args(self.config)
+        explicit = os.environ.get("WANDB_RUN_ID") or any(
+            a.get("id") or a.get("version") for a in loggers
+        )
+        resumed = None
+        if loggers and not explicit:
+            resumed = _resumed_wandb_run(self.config.get("ckpt_path"), root_dir)
+        for init_args in loggers:
+            _prepare_wandb_logger(init_args, root_dir, resumed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; Lightning's error on a bad key also names the value that was given."""
@@ -851,10 +858,33 @@ def _warn(message: str) -> None:
     _log.warning("python -m sn_lightning.fit: warning: %s", message)
 
 
-def _prepare_wandb_logger(init_args: Namespace, root_dir: str | None) -> None:
-    """Fix the run id and save_dir in the config; switch to offline when W&B is unreachable."""
+# A checkpoint keeps the W&B run id it was saved under (RunDirSaveConfig.on_save_checkpoint), so
+# that resuming it continues that run and its folder. WANDB_RUN_ID or an explicit id wins.
+_WANDB_RUN_KEY = "wandb_run_id"
+
+
+def _resumed_wandb_run(ckpt_path: str | None, root_dir: str | None) -> str | None:
+    """The W&B run id the checkpoint ``ckpt_path`` was saved under, or None (none recorded)."""
+    if ckpt_path is None:
+        return None
+    check_ckpt_path(ckpt_path)
+    if ckpt_path == "last":
+        ckpt_path = _last_checkpoint(root_dir or Path.cwd())
+    checkpoint = _read_checkpoint(ckpt_path)
+    run_id = checkpoint.get(_WANDB_RUN_KEY) if checkpoint else None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _prepare_wandb_logger(
+    init_args: Namespace, root_dir: str | None, resumed: str | None = None
+) -> None:
+    """Fix the run id and save_dir in the config; switch to offline when W&B is unreachable.
+
+    The id: ``WANDB_RUN_ID``, else the logger's ``id``/``version``, else ``resumed`` (the run a
+    resumed checkpoint was saved under), else a new one.
+    """
     run_id = os.environ.get("WANDB_RUN_ID") or init_args.get("id") or init_args.get("version")
-    run_id = str(run_id or _new_run_id())
+    run_id = str(run_id or resumed or _new_run_id())
     init_args.id, init_args.version = run_id, None
     os.environ["WANDB_RUN_ID"] = run_id  # Note [one W&B run per process tree]
     if init_args.get("save_dir") in (None, ".") and init_args.get("dir") is None:
@@ -972,7 +1002,18 @@ _KEEP_NULLS = _keep_nulls_kwarg()
 
 
 class RunDirSaveConfig(SaveConfigCallback):
-    """Save config.yaml into `run_dir` (one per run, also under W&B), overwriting a previous copy."""
+    """Save config.yaml into `run_dir` (one per run, also under W&B), overwriting a previous copy.
+
+    Checkpoints also keep the W&B run id, so that ``--ckpt_path`` continues the same W&B run.
+    """
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: Any, checkpoint: dict[str, Any]
+    ) -> None:
+        """Record the W&B run id (the first WandbLogger's) in the checkpoint."""
+        loggers = _wandb_loggers(trainer)
+        if loggers:
+            checkpoint[_WANDB_RUN_KEY] = str(loggers[0].version)
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         """Write the config once, on rank 0, into the run's directory."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
 import yaml
 from jsonargparse import Namespace
@@ -146,6 +147,47 @@ def test_runs_in_one_directory_each_get_their_own(monkeypatch, tmp_path):
     assert Path(other["path"]).parent != Path(first["path"]).parent
     assert Path(other["path"]).parent.parent == tmp_path / "sn-test"
     assert len(list(tmp_path.glob("sn-test/*/results.json"))) == 2
+
+
+def test_resuming_a_checkpoint_continues_its_wandb_run(monkeypatch, tmp_path):
+    """--ckpt_path without WANDB_RUN_ID: the run id the checkpoint was saved under, same folder."""
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    first = _fit(tmp_path)
+    run_dir = Path(first["path"]).parent
+    (ckpt,) = run_dir.glob("checkpoints/*.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["wandb_run_id"] == run_dir.name
+    resumed = _fit(tmp_path, f"--ckpt_path={ckpt}", "--trainer.max_epochs=2")
+    assert resumed["path"] == first["path"]
+    assert json.loads(Path(resumed["path"]).read_text())["settings"]["trainer"]["max_epochs"] == 2
+    assert len(list(tmp_path.glob("sn-test/*"))) == 1
+    wandb.teardown()
+    offline = sorted(tmp_path.rglob(f"offline-run-*-{run_dir.name}"))
+    assert len(offline) == 2  # the first run and its continuation, one W&B run id
+
+
+def test_the_resumed_run_id_yields_to_an_explicit_one(monkeypatch, tmp_path):
+    saved = tmp_path / "a.ckpt"
+    torch.save({"state_dict": {}, "wandb_run_id": "saved001"}, saved)
+    torch.save({"state_dict": {}}, tmp_path / "last.ckpt")  # saved without a W&B logger
+    assert fit._resumed_wandb_run(str(saved), None) == "saved001"
+    assert fit._resumed_wandb_run(str(tmp_path / "last.ckpt"), None) is None
+    assert fit._resumed_wandb_run("last", str(tmp_path)) is None  # the newest last*.ckpt
+    assert fit._resumed_wandb_run(None, None) is None
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+
+    def prepared(env=None, **given):
+        if env:
+            monkeypatch.setenv("WANDB_RUN_ID", env)
+        init_args = Namespace(id=None, version=None, save_dir=".", dir=None, mode="offline")
+        init_args.update(Namespace(**given))
+        fit._prepare_wandb_logger(init_args, str(tmp_path), resumed="saved001")
+        monkeypatch.delenv("WANDB_RUN_ID")
+        return init_args.id
+
+    assert prepared() == "saved001"
+    assert prepared(env="agent001") == "agent001"
+    assert prepared(id="mine0001") == "mine0001"
+    assert prepared(version="ver00001") == "ver00001"
 
 
 def test_run_id_is_shared_with_ddp_ranks():
