@@ -1262,7 +1262,26 @@ def run_sweep(
     if not dry_run and runs:
         plots = plot_all(runs, cfg, metric, out)
         _say(f"runs: {out / RUNS_CSV}; plots: {', '.join(p.name for p in plots) or 'none'}")
+        goal = (cfg.get("metric") or {}).get("goal", "minimize")
+        best = best_run(runs, goal) if (cfg.get("metric") or {}).get("name") else None
+        if best is not None:
+            shown = " ".join(
+                f"{k}={_label(k, v)}" for k, v in best.used.items() if k in _swept(cfg)
+            )
+            _say(
+                f"best ({goal} {metric}): {best.run_id}: {shown} -> {metric} = {best.metric:.4f}"
+                + (f" ({best.results_path})" if best.results_path else "")
+            )
     return runs
+
+
+def best_run(runs: Sequence[LocalRun], goal: str = "minimize") -> LocalRun | None:
+    """The finished run with the best metric for ``goal`` (maximize / minimize), first on ties."""
+    scored = [r for r in runs if r.status == "finished" and r.metric is not None]
+    if not scored:
+        return None
+    sign = -1.0 if goal == "maximize" else 1.0
+    return min(scored, key=lambda r: sign * r.metric)  # type: ignore[operator]
 
 
 _MISSING = object()

@@ -557,7 +557,27 @@ def test_bayes_gets_the_finished_runs_metrics(monkeypatch, tmp_path, capsys):
         assert state == "finished" and config == {k: {"value": v} for k, v in run.params.items()}
         assert summary == {metric: pytest.approx(_fake_metric(run.params))}
     assert all(0.8 <= r.params["model.beta"] <= 8.0 for r in runs)
-    assert "hyperband) is applied by the W&B server only" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "hyperband) is applied by the W&B server only" in printed
+    best = max(runs, key=lambda r: r.metric)  # the sweep maximizes its metric
+    (line,) = [x for x in printed.splitlines() if x.startswith("best ")]
+    assert line.startswith(f"best (maximize {metric}): {best.run_id}: adversarial.attack")
+    assert f"-> {metric} = {best.metric:.4f}" in line
+
+
+def test_best_run_follows_the_goal_and_skips_runs_without_a_metric():
+    runs = [
+        sweep.LocalRun("a", {}, status="finished", metric=0.5),
+        sweep.LocalRun("b", {}, status="failed", metric=0.9),  # failed: not a candidate
+        sweep.LocalRun("c", {}, status="finished", metric=None),
+        sweep.LocalRun("d", {}, status="finished", metric=0.7),
+        sweep.LocalRun("e", {}, status="finished", metric=0.7),
+        sweep.LocalRun("f", {}, status="finished", metric=0.2),
+    ]
+    assert sweep.best_run(runs, "maximize").run_id == "d"  # the first of a tie
+    assert sweep.best_run(runs, "minimize").run_id == "f"
+    assert sweep.best_run(runs).run_id == "f"  # W&B's default goal
+    assert sweep.best_run(runs[1:3], "maximize") is None
 
 
 def test_count_is_required_for_bayes_and_failed_runs_exit_1(monkeypatch, tmp_path, capsys):
