@@ -144,15 +144,25 @@ def autoattack_accuracy(
     """Robust accuracy under AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square).
 
     ``attacks``: a subset of the standard version's four attacks, run in the standard order with
-    the standard version's settings (APGD-T and FAB-T on 9 target classes, Square 5000 queries).
-    An example counts as robust when none of them breaks it (Croce & Hein, ICML 2020).
+    the standard version's settings (APGD-T and FAB-T on 9 target classes, or all K - 1 other
+    classes of a K < 10 class model; Square 5000 queries). An example counts as robust when none
+    of them breaks it (Croce & Hein, ICML 2020).
     ``progress``: AutoAttack's own lines (per batch and attack) on stderr, prefixed with the eps.
+
+    Raises:
+        ValueError: an unknown attack name, or APGD-T on fewer than 4 classes (its targeted DLR
+            loss needs the 4 largest logits).
     """
     unknown = [a for a in attacks if a not in STANDARD_ATTACKS]
     if unknown or not attacks:
         raise ValueError(
             f"AutoAttack attacks {list(attacks)}: name one or more of {', '.join(STANDARD_ATTACKS)}"
         )
+    with torch.no_grad():
+        classes = int(model(x[:1].to(device)).shape[1])
+    problem = autoattack_class_problem(attacks, classes)
+    if problem:
+        raise ValueError(problem)
     from pyautoattack import AutoAttack
 
     adversary = AutoAttack(
@@ -164,6 +174,8 @@ def autoattack_accuracy(
         seed=0,
     )
     adversary.verbose = progress
+    targets = autoattack_target_classes(classes)  # pyautoattack's 9 would index past K - 1
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
     adversary.attacks_to_run = [a for a in STANDARD_ATTACKS if a in attacks]  # the settings stay
     with _autoattack_lines(f"AutoAttack {norm} eps {eps:g}: ", progress):
         x_adv, _ = adversary.run_standard_evaluation(
@@ -172,6 +184,25 @@ def autoattack_accuracy(
     with torch.no_grad():
         pred = torch.cat([model(xb).argmax(1).cpu() for xb, _ in _batches(x_adv, y, batch_size)])
     return float((pred == y).float().mean())
+
+
+def autoattack_target_classes(classes: int) -> int:
+    """Target classes of APGD-T and FAB-T: the standard version's 9, at most the other K - 1."""
+    return min(9, classes - 1)
+
+
+def autoattack_class_problem(attacks: Sequence[str], classes: int) -> str | None:
+    """Why AutoAttack's ``attacks`` cannot run on a ``classes``-class model, or None."""
+    if "apgd-t" in attacks and classes < 4:
+        rest = [a for a in attacks if a != "apgd-t"]
+        instead = (
+            f"--eval.autoattack_attacks=[{','.join(rest)}]" if rest else "--eval.autoattack=false"
+        )
+        return (
+            f"AutoAttack's apgd-t needs at least 4 classes (its targeted DLR loss), the model has "
+            f"{classes}; run without it: {instead}"
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -337,6 +368,11 @@ def check_eval(cli: EvaluateCLI) -> tuple[Path, list[float], torch.device]:
             "eval autoattack_attacks is empty; name some of apgd-ce, apgd-t, fab-t, square, "
             "null for all four, or turn AutoAttack off with --eval.autoattack=false"
         )
+    classes = cli.model.hparams.get("num_classes")
+    attacks = ev.autoattack_attacks or STANDARD_ATTACKS
+    problem = autoattack_class_problem(attacks, classes) if ev.autoattack and classes else None
+    if problem:
+        raise ConfigError(problem)
     if ev.max_examples is not None and ev.max_examples < 1:
         raise ConfigError(f"eval max_examples must be >= 1 or null (all), got {ev.max_examples}")
     eps_list = ev.eps if ev.eps is not None else DEFAULT_EPS[ev.norm]
@@ -426,6 +462,7 @@ def run(
         report["autoattack_settings"] = {
             "version": "standard" if len(attacks) == len(STANDARD_ATTACKS) else "standard subset",
             "attacks": attacks,
+            "target_classes": autoattack_target_classes(model.hparams.num_classes),
         }
         report["autoattack"] = {
             f"{eps:g}": autoattack_accuracy(

@@ -81,6 +81,7 @@ def test_evaluate_pgd_and_the_autoattack_subset(checkpoint, tmp_path, monkeypatc
     assert saved["autoattack_settings"] == {
         "version": "standard subset",
         "attacks": ["apgd-ce", "apgd-t"],
+        "target_classes": 9,
     }
     captured = capsys.readouterr()  # the console names the subset too
     assert f"AutoAttack[apgd-ce,apgd-t] {saved['autoattack']['0.15']:.4f}" in captured.out
@@ -102,6 +103,7 @@ def test_evaluate_pgd_and_autoattack_standard(checkpoint, tmp_path):
     assert saved["autoattack_settings"] == {
         "version": "standard",
         "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+        "target_classes": 9,
     }
 
 
@@ -119,6 +121,73 @@ def test_autoattack_accuracy_refuses_names_outside_the_standard_version(attacks)
             batch_size=2,
             attacks=attacks,
         )
+
+
+def _linear_classifier(classes, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes)).eval()
+
+
+def test_autoattack_targets_at_most_the_other_classes_of_a_small_model(monkeypatch):
+    """pyautoattack's standard 9 target classes index past the logits of a K < 10 class model."""
+    import pyautoattack.autopgd_base
+    import pyautoattack.fab_base
+    import pyautoattack.square
+
+    # Square (5000 queries on each example left) changes nothing here: it leaves them unbroken
+    monkeypatch.setattr(pyautoattack.square.SquareAttack, "perturb", lambda self, x, y: x)
+    targets = []
+    for cls in (pyautoattack.autopgd_base.APGDAttack_targeted, pyautoattack.fab_base.FABAttack):
+        real = cls.perturb
+
+        def spy(self, *args, real=real, **kwargs):
+            targets.append((type(self).__name__, self.n_target_classes))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "perturb", spy)
+    model = _linear_classifier(5)
+    x = torch.rand(12, 1, 4, 4)
+    y = model(x).argmax(1)  # all correct: every attack gets examples to break
+    kwargs = {"norm": "linf", "eps": 0.02, "device": torch.device("cpu"), "batch_size": 12}
+    everything = autoattack_accuracy(model, x, y, **kwargs)
+    assert targets == [("APGDAttack_targeted", 4), ("FABAttack_PT", 4)]  # K - 1
+    apgd_ce = autoattack_accuracy(model, x, y, attacks=["apgd-ce"], **kwargs)
+    assert 0.0 <= everything <= apgd_ce <= 1.0
+    # three classes: apgd-t's targeted DLR loss needs four logits; the other three run
+    three = _linear_classifier(3)
+    y3 = three(x).argmax(1)
+    with pytest.raises(ValueError, match=r"apgd-t needs at least 4 classes .* the model has 3; "):
+        autoattack_accuracy(three, x, y3, **kwargs)
+    rest = autoattack_accuracy(three, x, y3, attacks=["apgd-ce", "fab-t", "square"], **kwargs)
+    assert 0.0 <= rest <= 1.0 and targets[-1] == ("FABAttack_PT", 2)
+
+
+def test_autoattack_on_three_classes_is_refused_before_any_work(tmp_path, capsys):
+    from tests.data.fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), size=8)
+    fake = tmp_path / "model.ckpt"
+    fake.write_bytes(b"not read: the settings are checked first")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(
+            [
+                "--config",
+                QUICKSTART,
+                "--data.dataset=imagefolder",
+                f"--data.data_dir={tmp_path / 'imgs'}",
+                "--data.image_size=8",
+                f"--ckpt_path={fake}",
+                "--eval.autoattack_attacks=[apgd-ce,apgd-t]",
+                f"--eval.out={tmp_path / 'out'}",
+            ]
+        )
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(
+        "AutoAttack's apgd-t needs at least 4 classes (its targeted DLR loss), the model has 3; "
+        "run without it: --eval.autoattack_attacks=[apgd-ce]"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_empty_autoattack_subset_is_refused(checkpoint, tmp_path, capsys):
