@@ -18,6 +18,9 @@
 * grad mode is switched on (and inference mode off), so an attack can run inside a validation
   loop under ``torch.no_grad()`` or ``torch.inference_mode()``;
 * devices and dtypes come from ``x``; the output is detached, with ``x``'s dtype and device;
+  half and bfloat16 inputs are attacked with float32 iterates (the model sees them cast back to
+  its dtype: Note [float32 iterates]), and the result is rounded toward ``x`` so it stays in the
+  ball;
 * :func:`in_attack` is True during the call, so training-time hooks (layerwise perturbation)
   neither perturb nor record the attack's own forwards and backwards, in any mode.
 
@@ -28,6 +31,14 @@ Note [predicted labels for free]
     fewer than predicting under ``no_grad`` and then attacking (a third of FGM's cost). The
     gradient is handed to the subclass through `Attack.gradient` during the call, so an attack
     instance must not be called from two threads at once.
+
+Note [float32 iterates]
+    Under ``precision: bf16-true`` the batch reaches the attack in bfloat16, whose spacing is
+    2^-8 = 0.0039 on [0.5, 1): a PGD step of 2/255 / 20 * 2 = 0.0008 added in bfloat16 rounds back
+    to the pixel, and the attack never moves (robust accuracy silently overstated). The iterates
+    are therefore kept in float32, where the steps add up, and only the model's input is cast to
+    the model's dtype; the final point is rounded toward ``x``, coordinate by coordinate, so it
+    stays in the ball and the box.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sn_lightning.attacks.fold import folded_view
-from sn_lightning.attacks.threat import THREAT_MODELS, ThreatModel
+from sn_lightning.attacks.threat import THREAT_MODELS, ThreatModel, _round_toward, _wide
 from sn_lightning.errors import ConfigError
 
 __all__ = ["Attack", "LabelMode", "in_attack", "input_gradient", "mean_input_norm"]
@@ -175,6 +186,17 @@ def _check_scalar(name: str, value: float, *, positive: bool = False) -> float:
     return value
 
 
+class _InputsAs(nn.Module):
+    """``model`` on its input cast to ``dtype`` (Note [float32 iterates]): (N, ...) -> logits."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.dtype))
+
+
 class Attack(abc.ABC):
     """Base class: ``attack(model, x, y) -> x_adv``.
 
@@ -256,6 +278,9 @@ class Attack(abc.ABC):
             x = x.detach()
             if x.is_inference():  # batches created under inference_mode cannot enter autograd
                 x = x.clone()
+            narrow = x
+            if _wide(x.dtype) != x.dtype:  # Note [float32 iterates]
+                model, x = _InputsAs(model, x.dtype), x.to(_wide(x.dtype))
             if self.labels == "predicted" and self._first_gradient_at_input():
                 # Note [predicted labels for free]: the first step needs grad_x at x itself, so
                 # the forward that predicts the labels also serves the first gradient.
@@ -274,7 +299,7 @@ class Attack(abc.ABC):
                 x_adv = self.perturb(model, x, y)
             finally:
                 self._grad_at_x = None
-        return x_adv.detach().to(dtype=x.dtype)
+        return _round_toward(x_adv.detach().to(x.dtype), narrow).to(narrow.dtype)
 
     _grad_at_x: tuple[Tensor, Tensor] | None = None
 

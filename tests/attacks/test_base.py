@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
@@ -244,6 +245,26 @@ def test_bf16_model_and_input(model, batch):
     assert x_adv.dtype == torch.bfloat16
     norms = (x_adv.float() - x.to(torch.bfloat16).float()).flatten(1).norm(dim=1)
     assert (norms <= 0.5 * 1.02).all() and norms.max() > 0.3
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 2 / 255), ("l2", 0.1)])
+def test_bf16_steps_below_the_pixel_spacing_add_up(model, batch, norm, eps):
+    """bf16 pixels in [0.5, 1) are 2^-8 apart: PGD-20's steps of ~eps/10 must still move them."""
+    x, y = batch
+    model = model.to(torch.bfloat16)
+    xb = (0.5 + 0.49 * x).to(torch.bfloat16)  # as Lightning hands a batch to a bf16-true model
+    x_adv = PGD(norm, eps=eps, steps=20)(model, xb, y)
+    assert x_adv.dtype == torch.bfloat16
+    delta = (x_adv.float() - xb.float()).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps).all()  # in the ball exactly: rounded toward x, not to the nearest
+    assert (x_adv >= 0).all() and (x_adv <= 1).all()
+    moved = (x_adv != xb).float().mean()
+    assert moved > (0.5 if norm == "linf" else 0.05)  # before: 0.000 (each step rounded away)
+    with torch.no_grad():
+        clean = F.cross_entropy(model(xb).float(), y)
+        attacked = F.cross_entropy(model(x_adv).float(), y)
+    assert attacked > clean
 
 
 @pytest.mark.parametrize("eval_mode", [True, False])
