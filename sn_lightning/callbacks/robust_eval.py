@@ -2,31 +2,69 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
 from torch import Tensor
 
 from sn_lightning._metrics import batch_weight
-from sn_lightning.attacks import Attack
+from sn_lightning.attacks import WRM, Attack
 from sn_lightning.callbacks.adversarial import attack_precision, check_attack_config, resolve_attack
 from sn_lightning.errors import ConfigError
 from sn_lightning.evaluation import worse_logits
 
 
 def attack_name(attack: Attack) -> str:
-    """A short, metric-friendly name: ``pgd10_linf_0.1``, ``fgm_l2_1.5``, ``wrm_0.5``."""
+    """A short, metric-friendly name: ``pgd10_linf_0.1``, ``fgm_l2_1.5``, ``wrm_0.5``.
+
+    Settings other than the class's defaults are appended, so that different attacks get
+    different names: ``_rs`` (random start), ``_r5`` (5 random restarts), ``_step0.01`` (a
+    step size), ``_s20`` (WRM's steps), ``_pred`` (predicted labels), ``_noclip`` (no [0, 1]
+    box), ``_trainmode`` (the model's own modes); WRM with an unresolved ``gamma_rel`` is
+    ``wrm_rel0.04``.
+    """
     kind = type(attack).__name__.lower()
     if hasattr(attack, "steps") and hasattr(attack, "norm"):
         kind += str(attack.steps)
     if hasattr(attack, "norm"):
         eps = attack.eps if attack.eps is not None else f"rel{attack.eps_rel:g}"
-        return (
+        name = (
             f"{kind}_{attack.norm}_{eps:g}"
             if isinstance(eps, float)
             else f"{kind}_{attack.norm}_{eps}"
         )
-    gamma = getattr(attack, "gamma", None)
-    return f"{kind}_{gamma:g}" if gamma is not None else kind
+    elif getattr(attack, "gamma", None) is not None:
+        name = f"{kind}_{attack.gamma:g}"
+    elif getattr(attack, "gamma_rel", None) is not None:
+        name = f"{kind}_rel{attack.gamma_rel:g}"
+    else:
+        name = kind
+    return name + "".join(_setting_suffixes(attack))
+
+
+def _setting_suffixes(attack: Attack) -> list[str]:
+    """The name suffixes of ``attack``'s settings that differ from its class's defaults."""
+    suffixes = []
+    restarts = getattr(attack, "restarts", 1)
+    if restarts > 1:
+        suffixes.append(f"_r{restarts}")  # restarts need a random start
+    elif getattr(attack, "random_start", False):
+        suffixes.append("_rs")
+    if getattr(attack, "step_size", None) is not None:
+        suffixes.append(f"_step{attack.step_size:g}")
+    if isinstance(attack, WRM) and attack.steps != _WRM_STEPS:
+        suffixes.append(f"_s{attack.steps}")
+    if attack.labels == "predicted":
+        suffixes.append("_pred")
+    if not getattr(attack, "clip", True):
+        suffixes.append("_noclip")
+    if not attack.eval_mode:
+        suffixes.append("_trainmode")
+    return suffixes
+
+
+_WRM_STEPS = inspect.signature(WRM).parameters["steps"].default
 
 
 class RobustEvaluation(L.Callback):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sn_lightning.attacks import FGM, PGD
+from sn_lightning.attacks import FGM, PGD, WRM
 from sn_lightning.callbacks import (
     AdversarialTraining,
     DataGrad,
@@ -271,6 +271,22 @@ def test_robust_evaluation_logs_the_adversarial_validation_accuracy(tmp_path):
 def test_attack_names():
     assert attack_name(PGD("linf", eps=0.1, steps=20)) == "pgd20_linf_0.1"
     assert attack_name(FGM("l2", eps_rel=0.05)) == "fgm_l2_rel0.05"
+    assert attack_name(WRM(gamma=0.5)) == "wrm_0.5"
+    # settings other than the defaults are named, so different attacks get different metrics
+    assert attack_name(PGD("linf", eps=0.1, steps=20, random_start=True)) == "pgd20_linf_0.1_rs"
+    assert attack_name(PGD(eps=0.1, steps=20, random_start=True, restarts=5)) == "pgd20_linf_0.1_r5"
+    assert attack_name(PGD(eps=0.1, step_size=0.01, labels="predicted")) == (
+        "pgd10_linf_0.1_step0.01_pred"
+    )
+    assert attack_name(FGM(eps=0.1, clip=False, eval_mode=False)) == "fgm_linf_0.1_noclip_trainmode"
+    assert attack_name(WRM(gamma_rel=0.04)) == "wrm_rel0.04"
+    assert attack_name(WRM(gamma_rel=0.04, steps=20)) == "wrm_rel0.04_s20"
+    assert attack_name(WRM(gamma_rel=0.04).resolve_eps(10.0)) == "wrm_0.4"
+    # accepted: they differ (before: both "wrm", both "pgd20_linf_0.1", refused as equal)
+    two = RobustEvaluation([WRM(gamma_rel=0.04), WRM(gamma_rel=0.1)])
+    assert list(two.named_attacks()) == ["wrm_rel0.04", "wrm_rel0.1"]
+    two = RobustEvaluation([PGD(eps=0.1, steps=20), PGD(eps=0.1, steps=20, random_start=True)])
+    assert list(two.named_attacks()) == ["pgd20_linf_0.1", "pgd20_linf_0.1_rs"]
 
 
 @pytest.mark.parametrize(
