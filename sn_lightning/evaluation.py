@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sn_lightning.modes import eval_mode
+
 
 def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
     """f_y - max_{j != y} f_j per example (N,); > 0 iff correctly classified (ties count as errors)."""
@@ -66,10 +68,8 @@ def evaluate(
     if device is None:
         device = next(model.parameters()).device
     dtype = _input_dtype(model)
-    was_training = model.training
-    model.eval()
     correct, attack_correct, loss, n, margins = 0, 0, 0.0, 0, []
-    try:
+    with eval_mode(model):  # each submodule's own mode comes back (a frozen BatchNorm stays)
         for x, y in batches:
             if max_examples is not None and n + len(y) > max_examples:  # the first rows only
                 x, y = x[: max_examples - n], y[: max_examples - n]
@@ -89,8 +89,6 @@ def evaluate(
             n += len(y)
             if max_examples is not None and n >= max_examples:
                 break
-    finally:
-        model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got no examples")
     m = torch.cat(margins)

@@ -528,3 +528,15 @@ def test_robust_accuracy_never_counts_a_clean_error():
     assert result["attack_acc"] == pytest.approx(float(adv_ok.float().mean()))
     assert result["acc"] == pytest.approx(float((clean_ok & adv_ok).float().mean()))
     assert result["acc"] < result["attack_acc"]
+
+
+def test_evaluate_restores_each_submodule_mode():
+    """A BatchNorm frozen in eval inside a training model stays frozen after evaluate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3))
+    model.train()
+    model[1].eval()
+    batches = [(torch.rand(5, 1, 8, 8), torch.randint(0, 3, (5,)))]
+    out = evaluate(model, batches, attack=PGD(eps=0.1, steps=2))
+    assert out["n"] == 5 and 0.0 <= out["acc"] <= out["attack_acc"] <= 1.0  # acc: the worse of two
+    assert [m.training for m in model] == [True, False, True, True]
