@@ -130,6 +130,7 @@ def _create_net(
         raise ConfigError(
             f"unknown torchvision classification backbone {name!r}; {choices_hint(name, names)}"
         )
+    kwargs = _torchvision_kwargs(name, in_chans, pretrained, kwargs)
     if not pretrained:
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     else:  # the weights fix the head's classes (ImageNet's 1000); a new head replaces it
@@ -140,6 +141,43 @@ def _create_net(
     if in_chans != 3:
         _adapt_first_conv(net, in_chans)
     return net
+
+
+# torchvision models whose training forward returns auxiliary outputs (a named tuple) and whose
+# pretrained weights switch on transform_input (an ImageNet re-normalization of channels 0-2)
+_AUX_HEAD_MODELS = ("googlenet", "inception_v3")
+
+
+def _torchvision_kwargs(
+    name: str, in_chans: int, pretrained: bool, kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """GoogLeNet / Inception v3: ``aux_logits`` and ``transform_input`` off unless given.
+
+    (With weights torchvision loads the auxiliary heads and drops them when ``aux_logits`` was
+    not given, and refuses it given as false.)
+
+    Training returns a tensor of logits then, as the classifier's loss needs; the model's
+    ``normalize`` layer already normalizes its input (``transform_input`` would map it again,
+    and reads 3 channels).
+
+    Raises:
+        ConfigError: ``aux_logits=true`` (auxiliary outputs are not trained on), or
+            ``transform_input=true`` on inputs without 3 channels.
+    """
+    kwargs = dict(kwargs)
+    if name not in _AUX_HEAD_MODELS:
+        return kwargs
+    if kwargs.get("aux_logits", False) if pretrained else kwargs.setdefault("aux_logits", False):
+        raise ConfigError(
+            f"torchvision {name} with aux_logits=true returns auxiliary logits in training, which "
+            "sn-lightning does not train on; leave backbone_kwargs.aux_logits unset (false)"
+        )
+    if kwargs.setdefault("transform_input", False) and in_chans != 3:
+        raise ConfigError(
+            f"torchvision {name} with transform_input=true reads 3 input channels, the data has "
+            f"{in_chans}; leave backbone_kwargs.transform_input unset (false)"
+        )
+    return kwargs
 
 
 @contextlib.contextmanager

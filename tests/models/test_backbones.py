@@ -171,6 +171,41 @@ def test_pretrained_torchvision_weights_get_a_new_head_for_the_classes(monkeypat
         assert (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == 7
 
 
+@pytest.mark.parametrize(("name", "size"), [("googlenet", 32), ("inception_v3", 80)])
+def test_torchvision_aux_head_models_train_on_a_tensor_of_logits(name, size):
+    """Their training forward returned GoogLeNetOutputs / InceptionOutputs (aux_logits on by
+    default without weights): the classifier's loss got a named tuple after the eval check passed."""
+    torch.manual_seed(0)
+    net = create_backbone(f"torchvision:{name}", num_classes=5, in_chans=1).net
+    assert not net.aux_logits and not net.transform_input
+    out = net.train()(torch.rand(2, 1, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
+    for key, value in (("aux_logits", True), ("transform_input", True)):
+        with pytest.raises(ConfigError, match=rf"torchvision {name} with {key}=true .*; leave "):
+            create_backbone(f"torchvision:{name}", num_classes=5, in_chans=1, **{key: value})
+    # 3 channels: transform_input is the user's to choose
+    net = create_backbone(f"torchvision:{name}", num_classes=5, transform_input=True).net
+    assert net.transform_input
+
+
+def test_pretrained_googlenet_takes_one_channel(monkeypatch):
+    """Its weights switch on transform_input, which read channels 0-2 of a 1-channel input."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    torch.manual_seed(0)
+    source = torchvision.models.get_model(
+        "googlenet", weights=None, num_classes=1000, aux_logits=True, init_weights=True
+    )
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: source.state_dict())
+    net = create_backbone("torchvision:googlenet", num_classes=4, in_chans=1, pretrained=True).net
+    assert not net.transform_input and net.conv1.conv.in_channels == 1
+    assert net.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    # the normalize layer normalizes; with 3 channels the weights' ImageNet remap stays off too
+    net3 = create_backbone("torchvision:googlenet", num_classes=4, pretrained=True).net
+    assert not net3.transform_input
+
+
 @pytest.mark.slow
 def test_every_torchvision_classifier_has_exactly_its_heads_replaced():
     """The rule behind replace_heads (the layers with 1000 outputs) on every torchvision model."""
