@@ -110,7 +110,10 @@ class _OneLineErrorParser(LightningArgumentParser):
     def _plain(self, message: str) -> str:
         """The message in plain words; an unknown key gets suggestions and its section's keys."""
         in_class = (
-            _class_init_error(message) or _unset_class_error(message) or _class_problem(message)
+            _class_init_error(message)
+            or _unset_class_error(message)
+            or _class_problem(message)
+            or _linked_key_error(message)
         )
         if in_class is not None:
             return in_class
@@ -398,6 +401,27 @@ def _plain_parser_error(message: str) -> str:
     if key.group(1) == "model.beta" and kind == "dict":
         hint = "; a per-layer beta mapping is for apply_spectral_norm(model, beta={...}) in Python"
     return f"--{key.group(1)}: invalid value {value!r}; expected {words}{hint}"
+
+
+def _linked_key_error(message: str) -> str | None:
+    """A model key that the data module sets (``add_arguments_to_parser``'s links), given directly.
+
+    jsonargparse says ``Linked "model.num_classes" must be given via "data"``, or for a list
+    ``argument mean_of(data) --> model.mean: invalid Optional value``.
+    """
+    found = re.search(r'Linked "model\.(\w+)" must be given via', message) or re.search(
+        r"argument \w+_of\(data\) --> model\.(\w+):", message
+    )
+    if found is None:
+        return None
+    key = found.group(1)
+    if key in ("mean", "std"):
+        return f"--model.{key} is set from the data module; set --data.{key} instead"
+    source = {
+        "num_classes": "the dataset's classes; imagefolder: its class folders",
+        "input_shape": "the dataset's image shape; imagefolder: data.image_size",
+    }.get(key, "the dataset's")
+    return f"--model.{key} is set from the data module ({source}); it cannot be given"
 
 
 def _unset_class_error(message: str) -> str | None:

@@ -460,6 +460,15 @@ def test_resume_is_bit_exact_with_crm_and_layerwise_training(tmp_path):
             "trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping), "
             "got -1",
         ),
+        (  # keys the data module sets (before: "argument mean_of(data) --> model.mean: ...")
+            ["--model.mean=[0.5]"],
+            "--model.mean is set from the data module; set --data.mean instead",
+        ),
+        (
+            ["--model.num_classes=5"],
+            "--model.num_classes is set from the data module (the dataset's classes; "
+            "imagefolder: its class folders); it cannot be given",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):

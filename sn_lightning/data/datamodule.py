@@ -317,7 +317,14 @@ class ImageDataModule(L.LightningDataModule):
             try:
                 check_files(self.spec, self.data_dir)
             except ConfigError:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.data_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as err:  # a file on the path, no permission, a read-only disk
+                    raise ConfigError(
+                        f"cannot create data_dir {self.data_dir} to download {self.dataset!r} "
+                        f"into ({type(err).__name__}: {err.strerror or err}); set --data.data_dir "
+                        "to a folder you can write"
+                    ) from err
                 try:
                     self.spec.download(self.data_dir)
                 except (OSError, RuntimeError) as err:  # no network, a proxy, a bad checksum

@@ -58,6 +58,9 @@ def _idx_loader(torchvision_name: str) -> Callable[[Path], tuple[Split, Split]]:
     return load
 
 
+_DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+
 def _torchvision_download(cls_name: str, **kwargs: object) -> Callable[[Path], None]:
     def download(folder: Path) -> None:
         import torchvision
@@ -112,7 +115,7 @@ DATASETS: dict[str, DatasetSpec] = {
             (1, 28, 28),
             (0.2860,),
             (0.3530,),
-            "/usr/share/datasets/fashion-mnist",
+            _DEBIAN_FASHION_MNIST,
             _idx_loader("FashionMNIST"),
             _torchvision_download("FashionMNIST"),
         ),
@@ -153,8 +156,12 @@ DATASETS: dict[str, DatasetSpec] = {
 DATASET_NAMES = (*DATASETS, "imagefolder")
 
 
-def _or_download(spec: DatasetSpec) -> str:
-    return " or pass --data.download=true" if spec.download else ""
+def _or_download(spec: DatasetSpec, folder: Path) -> str:
+    """How to get the files: download, and for Debian's Fashion-MNIST folder its package."""
+    ways = " or pass --data.download=true" if spec.download else ""
+    if spec.name == "fashion_mnist" and folder.absolute() == Path(_DEBIAN_FASHION_MNIST):
+        ways += " (this folder is Debian/Ubuntu's: apt-get install dataset-fashion-mnist fills it)"
+    return ways
 
 
 def check_files(spec: DatasetSpec, folder: Path) -> None:
@@ -162,9 +169,10 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
     if spec.name == "digits":
         return
     if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
         raise MissingDataError(
-            f"data folder {folder.absolute()} for dataset {spec.name!r} does not exist; set "
-            f"--data.data_dir to the folder holding the files{_or_download(spec)}"
+            f"data folder {folder.absolute()} for dataset {spec.name!r} {what}; set "
+            f"--data.data_dir to the folder holding the files{_or_download(spec, folder)}"
         )
     expected = {
         "mnist": [n for pair in readers.IDX_FILES.values() for n in pair],
@@ -185,5 +193,5 @@ def check_files(spec: DatasetSpec, folder: Path) -> None:
         if not found:
             raise MissingDataError(
                 f"data folder {folder.absolute()} has no {name} for dataset {spec.name!r}; set "
-                f"--data.data_dir to the folder holding the files{_or_download(spec)}"
+                f"--data.data_dir to the folder holding the files{_or_download(spec, folder)}"
             )

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sn_lightning.errors import ConfigError
+
 Builder = Callable[..., nn.Sequential]
 _REGISTRY: dict[str, Builder] = {}
 
@@ -84,7 +86,10 @@ def mini_alexnet(
 
     ``act="elu"`` gives the ELU-AlexNet variant.
     """
-    a = {"relu": nn.ReLU, "elu": nn.ELU}[act]
+    activations = {"relu": nn.ReLU, "elu": nn.ELU}
+    if act not in activations:
+        raise ConfigError(f"mini_alexnet act {act!r} is not one of {', '.join(activations)}")
+    a = activations[act]
     features = nn.Sequential(
         nn.Conv2d(in_chans, 96, 5, padding=2),
         a(),

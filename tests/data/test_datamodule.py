@@ -371,6 +371,18 @@ def test_a_failed_download_is_one_config_error(monkeypatch, tmp_path):
     )
 
 
+def test_a_data_dir_that_cannot_be_created_for_a_download_is_one_config_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    target = tmp_path / "a_file" / "mnist"  # a file on the path: NotADirectoryError
+    dm = ImageDataModule("mnist", data_dir=str(target), download=True)
+    with pytest.raises(ConfigError) as info:
+        dm.prepare_data()
+    assert str(info.value) == (
+        f"cannot create data_dir {target} to download 'mnist' into (NotADirectoryError: Not a "
+        "directory); set --data.data_dir to a folder you can write"
+    )
+
+
 def test_imagefolder_honours_val_source_and_a_val_folder(tmp_path):
     import shutil
 
@@ -472,3 +484,28 @@ def test_check_fit_refuses_fewer_validation_examples_than_ranks():
     dm.check_fit(ranks=1)
     with pytest.raises(ConfigError, match=r"the 1 validation examples \(val_size 1\) do not give"):
         dm.check_fit(ranks=2)
+
+
+def test_missing_data_messages_name_what_is_wrong_and_how_to_get_the_files(tmp_path):
+    from sn_lightning.data.datasets import check_files
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(MissingDataError) as info:
+        check_files(DATASETS["mnist"], tmp_path / "a_file")
+    assert str(info.value) == (
+        f"data folder {tmp_path / 'a_file'} for dataset 'mnist' is not a folder; set "
+        "--data.data_dir to the folder holding the files or pass --data.download=true"
+    )
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if debian.is_dir():
+        pytest.skip("the Debian Fashion-MNIST package is installed here")
+    with pytest.raises(MissingDataError) as info:
+        check_files(DATASETS["fashion_mnist"], debian)
+    assert str(info.value).endswith(
+        "does not exist; set --data.data_dir to the folder holding the files or pass "
+        "--data.download=true (this folder is Debian/Ubuntu's: apt-get install "
+        "dataset-fashion-mnist fills it)"
+    )
+    with pytest.raises(MissingDataError) as info:  # elsewhere: no apt hint
+        check_files(DATASETS["fashion_mnist"], tmp_path / "fm")
+    assert "apt-get" not in str(info.value)

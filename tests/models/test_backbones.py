@@ -43,6 +43,8 @@ def test_reference_architectures():
     assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [512, 512, 10]
     alex = create_backbone("mini_alexnet", num_classes=10, in_chans=3, input_size=(28, 28)).net
     assert [m.out_features for m in alex if isinstance(m, nn.Linear)] == [384, 192, 10]
+    with pytest.raises(ConfigError, match=r"^mini_alexnet act 'tanh' is not one of relu, elu$"):
+        create_backbone("mini_alexnet", num_classes=10, act="tanh")
     c4 = create_backbone("c4f3", num_classes=10, in_chans=1, input_size=(28, 28)).net
     assert [m.in_features for m in c4 if isinstance(m, nn.Linear)] == [3136, 512, 512]
 
