@@ -1648,7 +1648,7 @@ def certified_accuracy_by_split(
         radii = []
         with torch.no_grad():
             for x, y in loader():
-                x, y = x.to(model.device), y.to(model.device)
+                x, y = x.to(model.device, dtype=model.dtype), y.to(model.device)  # 64-true
                 radii.append(certified_radius(model(x).float(), y, L_pairwise).cpu())
         r = torch.cat(radii)
         for e in eps:

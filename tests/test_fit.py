@@ -804,6 +804,29 @@ def test_certified_run_prints_both_bounds_labelled(tmp_path, capsys):
     assert 0 < liplt < math.inf and 0 < product < math.inf
 
 
+def test_a_float64_certified_run_certifies_float64_batches(tmp_path):
+    """64-true: the final certificates fed float32 batches to the float64 model (a crash after
+    training, no results.json)."""
+    results = main(
+        [
+            "--config",
+            str(ROOT / "configs" / "digits_crm.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--data.train_subset=64",
+            "--trainer.precision=64-true",
+        ]
+    )
+    assert results["settings"]["trainer"]["precision"] == "64-true"
+    accs = results["certified"]["eps"]
+    assert list(accs) == ["0.1", "0.25"] and all(
+        set(a) == {"train", "val", "test"} for a in accs.values()
+    )
+    assert all(0.0 <= v <= 1.0 for a in accs.values() for v in a.values())
+    assert all(accs["0.25"][s] <= accs["0.1"][s] for s in accs["0.1"])  # larger radius, fewer
+    assert json.loads(Path(results["path"]).read_text())["certified"]["eps"] == accs
+
+
 def _implicit_context() -> None:
     from sn_lightning.errors import ConfigError
 
