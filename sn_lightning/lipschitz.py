@@ -71,6 +71,7 @@ from __future__ import annotations
 import itertools
 import math
 import types
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1103,9 +1104,36 @@ def load_liplt_vectors(
     ``vectors``: a former ``state["u"]`` (e.g. from a checkpoint); the next call continues from
     them, as it would have in the run that saved them.
     """
-    key = (id(model), tuple(int(i) for i in input_shape))
-    state["net"] = (key, parse_model(model, input_shape))
+    state["net"] = (_NetKey(model, input_shape), parse_model(model, input_shape))
     state["u"] = {int(k): v.detach().clone() for k, v in vectors.items()}
+
+
+class _NetKey:
+    """What a cached parse of a model depends on: the very module objects and their classes.
+
+    Held through weak references, so another model that gets a freed model's ``id`` (or a
+    Sequential with a layer replaced, a parametrization added) never matches a stale parse.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int]) -> None:
+        self.modules = [(weakref.ref(m), type(m)) for m in model.modules()]
+        self.shape = tuple(int(i) for i in input_shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a spawned process, a saved module): a key that matches nothing, reparse."""
+        return {"modules": None, "shape": None}
+
+    def matches(self, model: nn.Module, input_shape: Sequence[int]) -> bool:
+        """Whether ``model`` is the same modules (same classes) at the same input shape."""
+        modules = list(model.modules())
+        return (
+            self.modules is not None
+            and self.shape == tuple(int(i) for i in input_shape)
+            and len(modules) == len(self.modules)
+            and all(
+                r() is m and t is type(m) for (r, t), m in zip(self.modules, modules, strict=True)
+            )
+        )
 
 
 def _liplt_bound(
@@ -1118,13 +1146,12 @@ def _liplt_bound(
 ) -> Tensor:
     state = {} if state is None else state
     _check_forward_hooks(model)  # every call: hooks can be added after the parse is cached
-    key = (id(model), tuple(int(i) for i in input_shape))
     cached = state.get("net")
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0].matches(model, input_shape):
         net = cached[1]
     else:
         net = parse_model(model, input_shape)
-        state["net"] = (key, net)
+        state["net"] = (_NetKey(model, input_shape), net)
         state.pop("u", None)
     ref = _ref_tensor(net)
     kw: dict[str, Any] = {"certify": certify, "n_iter": n_iter, "state": state, "ref": ref}

@@ -1125,3 +1125,39 @@ def test_the_training_bound_ignores_autocast():
             got = liplt_bound(model, (1, 8, 8), pairwise=True, n_iter=3, state=amp)
         assert got.dtype == torch.float32 and torch.equal(got, want)
     assert all(u.dtype == torch.float32 for u in amp["u"].values())
+
+
+def test_a_shared_state_never_serves_another_models_parse():
+    """The parse was cached under id(model): a replaced layer (or a new model at a freed model's
+    id) got the old model's bound, an unsound certificate."""
+    import copy
+    import pickle
+
+    def make(scale):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale)
+        return m
+
+    shape, state = (1, 4, 4), {}
+    for scale in (1.0, 10.0, 100.0):  # one state over models, each freed after use
+        model = make(scale)
+        shared = float(liplt_bound(model, shape, certify=True, state=state))
+        assert shared == pytest.approx(float(liplt_bound(model, shape, certify=True)), rel=1e-6)
+        del model
+    model = make(1.0)
+    before = float(liplt_bound(model, shape, certify=True, state=state))
+    model[3] = nn.Linear(8, 3)
+    with torch.no_grad():
+        model[3].weight.mul_(1000)
+    after = float(liplt_bound(model, shape, certify=True, state=state))
+    assert after == pytest.approx(float(liplt_bound(model, shape, certify=True)), rel=1e-6)
+    assert after > 10 * before
+    # the same modules keep their parse; a pickled or copied state parses again
+    net = state["net"][1]
+    liplt_bound(model, shape, certify=True, state=state)
+    assert state["net"][1] is net
+    for other in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert not other["net"][0].matches(make(1.0), shape)
