@@ -248,7 +248,7 @@ def certified_report(
     Certificates are l2; an linf radius eps is certified through the l2 ball of radius
     ``eps * sqrt(d)`` that contains it (sound, conservative).
     """
-    from sn_lightning.lipschitz import certified_radius, liplt_bound
+    from sn_lightning.lipschitz import certified_logits, certified_radius, liplt_bound
 
     shape = tuple(model.hparams.input_shape)
     try:
@@ -258,11 +258,9 @@ def certified_report(
         return {"reason": f"no sound certificate for this backbone: {err}"}
     scale = math.sqrt(math.prod(shape)) if norm == "linf" else 1.0
     radii = []
-    with torch.no_grad():
-        for xb, yb in _batches(x, y, batch_size):
-            radii.append(
-                certified_radius(model.model(xb.to(device)).float(), yb.to(device), L).cpu()
-            )
+    for xb, yb in _batches(x, y, batch_size):
+        logits = certified_logits(model.model, xb.to(device))
+        radii.append(certified_radius(logits, yb.to(device), L).cpu())
     radius = torch.cat(radii)
     rule = "pairwise LipLT, sound"
     if norm == "linf":

@@ -1639,17 +1639,16 @@ def certified_accuracy_by_split(
     """
     import torch
 
-    from sn_lightning.lipschitz import certified_radius
+    from sn_lightning.lipschitz import certified_logits, certified_radius
 
     loaders = _split_loaders(dm)
     out: dict[str, dict[str, float]] = {f"{e:g}": {} for e in eps}
     model.eval()
     for split, loader in loaders.items():
         radii = []
-        with torch.no_grad():
-            for x, y in loader():
-                x, y = x.to(model.device, dtype=model.dtype), y.to(model.device)  # 64-true
-                radii.append(certified_radius(model(x).float(), y, L_pairwise).cpu())
+        for x, y in loader():
+            logits = certified_logits(model, x)  # the model's dtype (64-true), TF32 off
+            radii.append(certified_radius(logits, y.to(logits.device), L_pairwise).cpu())
         r = torch.cat(radii)
         for e in eps:
             out[f"{e:g}"][split] = float((r > e).float().mean())

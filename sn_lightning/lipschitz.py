@@ -96,7 +96,7 @@ from sn_lightning.spectral.ops import (
     operator_norm,
     operator_norm_upper_bound,
 )
-from sn_lightning.spectral.parametrization import _sync_running_var
+from sn_lightning.spectral.parametrization import _sync_running_var, _tf32_off
 
 __all__ = [
     "DENSE_BUDGET",
@@ -106,6 +106,7 @@ __all__ = [
     "Stage",
     "activation_slopes",
     "certified_accuracy",
+    "certified_logits",
     "certified_radius",
     "crm_loss",
     "crm_penalty",
@@ -1230,6 +1231,21 @@ def _radii(logits: Tensor, y: Tensor, L_pairwise: Tensor) -> Tensor:
     Ly = L_pairwise.to(dtype)[y].clamp_min(torch.finfo(dtype).tiny)
     r = (fy - logits) / Ly
     return r.scatter(1, y[:, None], math.inf)
+
+
+def certified_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` for a certificate: (N, ...) -> (N, C), no grad, at least float32.
+
+    Autocast is off (bf16 logits are off by up to ~1e-1) and so is TF32 on CUDA (cuDNN
+    convolutions and matmuls in TF32 carry ~1e-3 relative error); ``x`` is cast to the
+    model's parameter dtype (float64 models included).
+    """
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if param is not None and param.is_floating_point():
+        x = x.to(device=param.device, dtype=param.dtype)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), _tf32_off():
+        logits = model(x)
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def certified_radius(logits: Tensor, y: Tensor, L_pairwise: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 from sn_lightning.lipschitz import (
     activation_slopes,
     certified_accuracy,
+    certified_logits,
     certified_radius,
     crm_loss,
     liplt_bound,
@@ -1161,3 +1162,41 @@ def test_a_shared_state_never_serves_another_models_parse():
     assert state["net"][1] is net
     for other in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
         assert not other["net"][0].matches(make(1.0), shape)
+
+
+def test_certified_logits_run_without_autocast_or_tf32_in_the_models_dtype():
+    """Certificate margins: bf16 autocast logits are off by ~1e-1, TF32 ones by ~1e-3."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append(
+                (
+                    x.dtype,
+                    torch.is_autocast_enabled("cpu"),
+                    torch.backends.cuda.matmul.allow_tf32,
+                    torch.backends.cudnn.allow_tf32,
+                    torch.is_grad_enabled(),
+                )
+            )
+            return self.fc(x)
+
+    model = Probe()
+    x = torch.rand(5, 4)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = certified_logits(model, x)
+        assert seen[-1] == (torch.float32, False, False, False, False)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    torch.testing.assert_close(logits, model(x).detach(), rtol=0, atol=0)
+    double = model.double()
+    assert certified_logits(double, x).dtype == torch.float64  # 64-true: the batch is cast
+    assert seen[-1][0] == torch.float64

@@ -455,13 +455,12 @@ class SNClassifier(L.LightningModule):
         """Log val/loss, val/acc and, when certifying, val/certified_acc/<eps>."""
         self._eval_step(batch, "val", self.val_acc)
         if self._certified_L is not None and not self.trainer.sanity_checking:
-            from sn_lightning.lipschitz import certified_radius
+            from sn_lightning.lipschitz import certified_logits, certified_radius
 
             x, y = batch
-            # the margins in float32: logits from bf16 autocast are off by up to ~1e-1, which
-            # certified points whose float32 radius is below eps (the bound L is float64)
-            with torch.autocast(x.device.type, enabled=False):
-                logits = self(x).float()  # (the batch is float32 under AMP)
+            # the margins in float32 or wider, autocast and TF32 off: logits from bf16 autocast
+            # are off by up to ~1e-1, which certified points whose float32 radius is below eps
+            logits = certified_logits(self, x)
             radius = certified_radius(logits, y, self._certified_L)
             for eps in self.hparams.certify_eps:
                 acc = (radius > eps).float().mean()
