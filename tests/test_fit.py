@@ -787,16 +787,17 @@ def test_seed_everything_defaults_to_0_without_a_config(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == 0
 
 
+def _certified_fit(root, *extra):
+    """configs/digits_crm.yaml for one epoch on 64 training digits."""
+    config = str(ROOT / "configs" / "digits_crm.yaml")
+    return main(
+        ["--config", config, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1",
+         "--data.train_subset=64", *extra]
+    )  # fmt: skip
+
+
 def test_certified_run_prints_both_bounds_labelled(tmp_path, capsys):
-    results = main(
-        [
-            "--config",
-            str(ROOT / "configs" / "digits_crm.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_epochs=1",
-            "--data.train_subset=64",
-        ]
-    )
+    results = _certified_fit(tmp_path)
     out = capsys.readouterr().out
     product, liplt = results["lipschitz_bound"], results["certified"]["lipschitz_liplt"]
     assert f"Lipschitz bound (l2, sound, product of layer bounds): {product:.4g}" in out
@@ -807,16 +808,7 @@ def test_certified_run_prints_both_bounds_labelled(tmp_path, capsys):
 def test_a_float64_certified_run_certifies_float64_batches(tmp_path):
     """64-true: the final certificates fed float32 batches to the float64 model (a crash after
     training, no results.json)."""
-    results = main(
-        [
-            "--config",
-            str(ROOT / "configs" / "digits_crm.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_epochs=1",
-            "--data.train_subset=64",
-            "--trainer.precision=64-true",
-        ]
-    )
+    results = _certified_fit(tmp_path, "--trainer.precision=64-true")
     assert results["settings"]["trainer"]["precision"] == "64-true"
     accs = results["certified"]["eps"]
     assert list(accs) == ["0.1", "0.25"] and all(
