@@ -7,8 +7,9 @@ resolved config without training; ``--ckpt_path`` resumes.
 W&B: with ``--trainer.logger=lightning.pytorch.loggers.WandbLogger`` each run gets its own directory
 ``<save_dir>/<project>/<run id>/`` (config.yaml, results.json, checkpoints), ``save_dir`` defaulting
 to ``trainer.default_root_dir``; the run id is ``WANDB_RUN_ID`` (set by ``wandb agent``), the one a
-resumed checkpoint was saved under, or a new one, shared with every DDP rank; when W&B cannot be reached (no API key, no network) the run goes on
-offline with a one-line warning; results.json also goes to the W&B run summary (``results/...``).
+resumed checkpoint was saved under, or a new one, shared with every DDP rank; when W&B cannot be
+reached (no API key, no network) the run goes on offline with a one-line warning; results.json
+also goes to the W&B run summary (``results/...``).
 """
 
 from __future__ import annotations

@@ -1121,8 +1121,17 @@ class _NetKey:
         self.shape = tuple(int(i) for i in input_shape)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (a spawned process, a saved module): a key that matches nothing, reparse."""
+        """Pickled or copied: a key that matches nothing, so the copy parses again.
+
+        (A deep copy of the parse refers to copies of the modules, not to the model's own.)
+        """
         return {"modules": None, "shape": None}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _NetKey:
+        """A key that matches nothing (see ``__getstate__``)."""
+        key = _NetKey.__new__(_NetKey)
+        key.__dict__.update(self.__getstate__())
+        return key
 
     def matches(self, model: nn.Module, input_shape: Sequence[int]) -> bool:
         """Whether ``model`` is the same modules (same classes) at the same input shape."""

@@ -1252,9 +1252,11 @@ def run_sweep(
         run.command = [*agent_command(cfg, run.params, **ids), *tail]  # the agent's JSON file
         out.mkdir(parents=True, exist_ok=True)
         _start(run, cfg, out, sweep_id, wandb_mode, metric)
-        shown = " ".join(f"{k}={_label(k, v)}" for k, v in run.used.items() if k in _swept(cfg))
         value = "n/a" if run.metric is None else f"{run.metric:.4f}"
-        line = f"[{started}] {run.run_id} {run.status} ({run.seconds:.0f} s): {shown} -> {metric} = {value}"
+        line = (
+            f"[{started}] {run.run_id} {run.status} ({run.seconds:.0f} s): "
+            f"{_swept_values(run, cfg)} -> {metric} = {value}"
+        )
         if run.status == "failed":
             line += f"; {run.error} ({run_dir / 'output.log'})"
         _say(line)
@@ -1262,17 +1264,20 @@ def run_sweep(
     if not dry_run and runs:
         plots = plot_all(runs, cfg, metric, out)
         _say(f"runs: {out / RUNS_CSV}; plots: {', '.join(p.name for p in plots) or 'none'}")
-        goal = (cfg.get("metric") or {}).get("goal", "minimize")
-        best = best_run(runs, goal) if (cfg.get("metric") or {}).get("name") else None
+        target = cfg.get("metric") or {}
+        goal = target.get("goal", "minimize")
+        best = best_run(runs, goal) if target.get("name") else None  # no metric: no "best"
         if best is not None:
-            shown = " ".join(
-                f"{k}={_label(k, v)}" for k, v in best.used.items() if k in _swept(cfg)
-            )
             _say(
-                f"best ({goal} {metric}): {best.run_id}: {shown} -> {metric} = {best.metric:.4f}"
-                + (f" ({best.results_path})" if best.results_path else "")
+                f"best ({goal} {metric}): {best.run_id}: {_swept_values(best, cfg)} -> {metric} "
+                f"= {best.metric:.4f}" + (f" ({best.results_path})" if best.results_path else "")
             )
     return runs
+
+
+def _swept_values(run: LocalRun, cfg: Mapping[str, Any]) -> str:
+    """``model.beta=1 adversarial...eps=0.05``: the values ``run`` used for the swept keys."""
+    return " ".join(f"{k}={_label(k, v)}" for k, v in run.used.items() if k in _swept(cfg))
 
 
 def best_run(runs: Sequence[LocalRun], goal: str = "minimize") -> LocalRun | None:

@@ -1156,12 +1156,15 @@ def test_a_shared_state_never_serves_another_models_parse():
     after = float(liplt_bound(model, shape, certify=True, state=state))
     assert after == pytest.approx(float(liplt_bound(model, shape, certify=True)), rel=1e-6)
     assert after > 10 * before
-    # the same modules keep their parse; a pickled or copied state parses again
+    # the same modules keep their parse; a copied or pickled state (whose parse refers to copies
+    # of the modules) parses again, even for the model it was made from
     net = state["net"][1]
     liplt_bound(model, shape, certify=True, state=state)
-    assert state["net"][1] is net
+    assert state["net"][1] is net and state["net"][0].matches(model, shape)
     for other in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
-        assert not other["net"][0].matches(make(1.0), shape)
+        assert not other["net"][0].matches(model, shape)
+        again = float(liplt_bound(model, shape, certify=True, state=other))
+        assert again == pytest.approx(after, rel=1e-6) and other["net"][1] is not net
 
 
 def test_certified_logits_run_without_autocast_or_tf32_in_the_models_dtype():

@@ -166,12 +166,13 @@ def test_resuming_a_checkpoint_continues_its_wandb_run(monkeypatch, tmp_path):
 
 
 def test_the_resumed_run_id_yields_to_an_explicit_one(monkeypatch, tmp_path):
-    saved = tmp_path / "a.ckpt"
+    saved = tmp_path / "run" / "last.ckpt"
+    saved.parent.mkdir()
     torch.save({"state_dict": {}, "wandb_run_id": "saved001"}, saved)
-    torch.save({"state_dict": {}}, tmp_path / "last.ckpt")  # saved without a W&B logger
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")  # saved without a W&B logger
     assert fit._resumed_wandb_run(str(saved), None) == "saved001"
-    assert fit._resumed_wandb_run(str(tmp_path / "last.ckpt"), None) is None
-    assert fit._resumed_wandb_run("last", str(tmp_path)) is None  # the newest last*.ckpt
+    assert fit._resumed_wandb_run(str(tmp_path / "plain.ckpt"), None) is None
+    assert fit._resumed_wandb_run("last", str(tmp_path)) == "saved001"  # found under the root
     assert fit._resumed_wandb_run(None, None) is None
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
 
